@@ -1,0 +1,336 @@
+"""BERT encoder and sequence classifier in Flax Linen, matching Hugging Face `BertModel`.
+
+The computation reproduces `transformers.BertModel` (absolute position
+embeddings, post-LayerNorm blocks, exact erf GELU, additive attention mask,
+tanh pooler) so that weights converted by `tuning.hf_convert` give the same
+hidden states as PyTorch to float32 rounding.
+
+Parameter tree of `BertClassifier` (all float32):
+
+    bert/embeddings/{word,position,token_type}_embeddings/embedding
+    bert/embeddings/LayerNorm/{scale,bias}
+    bert/encoder/layer_<i>/attention/{query,key,value}/{kernel,bias}
+    bert/encoder/layer_<i>/attention_output/dense/{kernel,bias}
+    bert/encoder/layer_<i>/attention_output/LayerNorm/{scale,bias}
+    bert/encoder/layer_<i>/intermediate/dense/{kernel,bias}
+    bert/encoder/layer_<i>/output/dense/{kernel,bias}
+    bert/encoder/layer_<i>/output/LayerNorm/{scale,bias}
+    bert/pooler/dense/{kernel,bias}
+    classifier/{kernel,bias}
+
+`dtype` is the computation dtype (e.g. bfloat16): matmuls run in it, while
+LayerNorm, the attention softmax and the returned logits stay in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# Hugging Face `model_type` values this module can load.
+SUPPORTED_MODEL_TYPES = ("bert",)
+POOLING_MODES = ("pooler", "cls", "mean")
+
+_ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form.
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The subset of a Hugging Face BERT `config.json` the model needs."""
+
+    vocab_size: int
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    classifier_dropout: Optional[float] = None
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+
+
+def check_supported(hf_config: dict) -> None:
+    """Raises a one-line ValueError unless `hf_config` describes a BERT model."""
+    model_type = hf_config.get("model_type")
+    architectures = hf_config.get("architectures") or []
+    bert_arch = all(str(a).startswith("Bert") for a in architectures)
+    if model_type not in SUPPORTED_MODEL_TYPES or not bert_arch:
+        raise ValueError(
+            f"Unsupported model: model_type={model_type!r}, architectures={architectures!r}; "
+            f"only BERT checkpoints (model_type 'bert', Bert* architectures) are supported."
+        )
+    pos_type = hf_config.get("position_embedding_type", "absolute")
+    if pos_type != "absolute":
+        raise ValueError(
+            f"Unsupported position_embedding_type={pos_type!r}; only 'absolute' is supported."
+        )
+    act = hf_config.get("hidden_act", "gelu")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"Unsupported hidden_act={act!r}; supported: {sorted(_ACTIVATIONS)}.")
+
+
+def bert_config_from_hf(hf_config: dict) -> BertConfig:
+    """Builds a `BertConfig` from a Hugging Face `config.json` dict (unknown keys ignored)."""
+    check_supported(hf_config)
+    names = {f.name for f in dataclasses.fields(BertConfig)}
+    kwargs = {k: v for k, v in hf_config.items() if k in names}
+    if kwargs.get("pad_token_id") is None:
+        kwargs.pop("pad_token_id", None)
+    return BertConfig(**kwargs)
+
+
+def read_hf_config(path: str) -> dict:
+    """Reads `config.json` from a file path or from a folder that contains one."""
+    path = os.fspath(path)
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ValueError(
+            f"Hugging Face config not found: {file!r} (expected a config.json file, or a "
+            f"folder holding one, e.g. a Hugging Face model folder or a converted checkpoint)."
+        )
+    with open(file) as f:
+        return json.load(f)
+
+
+def _dense(features: int, name: str, config: BertConfig, dtype) -> nn.Dense:
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(config.initializer_range),
+        name=name,
+    )
+
+
+def _layer_norm(config: BertConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_eps, dtype=jnp.float32, param_dtype=jnp.float32, name="LayerNorm"
+    )
+
+
+class BertEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm and dropout."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, *, train: bool):
+        cfg = self.config
+        init = nn.initializers.normal(cfg.initializer_range)
+
+        def embed(num, name):
+            return nn.Embed(num, cfg.hidden_size, embedding_init=init, param_dtype=jnp.float32,
+                            dtype=jnp.float32, name=name)
+
+        seq_len = input_ids.shape[-1]
+        if seq_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"Sequence length {seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}."
+            )
+        position_ids = jnp.arange(seq_len)[None, :]
+        x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
+             + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
+             + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
+        x = _layer_norm(cfg)(x)
+        x = nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)(x)
+        return x.astype(self.dtype)
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head self-attention (query/key/value projections only)."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask_bias, *, train: bool):
+        cfg = self.config
+        heads = cfg.num_attention_heads
+        if cfg.hidden_size % heads:
+            raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by num_attention_heads={heads}.")
+        head_dim = cfg.hidden_size // heads
+
+        def project(name):
+            y = _dense(cfg.hidden_size, name, cfg, self.dtype)(x)
+            return y.reshape(y.shape[:-1] + (heads, head_dim))  # [B, L, H, D]
+
+        q, k, v = project("query"), project("key"), project("value")
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+        scores = scores / jnp.sqrt(jnp.float32(head_dim)) + mask_bias
+        probs = nn.softmax(scores, axis=-1)
+        probs = nn.Dropout(cfg.attention_probs_dropout_prob, deterministic=not train)(probs)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+        return ctx.reshape(ctx.shape[:2] + (cfg.hidden_size,))
+
+
+class BertAddNorm(nn.Module):
+    """Dense projection, dropout, residual add and post-LayerNorm (HF `*Output` blocks)."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, residual, *, train: bool):
+        cfg = self.config
+        x = _dense(cfg.hidden_size, "dense", cfg, self.dtype)(x)
+        x = nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)(x)
+        return _layer_norm(cfg)(x + residual).astype(self.dtype)
+
+
+class BertIntermediate(nn.Module):
+    """The feed-forward expansion: dense + activation."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        return _ACTIVATIONS[cfg.hidden_act](_dense(cfg.intermediate_size, "dense", cfg, self.dtype)(x))
+
+
+class BertLayer(nn.Module):
+    """One post-LayerNorm transformer block."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask_bias, *, train: bool):
+        cfg = self.config
+        attn = BertSelfAttention(cfg, self.dtype, name="attention")(x, mask_bias, train=train)
+        x = BertAddNorm(cfg, self.dtype, name="attention_output")(attn, x, train=train)
+        h = BertIntermediate(cfg, self.dtype, name="intermediate")(x)
+        return BertAddNorm(cfg, self.dtype, name="output")(h, x, train=train)
+
+
+class BertStack(nn.Module):
+    """The stack of `num_hidden_layers` blocks (HF `encoder`)."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask_bias, *, train: bool):
+        for i in range(self.config.num_hidden_layers):
+            x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(x, mask_bias, train=train)
+        return x
+
+
+class BertPooler(nn.Module):
+    """tanh(dense(hidden state of the first token))."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.tanh(_dense(self.config.hidden_size, "dense", self.config, self.dtype)(x[:, 0]))
+
+
+class BertEncoder(nn.Module):
+    """Full BERT encoder (HF `BertModel`): returns `(last_hidden_state, pooled)`.
+
+    `last_hidden_state` is [B, L, hidden] in `dtype`; `pooled` is tanh(dense(CLS)) [B, hidden].
+    """
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, train: bool = False):
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        # Additive mask [B, 1, 1, L]: 0 where attended, most negative float32 where padded.
+        mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
+                              jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        x = BertEmbeddings(cfg, self.dtype, name="embeddings")(input_ids, token_type_ids, train=train)
+        x = BertStack(cfg, self.dtype, name="encoder")(x, mask_bias, train=train)
+        pooled = BertPooler(cfg, self.dtype, name="pooler")(x)
+        return x, pooled
+
+
+class BertClassifier(nn.Module):
+    """BERT with a sequence-classification head (HF `BertForSequenceClassification`).
+
+    `pooling`: 'pooler' (tanh pooler on [CLS], the HF default), 'cls' (raw [CLS]
+    hidden state) or 'mean' (mean over tokens where `attention_mask` is 1).
+    The pooler parameters always exist (so converted checkpoints load the same
+    way whatever the pooling), they are just unused for 'cls' and 'mean'.
+    Returns float32 logits [B, num_classes].
+    """
+
+    config: BertConfig
+    num_classes: int
+    pooling: str = "pooler"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, train: bool = False):
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"Unknown pooling {self.pooling!r}; expected one of {POOLING_MODES}.")
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        hidden, pooled = BertEncoder(cfg, self.dtype, name="bert")(
+            input_ids, attention_mask, token_type_ids, train=train)
+        if self.pooling == "pooler":
+            features = pooled
+        elif self.pooling == "cls":
+            features = hidden[:, 0]
+        else:
+            mask = attention_mask.astype(jnp.float32)[..., None]
+            summed = jnp.sum(hidden.astype(jnp.float32) * mask, axis=1)
+            features = summed / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+        rate = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
+        features = nn.Dropout(rate, deterministic=not train)(features)
+        logits = _dense(self.num_classes, "classifier", cfg, self.dtype)(features.astype(self.dtype))
+        return logits.astype(jnp.float32)
+
+    @classmethod
+    def from_hf_config(cls, hf_config: dict, num_classes: int, pooling: str = "pooler",
+                       dtype=jnp.float32, dropout: Optional[float] = None) -> "BertClassifier":
+        """Builds the classifier from a HF config dict; `dropout` overrides the hidden
+        and classifier dropout rates when not None (attention dropout is kept)."""
+        config = bert_config_from_hf(hf_config)
+        if dropout is not None:
+            config = dataclasses.replace(config, hidden_dropout_prob=float(dropout),
+                                         classifier_dropout=float(dropout))
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"Unknown pooling {pooling!r}; expected one of {POOLING_MODES}.")
+        return cls(config=config, num_classes=num_classes, pooling=pooling, dtype=dtype)
+
+
+def build_bert(model_config, num_classes: int, dtype) -> nn.Module:
+    """Registry builder: a `BertClassifier` from an ml_collections model config.
+
+    Fields: `hf_config` (a config.json, a HF model folder or a converted checkpoint
+    folder), `pooling` (default 'pooler'), `dropout` (optional override, may be None).
+    """
+    hf_path = model_config.get("hf_config")
+    if not hf_path:
+        raise ValueError("model.hf_config is not set: give the path to a Hugging Face config.json "
+                         "or a folder holding one.")
+    return BertClassifier.from_hf_config(
+        read_hf_config(hf_path), num_classes,
+        pooling=model_config.get("pooling", "pooler") or "pooler",
+        dtype=dtype, dropout=model_config.get("dropout", None))
