@@ -1,0 +1,184 @@
+"""Checkpoints: the run's own (resume) and pretrained parameters (init).
+
+A run's checkpoints live in `WORKDIR/checkpoints`, written by an orbax
+`CheckpointManager` with two items per step: `state` (step, params,
+optimizer state) and `data` (the grain iterator state), so that a resumed
+run continues with exactly the next batch. The latest checkpoint and the
+best one by a validation metric are kept.
+
+Pretrained parameters are restored against an explicit target: every
+parameter of the model must be found with the same shape, except those
+matching `init.reinit` regexes, which keep their fresh initialisation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import flax
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from tuning.optimizers import parameter_paths
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used, worded for the user."""
+
+
+class RunCheckpoints:
+  """The orbax CheckpointManager of one run's work directory."""
+
+  def __init__(self, directory: str, best_metric: str = 'accuracy',
+               best_mode: str = 'max', read_only: bool = False):
+    if best_mode not in ('max', 'min'):
+      raise ValueError(f"config.checkpoint.best_mode={best_mode!r}: use 'max'"
+                       " or 'min'")
+    self.directory = os.path.abspath(directory)
+    metric = lambda metrics: metrics[best_metric]  # pylint: disable=unnecessary-lambda-assignment
+    policy = checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(1),
+        checkpoint_managers.BestN(get_metric_fn=metric, n=1,
+                                  reverse=best_mode == 'min',
+                                  keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        best_fn=metric, best_mode=best_mode, preservation_policy=policy,
+        create=not read_only, read_only=read_only,
+        cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'data'))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    return self.manager.best_step()
+
+  def save(self, step: int, state, data_state: dict, metrics=None):
+    """Saves asynchronously; `wait()` before reading or exiting."""
+    self.manager.save(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state)),
+        metrics=metrics, force=True)
+
+  def restore(self, step: int, target_state):
+    """Returns (state, data_state) restored against `target_state`."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target_state),
+        data=ocp.args.JsonRestore()))
+    treedef = jax.tree.structure(target_state)
+    state = jax.tree.unflatten(treedef, jax.tree.leaves(restored.state))
+    return state, restored.data
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def run_checkpoint_dir(path: str) -> str | None:
+  """The CheckpointManager folder of a run directory (or the folder itself)."""
+  for candidate in (os.path.join(path, 'checkpoints'), path):
+    if os.path.isdir(candidate) and any(
+        name.isdigit() for name in os.listdir(candidate)):
+      return candidate
+  return None
+
+
+def _params_checkpoint_path(path: str, step) -> str:
+  """Finds the orbax tree that holds a checkpoint's parameters."""
+  if not os.path.exists(path):
+    raise CheckpointError(f'init checkpoint not found: {path} (check '
+                          'config.init.checkpoint)')
+  manager_dir = run_checkpoint_dir(path)
+  if manager_dir is not None:
+    checkpoints = RunCheckpoints(manager_dir, read_only=True)
+    if step in ('best', 'latest'):
+      chosen = (checkpoints.best_step() if step == 'best' else None) or \
+          checkpoints.latest_step()
+    else:
+      chosen = int(step)
+    if chosen is None or not os.path.isdir(
+        os.path.join(manager_dir, str(chosen))):
+      raise CheckpointError(f'no checkpoint step {step} in {manager_dir} '
+                            '(config.init.step)')
+    return os.path.join(manager_dir, str(chosen), 'state')
+  for candidate in (os.path.join(path, 'params'), path):
+    if os.path.exists(os.path.join(candidate, '_METADATA')):
+      return candidate
+  raise CheckpointError(f'{path} holds no orbax checkpoint (expected a run '
+                        'work directory, its checkpoints/ folder, or a '
+                        'converted model with params/)')
+
+
+def _saved_shapes(tree_path: str) -> tuple[dict[str, tuple], bool]:
+  """{path: shape} of the saved parameters, and whether they sit under
+  a 'params' key (a run's state) or at the top (a params-only tree)."""
+  metadata = ocp.PyTreeCheckpointer().metadata(tree_path)
+  tree = getattr(metadata, 'item_metadata', metadata)
+  tree = getattr(tree, 'tree', tree)
+  nested = isinstance(tree, dict) and 'params' in tree and 'opt_state' in tree
+  if nested:
+    tree = tree['params']
+  flat = flax.traverse_util.flatten_dict(dict(tree), sep='/')
+  return {k: tuple(v.shape) for k, v in flat.items()}, nested
+
+
+def load_pretrained_params(path: str, target_params, reinit=(),
+                           step='best'):
+  """Returns (params, report) with params restored against the target.
+
+  Raises CheckpointError listing every parameter that is missing from the
+  checkpoint or has another shape, unless it matches a `reinit` regex.
+  """
+  tree_path = _params_checkpoint_path(path, step)
+  saved, nested = _saved_shapes(tree_path)
+  wanted = parameter_paths(target_params)
+  patterns = [re.compile(r) for r in reinit]
+  reinitialised = [p for p in wanted if any(r.fullmatch(p) for r in patterns)]
+  problems = []
+  for p, shape in wanted.items():
+    if p in reinitialised:
+      continue
+    if p not in saved:
+      problems.append(f'{p}: missing from the checkpoint (model wants '
+                      f'{shape})')
+    elif saved[p] != shape:
+      problems.append(f'{p}: checkpoint has {saved[p]}, model wants {shape}')
+  if problems:
+    raise CheckpointError(
+        f'cannot load {path}: ' + '; '.join(problems) +
+        ' (add a regex for these parameters to config.init.reinit to '
+        'initialise them afresh, or fix config.model)')
+  flat_target = flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(target_params), sep='/')
+  to_load = {p: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype)
+             for p, v in flat_target.items() if p not in reinitialised}
+  item = flax.traverse_util.unflatten_dict(to_load, sep='/')
+  if nested:
+    item = {'params': item}
+  restored = ocp.PyTreeCheckpointer().restore(
+      tree_path, args=ocp.args.PyTreeRestore(
+          item=item,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True))
+  if nested:
+    restored = restored['params']
+  flat_loaded = flax.traverse_util.flatten_dict(restored, sep='/')
+  merged = {p: (np.asarray(flat_loaded[p]) if p in flat_loaded else v)
+            for p, v in flat_target.items()}
+  step_dir = os.path.basename(os.path.dirname(tree_path))
+  report = {
+      'source': tree_path,
+      'step': int(step_dir) if step_dir.isdigit() else None,
+      'loaded': sorted(flat_loaded),
+      'reinitialised': sorted(reinitialised),
+      'left_out': sorted(p for p in saved if p not in wanted),
+  }
+  return flax.traverse_util.unflatten_dict(merged, sep='/'), report

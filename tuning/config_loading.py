@@ -1,0 +1,99 @@
+"""Loading experiment configs, with one-line errors for bad input.
+
+ml_collections' config flags raise a raw `AttributeError` traceback for a
+mistyped override and defer a missing config file to the first access.
+`check_config_flags(argv)` looks at the command line first and turns each
+such problem into one line naming the problem and its fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+
+from ml_collections import config_dict
+
+
+class ConfigError(ValueError):
+  """A bad config file, argument or override, worded for the user."""
+
+
+def load_config_file(spec: str) -> config_dict.ConfigDict:
+  """Loads 'path/to/exp.py[:arg]' by calling its `get_config(arg)`."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    here = os.path.dirname(path) or '.'
+    options = sorted(f for f in os.listdir(here) if f.endswith('.py')) \
+        if os.path.isdir(here) else []
+    hint = difflib.get_close_matches(os.path.basename(path), options, 1)
+    raise ConfigError(f'config file not found: {path}' + (
+        f' (did you mean {os.path.join(here, hint[0])}?)' if hint else
+        ' (pass --config=experiments/<name>.py)'))
+  module_spec = importlib.util.spec_from_file_location('experiment_config',
+                                                       path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # the user's file: report it in one line
+    raise ConfigError(f'{path} failed to load: {type(e).__name__}: {e}'
+                      ) from None
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'{path} has no get_config(arg=None) function')
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # get_config rejecting its argument
+    raise ConfigError(f'{path}: get_config({arg!r}) failed: '
+                      f'{type(e).__name__}: {e}') from None
+
+
+def all_paths(config, prefix: str = '') -> list[str]:
+  """Every dotted field path of a (nested) ConfigDict."""
+  paths = []
+  for key in config.keys():
+    value = config[key]
+    path = f'{prefix}{key}'
+    paths.append(path)
+    if isinstance(value, config_dict.ConfigDict):
+      paths.extend(all_paths(value, path + '.'))
+  return paths
+
+
+def check_override(config, dotted: str):
+  """Raises ConfigError naming the closest valid key for an unknown path."""
+  node = config
+  parts = dotted.split('.')
+  for i, part in enumerate(parts):
+    if not isinstance(node, config_dict.ConfigDict) or part not in node:
+      where = '.'.join(parts[:i])
+      siblings = list(node.keys()) if isinstance(
+          node, config_dict.ConfigDict) else []
+      close = difflib.get_close_matches(part, siblings, n=1, cutoff=0.5)
+      if close:
+        suggestion = '.'.join(parts[:i] + close)
+      else:
+        close = difflib.get_close_matches(dotted, all_paths(config), n=1,
+                                          cutoff=0.5)
+        suggestion = close[0] if close else None
+      hint = f'; did you mean --config.{suggestion}?' if suggestion else ''
+      raise ConfigError(f'unknown config key --config.{dotted} ({part!r} is '
+                        f'not a field of {where or "the config"}){hint}')
+    node = node[part]
+
+
+def check_config_flags(argv: list[str], default_spec: str,
+                       flag: str = 'config'):
+  """Validates --config and every --config.a.b override in `argv`."""
+  spec = default_spec
+  overrides = []
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith(f'--{flag}='):
+      spec = arg.split('=', 1)[1]
+    elif arg == f'--{flag}' and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif arg.startswith(f'--{flag}.'):
+      overrides.append(arg[len(flag) + 3:].split('=', 1)[0])
+  config = load_config_file(spec)
+  for dotted in overrides:
+    check_override(config, dotted)
+  return config

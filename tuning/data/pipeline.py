@@ -1,0 +1,114 @@
+"""Batching: a resumable grain stream for training, padded passes for eval.
+
+Training batches come from a grain `MapDataset` (shuffled from the seed,
+repeated, batched) whose iterator state is saved with each checkpoint, so a
+resumed run sees exactly the batches an uninterrupted run would. Every
+global batch carries an `index` column (the example's position in the
+global batch), from which the train step derives per-example dropout keys:
+results then do not depend on how the batch is split across devices or
+hosts.
+
+Text batches are cut to the shortest length bucket that holds their longest
+example, so the jitted step compiles a few shapes instead of one per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from tuning.data.sources import DataError, Table
+
+TOKEN_COLUMNS = ('input_ids', 'attention_mask', 'token_type_ids')
+
+
+def trim_to_bucket(batch: Table, buckets) -> Table:
+  """Cuts token columns to the smallest bucket >= the longest example."""
+  if 'attention_mask' not in batch or not buckets:
+    return batch
+  width = batch['attention_mask'].shape[1]
+  longest = int(batch['attention_mask'].sum(axis=1).max(initial=1))
+  fits = [b for b in sorted(buckets) if b >= longest] or [width]
+  length = min(fits[0], width)
+  return {k: (v[:, :length] if k in TOKEN_COLUMNS else v)
+          for k, v in batch.items()}
+
+
+class TrainStream:
+  """An endless, deterministic stream of global training batches.
+
+  Each process yields only its own share of every global batch (the rows
+  `process_index::` of a contiguous split), for multi-host training.
+  """
+
+  def __init__(self, table: Table, batch_size: int, seed: int, buckets=(),
+               process_index: int = 0, process_count: int = 1):
+    n = len(table['label'])
+    if batch_size > n:
+      raise DataError(f'config.training.batch_size={batch_size} is larger '
+                      f'than the training set ({n} examples)')
+    if batch_size % process_count:
+      raise DataError(f'batch size {batch_size} does not split over '
+                      f'{process_count} processes')
+    self.table = table
+    self.batch_size = batch_size
+    self.steps_per_epoch = n / batch_size
+    per_process = batch_size // process_count
+    lo = process_index * per_process
+    self._rows = slice(lo, lo + per_process)
+    self._buckets = buckets
+    dataset = (grain.MapDataset.source(np.arange(n)).shuffle(seed=seed)
+               .repeat(None).batch(batch_size, drop_remainder=True)
+               .map(self._gather))
+    self._dataset = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    self._iterator = iter(self._dataset)
+
+  def _gather(self, indices: np.ndarray) -> Table:
+    batch = {k: v[indices] for k, v in self.table.items()}
+    batch['index'] = np.arange(len(indices), dtype=np.int32)
+    # Bucket on the global batch, so that every process cuts alike.
+    batch = trim_to_bucket(batch, self._buckets)
+    return {k: v[self._rows] for k, v in batch.items()}
+
+  def __iter__(self) -> Iterator[Table]:
+    return self
+
+  def __next__(self) -> Table:
+    return next(self._iterator)
+
+  def get_state(self) -> dict:
+    return self._iterator.get_state()
+
+  def set_state(self, state: dict):
+    self._iterator.set_state(state)
+
+
+def eval_batches(table: Table, batch_size: int, multiple_of: int = 1,
+                 buckets=(), process_index: int = 0,
+                 process_count: int = 1) -> Iterator[Table]:
+  """One ordered pass; the last batch is padded with weight-0 rows.
+
+  Batch sizes are rounded up to a multiple of `multiple_of` (devices) so
+  every batch splits evenly; no example is dropped.
+  """
+  n = len(table['label'])
+  batch_size = int(math.ceil(batch_size / multiple_of) * multiple_of)
+  per_process = batch_size // process_count if batch_size % process_count == 0 \
+      else None
+  if per_process is None:
+    raise DataError(f'eval batch size {batch_size} does not split over '
+                    f'{process_count} processes')
+  for start in range(0, n, batch_size):
+    index = np.arange(start, start + batch_size)
+    weight = (index < n).astype(np.float32)
+    index = np.minimum(index, n - 1)
+    batch = {k: v[index] for k, v in table.items()}
+    batch['weight'] = weight
+    batch['index'] = np.arange(batch_size, dtype=np.int32)
+    batch = trim_to_bucket(batch, buckets)
+    rows = slice(process_index * per_process, (process_index + 1) * per_process)
+    yield {k: v[rows] for k, v in batch.items()}

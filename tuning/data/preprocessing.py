@@ -1,0 +1,226 @@
+"""Preprocessing fitted on the training split and applied to every split.
+
+Cleaning (missing values, unparseable labels, duplicates), label encoding,
+per-feature normalization, PCA, and text tokenization. Each `fit_*`
+function looks only at the training table; the returned object transforms
+any table the same way.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+
+import numpy as np
+
+from tuning.data.sources import DataError, Table
+
+
+def _missing(value) -> bool:
+  if value is None:
+    return True
+  if isinstance(value, float) and math.isnan(value):
+    return True
+  return isinstance(value, str) and value.strip().lower() in (
+      '', 'nan', 'na', 'null', 'none')
+
+
+def clean(table: Table, drop_duplicates: bool) -> tuple[Table, dict[str, int]]:
+  """Drops rows with missing values or labels, and exact duplicates."""
+  n = len(table['label'])
+  keep = np.array([not _missing(v) for v in table['label']], dtype=bool)
+  counts = {'missing label': int(n - keep.sum())}
+  if 'x' in table:
+    finite = np.isfinite(table['x']).reshape(n, -1).all(axis=1)
+    counts['missing/NaN feature'] = int((keep & ~finite).sum())
+    keep &= finite
+  for c in ('text', 'text_pair'):
+    if c in table:
+      has = np.array([not _missing(v) for v in table[c]], dtype=bool)
+      counts[f'missing {c}'] = int((keep & ~has).sum())
+      keep &= has
+  if drop_duplicates:
+    seen = set()
+    dup = 0
+    for i in np.flatnonzero(keep):
+      key = tuple(str(table[c][i]) if table[c].dtype == object
+                  else table[c][i].tobytes() for c in sorted(table))
+      if key in seen:
+        keep[i] = False
+        dup += 1
+      else:
+        seen.add(key)
+    counts['exact duplicate'] = dup
+  return take(table, np.flatnonzero(keep)), {k: v for k, v in counts.items()
+                                              if v}
+
+
+def take(table: Table, index) -> Table:
+  return {k: v[index] for k, v in table.items()}
+
+
+@dataclasses.dataclass
+class LabelEncoder:
+  """Maps raw labels (numbers or names) to 0..num_classes-1.
+
+  `classes` names the task: each entry is a raw label, or a tuple of raw
+  labels merged into one class (e.g. ((0, 2, 4, 6, 8), (1, 3, 5, 7, 9)) for
+  even/odd digits). Rows with other labels are dropped (and counted).
+  """
+  classes: list[str]  # a readable name of each class index
+  index: dict[str, int]  # raw label (as text) -> class index
+
+  @classmethod
+  def fit(cls, train_labels: np.ndarray, classes=None,
+          class_names=None) -> LabelEncoder:
+    if classes:
+      index, names = {}, []
+      for i, entry in enumerate(classes):
+        members = entry if isinstance(entry, (tuple, list)) else (entry,)
+        for m in members:
+          if _label_key(m) in index:
+            raise DataError(f'label {m!r} appears twice in '
+                            'config.data.classes')
+          index[_label_key(m)] = i
+        names.append('+'.join(_label_key(m) for m in members))
+    else:
+      names = sorted({_label_key(v) for v in train_labels},
+                     key=lambda k: (not _is_int(k),
+                                    int(k) if _is_int(k) else 0, k))
+      if names and all(_is_int(k) and int(k) >= 0 for k in names):
+        # Integer labels keep their meaning: class i is label i.
+        names = [str(i) for i in range(max(int(k) for k in names) + 1)]
+      index = {k: i for i, k in enumerate(names)}
+    if class_names:
+      if len(class_names) != len(names):
+        raise DataError(f'config.data.class_names has {len(class_names)} '
+                        f'names for {len(names)} classes')
+      names = [str(n) for n in class_names]
+    return cls(names, index)
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.classes)
+
+  def transform(self, table: Table) -> tuple[Table, int]:
+    """Encodes labels; rows whose label is not a class are dropped."""
+    ids = np.array([self.index.get(_label_key(v), -1)
+                    for v in table['label']], dtype=np.int32)
+    keep = np.flatnonzero(ids >= 0)
+    out = take(table, keep)
+    out['label'] = ids[keep]
+    return out, int(len(ids) - len(keep))
+
+
+def _label_key(value) -> str:
+  if isinstance(value, (float, np.floating)) and float(value).is_integer():
+    value = int(value)
+  if isinstance(value, bytes):
+    value = value.decode('utf-8')
+  text = str(value).strip()
+  if re.fullmatch(r'[+-]?\d+\.0*', text):
+    text = text.split('.')[0]
+  return text
+
+
+def _is_int(text: str) -> bool:
+  return re.fullmatch(r'[+-]?\d+', text) is not None
+
+
+@dataclasses.dataclass
+class FeatureTransform:
+  """Normalization ('standard' or 'minmax') then optional PCA."""
+  shift: np.ndarray | None = None
+  scale: np.ndarray | None = None
+  components: np.ndarray | None = None  # [D, k]
+  pca_mean: np.ndarray | None = None
+
+  @classmethod
+  def fit(cls, x: np.ndarray, normalize=None, pca_components=None):
+    x = x.reshape(len(x), -1)
+    t = cls()
+    if str(normalize).lower() in ('none', ''):
+      normalize = None  # as given on a command line
+    if normalize == 'standard':
+      t.shift = x.mean(axis=0)
+      std = x.std(axis=0)
+      t.scale = np.where(std > 0, std, 1.0)  # constant features stay 0
+    elif normalize == 'minmax':
+      t.shift = x.min(axis=0)
+      span = x.max(axis=0) - t.shift
+      t.scale = np.where(span > 0, span, 1.0)
+    elif normalize:
+      raise DataError(f'unknown config.data.normalize {normalize!r}: use '
+                      "'standard' or 'minmax'")
+    if pca_components:
+      z = t._normalize(x)
+      if not 0 < pca_components <= min(z.shape):
+        raise DataError(f'config.data.pca_components={pca_components} must be'
+                        f' between 1 and {min(z.shape)} for this data')
+      t.pca_mean = z.mean(axis=0)
+      _, _, vt = np.linalg.svd(z - t.pca_mean, full_matrices=False)
+      # Fix each component's sign so that results do not depend on LAPACK.
+      signs = np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(axis=1)])
+      t.components = (vt * signs[:, None])[:pca_components].T
+    return t
+
+  def _normalize(self, x):
+    return x if self.shift is None else (x - self.shift) / self.scale
+
+  def transform(self, x: np.ndarray) -> np.ndarray:
+    flat = self._normalize(x.reshape(len(x), -1))
+    if self.components is not None:
+      return ((flat - self.pca_mean) @ self.components).astype(np.float32)
+    return flat.reshape(x.shape).astype(np.float32)
+
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+@dataclasses.dataclass
+class WhitespaceVocabulary:
+  """Words by frequency on the training split; 0 is padding, 1 unknown."""
+  words: list[str]
+  max_length: int
+
+  @classmethod
+  def fit(cls, texts, vocab_size: int, max_length: int):
+    counts = collections.Counter(
+        w for t in texts for w in _TOKEN.findall(t.lower()))
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return cls(['[PAD]', '[UNK]'] + [w for w, _ in top[:vocab_size - 2]],
+               max_length)
+
+  def encode(self, texts) -> dict[str, np.ndarray]:
+    index = {w: i for i, w in enumerate(self.words)}
+    ids = np.zeros((len(texts), self.max_length), np.int32)
+    for row, text in enumerate(texts):
+      tokens = [index.get(w, 1) for w in _TOKEN.findall(text.lower())]
+      tokens = tokens[:self.max_length] or [1]
+      ids[row, :len(tokens)] = tokens
+    return {'input_ids': ids, 'attention_mask': (ids > 0).astype(np.int32)}
+
+
+@dataclasses.dataclass
+class PretrainedTokenizer:
+  """A Hugging Face tokenizer (tokenizer.json or vocab.txt)."""
+  path: str
+  max_length: int
+
+  def __post_init__(self):
+    from tuning import tokenization  # pylint: disable=g-import-not-at-top
+    self._tokenization = tokenization
+    self._tokenizer = tokenization.load_tokenizer(self.path)
+
+  def encode(self, texts, texts_pair=None) -> dict[str, np.ndarray]:
+    enc = self._tokenization.encode_texts(
+        self._tokenizer, list(texts),
+        None if texts_pair is None else list(texts_pair),
+        max_length=self.max_length)
+    padded = self._tokenization.pad_batch(
+        [{k: enc[k][i] for k in enc} for i in range(len(texts))],
+        buckets=(self.max_length,), pad_id=self._tokenization.pad_id(
+            self._tokenizer))
+    return {k: np.asarray(v, np.int32) for k, v in padded.items()}

@@ -1,0 +1,126 @@
+"""The base experiment config: every field a run reads, with its default.
+
+Experiments in `experiments/` start from `base_config()` and change a few
+fields, so that every field is overridable from the command line
+(`--config.optimizer.learning_rate=3e-4`) whichever experiment is loaded.
+"""
+
+from ml_collections import config_dict
+
+placeholder = config_dict.placeholder
+
+
+def base_config() -> config_dict.ConfigDict:
+  """Returns the defaults shared by all experiments."""
+  c = config_dict.ConfigDict()
+  c.mode = 'train'  # train | eval
+  c.seed = 0
+  # Computation dtype: float32 or bfloat16 (params and optimizer state stay
+  # float32; losses, softmax and norms are computed in float32).
+  c.dtype = 'float32'
+
+  # ---------------------------------------------------------------- data
+  c.data = config_dict.ConfigDict()
+  # digits (scikit-learn's 8x8 images) | csv | tsv | jsonl | npz | tfds
+  c.data.source = 'digits'
+  c.data.path = placeholder(str)  # train file for csv/tsv/jsonl/npz
+  c.data.validation_path = placeholder(str)
+  c.data.test_path = placeholder(str)
+  c.data.tfds_name = placeholder(str)  # e.g. 'glue/sst2', 'mnist'
+  c.data.tfds_data_dir = placeholder(str)
+  c.data.train_split = 'train'
+  c.data.validation_split = placeholder(str)  # None: carved from train
+  c.data.test_split = placeholder(str)  # None: carved from train
+  c.data.validation_fraction = 0.1
+  c.data.test_fraction = 0.2  # only where the source has no test split
+  c.data.label_column = 'label'
+  c.data.feature_columns = placeholder(tuple)  # None: every other column
+  c.data.text_column = placeholder(str)  # set for text classification
+  c.data.text_pair_column = placeholder(str)
+  # The task's classes: raw labels to keep (renumbered in this order), or
+  # tuples of raw labels merged into one class; None keeps every label.
+  c.data.classes = placeholder(tuple)
+  c.data.class_names = placeholder(tuple)  # names for the table/results
+  c.data.examples_per_class = placeholder(int)  # few-label training sets
+  c.data.max_train_examples = placeholder(int)
+  c.data.on_bad_rows = 'error'  # error | drop (dropped rows are counted)
+  c.data.drop_duplicates = True
+  c.data.normalize = placeholder(str)  # standard | minmax
+  c.data.pca_components = placeholder(int)
+  c.data.image_shape = placeholder(tuple)  # e.g. (8, 8, 1) for the CNN
+  # Text: 'whitespace' builds a vocabulary on the training split; a path to
+  # tokenizer.json / vocab.txt (or its folder) uses a pretrained tokenizer.
+  c.data.tokenizer = 'whitespace'
+  c.data.vocab_size = 20000
+  c.data.max_length = 64
+  c.data.length_buckets = (16, 32, 64)
+
+  # ---------------------------------------------------------------- model
+  c.model = config_dict.ConfigDict()
+  c.model.name = 'mlp'  # mlp | cnn | lstm | gru | bert
+  c.model.num_classes = placeholder(int)  # None: from the data
+  c.model.hidden = (128, 128)
+  c.model.dropout = 0.5
+  c.model.embed_dim = 64  # lstm/gru
+  c.model.bidirectional = True
+  c.model.channels = (32, 64)  # cnn
+  c.model.hf_config = placeholder(str)  # bert: HF config.json or folder
+  c.model.pooling = 'pooler'  # bert: pooler | cls | mean
+
+  # ---------------------------------------------------------------- optimizer
+  c.optimizer = config_dict.ConfigDict()
+  c.optimizer.name = 'adamw'  # adam | adamw | sgd
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.weight_decay = 1e-4  # adamw (decoupled) / sgd (L2)
+  c.optimizer.momentum = 0.9  # sgd
+  c.optimizer.nesterov = False
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.clip_norm = 1.0  # global-norm clipping; 0 turns it off
+  c.optimizer.schedule = 'cosine'  # cosine | linear | constant
+  c.optimizer.warmup_steps = placeholder(int)
+  c.optimizer.warmup_epochs = placeholder(float)
+  c.optimizer.end_learning_rate_factor = 0.0
+  # Regexes over '/'-joined parameter paths (full match).
+  c.optimizer.frozen = ()  # no optimizer state, no update
+  c.optimizer.no_decay = (r'.*bias$', r'.*(LayerNorm|layer_norm|norm).*',
+                          r'.*(embed|embeddings).*')
+
+  # ---------------------------------------------------------------- training
+  c.training = config_dict.ConfigDict()
+  c.training.batch_size = 64  # global, split across all devices
+  c.training.eval_batch_size = 256
+  # Durations: give exactly one of *_steps / *_epochs.
+  c.training.total_steps = placeholder(int)
+  c.training.total_epochs = placeholder(float)
+  c.training.eval_every_steps = placeholder(int)
+  c.training.eval_every_epochs = placeholder(float)
+  c.training.checkpoint_every_steps = placeholder(int)
+  c.training.checkpoint_every_epochs = placeholder(float)
+  c.training.log_every_steps = 50
+
+  # ---------------------------------------------------------------- checkpoints
+  c.checkpoint = config_dict.ConfigDict()
+  c.checkpoint.best_metric = 'accuracy'  # a validation metric
+  c.checkpoint.best_mode = 'max'  # max | min
+  # Which checkpoint the final test evaluation (and mode=eval) uses.
+  c.checkpoint.evaluate = 'best'  # best | latest
+
+  # ---------------------------------------------------------------- init
+  c.init = config_dict.ConfigDict()
+  # An orbax checkpoint to start from: a run's work directory, its
+  # checkpoints/ folder, or a converted pretrained model. Only parameters
+  # are restored, against the model's own shapes.
+  c.init.checkpoint = placeholder(str)
+  c.init.step = 'best'  # best | latest | a step number, for run directories
+  c.init.reinit = ()  # regexes of parameter paths to initialise afresh
+
+  # ---------------------------------------------------------------- stages
+  # A multi-stage experiment (e.g. pretrain -> fine-tune -> scratch) lists
+  # its stages; each stage is this config with `stage_overrides[name]`
+  # applied, runs in WORKDIR/<name>, and '@name' in init.checkpoint refers
+  # to that stage's work directory. Empty: a single run in WORKDIR.
+  c.stages = ()
+  c.stage_overrides = config_dict.ConfigDict()
+  return c

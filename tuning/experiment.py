@@ -1,0 +1,97 @@
+"""Running an experiment config: one run, or a sequence of stages.
+
+`run(config, workdir)` writes the resolved `config.json`, then trains (or,
+with `mode='eval'`, evaluates) in `workdir`. A config with `stages` runs each
+stage in `workdir/<stage>` (its config being the base config with
+`stage_overrides[<stage>]` applied; '@<stage>' in `init.checkpoint` names
+that stage's work directory) and prints one table comparing the stages on
+the test split.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+from ml_collections import config_dict
+
+from tuning import console
+
+MODES = ('train', 'eval')
+
+
+def stage_config(config, stage: str, workdir: str):
+  """The config of one stage: base config + its overrides, '@' resolved."""
+  if stage not in config.stage_overrides:
+    raise ValueError(f'stage {stage!r} has no entry in config.stage_overrides'
+                     f' (have: {", ".join(config.stage_overrides)})')
+  result = copy.deepcopy(config.to_dict())
+  _merge(result, config.stage_overrides[stage].to_dict())
+  result['stages'] = ()
+  result['stage_overrides'] = {}
+  checkpoint = result['init']['checkpoint']
+  if checkpoint and checkpoint.startswith('@'):
+    result['init']['checkpoint'] = os.path.join(workdir, checkpoint[1:])
+  return config_dict.ConfigDict(result)
+
+
+def _merge(base: dict, overrides: dict):
+  for key, value in overrides.items():
+    if isinstance(value, dict) and isinstance(base.get(key), dict):
+      _merge(base[key], value)
+    else:
+      base[key] = value
+
+
+def write_config(config, workdir: str):
+  os.makedirs(workdir, exist_ok=True)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w',
+              encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+
+
+def run(config, workdir: str) -> dict:
+  """Runs the experiment in `workdir` and returns its results."""
+  from tuning import train  # pylint: disable=g-import-not-at-top
+  if config.mode not in MODES:
+    raise ValueError(f'unknown config.mode {config.mode!r}: use one of '
+                     f'{", ".join(MODES)}')
+  write_config(config, workdir)
+  step = train.train_and_evaluate if config.mode == 'train' else \
+      train.evaluate_checkpoint
+  if not config.stages:
+    return step(config, workdir)
+  results = {}
+  for stage in config.stages:
+    console.info(f'\n=== stage {stage} (workdir {workdir}/{stage}) ===')
+    stage_cfg = stage_config(config, stage, workdir)
+    write_config(stage_cfg, os.path.join(workdir, stage))
+    results[stage] = step(stage_cfg, os.path.join(workdir, stage))
+    if 'preempted_at_step' in results[stage]:
+      return results[stage]  # rerun the same command to resume
+  console.info('\n' + comparison_table(results))
+  summary = {'stages': {name: {k: r.get(k) for k in (
+      'test', 'validation', 'evaluated_step', 'steps', 'wall_time_s',
+      'num_parameters')} for name, r in results.items()}}
+  with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:
+    json.dump(summary, f, indent=2)
+  console.info(f'wrote {os.path.join(workdir, "results.json")}')
+  return summary
+
+
+def comparison_table(results: dict) -> str:
+  """Stages side by side on the test split."""
+  lines = ['test split by stage:',
+           f'  {"stage":<12} {"accuracy":>9} {"macro-F1":>9} {"loss":>8} '
+           f'{"examples":>9}']
+  for name, r in results.items():
+    if 'test' not in r:
+      lines.append(f'  {name:<12} (did not finish)')
+      continue
+    t = r['test']
+    lines.append(f'  {name:<12} {t["accuracy"]:9.4f} {t["macro_f1"]:9.4f} '
+                 f'{t["loss"]:8.4f} {t["examples"]:9d}')
+  return '\n'.join(lines)

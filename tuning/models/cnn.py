@@ -1,0 +1,32 @@
+"""A small convolutional classifier for images (e.g. 8x8 digits, MNIST)."""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class CNN(nn.Module):
+  """3x3 conv-ReLU blocks (2x2 max-pool between them), global average
+  pooling, dropout and a Dense head. Input: [batch, height, width, channels].
+  """
+  num_classes: int
+  channels: Sequence[int] = (32, 64)
+  dropout: float = 0.5
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    if x.ndim != 4:
+      raise ValueError(f'the cnn model needs images [batch, h, w, c], got '
+                       f'shape {x.shape}: set config.data.image_shape')
+    x = x.astype(self.dtype)
+    for i, width in enumerate(self.channels):
+      if i:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = nn.Conv(width, (3, 3), dtype=self.dtype, name=f'conv_{i}')(x)
+      x = nn.relu(x)
+    x = x.mean(axis=(1, 2))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    return logits.astype(jnp.float32)

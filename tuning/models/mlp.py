@@ -1,0 +1,24 @@
+"""The multilayer perceptron of the design: Dense-ReLU blocks, dropout, head."""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class MLP(nn.Module):
+  """Dense(h) -> ReLU -> Dropout for each h in `hidden`, then a Dense head."""
+  num_classes: int
+  hidden: Sequence[int] = (128, 128)
+  dropout: float = 0.5
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    x = x.reshape((x.shape[0], -1)).astype(self.dtype)
+    for i, width in enumerate(self.hidden):
+      x = nn.Dense(width, dtype=self.dtype, name=f'dense_{i}')(x)
+      x = nn.relu(x)
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    return logits.astype(jnp.float32)

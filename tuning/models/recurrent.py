@@ -1,0 +1,42 @@
+"""LSTM / GRU text classifiers over token ids."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class RecurrentClassifier(nn.Module):
+  """Embedding -> (bi)LSTM or GRU -> masked max-pool -> Dense head.
+
+  `attention_mask` marks real tokens; padding is excluded through the
+  recurrence (`seq_lengths`) and from the pooling.
+  """
+  num_classes: int
+  vocab_size: int
+  cell: str = 'lstm'  # lstm | gru
+  embed_dim: int = 64
+  hidden: int = 128
+  bidirectional: bool = True
+  dropout: float = 0.5
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+               train: bool = False):
+    del token_type_ids
+    if attention_mask is None:
+      attention_mask = (input_ids > 0).astype(jnp.int32)
+    lengths = jnp.maximum(attention_mask.sum(axis=-1), 1)
+    x = nn.Embed(self.vocab_size, self.embed_dim, name='embed')(input_ids)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x).astype(self.dtype)
+    cell_type = {'lstm': nn.OptimizedLSTMCell, 'gru': nn.GRUCell}[self.cell]
+    forward = nn.RNN(cell_type(self.hidden, dtype=self.dtype), name='forward')
+    h = forward(x, seq_lengths=lengths)
+    if self.bidirectional:
+      backward = nn.RNN(cell_type(self.hidden, dtype=self.dtype),
+                        reverse=True, keep_order=True, name='backward')
+      h = jnp.concatenate([h, backward(x, seq_lengths=lengths)], axis=-1)
+    mask = attention_mask[..., None] > 0
+    pooled = jnp.where(mask, h, jnp.finfo(h.dtype).min).max(axis=1)
+    pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(pooled)
+    return logits.astype(jnp.float32)

@@ -1,0 +1,279 @@
+"""Training and evaluation of one run: `train_and_evaluate(config, workdir)`.
+
+Initialisation order (as in big_vision): a checkpoint already in
+`WORKDIR/checkpoints` (resume) -> `config.init.checkpoint` (pretrained
+parameters) -> fresh initialisation. The loop runs the pmapped train step,
+logs progress, evaluates on the validation split, saves checkpoints (latest
+and best), and finally evaluates the chosen checkpoint on the test split and
+writes `results.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from flax import jax_utils
+
+from tuning import console
+from tuning import evaluation
+from tuning.checkpoints import RunCheckpoints, load_pretrained_params
+from tuning.data.datasets import Datasets, build_datasets
+from tuning.data.pipeline import TrainStream, eval_batches
+from tuning.durations import resolve_steps
+from tuning.models.registry import build_model
+from tuning.optimizers import build_optimizer, describe_parameters
+from tuning.train_step import (TrainState, features_of, make_eval_step,
+                               make_train_step)
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (e.g. a non-finite loss), worded for the user."""
+
+
+def _shard(batch: dict, devices: int) -> dict:
+  """[B, ...] -> [devices, B / devices, ...] for pmap."""
+  return {k: v.reshape((devices, -1) + v.shape[1:]) for k, v in batch.items()}
+
+
+def _unreplicate(tree):
+  return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+
+
+def _vocab_size(data: Datasets, config) -> int | None:
+  if 'input_ids' not in data.train:
+    return None
+  return max(int(t['input_ids'].max()) for t in
+             (data.train, data.validation, data.test)) + 1 if \
+      config.data.tokenizer != 'whitespace' else config.data.vocab_size
+
+
+class Run:
+  """What training and evaluation share: data, model, steps, checkpoints."""
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.devices = jax.local_device_count()
+    self.data = build_datasets(config.data)
+    for line in self.data.log:
+      console.info(f'data: {line}')
+    num_classes = config.model.num_classes or self.data.num_classes
+    if num_classes < self.data.num_classes:
+      raise ValueError(f'config.model.num_classes={num_classes} is smaller '
+                       f'than the {self.data.num_classes} classes in the data')
+    self.num_classes = num_classes
+    self.model = build_model(config.model, num_classes, config.dtype,
+                             _vocab_size(self.data, config))
+    self.buckets = tuple(config.data.length_buckets)
+    self.checkpoints = RunCheckpoints(
+        os.path.join(workdir, 'checkpoints'), config.checkpoint.best_metric,
+        config.checkpoint.best_mode)
+    self.eval_step = make_eval_step(self.model)
+
+  def init_params(self):
+    example = {k: v[:1] for k, v in features_of(self.data.train).items()}
+    key = jax.random.fold_in(jax.random.key(self.config.seed), 2**31 - 1)
+    variables = jax.jit(lambda k: self.model.init(
+        {'params': k}, **example, train=False))(key)
+    return jax.tree.map(np.asarray, variables['params'])
+
+  def evaluate(self, params_replicated, split: str) -> dict:
+    """Metrics of a full, ordered pass over one split."""
+    table = self.data.split(split)
+    logits, labels = [], []
+    for batch in eval_batches(table, self.config.training.eval_batch_size,
+                              self.devices, self.buckets):
+      out = np.asarray(self.eval_step(params_replicated,
+                                      _shard(batch, self.devices)))
+      keep = batch['weight'] > 0
+      logits.append(out.reshape(-1, out.shape[-1])[keep])
+      labels.append(batch['label'][keep])
+    return evaluation.classification_metrics(
+        np.concatenate(logits), np.concatenate(labels), self.num_classes)
+
+  def restore_params(self, which: str):
+    """Parameters of the run's best or latest checkpoint, and its step."""
+    if self.checkpoints.latest_step() is None:
+      raise FileNotFoundError(
+          f'no checkpoint in {self.checkpoints.directory}: train first, or '
+          'point --workdir at a finished run')
+    params, report = load_pretrained_params(self.checkpoints.directory,
+                                            self.init_params(), step=which)
+    return params, report['step']
+
+
+def _resolve_schedule(config, steps_per_epoch: float):
+  training = config.training
+  total = resolve_steps(training, 'total', steps_per_epoch)
+  if total is None:
+    raise ValueError('set config.training.total_steps or total_epochs')
+  eval_every = resolve_steps(training, 'eval_every', steps_per_epoch,
+                             default=max(1, total // 10))
+  checkpoint_every = resolve_steps(training, 'checkpoint_every',
+                                   steps_per_epoch, default=eval_every)
+  warmup = resolve_steps(config.optimizer, 'warmup', steps_per_epoch,
+                         default=0)
+  return total, eval_every, checkpoint_every, warmup
+
+
+class _Preemption:
+  """Turns SIGTERM (how cloud preemption arrives) into a flag."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains one run in `workdir` (resuming if it holds a checkpoint)."""
+  start_time = time.time()
+  run = Run(config, workdir)
+  devices = run.devices
+  batch_size = config.training.batch_size
+  if batch_size % devices:
+    raise ValueError(f'config.training.batch_size={batch_size} must be '
+                     f'divisible by the {devices} local devices')
+  stream = TrainStream(run.data.train, batch_size, config.seed, run.buckets)
+  total, eval_every, checkpoint_every, warmup = _resolve_schedule(
+      config, stream.steps_per_epoch)
+
+  params = run.init_params()
+  tx, schedule = build_optimizer(config.optimizer, params, total, warmup)
+  console.info('parameters:\n' + '\n'.join(
+      describe_parameters(params, config.optimizer)))
+
+  latest = run.checkpoints.latest_step()
+  if latest is not None:
+    target = TrainState(np.zeros((), np.int32), params, tx.init(params))
+    state, data_state = run.checkpoints.restore(latest, target)
+    stream.set_state(data_state)
+    console.info(f'resumed from {run.checkpoints.directory} at step {latest}')
+  else:
+    if config.init.checkpoint:
+      params, report = load_pretrained_params(
+          config.init.checkpoint, params, tuple(config.init.reinit),
+          config.init.step)
+      console.info(f'init: loaded {len(report["loaded"])} parameters from '
+                   f'{report["source"]}')
+      console.info('init: re-initialised: ' +
+                   (', '.join(report['reinitialised']) or 'none'))
+      console.info('init: left out (in the checkpoint, not in the model): ' +
+                   (', '.join(report['left_out']) or 'none'))
+    state = TrainState(np.zeros((), np.int32), params, tx.init(params))
+
+  from tuning.metric_writer import MetricWriter  # pylint: disable=g-import-not-at-top
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  train_step = make_train_step(run.model, tx, schedule, config.seed)
+  state = jax_utils.replicate(state)
+  first_step = int(np.asarray(state.step[0]))
+  console.info(f'training steps {first_step}..{total} on {devices} '
+               f'device(s), global batch {batch_size} '
+               f'({stream.steps_per_epoch:.1f} steps/epoch)')
+  preemption = _Preemption()
+  tick, tick_step = time.time(), first_step
+  history = []
+  try:
+    for step in range(first_step, total):
+      batch = next(stream)
+      state, metrics = train_step(state, _shard(batch, devices))
+      # Fetch every step: keeps CPU collectives in lock-step, and lets a
+      # non-finite loss stop the run at the step where it appeared.
+      metrics = {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
+      done = step + 1
+      if not math.isfinite(metrics['loss']):
+        raise TrainingError(
+            f'non-finite loss {metrics["loss"]} at step {done}; the last good'
+            f' checkpoint is step {run.checkpoints.latest_step()} (lower the '
+            'learning rate or enable clipping: config.optimizer.clip_norm)')
+      if done % config.training.log_every_steps == 0 or done == total:
+        elapsed = time.time() - tick
+        rate = (done - tick_step) / max(elapsed, 1e-9)
+        eta = (total - done) / max(rate, 1e-9)
+        console.info(
+            f'step {done}/{total}  loss {metrics["loss"]:.4f}  lr '
+            f'{metrics["learning_rate"]:.2e}  {rate:.1f} steps/s  '
+            f'{rate * batch_size:.0f} examples/s  ETA {_hms(eta)}')
+        writer.write(done, 'train', {**metrics, 'steps_per_second': rate})
+        tick, tick_step = time.time(), done
+      evaluate_now = done % eval_every == 0 or done == total
+      if evaluate_now:
+        val = run.evaluate(state.params, 'validation')
+        scalars = {k: val[k] for k in ('loss', 'accuracy', 'macro_f1')}
+        writer.write(done, 'validation', scalars)
+        history.append({'step': done, **scalars})
+        console.info(f'validation at step {done}: loss {val["loss"]:.4f}  '
+                     f'accuracy {val["accuracy"]:.4f}  macro-F1 '
+                     f'{val["macro_f1"]:.4f}')
+      if evaluate_now or done % checkpoint_every == 0 or preemption.requested:
+        run.checkpoints.save(done, _unreplicate(state), stream.get_state(),
+                             metrics=scalars if evaluate_now else None)
+      if preemption.requested:
+        run.checkpoints.wait()
+        console.info(f'SIGTERM: saved a checkpoint at step {done}; exiting '
+                     '(rerun the same command to resume)')
+        writer.close()
+        return {'preempted_at_step': done}
+  finally:
+    preemption.restore()
+    run.checkpoints.wait()
+  writer.close()
+  results = _final_evaluation(run, config)
+  results.update({'steps': total, 'wall_time_s': time.time() - start_time,
+                  'validation_history': history})
+  _write_results(workdir, results)
+  return results
+
+
+def _final_evaluation(run: Run, config) -> dict:
+  params, step = run.restore_params(config.checkpoint.evaluate)
+  params_replicated = jax_utils.replicate(params)
+  validation = run.evaluate(params_replicated, 'validation')
+  test = run.evaluate(params_replicated, 'test')
+  console.info(evaluation.format_metrics(
+      test, run.data.class_names,
+      f'test ({config.checkpoint.evaluate} checkpoint, step {step})'))
+  num_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  return {'test': test, 'validation': validation, 'evaluated_step': step,
+          'evaluated_checkpoint': config.checkpoint.evaluate,
+          'num_parameters': num_params, 'class_names': run.data.class_names}
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+  """`mode=eval`: evaluates the run's checkpoint in `workdir` on test."""
+  start_time = time.time()
+  run = Run(config, workdir)
+  results = _final_evaluation(run, config)
+  results['wall_time_s'] = time.time() - start_time
+  _write_results(workdir, results)
+  return results
+
+
+def _write_results(workdir: str, results: dict):
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:
+    json.dump(results, f, indent=2)
+  console.info(f'wrote {os.path.join(workdir, "results.json")}')
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
