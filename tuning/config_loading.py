@@ -68,7 +68,7 @@ def check_override(config, dotted: str):
       where = '.'.join(parts[:i])
       siblings = list(node.keys()) if isinstance(
           node, config_dict.ConfigDict) else []
-      close = difflib.get_close_matches(part, siblings, n=1, cutoff=0.5)
+      close = difflib.get_close_matches(part, siblings, n=1, cutoff=0.3)
       if close:
         suggestion = '.'.join(parts[:i] + close)
       else:
