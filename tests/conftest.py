@@ -1,0 +1,51 @@
+"""Shared helpers: running main.py as a subprocess, reading run outputs."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, 'tests', 'tiny_config.py')
+
+
+def main_command(*args):
+  return [sys.executable, os.path.join(ROOT, 'main.py'), *args]
+
+
+# Subprocesses share a persistent compilation cache: the same tiny models
+# are compiled by many tests.
+_CACHE = os.path.join(tempfile.gettempdir(), 'tuning-tests-jax-cache')
+
+
+def subprocess_env(devices=1):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['JAX_PLATFORMS'] = 'cpu'
+  env.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
+  env.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  return env
+
+
+def run_main(*args, devices=1, check=True, timeout=300):
+  """Runs main.py; returns the CompletedProcess (text output)."""
+  env = subprocess_env(devices)
+  result = subprocess.run(main_command(*args), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+  if check and result.returncode != 0:
+    raise AssertionError(f'main.py failed ({result.returncode}):\n'
+                         f'{result.stdout[-3000:]}\n{result.stderr[-3000:]}')
+  return result
+
+
+def read_json(path):
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+@pytest.fixture
+def tiny_config():
+  return TINY
