@@ -174,7 +174,11 @@ def default_storage(workdir: str) -> str:
 
 def _storage(url: str):
   kwargs = {'connect_args': {'timeout': 60}} if url.startswith('sqlite') else {}
-  return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+  try:
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+  except Exception as e:  # a bad URL, a missing driver, no server
+    raise SweepError(f'cannot open the study storage {_printable(url)}: '
+                     f'{type(e).__name__}: {e}') from None
 
 
 def _study_exists(sweep: Sweep) -> bool:
@@ -355,6 +359,7 @@ class Runner:
       self.slots.put(setting)
     self.stop = threading.Event()
     self._children = set()
+    self._trial_locks = {}  # trial number -> fd, held until its state is set
     self._lock = threading.Lock()
 
   def say(self, message: str):
@@ -371,6 +376,14 @@ class Runner:
       if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
 
+  def release(self, study, frozen):
+    """Optuna callback, after a trial's state is stored: frees its lock."""
+    del study
+    with self._lock:
+      fd = self._trial_locks.pop(frozen.number, None)
+    if fd is not None:
+      os.close(fd)
+
   def objective(self, trial) -> float:
     setting = self.slots.get()
     try:
@@ -385,57 +398,75 @@ class Runner:
     raise Interrupted('sweep stopped; the trial is resumed on rerun')
 
   def _run(self, trial, env_changes: dict, cores: list) -> float:
-    sweep, spec, metric = self.sweep, self.sweep.spec, self.sweep.spec['metric']
+    spec = self.sweep.spec
     values = sweep_space.suggest(trial, spec)
     if self.stop.is_set():
       self._retry_later(trial, None)
     name = trial.user_attrs.get('trial_dir') or (
         sweep_space.grid_trial_name(values) if spec['sampler'] == 'grid'
         else sweep_space.space_trial_name(trial.number))
-    trial_dir = os.path.join(sweep.workdir, name)
+    trial_dir = os.path.join(self.sweep.workdir, name)
     os.makedirs(trial_dir, exist_ok=True)
     lock = _lock(trial_dir)
-    if lock is None:
-      trial.set_user_attr('error', f'{trial_dir} is in use by another worker')
+    if lock is None:  # a duplicate (workers racing for the last grid point)
+      trial.set_user_attr('trial_dir', name)
+      trial.set_user_attr('error', 'duplicate: another worker is running '
+                          'this trial directory')
       raise TrialFailed(trial.user_attrs['error'])
-    command = sweep.command(trial_dir, values)
-    log_path = os.path.join(trial_dir, 'log.txt')
+    with self._lock:
+      self._trial_locks[trial.number] = lock
+    trial.set_user_attr('host', HOST)
+    trial.set_user_attr('overrides', values)
+    trial.set_user_attr('trial_dir', name)  # recover() looks for this
     start, proc = time.time(), None
     try:
-      trial.set_user_attr('host', HOST)
-      trial.set_user_attr('overrides', values)
-      trial.set_user_attr('command', shlex.join(command))
-      trial.set_user_attr('trial_dir', name)  # recover() looks for this
-      with open(log_path, 'a', encoding='utf-8') as log:
-        log.write(f'=== trial {trial.number} on {HOST} at '
-                  f'{time.strftime("%Y-%m-%d %H:%M:%S")}: '
-                  f'{shlex.join(command)}\n')
-        log.flush()
-        offset = log.tell()
-        proc = subprocess.Popen(  # pylint: disable=consider-using-with
-            command, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, **env_changes}, pass_fds=(lock,),
-            start_new_session=True)  # Ctrl-C reaches it through interrupt()
-      if cores:
-        os.sched_setaffinity(proc.pid, cores)
-      with self._lock:
-        self._children.add(proc)
-      with open(os.path.join(trial_dir, 'trial.json'), 'w',
-                encoding='utf-8') as f:
-        json.dump({'trial': trial.number, 'study': sweep.study_name,
-                   'host': HOST, 'pid': proc.pid, 'overrides': values,
-                   'command': command}, f, indent=2)
-      resumes = trial.user_attrs.get('retry_of')
-      self.say(f'[trial {trial.number}] {name}: started' + (
-          f' (resuming trial {resumes})' if resumes is not None else '') +
-               f'; log {log_path}')
-      if self.stop.is_set():  # a signal came before it was registered
-        proc.send_signal(signal.SIGTERM)
+      proc, offset = self._start(trial, trial_dir, values, lock,
+                                 env_changes, cores)
       pruned = self._watch(trial, proc, trial_dir)
     finally:
       with self._lock:
         self._children.discard(proc)
-      os.close(lock)
+    return self._outcome(trial, trial_dir, proc.returncode, pruned, start,
+                         offset)
+
+  def _start(self, trial, trial_dir, values, lock, env_changes, cores):
+    """Starts main.py for the trial; returns it and its log's offset."""
+    command = self.sweep.command(trial_dir, values)
+    trial.set_user_attr('command', shlex.join(command))
+    log_path = os.path.join(trial_dir, 'log.txt')
+    with open(log_path, 'a', encoding='utf-8') as log:
+      log.write(f'=== trial {trial.number} on {HOST} at '
+                f'{time.strftime("%Y-%m-%d %H:%M:%S")}: '
+                f'{shlex.join(command)}\n')
+      log.flush()
+      offset = log.tell()
+      # The run inherits the lock (held while it lives, even if this process
+      # dies) and gets its own session: Ctrl-C reaches it via interrupt().
+      proc = subprocess.Popen(  # pylint: disable=consider-using-with
+          command, stdout=log, stderr=subprocess.STDOUT,
+          env={**os.environ, **env_changes}, pass_fds=(lock,),
+          start_new_session=True)
+    if cores:
+      os.sched_setaffinity(proc.pid, cores)
+    with self._lock:
+      self._children.add(proc)
+    with open(os.path.join(trial_dir, 'trial.json'), 'w',
+              encoding='utf-8') as f:
+      json.dump({'trial': trial.number, 'study': self.sweep.study_name,
+                 'host': HOST, 'pid': proc.pid, 'overrides': values,
+                 'command': command}, f, indent=2)
+    resumes = trial.user_attrs.get('retry_of')
+    self.say(f'[trial {trial.number}] {os.path.basename(trial_dir)}: started'
+             + (f' (resuming trial {resumes})' if resumes is not None else '')
+             + f'; log {log_path}')
+    if self.stop.is_set():  # a signal came before it was registered
+      proc.send_signal(signal.SIGTERM)
+    return proc, offset
+
+  def _outcome(self, trial, trial_dir, returncode, pruned, start, offset):
+    """Records how the run ended; returns its value or raises."""
+    spec, metric = self.sweep.spec, self.sweep.spec['metric']
+    name, say = os.path.basename(trial_dir), self.say
     wall = time.time() - start
     trial.set_user_attr('wall_time_s', round(
         wall + (trial.user_attrs.get('previous_wall_time_s') or 0), 2))
@@ -448,18 +479,18 @@ class Runner:
       with open(results_path, encoding='utf-8') as f:
         results = json.load(f)
     if pruned:
-      self.say(f'[trial {trial.number}] {name}: pruned at step '
-               f'{max(trial.user_attrs.get("steps") or 0, 0)}')
+      say(f'[trial {trial.number}] {name}: pruned at step '
+          f'{trial.user_attrs.get("steps")}')
       raise optuna.TrialPruned()
     if self.stop.is_set() or 'preempted_at_step' in results:
-      self.say(f'[trial {trial.number}] {name}: stopped; rerun the sweep to '
-               'resume it from its checkpoint')
+      say(f'[trial {trial.number}] {name}: stopped; rerun the sweep to '
+          'resume it from its checkpoint')
       self._retry_later(trial, wall)
-    if proc.returncode != 0:
-      error = _last_error(log_path, offset)
+    if returncode != 0:
+      error = _last_error(os.path.join(trial_dir, 'log.txt'), offset)
       trial.set_user_attr('error', error)
-      self.say(f'[trial {trial.number}] {name}: FAILED (exit '
-               f'{proc.returncode}): {error}')
+      say(f'[trial {trial.number}] {name}: FAILED (exit {returncode}): '
+          f'{error}')
       raise TrialFailed(error)
     if 'test' not in results:
       trial.set_user_attr('error', 'main.py wrote no results.json')
@@ -468,16 +499,16 @@ class Runner:
         'steps')))
     trial.set_user_attr('test', {k: results['test'].get(k)
                                  for k in sweep_space.METRICS})
-    pick = max if spec['direction'] == 'maximize' else min
     if history:
+      pick = max if spec['direction'] == 'maximize' else min
       best = pick(history, key=lambda h: h[metric])
       value, step = best[metric], best['step']
     else:
       value, step = results['validation'][metric], results.get('steps')
     trial.set_user_attr('best_step', step)
-    self.say(f'[trial {trial.number}] {name}: done in {wall:.1f} s; best '
-             f'validation {metric} {value:.4f} (step {step}), test '
-             f'{results["test"][metric]:.4f}')
+    say(f'[trial {trial.number}] {name}: done in {wall:.1f} s; best '
+        f'validation {metric} {value:.4f} (step {step}), test '
+        f'{results["test"][metric]:.4f}')
     return value
 
   def _watch(self, trial, proc, trial_dir: str) -> bool:
@@ -485,15 +516,15 @@ class Runner:
     metric, reported = self.sweep.spec['metric'], set()
     prune = self.sweep.spec['pruner'] is not None
     while True:
-      done = proc.poll() is not None
+      done, new = proc.poll() is not None, False
       for record in _validation(trial_dir):
         if record['step'] not in reported and metric in record:
           trial.report(record[metric], record['step'])
           reported.add(record['step'])
+          new = True
       if done:
         return False
-      if prune and reported and not self.stop.is_set() and \
-          trial.should_prune():
+      if prune and new and not self.stop.is_set() and trial.should_prune():
         proc.send_signal(signal.SIGTERM)  # main.py checkpoints, then exits
         try:
           proc.wait(timeout=120)
@@ -528,7 +559,8 @@ def run(sweep: Sweep, parallel: int = 1, devices: str = 'auto',
   try:
     if todo:
       study.optimize(runner.objective, n_trials=todo, n_jobs=parallel,
-                     catch=(TrialFailed, Interrupted))
+                     catch=(TrialFailed, Interrupted),
+                     callbacks=[runner.release])
   finally:
     for signum, handler in handlers.items():
       signal.signal(signum, handler)

@@ -88,7 +88,11 @@ def normalize(spec: dict, config=None) -> dict:
     raise SweepError('a search space needs a trial budget: trials=<positive '
                      'int>')
   if not space:
-    trials = len(grid_points({'grid': grid, 'zip': zipped}))
+    points = len(grid_points({'grid': grid, 'zip': zipped}))
+    if trials not in (None, points):
+      raise SweepError(f'the grid has {points} trials; trials={trials} is '
+                       'for search spaces')
+    trials = points
   metric = spec.get('metric') or 'accuracy'
   if metric not in METRICS:
     raise SweepError(f'unknown metric {metric!r} (use: {", ".join(METRICS)})')
@@ -228,13 +232,9 @@ def short_names(keys) -> dict:
 def display(text: str) -> str:
   """A value's override text, short: 0.001 -> 0.001, (64, 64) -> 64-64."""
   try:
-    number = float(text)
-    if not text.strip().lower() in ('nan', 'inf', '-inf'):
-      return f'{number:g}' if '.' in text or 'e' in text.lower() else text
+    return f'{float(text):g}' if re.search(r'[.eE]', text) else str(int(text))
   except ValueError:
-    pass
-  text = re.sub(r'[()\[\]\'" ]', '', text).strip(',').replace(',', '-')
-  return text
+    return re.sub(r'[()\[\]\'" ]', '', text).strip(',').replace(',', '-')
 
 
 def grid_trial_name(overrides: dict) -> str:
