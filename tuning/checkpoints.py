@@ -91,6 +91,23 @@ def run_checkpoint_dir(path: str) -> str | None:
   return None
 
 
+def is_hugging_face_source(path: str) -> bool:
+  """A Hugging Face model folder (safetensors) or a hub id like org/name."""
+  if os.path.isdir(path):
+    return os.path.exists(os.path.join(path, 'config.json')) and not \
+        os.path.exists(os.path.join(path, 'params')) and \
+        run_checkpoint_dir(path) is None
+  return re.fullmatch(r'[\w.-]+/[\w.-]+', path) is not None
+
+
+def resolve_init_source(path: str, cache_dir: str) -> str:
+  """Converts a Hugging Face source once (cached in `cache_dir`)."""
+  if not is_hugging_face_source(path):
+    return path
+  from tuning import hf_convert  # pylint: disable=g-import-not-at-top
+  return hf_convert.ensure_converted(path, cache_dir)
+
+
 def _params_checkpoint_path(path: str, step) -> str:
   """Finds the orbax tree that holds a checkpoint's parameters."""
   if not os.path.exists(path):

@@ -43,6 +43,7 @@ def base_config() -> config_dict.ConfigDict:
   c.data.class_names = placeholder(tuple)  # names for the table/results
   c.data.examples_per_class = placeholder(int)  # few-label training sets
   c.data.max_train_examples = placeholder(int)
+  c.data.max_validation_examples = placeholder(int)  # faster validation
   c.data.on_bad_rows = 'error'  # error | drop (dropped rows are counted)
   c.data.drop_duplicates = True
   c.data.normalize = placeholder(str)  # standard | minmax

@@ -22,7 +22,8 @@ from flax import jax_utils
 
 from tuning import console
 from tuning import evaluation
-from tuning.checkpoints import RunCheckpoints, load_pretrained_params
+from tuning.checkpoints import (RunCheckpoints, load_pretrained_params,
+                                resolve_init_source)
 from tuning.data.datasets import Datasets, build_datasets
 from tuning.data.pipeline import TrainStream, eval_batches
 from tuning.durations import resolve_steps
@@ -167,9 +168,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     console.info(f'resumed from {run.checkpoints.directory} at step {latest}')
   else:
     if config.init.checkpoint:
+      source = resolve_init_source(config.init.checkpoint,
+                                   os.path.join(workdir, 'pretrained'))
       params, report = load_pretrained_params(
-          config.init.checkpoint, params, tuple(config.init.reinit),
-          config.init.step)
+          source, params, tuple(config.init.reinit), config.init.step)
       console.info(f'init: loaded {len(report["loaded"])} parameters from '
                    f'{report["source"]}')
       console.info('init: re-initialised: ' +

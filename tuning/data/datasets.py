@@ -79,6 +79,13 @@ def build_datasets(data_config) -> Datasets:
                       '(check config.data.classes and the data files)')
 
   tables['train'] = _subsample(tables['train'], data_config, log)
+  limit = data_config.max_validation_examples
+  if limit and limit < len(tables['validation']['label']):
+    keep = np.sort(np.random.default_rng(_SPLIT_SEED + 2).permutation(
+        len(tables['validation']['label']))[:limit])
+    log.append(f'validation: kept {limit} of '
+               f'{len(tables["validation"]["label"])} examples')
+    tables['validation'] = preprocessing.take(tables['validation'], keep)
 
   if 'x' in tables['train']:
     transform = preprocessing.FeatureTransform.fit(

@@ -219,8 +219,8 @@ class PretrainedTokenizer:
         self._tokenizer, list(texts),
         None if texts_pair is None else list(texts_pair),
         max_length=self.max_length)
+    # Padded to max_length here; batches are cut to their length bucket.
     padded = self._tokenization.pad_batch(
-        [{k: enc[k][i] for k in enc} for i in range(len(texts))],
-        buckets=(self.max_length,), pad_id=self._tokenization.pad_id(
-            self._tokenizer))
+        enc, buckets=(self.max_length,),
+        pad_id=self._tokenization.pad_token_id(self._tokenizer))
     return {k: np.asarray(v, np.int32) for k, v in padded.items()}
