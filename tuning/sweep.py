@@ -314,7 +314,8 @@ def slot_settings(devices: str, parallel: int) -> list[tuple[dict, list]]:
   if devices == 'cuda':
     if parallel > len(gpus):
       raise SweepError(f'--parallel={parallel} with --devices=cuda needs '
-                       f'{parallel} GPUs; found {len(gpus)}')
+                       f'{parallel} GPUs; found {len(gpus)} (--devices=none '
+                       'shares them)')
     return [({'CUDA_VISIBLE_DEVICES': gpus[i]}, []) for i in range(parallel)]
   cores = sorted(os.sched_getaffinity(0))
   shares = [cores[i * len(cores) // parallel:(i + 1) * len(cores) // parallel]
@@ -336,6 +337,16 @@ def _validation(trial_dir: str) -> list[dict]:
         if record.get('split') == 'validation':
           lines.append(record)
   return lines
+
+
+def _total_steps(trial_dir: str) -> int | None:
+  """The run's training.total_steps from its config.json (None if in
+  epochs, or not written yet)."""
+  try:
+    with open(os.path.join(trial_dir, 'config.json'), encoding='utf-8') as f:
+      return json.load(f)['training']['total_steps']
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
 
 
 def _last_error(log_path: str, offset: int) -> str:
@@ -524,7 +535,9 @@ class Runner:
           new = True
       if done:
         return False
-      if prune and new and not self.stop.is_set() and trial.should_prune():
+      last = _total_steps(trial_dir)  # pruning at the last step saves nothing
+      if prune and new and not self.stop.is_set() and (
+          last is None or max(reported) < last) and trial.should_prune():
         proc.send_signal(signal.SIGTERM)  # main.py checkpoints, then exits
         try:
           proc.wait(timeout=120)

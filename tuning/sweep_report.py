@@ -69,6 +69,13 @@ def _number(value, digits=4) -> str:
   return str(value)
 
 
+def _value(text: str) -> str:
+  """A swept value for the table: floats to 4 significant digits."""
+  number = _as_float(text)
+  return f'{number:.4g}' if number is not None and any(
+      c in text for c in '.eE') else str(text)
+
+
 def table(rows: list[dict], spec: dict) -> tuple[list[str], list[list[str]]]:
   """Header and text cells of the report table."""
   keys = sweep_space.swept_keys(spec)
@@ -81,7 +88,7 @@ def table(rows: list[dict], spec: dict) -> tuple[list[str], list[list[str]]]:
   for rank, row in enumerate(rows, start=1):
     cells.append(
         [str(rank), row['name'] or f'#{row["trial"]}', row['state']] +
-        [str(row['overrides'].get(k, '')) for k in keys] +
+        [_value(row['overrides'].get(k, '')) for k in keys] +
         [_number(row['best_validation']), _number(row['best_step']),
          _number(row['test']), _number(row['steps']),
          _number(row['wall_time_s'], 1), row['error'].replace('|', '/')])

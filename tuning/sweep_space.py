@@ -157,7 +157,7 @@ def swept_keys(spec: dict) -> list[str]:
 
 def to_json(spec: dict) -> str:
   """A canonical text of the spec (to see whether a study holds this one)."""
-  return json.dumps(spec, sort_keys=True, default=repr)
+  return json.dumps(spec, default=repr)  # in spec order: names follow it
 
 
 # ------------------------------------------------------------------ values
