@@ -7,8 +7,8 @@ import jax.numpy as jnp
 
 
 class CNN(nn.Module):
-  """3x3 conv-ReLU blocks (2x2 max-pool between them), global average
-  pooling, dropout and a Dense head. Input: [batch, height, width, channels].
+  """3x3 conv-ReLU blocks with a 2x2 max-pool after each, then flatten,
+  dropout and a Dense head. Input: [batch, height, width, channels].
   """
   num_classes: int
   channels: Sequence[int] = (32, 64)
@@ -22,11 +22,11 @@ class CNN(nn.Module):
                        f'shape {x.shape}: set config.data.image_shape')
     x = x.astype(self.dtype)
     for i, width in enumerate(self.channels):
-      if i:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
       x = nn.Conv(width, (3, 3), dtype=self.dtype, name=f'conv_{i}')(x)
       x = nn.relu(x)
-    x = x.mean(axis=(1, 2))
+      if min(x.shape[1:3]) >= 2:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return logits.astype(jnp.float32)
