@@ -85,6 +85,18 @@ def base_config() -> config_dict.ConfigDict:
   c.optimizer.end_learning_rate_factor = 0.0
   # Regexes over '/'-joined parameter paths (full match).
   c.optimizer.frozen = ()  # no optimizer state, no update
+  # The head's regexes; linear_probe=True trains only them (a preset).
+  c.optimizer.head = (r'(head|classifier)/.*',)
+  c.optimizer.linear_probe = False
+  # Learning-rate multipliers: ((regex, mult), ...), the first match wins;
+  # a multiplier of 0 freezes.
+  c.optimizer.lr_mults = ()
+  # Layer-wise LR decay: lr x layer_decay^depth, depth counted from the top
+  # (layer i of L: L - i; embeddings: L + 1; head, pooler: 0). layer_regex
+  # captures the layer index. None: off.
+  c.optimizer.layer_decay = placeholder(float)
+  c.optimizer.layer_regex = r'.*layer_(\d+)/.*'
+  c.optimizer.embedding_regex = r'.*(embed|embeddings).*'
   c.optimizer.no_decay = (r'.*bias$', r'.*(LayerNorm|layer_norm|norm).*',
                           r'.*(embed|embeddings).*')
 
@@ -100,6 +112,27 @@ def base_config() -> config_dict.ConfigDict:
   c.training.checkpoint_every_steps = placeholder(int)
   c.training.checkpoint_every_epochs = placeholder(float)
   c.training.log_every_steps = 50
+  # Micro-batches per optimizer step (lax.scan inside the step); batch_size
+  # stays the global batch per optimizer step.
+  c.training.accumulation_steps = 1
+  # A non-finite loss/gradient: 'stop' (report the step, keep the last good
+  # checkpoint) or 'skip' (keep the old state for that step, count it).
+  c.training.on_nonfinite = 'stop'
+  c.training.ema_decay = placeholder(float)  # EMA of params, e.g. 0.999
+  c.training.evaluate_ema = False  # validate/test with the EMA params
+  # Stop after this many evaluations without a better checkpoint.best_metric.
+  c.training.early_stopping_patience = placeholder(int)
+
+  # ---------------------------------------------------------------- lora
+  c.lora = config_dict.ConfigDict()
+  c.lora.rank = 0  # 0: off
+  c.lora.alpha = 16.0  # the adapters' output is scaled by alpha / rank
+  c.lora.dropout = 0.0  # on the adapters' input
+  # Regexes over Dense module paths (full match).
+  c.lora.targets = (r'.*attention/(query|value)',)
+  c.lora.train_head = True  # the optimizer.head parameters train too
+  # Write the merged plain parameters to WORKDIR/merged at the end.
+  c.lora.export_merged = True
 
   # ---------------------------------------------------------------- checkpoints
   c.checkpoint = config_dict.ConfigDict()

@@ -1,13 +1,24 @@
 """optax optimizers, schedules and regex parameter groups from the config.
 
 Parameters are named by their `/`-joined paths (`dense_0/kernel`). Regexes
-over those paths choose which parameters are frozen (no optimizer state, no
-update) and which get no weight decay; `describe_parameters` prints the
-resulting table at the start of every run.
+over those paths (full match) decide, for every parameter:
+
+- whether it trains: `frozen` regexes, the `linear_probe` preset (only the
+  `head` regexes train) and LoRA (only the adapters, and optionally the
+  head, train). Frozen parameters go through `optax.set_to_zero` in an
+  `optax.multi_transform`: no optimizer state, no update; the train step
+  does not differentiate them either;
+- its learning-rate multiplier: `layer_decay` (lr x decay^depth, depth
+  counted from the top of a layered encoder) times the first matching
+  `lr_mults` entry;
+- whether weight decay applies (`no_decay` regexes turn it off).
+
+`describe_parameters` prints the resulting table at the start of every run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import flax
@@ -18,6 +29,12 @@ import optax
 # By default weight decay skips biases, norm scales and embeddings.
 DEFAULT_NO_DECAY = (r'.*bias$', r'.*(LayerNorm|layer_norm|norm).*',
                     r'.*(embed|embeddings).*')
+# The classification head of the models here (MLP/CNN/RNN: head, BERT:
+# classifier).
+DEFAULT_HEAD = (r'(head|classifier)/.*',)
+DEFAULT_LAYER_REGEX = r'.*layer_(\d+)/.*'
+DEFAULT_EMBEDDING_REGEX = r'.*(embed|embeddings).*'
+ADAPTER_REGEX = r'.*/lora_[ab]'
 
 
 def parameter_paths(params) -> dict[str, tuple[int, ...]]:
@@ -33,6 +50,140 @@ def path_mask(params, regexes, default=False):
   mask = {k: (any(c.fullmatch(k) for c in compiled) if compiled else default)
           for k in flat}
   return flax.traverse_util.unflatten_dict(mask, sep='/')
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterSetting:
+  """How the optimizer treats one parameter."""
+  trains: bool
+  lr_mult: float
+  decays: bool  # weight decay applies (and the optimizer has one)
+
+
+def _regexes(opt_config, name, default):
+  value = opt_config.get(name, default)
+  return tuple(default if value is None else value)
+
+
+def _lr_mult_rules(opt_config):
+  rules = []
+  for item in tuple(opt_config.get('lr_mults', ()) or ()):
+    if (not isinstance(item, (tuple, list)) or len(item) != 2 or
+        not isinstance(item[0], str) or
+        not isinstance(item[1], (int, float))):
+      raise ValueError(
+          f'config.optimizer.lr_mults entry {item!r} is not a (regex, '
+          "multiplier) pair: write e.g. \"(('classifier/.*', 10.0),)\"")
+    rules.append((re.compile(item[0]), float(item[1])))
+  return rules
+
+
+def layer_depths(paths, layer_regex=DEFAULT_LAYER_REGEX,
+                 embedding_regex=DEFAULT_EMBEDDING_REGEX) -> dict[str, int]:
+  """Depth from the top of a layered encoder, for every path.
+
+  With L layers (the index captured by `layer_regex` runs 0..L-1, 0 the
+  lowest): layer i has depth L - i, embeddings depth L + 1, everything else
+  (pooler, head) depth 0.
+  """
+  layer, embedding = re.compile(layer_regex), re.compile(embedding_regex)
+  index = {}
+  for p in paths:
+    m = layer.fullmatch(p)
+    if m:
+      try:
+        index[p] = int(m.group(1))
+      except (IndexError, TypeError, ValueError):
+        raise ValueError(f'config.optimizer.layer_regex={layer_regex!r} must '
+                         r'capture the layer index as its first group, e.g. '
+                         r"'.*layer_(\d+)/.*'") from None
+  if not index:
+    raise ValueError(f'config.optimizer.layer_decay is set but '
+                     f'config.optimizer.layer_regex={layer_regex!r} matches no '
+                     'parameter path (it must capture the layer index, e.g. '
+                     r"'.*layer_(\d+)/.*')")
+  layers = max(index.values()) + 1
+  return {p: (layers - index[p] if p in index else
+              layers + 1 if embedding.fullmatch(p) else 0) for p in paths}
+
+
+def parameter_settings(params, opt_config,
+                       lora_config=None) -> dict[str, ParameterSetting]:
+  """{path: ParameterSetting} from the optimizer (and LoRA) config."""
+  paths = list(parameter_paths(params))
+  frozen = [re.compile(r) for r in _regexes(opt_config, 'frozen', ())]
+  no_decay = [re.compile(r) for r in
+              _regexes(opt_config, 'no_decay', DEFAULT_NO_DECAY)]
+  head = [re.compile(r) for r in _regexes(opt_config, 'head', DEFAULT_HEAD)]
+  adapter = re.compile(ADAPTER_REGEX)
+  lora_on = bool(lora_config is not None and lora_config.get('rank'))
+  linear_probe = bool(opt_config.get('linear_probe', False))
+  if linear_probe and lora_on:
+    raise ValueError('config.optimizer.linear_probe and config.lora.rank are '
+                     'both set: choose one (LoRA trains the head too with '
+                     'config.lora.train_head=True)')
+  is_head = {p: any(r.fullmatch(p) for r in head) for p in paths}
+  if (linear_probe or (lora_on and lora_config.get('train_head', True))) \
+      and not any(is_head.values()):
+    raise ValueError(f'config.optimizer.head={tuple(r.pattern for r in head)}'
+                     ' matches no parameter: give the regexes of the head')
+  decay = opt_config.get('layer_decay', None)
+  depths = layer_depths(
+      paths, opt_config.get('layer_regex', DEFAULT_LAYER_REGEX),
+      opt_config.get('embedding_regex', DEFAULT_EMBEDDING_REGEX)) \
+      if decay is not None else {}
+  rules = _lr_mult_rules(opt_config)
+  has_decay = opt_config.name in ('adamw', 'sgd') and \
+      bool(opt_config.weight_decay)
+  settings = {}
+  for p in paths:
+    if lora_on:
+      trains = bool(adapter.fullmatch(p)) or (
+          lora_config.get('train_head', True) and is_head[p])
+    elif linear_probe:
+      trains = is_head[p]
+    else:
+      trains = True
+    trains = trains and not any(r.fullmatch(p) for r in frozen)
+    mult = float(decay) ** depths[p] if decay is not None else 1.0
+    for regex, m in rules:
+      if regex.fullmatch(p):
+        mult *= m
+        break
+    if mult == 0:
+      trains = False  # a zero multiplier freezes: no state, no update
+    settings[p] = ParameterSetting(
+        trains=trains, lr_mult=mult if trains else 0.0,
+        decays=has_decay and trains and
+        not any(r.fullmatch(p) for r in no_decay))
+  if not any(s.trains for s in settings.values()):
+    raise ValueError('no parameter trains: check config.optimizer.frozen, '
+                     'lr_mults, linear_probe/head and config.lora')
+  return settings
+
+
+def _tree(params, values: dict):
+  del params
+  return flax.traverse_util.unflatten_dict(values, sep='/')
+
+
+def trainable_mask(params, opt_config, lora_config=None):
+  """A tree of bools: True for the parameters that train."""
+  settings = parameter_settings(params, opt_config, lora_config)
+  return _tree(params, {p: s.trains for p, s in settings.items()})
+
+
+def scale_by_tree(multipliers) -> optax.GradientTransformation:
+  """Multiplies each update by a constant from a tree (no state)."""
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: u * m if m != 1 else u, updates,
+                        multipliers), state
+  return optax.GradientTransformation(init, update)
 
 
 def learning_rate_schedule(opt_config, total_steps: int, warmup_steps: int):
@@ -56,11 +207,17 @@ def learning_rate_schedule(opt_config, total_steps: int, warmup_steps: int):
   return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
-def build_optimizer(opt_config, params, total_steps: int, warmup_steps: int):
-  """Returns (optax transformation, learning-rate schedule)."""
+def build_optimizer(opt_config, params, total_steps: int, warmup_steps: int,
+                    lora_config=None):
+  """Returns (optax transformation, learning-rate schedule).
+
+  `total_steps`/`warmup_steps` count optimizer steps (one per global batch,
+  whatever the gradient accumulation).
+  """
   schedule = learning_rate_schedule(opt_config, total_steps, warmup_steps)
-  decay_mask = path_mask(params, opt_config.get('no_decay', DEFAULT_NO_DECAY))
-  decay_mask = jax.tree.map(lambda no: not no, decay_mask)
+  settings = parameter_settings(params, opt_config, lora_config)
+  decay_mask = jax.tree.map(lambda no: not no, path_mask(
+      params, _regexes(opt_config, 'no_decay', DEFAULT_NO_DECAY)))
   name = opt_config.name
   if name == 'adamw':
     core = optax.adamw(schedule, opt_config.b1, opt_config.b2, opt_config.eps,
@@ -80,33 +237,35 @@ def build_optimizer(opt_config, params, total_steps: int, warmup_steps: int):
     parts.append(optax.clip_by_global_norm(opt_config.clip_norm))
   parts.append(core)
   tx = optax.chain(*parts)
-  frozen = tuple(opt_config.get('frozen', ()))
-  if frozen:
-    labels = jax.tree.map(lambda f: 'frozen' if f else 'trained',
-                          path_mask(params, frozen))
+  if not all(s.trains for s in settings.values()):
+    labels = _tree(params, {p: 'trained' if s.trains else 'frozen'
+                            for p, s in settings.items()})
     tx = optax.multi_transform({'trained': tx,
                                 'frozen': optax.set_to_zero()}, labels)
+  if any(s.trains and s.lr_mult != 1 for s in settings.values()):
+    # After multi_transform: frozen updates are zeros, scaling them is moot.
+    tx = optax.chain(tx, scale_by_tree(_tree(
+        params, {p: s.lr_mult if s.trains else 1.0
+                 for p, s in settings.items()})))
   return tx, schedule
 
 
-def describe_parameters(params, opt_config) -> list[str]:
-  """Lines of a table: each parameter, its size, trained?, weight decay?"""
-  frozen = path_mask(params, tuple(opt_config.get('frozen', ())))
-  no_decay = path_mask(params, opt_config.get('no_decay', DEFAULT_NO_DECAY))
-  flat_frozen = flax.traverse_util.flatten_dict(frozen, sep='/')
-  flat_no_decay = flax.traverse_util.flatten_dict(no_decay, sep='/')
-  decays = opt_config.name in ('adamw', 'sgd') and opt_config.weight_decay
-  rows = []
+def describe_parameters(params, opt_config, lora_config=None) -> list[str]:
+  """Lines of a table: each parameter, its size, trained?, LR multiplier,
+  weight decay?, then the trainable/frozen totals."""
+  settings = parameter_settings(params, opt_config, lora_config)
+  rows = [f'  {"parameter":<52} {"shape":<14} {"size":>10}  {"status":<6}  '
+          f'{"lr_mult":>7}  wd']
   totals = {'trained': 0, 'frozen': 0}
   for path, shape in parameter_paths(params).items():
+    s = settings[path]
     size = int(np.prod(shape))
-    trains = not flat_frozen[path]
-    totals['trained' if trains else 'frozen'] += size
-    rows.append(f'  {path:<48} {str(shape):<16} {size:>10,}  '
-                f'{"train" if trains else "FROZEN":<6}  '
-                f'{"yes" if (decays and trains and not flat_no_decay[path]) else "no"}')
-  head = f'  {"parameter":<48} {"shape":<16} {"size":>10}  {"status":<6}  wd'
-  rows.insert(0, head)
+    totals['trained' if s.trains else 'frozen'] += size
+    rows.append(f'  {path:<52} {str(shape):<14} {size:>10,}  '
+                f'{"train" if s.trains else "FROZEN":<6}  '
+                f'{s.lr_mult:>7.3g}  {"yes" if s.decays else "no"}')
+  total = totals['trained'] + totals['frozen']
   rows.append(f'  trainable {totals["trained"]:,} / frozen '
-              f'{totals["frozen"]:,} parameters')
+              f'{totals["frozen"]:,} parameters ('
+              f'{100 * totals["trained"] / max(total, 1):.2f}% trainable)')
   return rows

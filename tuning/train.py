@@ -28,8 +28,12 @@ from tuning.data.datasets import Datasets, build_datasets
 from tuning.data.pipeline import TrainStream, eval_batches
 from tuning.durations import resolve_steps
 from tuning.models.registry import build_model
-from tuning.optimizers import build_optimizer, describe_parameters
-from tuning.train_step import (TrainState, features_of, make_eval_step,
+from tuning import ema as ema_lib
+from tuning import lora as lora_lib
+from tuning.early_stopping import EarlyStopping
+from tuning.optimizers import (build_optimizer, describe_parameters,
+                               trainable_mask)
+from tuning.train_step import (features_of, initial_state, make_eval_step,
                                make_train_step)
 
 
@@ -71,6 +75,10 @@ class Run:
     self.num_classes = num_classes
     self.model = build_model(config.model, num_classes, config.dtype,
                              _vocab_size(self.data, config))
+    self.lora = config.get('lora') if lora_lib.enabled(config.get('lora')) \
+        else None
+    if self.lora:
+      self.model = lora_lib.LoraModel(self.model, self.lora)
     self.buckets = tuple(config.data.length_buckets)
     self.checkpoints = RunCheckpoints(
         os.path.join(workdir, 'checkpoints'), config.checkpoint.best_metric,
@@ -106,6 +114,9 @@ class Run:
           'point --workdir at a finished run')
     params, report = load_pretrained_params(self.checkpoints.directory,
                                             self.init_params(), step=which)
+    if self.config.training.get('evaluate_ema', False):
+      params = ema_lib.load_ema_params(self.checkpoints.directory,
+                                       report['step'], params)
     return params, report['step']
 
 
@@ -151,18 +162,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if batch_size % devices:
     raise ValueError(f'config.training.batch_size={batch_size} must be '
                      f'divisible by the {devices} local devices')
+  accumulation = int(config.training.get('accumulation_steps', 1) or 1)
+  if accumulation < 1 or batch_size % (devices * accumulation):
+    raise ValueError(f'config.training.batch_size={batch_size} must be '
+                     f'divisible by {devices} device(s) x '
+                     f'config.training.accumulation_steps={accumulation}')
+  ema_lib.check_config(config.training)
   stream = TrainStream(run.data.train, batch_size, config.seed, run.buckets)
   total, eval_every, checkpoint_every, warmup = _resolve_schedule(
       config, stream.steps_per_epoch)
 
   params = run.init_params()
-  tx, schedule = build_optimizer(config.optimizer, params, total, warmup)
+  tx, schedule = build_optimizer(config.optimizer, params, total, warmup,
+                                 run.lora)
   console.info('parameters:\n' + '\n'.join(
-      describe_parameters(params, config.optimizer)))
+      describe_parameters(params, config.optimizer, run.lora)))
+  if run.lora:
+    console.info(lora_lib.describe(params, run.lora))
+  new_state = lambda p: initial_state(  # pylint: disable=unnecessary-lambda-assignment
+      p, tx, ema=config.training.get('ema_decay') is not None,
+      count_skipped=config.training.get('on_nonfinite') == 'skip')
 
   latest = run.checkpoints.latest_step()
   if latest is not None:
-    target = TrainState(np.zeros((), np.int32), params, tx.init(params))
+    target = new_state(params)
     state, data_state = run.checkpoints.restore(latest, target)
     stream.set_state(data_state)
     console.info(f'resumed from {run.checkpoints.directory} at step {latest}')
@@ -170,19 +193,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if config.init.checkpoint:
       source = resolve_init_source(config.init.checkpoint,
                                    os.path.join(workdir, 'pretrained'))
+      params, adapters = lora_lib.split(params)
       params, report = load_pretrained_params(
           source, params, tuple(config.init.reinit), config.init.step)
+      params = lora_lib.join(params, adapters)
       console.info(f'init: loaded {len(report["loaded"])} parameters from '
                    f'{report["source"]}')
       console.info('init: re-initialised: ' +
                    (', '.join(report['reinitialised']) or 'none'))
       console.info('init: left out (in the checkpoint, not in the model): ' +
                    (', '.join(report['left_out']) or 'none'))
-    state = TrainState(np.zeros((), np.int32), params, tx.init(params))
+    state = new_state(params)
 
   from tuning.metric_writer import MetricWriter  # pylint: disable=g-import-not-at-top
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  train_step = make_train_step(run.model, tx, schedule, config.seed)
+  train_step = make_train_step(
+      run.model, tx, schedule, config.seed,
+      trainable=trainable_mask(params, config.optimizer, run.lora),
+      accumulation_steps=accumulation,
+      on_nonfinite=config.training.get('on_nonfinite', 'stop'),
+      ema_decay=config.training.get('ema_decay'))
+  console.info(_methods_line(config, accumulation, batch_size))
+  patience = config.training.get('early_stopping_patience')
+  stopper = EarlyStopping(patience, config.checkpoint.best_metric,
+                          config.checkpoint.best_mode) if patience else None
   state = jax_utils.replicate(state)
   first_step = int(np.asarray(state.step[0]))
   console.info(f'training steps {first_step}..{total} on {devices} '
@@ -191,6 +225,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   preemption = _Preemption()
   tick, tick_step = time.time(), first_step
   history = []
+  if stopper and first_step:
+    stopper.replay(workdir, first_step)
+  stopped_at = None
   try:
     for step in range(first_step, total):
       batch = next(stream)
@@ -199,9 +236,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       # non-finite loss stop the run at the step where it appeared.
       metrics = {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
       done = step + 1
-      if not math.isfinite(metrics['loss']):
+      if metrics['nonfinite'] and config.training.on_nonfinite == 'skip':
+        console.info(f'step {done}: non-finite loss or gradients; update '
+                     f'skipped ({int(metrics["skipped"])} skipped so far)')
+      elif metrics['nonfinite'] or not math.isfinite(metrics['loss']):
         raise TrainingError(
-            f'non-finite loss {metrics["loss"]} at step {done}; the last good'
+            f'non-finite loss {metrics["loss"]} or gradients at step {done}; '
+            'the run stops, the last good'
             f' checkpoint is step {run.checkpoints.latest_step()} (lower the '
             'learning rate or enable clipping: config.optimizer.clip_norm)')
       if done % config.training.log_every_steps == 0 or done == total:
@@ -216,7 +257,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         tick, tick_step = time.time(), done
       evaluate_now = done % eval_every == 0 or done == total
       if evaluate_now:
-        val = run.evaluate(state.params, 'validation')
+        val = run.evaluate(state.ema_params if config.training.get(
+            'evaluate_ema') else state.params, 'validation')
         scalars = {k: val[k] for k in ('loss', 'accuracy', 'macro_f1')}
         writer.write(done, 'validation', scalars)
         history.append({'step': done, **scalars})
@@ -232,6 +274,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      '(rerun the same command to resume)')
         writer.close()
         return {'preempted_at_step': done}
+      if evaluate_now and stopper and stopper.update(done, scalars):
+        console.info(stopper.message(done))
+        stopped_at = done
+        break
   finally:
     preemption.restore()
     run.checkpoints.wait()
@@ -239,6 +285,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results = _final_evaluation(run, config)
   results.update({'steps': total, 'wall_time_s': time.time() - start_time,
                   'validation_history': history})
+  if stopped_at is not None:
+    results['early_stopped_at_step'] = stopped_at
+  if state.skipped is not None:
+    results['skipped_steps'] = int(np.asarray(state.skipped)[0])
   _write_results(workdir, results)
   return results
 
@@ -252,9 +302,18 @@ def _final_evaluation(run: Run, config) -> dict:
       test, run.data.class_names,
       f'test ({config.checkpoint.evaluate} checkpoint, step {step})'))
   num_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  extra = {}
+  if run.lora and run.lora.get('export_merged', True):
+    merged = lora_lib.export_merged(params, run.lora,
+                                    os.path.join(run.workdir, 'merged'))
+    console.info(f'lora: merged the adapters into the base weights; plain '
+                 f'checkpoint in {merged} (load it with '
+                 f'--config.init.checkpoint={merged} and lora.rank=0)')
+    extra['merged_checkpoint'] = merged
   return {'test': test, 'validation': validation, 'evaluated_step': step,
           'evaluated_checkpoint': config.checkpoint.evaluate,
-          'num_parameters': num_params, 'class_names': run.data.class_names}
+          'num_parameters': num_params, 'class_names': run.data.class_names,
+          **extra}
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
@@ -273,6 +332,24 @@ def _write_results(workdir: str, results: dict):
   with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:
     json.dump(results, f, indent=2)
   console.info(f'wrote {os.path.join(workdir, "results.json")}')
+
+
+def _methods_line(config, accumulation: int, batch_size: int) -> str:
+  """One line saying which fine-tuning methods this run uses."""
+  training = config.training
+  parts = [f'compute dtype {config.dtype} (params and optimizer state '
+           'float32)']
+  if accumulation > 1:
+    parts.append(f'gradient accumulation {accumulation} x '
+                 f'{batch_size // accumulation} examples per optimizer step')
+  parts.append(f'non-finite loss/gradients: {training.get("on_nonfinite")}')
+  if training.get('ema_decay') is not None:
+    parts.append(f'EMA decay {training.ema_decay} (evaluated: '
+                 f'{"EMA" if training.get("evaluate_ema") else "raw"} params)')
+  if training.get('early_stopping_patience'):
+    parts.append(f'early stopping after {training.early_stopping_patience} '
+                 f'evaluations without a better {config.checkpoint.best_metric}')
+  return 'fine-tuning: ' + '; '.join(parts)
 
 
 def _hms(seconds: float) -> str:

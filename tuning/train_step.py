@@ -4,7 +4,22 @@ Randomness is derived inside the step: the step key is
 `fold_in(key(seed), step)` and each example's dropout key folds in the
 example's position in the *global* batch. The model is applied to one
 example at a time under `vmap`, so the dropout masks, and so the results,
-do not depend on how many devices or hosts share the batch.
+do not depend on how many devices or hosts share the batch, nor on how a
+device's batch is cut into micro-batches for gradient accumulation.
+
+One step of `make_train_step`:
+- differentiates only the trainable parameters (frozen ones enter the loss
+  under `stop_gradient` and get zero gradients, which their `set_to_zero`
+  optimizer branch ignores);
+- with `accumulation_steps` = k, cuts each device's batch into k
+  micro-batches and sums their gradients in a `lax.scan`, then makes one
+  optimizer update (schedules count optimizer steps);
+- checks that the loss and gradients are finite: `on_nonfinite='skip'`
+  keeps the previous parameters and optimizer state for that step (and
+  counts it in `state.skipped`); 'stop' leaves the decision to the caller,
+  which stops the run (the `nonfinite` metric is 1);
+- updates an exponential moving average of the parameters when
+  `ema_decay` is set (`state.ema_params`).
 """
 
 from __future__ import annotations
@@ -14,10 +29,12 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 AXIS = 'batch'
 NON_FEATURES = ('label', 'weight', 'index')
+NONFINITE_MODES = ('stop', 'skip')
 
 
 @flax.struct.dataclass
@@ -25,6 +42,10 @@ class TrainState:
   step: jnp.ndarray
   params: Any
   opt_state: Any
+  # Exponential moving average of params (None unless ema_decay is set).
+  ema_params: Any = None
+  # Steps skipped for a non-finite loss or gradient (None unless 'skip').
+  skipped: Any = None
 
 
 def features_of(batch: dict) -> dict:
@@ -48,34 +69,93 @@ def per_example_logits(model, params, features, index, rng, train: bool):
   return jax.vmap(one)(features, index)
 
 
-def make_train_step(model, tx, schedule, seed: int):
+def ema_decay_at(decay: float, step):
+  """The EMA decay at `step`, warmed up as min(decay, (1 + t) / (10 + t))."""
+  t = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+
+def make_train_step(model, tx, schedule, seed: int, *, trainable=None,
+                    accumulation_steps: int = 1, on_nonfinite: str = 'stop',
+                    ema_decay: float | None = None):
   """Returns a pmapped `(state, batch) -> (state, metrics)`.
 
   `batch` arrays have a leading device axis; gradients are averaged over
-  devices with `pmean`.
+  devices with `pmean`. `trainable` is a tree of bools like the params
+  (None: all train).
   """
+  if on_nonfinite not in NONFINITE_MODES:
+    raise ValueError(f'config.training.on_nonfinite={on_nonfinite!r}: use '
+                     "'stop' or 'skip'")
+  accumulation_steps = int(accumulation_steps)
+  flat_trainable = None if trainable is None else \
+      flax.traverse_util.flatten_dict(trainable)
+
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    flat = flax.traverse_util.flatten_dict(state.params)
+    trains = {k: flat_trainable is None or bool(flat_trainable[k])
+              for k in flat}
+    frozen = {k: jax.lax.stop_gradient(v) for k, v in flat.items()
+              if not trains[k]}
+    trained = {k: v for k, v in flat.items() if trains[k]}
 
-    def loss_fn(params):
-      logits = per_example_logits(model, params, features_of(batch),
-                                  batch['index'], rng, train=True)
-      return cross_entropy(logits, batch['label']).mean(), logits
+    def loss_fn(trained_params, micro):
+      params = flax.traverse_util.unflatten_dict({**frozen, **trained_params})
+      logits = per_example_logits(model, params, features_of(micro),
+                                  micro['index'], rng, train=True)
+      return cross_entropy(logits, micro['label']).mean(), logits
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accumulation_steps == 1:
+      (loss, logits), grads = grad_fn(trained, batch)
+    else:
+      micro = {k: v.reshape((accumulation_steps, -1) + v.shape[1:])
+               for k, v in batch.items()}
+
+      def accumulate(carry, micro_batch):
+        grad_sum, loss_sum = carry
+        (l, lg), g = grad_fn(trained, micro_batch)
+        return (jax.tree.map(jnp.add, grad_sum, g), loss_sum + l), lg
+
+      zeros = jax.tree.map(jnp.zeros_like, trained)
+      (grad_sum, loss_sum), logits = jax.lax.scan(
+          accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
+      grads = jax.tree.map(lambda g: g / accumulation_steps, grad_sum)
+      loss = loss_sum / accumulation_steps
+      logits = logits.reshape((-1,) + logits.shape[2:])
     grads = jax.lax.pmean(grads, AXIS)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    loss = jax.lax.pmean(loss, AXIS)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.array(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    full_grads = flax.traverse_util.unflatten_dict(
+        {**grads, **{k: jnp.zeros_like(v) for k, v in frozen.items()}})
+    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    skipped = state.skipped
+    if on_nonfinite == 'skip':
+      keep = lambda new, old: jnp.where(finite, new, old)  # pylint: disable=unnecessary-lambda-assignment
+      params = jax.tree.map(keep, params, state.params)
+      opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+      skipped = state.skipped + (~finite).astype(jnp.int32)
+    ema_params = state.ema_params
+    if ema_decay is not None:
+      d = ema_decay_at(ema_decay, state.step)
+      ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p,
+                                state.ema_params, params)
     correct = (logits.argmax(-1) == batch['label']).mean()
     metrics = {
-        'loss': jax.lax.pmean(loss, AXIS),
+        'loss': loss,
         'accuracy': jax.lax.pmean(correct, AXIS),
         'grad_norm': optax.global_norm(grads),
         'param_norm': optax.global_norm(params),
         'learning_rate': schedule(state.step),
+        'nonfinite': (~finite).astype(jnp.float32),
     }
-    return TrainState(state.step + 1, params, opt_state), metrics
+    if skipped is not None:
+      metrics['skipped'] = skipped
+    return TrainState(state.step + 1, params, opt_state, ema_params,
+                      skipped), metrics
 
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
 
@@ -85,3 +165,10 @@ def make_eval_step(model):
   def step(params, batch):
     return model.apply({'params': params}, **features_of(batch), train=False)
   return jax.pmap(step, axis_name=AXIS)
+
+
+def initial_state(params, tx, ema: bool = False, count_skipped: bool = False):
+  """A step-0 TrainState (EMA = the params; skipped count 0 when asked)."""
+  return TrainState(np.zeros((), np.int32), params, tx.init(params),
+                    jax.tree.map(np.array, params) if ema else None,
+                    np.zeros((), np.int32) if count_skipped else None)

@@ -1,0 +1,312 @@
+"""Fine-tuning methods, in-process on a tiny random BERT and the digits MLP:
+parameter groups (weight decay, freezing, linear probing, layer-wise LR
+decay, LR multipliers), LoRA, gradient accumulation, bf16, the NaN guard,
+EMA and early stopping."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import jax_utils
+
+from tuning import lora
+from tuning.defaults import base_config
+from tuning.early_stopping import EarlyStopping
+from tuning.models.bert import BertClassifier, BertConfig
+from tuning.models.mlp import MLP
+from tuning.optimizers import (build_optimizer, describe_parameters,
+                               parameter_settings, trainable_mask)
+from tuning.train_step import initial_state, make_train_step
+
+TINY_BERT = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64,
+                       max_position_embeddings=16)
+IDS = np.array([[2, 7, 9, 11, 3, 0], [2, 5, 3, 0, 0, 0]], np.int32)
+MASK = (IDS > 0).astype(np.int32)
+
+
+def tiny_bert(dtype=jnp.float32, dropout=0.0):
+  cfg = TINY_BERT.__class__(**{**TINY_BERT.__dict__,
+                               'hidden_dropout_prob': dropout,
+                               'attention_probs_dropout_prob': dropout})
+  return BertClassifier(cfg, num_classes=2, dtype=dtype)
+
+
+def bert_params(model=None):
+  model = model or tiny_bert()
+  return model.init({'params': jax.random.key(0)}, IDS[:1],
+                    MASK[:1])['params']
+
+
+def flat(tree):
+  return flax.traverse_util.flatten_dict(tree, sep='/')
+
+
+def opt_config(**overrides):
+  c = base_config().optimizer
+  c.weight_decay = 0.01
+  c.update(overrides)
+  return c
+
+
+def lora_config(**overrides):
+  c = base_config().lora
+  c.rank = 4
+  c.update(overrides)
+  return c
+
+
+def test_weight_decay_mask_matches_the_intended_parameters():
+  settings = parameter_settings(bert_params(), opt_config())
+  decayed = {p for p, s in settings.items() if s.decays}
+  kernels = {p for p in settings if p.endswith('/kernel')}
+  assert decayed == kernels  # all Dense kernels, nothing else
+  assert len(kernels) == 2 * 6 + 2  # 6 per layer, pooler, classifier
+  for p in settings:
+    if p.endswith('bias') or 'LayerNorm' in p or 'embeddings' in p:
+      assert not settings[p].decays, p
+  # adam has no weight decay at all; an explicit no_decay=() decays all.
+  assert not any(s.decays for s in parameter_settings(
+      bert_params(), opt_config(name='adam')).values())
+  assert all(s.decays for s in parameter_settings(
+      bert_params(), opt_config(no_decay=())).values())
+
+
+def test_layer_decay_and_lr_multipliers_per_path():
+  params = bert_params()
+  settings = parameter_settings(params, opt_config(
+      layer_decay=0.5, lr_mults=(('classifier/.*', 10.0), ('.*', 3.0))))
+  mult = {p: s.lr_mult for p, s in settings.items()}
+  assert mult['classifier/kernel'] == 10.0  # depth 0, first rule wins
+  assert mult['bert/pooler/dense/kernel'] == 3.0  # depth 0
+  assert mult['bert/encoder/layer_1/attention/query/kernel'] == 3.0 * 0.5
+  assert mult['bert/encoder/layer_0/output/LayerNorm/scale'] == 3.0 * 0.25
+  assert mult['bert/embeddings/word_embeddings/embedding'] == 3.0 * 0.125
+  assert mult['bert/embeddings/LayerNorm/bias'] == 3.0 * 0.125
+  table = '\n'.join(describe_parameters(params, opt_config(layer_decay=0.5)))
+  assert 'lr_mult' in table and '0.125' in table
+  # The multipliers scale the updates (plain SGD, constant LR 1).
+  tx, _ = build_optimizer(opt_config(
+      name='sgd', momentum=0.0, weight_decay=0.0, clip_norm=0.0,
+      schedule='constant', learning_rate=1.0, layer_decay=0.5), params, 10, 0)
+  ones = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(ones, tx.init(params), params)
+  upd = flat(updates)
+  assert np.allclose(upd['bert/embeddings/word_embeddings/embedding'], -0.125)
+  assert np.allclose(upd['bert/encoder/layer_0/attention/key/bias'], -0.25)
+  assert np.allclose(upd['classifier/bias'], -1.0)
+  with pytest.raises(ValueError, match='layer_regex'):
+    parameter_settings(params, opt_config(layer_decay=0.5,
+                                          layer_regex=r'block_(\d+)/.*'))
+  with pytest.raises(ValueError, match='lr_mults'):
+    parameter_settings(params, opt_config(lr_mults=('classifier',)))
+
+
+def test_linear_probe_trains_only_the_head_and_frozen_have_no_state():
+  params = bert_params()
+  config = opt_config(linear_probe=True)
+  mask = flat(trainable_mask(params, config))
+  assert {p for p, t in mask.items() if t} == {'classifier/kernel',
+                                              'classifier/bias'}
+  tx, _ = build_optimizer(config, params, 10, 0)
+  state = tx.init(params)
+  state_size = sum(np.size(x) for x in jax.tree.leaves(state))
+  head_size = 32 * 2 + 2
+  assert state_size <= 2 * head_size + 8  # Adam moments of the head + counts
+  table = describe_parameters(params, config)
+  assert any('FROZEN' in row for row in table)
+  assert f'trainable {head_size:,} /' in table[-1]
+
+
+def test_frozen_params_are_unchanged_by_a_train_step_and_not_differentiated():
+  model = MLP(3, (8,), 0.0)
+  params = model.init({'params': jax.random.key(0)}, np.ones((1, 4)))['params']
+  config = opt_config(frozen=('dense_0/.*',))
+  tx, schedule = build_optimizer(config, params, 10, 0)
+  mask = trainable_mask(params, config)
+  step = make_train_step(model, tx, schedule, 0, trainable=mask)
+  batch = {'x': np.random.RandomState(0).randn(1, 8, 4).astype(np.float32),
+           'label': np.array([[0, 1, 2, 0, 1, 2, 0, 1]], np.int32),
+           'index': np.arange(8, dtype=np.int32)[None]}
+  state = jax_utils.replicate(initial_state(params, tx))
+  new, _ = step(state, batch)
+  before, after = flat(params), flat(jax_utils.unreplicate(new.params))
+  np.testing.assert_array_equal(after['dense_0/kernel'], before['dense_0/kernel'])
+  assert not np.allclose(after['head/kernel'], before['head/kernel'])
+
+
+def test_lora_zero_init_same_logits_merge_and_only_adapters_train():
+  base_model = tiny_bert()
+  base = bert_params(base_model)
+  config = lora_config(targets=(r'.*attention/(query|value)',), alpha=8.0)
+  model = lora.LoraModel(base_model, config)
+  params = model.init({'params': jax.random.key(0)}, IDS[:1],
+                      MASK[:1])['params']
+  paths = flat(params)
+  assert 'bert/encoder/layer_0/attention/query/lora_a' in paths
+  assert paths['bert/encoder/layer_1/attention/value/lora_b'].shape == (4, 32)
+  assert 'bert/encoder/layer_0/attention/key/lora_a' not in paths
+  plain = base_model.apply({'params': base}, IDS, MASK)
+  # B = 0: the adapted model is the base model.
+  np.testing.assert_allclose(model.apply({'params': params}, IDS, MASK),
+                             plain, rtol=1e-6, atol=1e-6)
+  # Non-zero adapters: the merged plain params give the LoRA logits.
+  rng = np.random.RandomState(0)
+  params = {**paths}
+  for p in params:
+    if p.endswith('lora_b'):
+      params[p] = rng.randn(*params[p].shape).astype(np.float32) * 0.3
+  params = flax.traverse_util.unflatten_dict(params, sep='/')
+  adapted = model.apply({'params': params}, IDS, MASK)
+  assert not np.allclose(adapted, plain, atol=1e-4)
+  merged = lora.merge(params, config)
+  assert 'lora_a' not in str(jax.tree_util.tree_structure(merged))
+  np.testing.assert_allclose(base_model.apply({'params': merged}, IDS, MASK),
+                             adapted, rtol=1e-5, atol=1e-5)
+  # Only the adapters and the head train.
+  settings = parameter_settings(params, opt_config(), config)
+  trained = {p for p, s in settings.items() if s.trains}
+  assert trained == {p for p in flat(params) if 'lora_' in p} | {
+      'classifier/kernel', 'classifier/bias'}
+  assert len(trained) == 2 * 2 * 2 + 2
+  no_head = parameter_settings(params, opt_config(),
+                               lora_config(train_head=False))
+  assert not any(s.trains for p, s in no_head.items() if 'classifier' in p)
+  assert 'adapted Dense layers' in lora.describe(params, config)
+  with pytest.raises(ValueError, match='config.lora.targets'):
+    lora.target_modules(base, lora_config(targets=('nothing',)))
+
+
+def test_lora_dropout_only_in_training():
+  base_model = tiny_bert()
+  config = lora_config(targets=(r'.*query',), dropout=0.5)
+  model = lora.LoraModel(base_model, config)
+  params = flat(model.init({'params': jax.random.key(0)}, IDS[:1],
+                           MASK[:1])['params'])
+  params = flax.traverse_util.unflatten_dict(
+      {p: (np.ones_like(v) if p.endswith('lora_b') else v)
+       for p, v in params.items()}, sep='/')
+  evaluate = model.apply({'params': params}, IDS, MASK)
+  np.testing.assert_array_equal(
+      evaluate, model.apply({'params': params}, IDS, MASK))
+  a = model.apply({'params': params}, IDS, MASK, train=True,
+                  rngs={'dropout': jax.random.key(1)})
+  b = model.apply({'params': params}, IDS, MASK, train=True,
+                  rngs={'dropout': jax.random.key(2)})
+  assert not np.allclose(a, b) and not np.allclose(a, evaluate)
+
+
+def _bert_batch(n=8):
+  rng = np.random.RandomState(0)
+  ids = rng.randint(4, 50, size=(1, n, 6)).astype(np.int32)
+  return {'input_ids': ids, 'attention_mask': np.ones_like(ids),
+          'label': rng.randint(0, 2, size=(1, n)).astype(np.int32),
+          'index': np.arange(n, dtype=np.int32)[None]}
+
+
+def test_bfloat16_computes_in_bf16_with_float32_params_state_and_loss():
+  model = lora.LoraModel(tiny_bert(jnp.bfloat16, dropout=0.1),
+                         lora_config(targets=('.*attention/query',)))
+  params = model.init({'params': jax.random.key(0)}, IDS[:1],
+                      MASK[:1])['params']
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype('float32')}
+  logits = model.apply({'params': params}, IDS, MASK)
+  assert logits.dtype == jnp.float32
+  # Matmuls do run in bf16: the logits differ from the float32 model's.
+  f32 = lora.LoraModel(tiny_bert(), lora_config(targets=('.*attention/query',)))
+  assert not np.array_equal(logits, f32.apply({'params': params}, IDS, MASK))
+  config = opt_config()
+  tx, schedule = build_optimizer(config, params, 10, 0, model.config)
+  step = make_train_step(model, tx, schedule, 0,
+                         trainable=trainable_mask(params, config, model.config))
+  state, metrics = step(jax_utils.replicate(initial_state(params, tx)),
+                        _bert_batch())
+  for tree in (state.params, state.opt_state):
+    assert {x.dtype for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype('float32')}
+  assert metrics['loss'].dtype == jnp.float32
+  assert np.isfinite(metrics['loss']).all()
+
+
+def _mlp_setup(**opt_overrides):
+  model = MLP(3, (8,), 0.5)
+  params = model.init({'params': jax.random.key(0)}, np.ones((1, 4)))['params']
+  config = opt_config(**opt_overrides)
+  tx, schedule = build_optimizer(config, params, 10, 2)
+  rng = np.random.RandomState(0)
+  batch = {'x': rng.randn(1, 32, 4).astype(np.float32),
+           'label': rng.randint(0, 3, size=(1, 32)).astype(np.int32),
+           'index': np.arange(32, dtype=np.int32)[None]}
+  return model, params, tx, schedule, batch
+
+
+def test_accumulated_micro_batches_match_one_batch_in_a_step():
+  model, params, tx, schedule, batch = _mlp_setup()
+  results = []
+  for accumulation in (1, 4):
+    step = make_train_step(model, tx, schedule, 0,
+                           accumulation_steps=accumulation)
+    state = jax_utils.replicate(initial_state(params, tx))
+    for _ in range(3):
+      state, metrics = step(state, batch)
+    results.append((jax_utils.unreplicate(state.params), metrics))
+  (p1, m1), (p4, m4) = results
+  np.testing.assert_allclose(m4['loss'], m1['loss'], rtol=1e-6)
+  np.testing.assert_allclose(m4['accuracy'], m1['accuracy'])
+  for k, v in flat(p1).items():
+    np.testing.assert_allclose(flat(p4)[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_step_is_flagged_and_skipped_when_asked():
+  model, params, tx, schedule, batch = _mlp_setup()
+  bad = dict(batch, x=batch['x'].copy())
+  bad['x'][0, 3, 1] = np.nan
+  stop = make_train_step(model, tx, schedule, 0)
+  _, metrics = stop(jax_utils.replicate(initial_state(params, tx)), bad)
+  assert float(metrics['nonfinite'][0]) == 1.0
+  skip = make_train_step(model, tx, schedule, 0, on_nonfinite='skip')
+  state = jax_utils.replicate(initial_state(params, tx, count_skipped=True))
+  state, _ = skip(state, batch)
+  good = jax_utils.unreplicate(state.params)
+  state, metrics = skip(state, bad)
+  assert int(metrics['skipped'][0]) == 1 and int(state.skipped[0]) == 1
+  assert int(state.step[0]) == 2
+  for k, v in flat(good).items():
+    np.testing.assert_array_equal(flat(jax_utils.unreplicate(
+        state.params))[k], v)
+  state, metrics = skip(state, batch)
+  assert float(metrics['nonfinite'][0]) == 0 and int(state.skipped[0]) == 1
+  with pytest.raises(ValueError, match='on_nonfinite'):
+    make_train_step(model, tx, schedule, 0, on_nonfinite='ignore')
+
+
+def test_ema_tracks_the_parameters():
+  model, params, tx, schedule, batch = _mlp_setup()
+  step = make_train_step(model, tx, schedule, 0, ema_decay=0.5)
+  state = jax_utils.replicate(initial_state(params, tx, ema=True))
+  state, _ = step(state, batch)  # step 0: decay min(0.5, 1/10) = 0.1
+  p, e = flat(jax_utils.unreplicate(state.params)), flat(
+      jax_utils.unreplicate(state.ema_params))
+  for k, v in flat(params).items():
+    np.testing.assert_allclose(e[k], 0.1 * v + 0.9 * p[k], rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_early_stopping_counts_evaluations_without_improvement(tmp_path):
+  stopper = EarlyStopping(2, 'accuracy', 'max')
+  assert not stopper.update(10, {'accuracy': 0.5})
+  assert not stopper.update(20, {'accuracy': 0.6})
+  assert not stopper.update(30, {'accuracy': 0.6})
+  assert stopper.update(40, {'accuracy': 0.55})
+  assert 'best 0.6000 at step 20' in stopper.message(40)
+  (tmp_path / 'metrics.jsonl').write_text(
+      '{"step": 10, "split": "validation", "loss": 1.0}\n'
+      '{"step": 20, "split": "validation", "loss": 2.0}\n'
+      '{"step": 30, "split": "validation", "loss": 0.5}\n')
+  resumed = EarlyStopping(2, 'loss', 'min')
+  resumed.replay(str(tmp_path), 20)
+  assert resumed.best == 1.0 and resumed.since_best == 1
+  with pytest.raises(ValueError, match='best_metric'):
+    EarlyStopping(1, 'auc').update(1, {'accuracy': 1.0})
