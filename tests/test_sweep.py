@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import optuna
@@ -233,3 +234,24 @@ def test_median_pruning_stops_a_trial_that_trails(tmp_path, fake_main):
   assert len(lines) < 8  # stopped early
   assert {r['trial']: r['state'] for r in report_rows(workdir)} == {
       'learning_rate=0.9': 'complete', 'learning_rate=0.1': 'pruned'}
+
+
+def test_a_stopped_sweep_resumes_each_trial_in_its_directory(tmp_path,
+                                                             fake_main):
+  workdir = str(tmp_path / 'sweep')
+  spec = {'grid': {'optimizer.learning_rate': (0.2, 0.4)}}
+  s = sweep.prepare(CONFIG, workdir, spec, main=fake_main)
+  lines = []
+  threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+  with pytest.raises(sweep.Interrupted):  # Ctrl-C: runs stopped, re-queued
+    sweep.run(s, parallel=2, devices='none', out=lines.append)
+  assert sum('stopped; rerun' in line for line in lines) == 2
+  lines.clear()
+  study = sweep.run(s, parallel=2, devices='none', out=lines.append)
+  assert sum('(resuming trial' in line for line in lines) == 2
+  assert {r['trial']: r['state'] for r in report_rows(workdir)} == {
+      'learning_rate=0.4': 'complete', 'learning_rate=0.2': 'complete'}
+  assert len(study.trials) == 4  # 2 stopped, 2 resumed: each pair one dir
+  for name in ('learning_rate=0.2', 'learning_rate=0.4'):
+    log = open(os.path.join(workdir, name, 'log.txt')).read()
+    assert log.count('=== trial') == 2

@@ -27,8 +27,12 @@ alone when N=1.
 Optuna. The study (sampler grid, random or tpe; median pruning of sampled
 trials on the validation metric each run writes during training) is stored
 in DIR/study.db; `--storage=postgresql://...` shares one study between
-machines, each running this same command as a worker. A trial's value is
-its best validation metric.
+machines, each running this same command as a worker (its trials in its own
+DIR). Workers ask Optuna for trials and tell it their outcome; within one
+worker that is serialised, but SQLite cannot lock rows, so several workers
+on one SQLite file may now and then start the same trial twice (the second
+is recorded as a failed duplicate): use a server database for them. A
+trial's value is its best validation metric.
 
 Resume. Re-running the same command skips finished trials (complete,
 pruned or failed); a trial left running by a sweep that was stopped is run
@@ -59,7 +63,6 @@ import glob
 import importlib.util
 import json
 import os
-import queue
 import re
 import shlex
 import signal
@@ -189,13 +192,22 @@ def _study_exists(sweep: Sweep) -> bool:
       _storage(sweep.storage))
 
 
+class _GridSampler(optuna.samplers.GridSampler):
+  """Optuna's grid sampler, less its `after_trial`, which only stops an
+  `optimize` loop once the grid is done: workers here use ask/tell and
+  count the grid's trials themselves."""
+
+  def after_trial(self, study, trial, state, values):
+    del study, trial, state, values
+
+
 def open_study(sweep: Sweep) -> optuna.Study:
   """Creates the study, or loads it after checking it holds this sweep."""
   optuna.logging.set_verbosity(optuna.logging.ERROR)
   spec = sweep.spec
   if spec['sampler'] == 'grid':
-    sampler = optuna.samplers.GridSampler(
-        sweep_space.grid_search_space(spec), seed=spec['seed'])
+    sampler = _GridSampler(sweep_space.grid_search_space(spec),
+                           seed=spec['seed'])
   elif spec['sampler'] == 'random':
     sampler = optuna.samplers.RandomSampler(seed=spec['seed'])
   else:
@@ -360,18 +372,57 @@ def _last_error(log_path: str, offset: int) -> str:
 
 
 class Runner:
-  """Runs one sweep's trials as Optuna's objective, N at a time."""
+  """Runs a sweep's trials, N at a time, each a main.py subprocess."""
 
   def __init__(self, sweep: Sweep, study, parallel: int, devices: str,
                out=print):
     self.sweep, self.study, self.out = sweep, study, out
-    self.slots = queue.Queue()
-    for setting in slot_settings(devices, parallel):
-      self.slots.put(setting)
+    self.settings = slot_settings(devices, parallel)
     self.stop = threading.Event()
+    self.error = None  # an unexpected exception in a worker thread
     self._children = set()
     self._trial_locks = {}  # trial number -> fd, held until its state is set
     self._lock = threading.Lock()
+    self._ask_lock = threading.Lock()
+    self._left = 0
+
+  def run(self, todo: int):
+    """Runs `todo` trials, one worker thread per parallel slot."""
+    self._left = todo
+    threads = [threading.Thread(target=self._work, args=setting, daemon=True)
+               for setting in self.settings[:todo]]
+    for thread in threads:
+      thread.start()
+    for thread in threads:
+      while thread.is_alive():
+        thread.join(0.2)  # short waits: signal handlers run in between
+    if self.error is not None:
+      raise self.error
+
+  def _work(self, env_changes: dict, cores: list):
+    """A worker: asks Optuna for trials (one at a time across threads, so
+    that no two pop the same queued trial) and tells it their outcome."""
+    while not self.stop.is_set():
+      with self._ask_lock:
+        if self._left <= 0:
+          return
+        self._left -= 1
+        trial = self.study.ask()
+      state, value = optuna.trial.TrialState.FAIL, None
+      try:
+        value = self._run(trial, env_changes, cores)
+        state = optuna.trial.TrialState.COMPLETE
+      except optuna.TrialPruned:
+        state = optuna.trial.TrialState.PRUNED
+      except (TrialFailed, Interrupted):
+        pass
+      except Exception as e:  # pylint: disable=broad-except
+        trial.set_user_attr('error', f'{type(e).__name__}: {e}'[:300])
+        self.error = e  # a bug or a broken machine: stop the sweep
+        self.stop.set()
+      finally:
+        self.study.tell(trial, value, state=state)
+        self._release(trial.number)
 
   def say(self, message: str):
     with self._lock:
@@ -387,25 +438,17 @@ class Runner:
       if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
 
-  def release(self, study, frozen):
-    """Optuna callback, after a trial's state is stored: frees its lock."""
-    del study
+  def _release(self, number: int):
+    """Frees a trial's lock once its state is stored."""
     with self._lock:
-      fd = self._trial_locks.pop(frozen.number, None)
+      fd = self._trial_locks.pop(number, None)
     if fd is not None:
       os.close(fd)
-
-  def objective(self, trial) -> float:
-    setting = self.slots.get()
-    try:
-      return self._run(trial, *setting)
-    finally:
-      self.slots.put(setting)
 
   def _retry_later(self, trial, wall_time_s):
     trial.set_user_attr('interrupted', True)
     _enqueue_retry(self.study, _frozen(self.study, trial.number), wall_time_s)
-    trial.study.stop()
+    self.stop.set()  # the sweep stops with its runs
     raise Interrupted('sweep stopped; the trial is resumed on rerun')
 
   def _run(self, trial, env_changes: dict, cores: list) -> float:
@@ -570,10 +613,7 @@ def run(sweep: Sweep, parallel: int = 1, devices: str = 'auto',
     for signum in (signal.SIGINT, signal.SIGTERM):
       handlers[signum] = signal.signal(signum, runner.interrupt)
   try:
-    if todo:
-      study.optimize(runner.objective, n_trials=todo, n_jobs=parallel,
-                     catch=(TrialFailed, Interrupted),
-                     callbacks=[runner.release])
+    runner.run(todo)
   finally:
     for signum, handler in handlers.items():
       signal.signal(signum, handler)
