@@ -310,3 +310,39 @@ def test_early_stopping_counts_evaluations_without_improvement(tmp_path):
   assert resumed.best == 1.0 and resumed.since_best == 1
   with pytest.raises(ValueError, match='best_metric'):
     EarlyStopping(1, 'auc').update(1, {'accuracy': 1.0})
+
+
+def test_state_with_lora_ema_skip_and_frozen_groups_resumes_exactly(tmp_path):
+  from tuning.checkpoints import RunCheckpoints  # pylint: disable=g-import-not-at-top
+  model = lora.LoraModel(MLP(3, (8,), 0.5), lora_config(
+      targets=('dense_0',), dropout=0.2))
+  params = model.init({'params': jax.random.key(0)},
+                      np.ones((1, 4)))['params']
+  config = opt_config(layer_decay=0.5, layer_regex=r'dense_(\d+)/.*')
+  tx, schedule = build_optimizer(config, params, 10, 2, model.config)
+  step = make_train_step(model, tx, schedule, 0,
+                         trainable=trainable_mask(params, config, model.config),
+                         accumulation_steps=2, on_nonfinite='skip',
+                         ema_decay=0.9)
+  new = lambda: initial_state(params, tx, ema=True, count_skipped=True)  # pylint: disable=unnecessary-lambda-assignment
+  _, _, _, _, batch = _mlp_setup()
+  state = jax_utils.replicate(new())
+  for _ in range(2):
+    state, _ = step(state, batch)
+  checkpoints = RunCheckpoints(str(tmp_path / 'ckpt'))
+  checkpoints.save(2, jax.tree.map(lambda x: np.asarray(x[0]), state), {})
+  checkpoints.wait()
+  restored, _ = checkpoints.restore(2, new())
+  resumed = jax_utils.replicate(restored)
+  for _ in range(2):
+    state, _ = step(state, batch)
+    resumed, _ = step(resumed, batch)
+  a = jax.tree.leaves(jax.tree.map(np.asarray, state))
+  b = jax.tree.leaves(jax.tree.map(np.asarray, resumed))
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert int(resumed.step[0]) == 4 and resumed.ema_params is not None
+  base = flat(jax_utils.unreplicate(resumed.params))
+  np.testing.assert_array_equal(base['dense_0/kernel'],
+                                flat(params)['dense_0/kernel'])

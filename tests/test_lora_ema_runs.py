@@ -20,6 +20,7 @@ def test_lora_run_exports_a_plain_checkpoint_with_the_same_predictions(
   # Adapters (64x4 + 4x32, 32x4 + 4x32) and the head (32x10 + 10) train.
   assert 'trainable 970 / frozen 3,136 parameters' in out
   results = read_json(os.path.join(adapted, 'results.json'))
+  assert results['trainable_parameters'] == 970
   merged = results['merged_checkpoint']
   assert merged == os.path.join(adapted, 'merged')
   saved = flat(final_params(adapted)[1])

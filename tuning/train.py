@@ -285,6 +285,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results = _final_evaluation(run, config)
   results.update({'steps': total, 'wall_time_s': time.time() - start_time,
                   'validation_history': history})
+  results['trainable_parameters'] = sum(
+      int(np.size(p)) for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(
+          trainable_mask(params, config.optimizer, run.lora))) if t)
   if stopped_at is not None:
     results['early_stopped_at_step'] = stopped_at
   if state.skipped is not None:

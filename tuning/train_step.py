@@ -147,8 +147,8 @@ def make_train_step(model, tx, schedule, seed: int, *, trainable=None,
     metrics = {
         'loss': loss,
         'accuracy': jax.lax.pmean(correct, AXIS),
-        'grad_norm': optax.global_norm(grads),
-        'param_norm': optax.global_norm(params),
+        'grad_norm': optax.tree.norm(grads),
+        'param_norm': optax.tree.norm(params),
         'learning_rate': schedule(state.step),
         'nonfinite': (~finite).astype(jnp.float32),
     }
