@@ -83,8 +83,8 @@ def test_grid_runs_in_parallel_and_a_rerun_runs_nothing_again(tmp_path):
   for row in rows:
     assert 0 < float(row['test_accuracy']) <= 1 and row['steps'] == '20'
     assert float(row['wall_time_s']) > 0
-    results = json.load(open(os.path.join(workdir, row['trial'],
-                                          'results.json')))
+    with open(os.path.join(workdir, row['trial'], 'results.json')) as f:
+      results = json.load(f)
     assert results['test']['accuracy'] == float(row['test_accuracy'])
   with open(os.path.join(workdir, 'report.md'), encoding='utf-8') as f:
     assert 'learning_rate=0.03' in f.read()
@@ -229,8 +229,8 @@ def test_median_pruning_stops_a_trial_that_trails(tmp_path, fake_main):
   states = {t.user_attrs['trial_dir']: t.state for t in study.trials}
   assert states == {'learning_rate=0.9': optuna.trial.TrialState.COMPLETE,
                     'learning_rate=0.1': optuna.trial.TrialState.PRUNED}
-  lines = open(os.path.join(workdir, 'learning_rate=0.1',
-                            'metrics.jsonl')).readlines()
+  with open(os.path.join(workdir, 'learning_rate=0.1', 'metrics.jsonl')) as f:
+    lines = f.readlines()
   assert len(lines) < 8  # stopped early
   assert {r['trial']: r['state'] for r in report_rows(workdir)} == {
       'learning_rate=0.9': 'complete', 'learning_rate=0.1': 'pruned'}
@@ -253,5 +253,5 @@ def test_a_stopped_sweep_resumes_each_trial_in_its_directory(tmp_path,
       'learning_rate=0.4': 'complete', 'learning_rate=0.2': 'complete'}
   assert len(study.trials) == 4  # 2 stopped, 2 resumed: each pair one dir
   for name in ('learning_rate=0.2', 'learning_rate=0.4'):
-    log = open(os.path.join(workdir, name, 'log.txt')).read()
-    assert log.count('=== trial') == 2
+    with open(os.path.join(workdir, name, 'log.txt')) as f:
+      assert f.read().count('=== trial') == 2

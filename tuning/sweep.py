@@ -28,11 +28,12 @@ Optuna. The study (sampler grid, random or tpe; median pruning of sampled
 trials on the validation metric each run writes during training) is stored
 in DIR/study.db; `--storage=postgresql://...` shares one study between
 machines, each running this same command as a worker (its trials in its own
-DIR). Workers ask Optuna for trials and tell it their outcome; within one
-worker that is serialised, but SQLite cannot lock rows, so several workers
-on one SQLite file may now and then start the same trial twice (the second
-is recorded as a failed duplicate): use a server database for them. A
-trial's value is its best validation metric.
+DIR). Workers ask Optuna for trials and tell it their outcome. Several
+workers may share one SQLite file on one machine, but SQLite cannot lock
+rows: two workers popping the same queued trial notice it by its trial
+directory's lock, and two choosing the same grid point at once (rare) leave
+a failed 'duplicate' trial; a server database avoids both. A trial's value
+is its best validation metric.
 
 Resume. Re-running the same command skips finished trials (complete,
 pruned or failed); a trial left running by a sweep that was stopped is run
@@ -94,6 +95,10 @@ class TrialFailed(Exception):
 
 class Interrupted(Exception):
   """The sweep was stopped; the trial is run again on the next attempt."""
+
+
+class _SameTrial(Exception):
+  """This trial is already being run by another worker."""
 
 
 @dataclasses.dataclass
@@ -260,15 +265,32 @@ def _enqueue_retry(study, frozen, wall_time_s: float | None):
       user_attrs=user))
 
 
-def _lock(trial_dir: str):
-  """An open, exclusively locked fd on the trial's lock file, or None."""
+def _lock(trial_dir: str, number: int | None = None):
+  """An open, exclusively locked fd on the trial's lock file, or None.
+
+  With `number`, the file then holds it: the trial that owns the directory.
+  """
   fd = os.open(os.path.join(trial_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
     os.close(fd)
     return None
+  if number is not None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(number).encode(), 0)
   return fd
+
+
+def _lock_owner(trial_dir: str) -> int | None:
+  """The trial number written in a held lock file (waits for it briefly)."""
+  for _ in range(20):
+    try:
+      with open(os.path.join(trial_dir, LOCK), encoding='utf-8') as f:
+        return int(f.read())
+    except (OSError, ValueError):
+      time.sleep(0.1)
+  return None
 
 
 def recover(study, sweep: Sweep) -> list[int]:
@@ -408,7 +430,7 @@ class Runner:
           return
         self._left -= 1
         trial = self.study.ask()
-      state, value = optuna.trial.TrialState.FAIL, None
+      state, value, same = optuna.trial.TrialState.FAIL, None, False
       try:
         value = self._run(trial, env_changes, cores)
         state = optuna.trial.TrialState.COMPLETE
@@ -416,13 +438,16 @@ class Runner:
         state = optuna.trial.TrialState.PRUNED
       except (TrialFailed, Interrupted):
         pass
+      except _SameTrial:
+        same = True
       except Exception as e:  # pylint: disable=broad-except
         trial.set_user_attr('error', f'{type(e).__name__}: {e}'[:300])
         self.error = e  # a bug or a broken machine: stop the sweep
         self.stop.set()
       finally:
-        self.study.tell(trial, value, state=state)
-        self._release(trial.number)
+        if not same:
+          self.study.tell(trial, value, state=state)
+          self._release(trial.number)
 
   def say(self, message: str):
     with self._lock:
@@ -461,7 +486,11 @@ class Runner:
         else sweep_space.space_trial_name(trial.number))
     trial_dir = os.path.join(self.sweep.workdir, name)
     os.makedirs(trial_dir, exist_ok=True)
-    lock = _lock(trial_dir)
+    lock = _lock(trial_dir, trial.number)
+    if lock is None and _lock_owner(trial_dir) == trial.number:
+      # Another worker popped the same queued trial (SQLite cannot lock the
+      # row); it runs and tells it.
+      raise _SameTrial()
     if lock is None:  # a duplicate (workers racing for the last grid point)
       trial.set_user_attr('trial_dir', name)
       trial.set_user_attr('error', 'duplicate: another worker is running '
