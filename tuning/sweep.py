@@ -406,11 +406,9 @@ class Runner:
     self._trial_locks = {}  # trial number -> fd, held until its state is set
     self._lock = threading.Lock()
     self._ask_lock = threading.Lock()
-    self._left = 0
 
   def run(self, todo: int):
-    """Runs `todo` trials, one worker thread per parallel slot."""
-    self._left = todo
+    """Runs the trials left (`todo` now), a worker thread per slot."""
     threads = [threading.Thread(target=self._work, args=setting, daemon=True)
                for setting in self.settings[:todo]]
     for thread in threads:
@@ -426,9 +424,9 @@ class Runner:
     that no two pop the same queued trial) and tells it their outcome."""
     while not self.stop.is_set():
       with self._ask_lock:
-        if self._left <= 0:
+        # Counted afresh each time: other workers' trials are in the study.
+        if remaining(self.study, self.sweep) <= 0:
           return
-        self._left -= 1
         trial = self.study.ask()
       state, value, same = optuna.trial.TrialState.FAIL, None, False
       try:
