@@ -85,17 +85,17 @@ def base_config() -> config_dict.ConfigDict:
   c.optimizer.end_learning_rate_factor = 0.0
   # Regexes over '/'-joined parameter paths (full match).
   c.optimizer.frozen = ()  # no optimizer state, no update
-  # The head's regexes; linear_probe=True trains only them (a preset).
+  # The head's regexes; linear_probing=True trains only them (a preset).
   c.optimizer.head = (r'(head|classifier)/.*',)
-  c.optimizer.linear_probe = False
+  c.optimizer.linear_probing = False
   # Learning-rate multipliers: ((regex, mult), ...), the first match wins;
   # a multiplier of 0 freezes.
   c.optimizer.lr_mults = ()
   # Layer-wise LR decay: lr x layer_decay^depth, depth counted from the top
-  # (layer i of L: L - i; embeddings: L + 1; head, pooler: 0). layer_regex
-  # captures the layer index. None: off.
+  # (layer i of L: L - i; embeddings: L + 1; head, pooler: 0).
+  # layer_index_regex captures the layer index. None: off.
   c.optimizer.layer_decay = placeholder(float)
-  c.optimizer.layer_regex = r'.*layer_(\d+)/.*'
+  c.optimizer.layer_index_regex = r'.*layer_(\d+)/.*'
   c.optimizer.embedding_regex = r'.*(embed|embeddings).*'
   c.optimizer.no_decay = (r'.*bias$', r'.*(LayerNorm|layer_norm|norm).*',
                           r'.*(embed|embeddings).*')

@@ -3,7 +3,7 @@
 Parameters are named by their `/`-joined paths (`dense_0/kernel`). Regexes
 over those paths (full match) decide, for every parameter:
 
-- whether it trains: `frozen` regexes, the `linear_probe` preset (only the
+- whether it trains: `frozen` regexes, the `linear_probing` preset (only the
   `head` regexes train) and LoRA (only the adapters, and optionally the
   head, train). Frozen parameters go through `optax.set_to_zero` in an
   `optax.multi_transform`: no optimizer state, no update; the train step
@@ -78,15 +78,16 @@ def _lr_mult_rules(opt_config):
   return rules
 
 
-def layer_depths(paths, layer_regex=DEFAULT_LAYER_REGEX,
+def layer_depths(paths, layer_index_regex=DEFAULT_LAYER_REGEX,
                  embedding_regex=DEFAULT_EMBEDDING_REGEX) -> dict[str, int]:
   """Depth from the top of a layered encoder, for every path.
 
-  With L layers (the index captured by `layer_regex` runs 0..L-1, 0 the
-  lowest): layer i has depth L - i, embeddings depth L + 1, everything else
+  With L layers (the index captured by `layer_index_regex` runs 0..L-1,
+  0 the lowest): layer i has depth L - i, embeddings depth L + 1, everything else
   (pooler, head) depth 0.
   """
-  layer, embedding = re.compile(layer_regex), re.compile(embedding_regex)
+  layer = re.compile(layer_index_regex)
+  embedding = re.compile(embedding_regex)
   index = {}
   for p in paths:
     m = layer.fullmatch(p)
@@ -94,12 +95,14 @@ def layer_depths(paths, layer_regex=DEFAULT_LAYER_REGEX,
       try:
         index[p] = int(m.group(1))
       except (IndexError, TypeError, ValueError):
-        raise ValueError(f'config.optimizer.layer_regex={layer_regex!r} must '
-                         r'capture the layer index as its first group, e.g. '
+        raise ValueError('config.optimizer.layer_index_regex='
+                         f'{layer_index_regex!r} must capture'
+                         r' the layer index as its first group, e.g. '
                          r"'.*layer_(\d+)/.*'") from None
   if not index:
     raise ValueError(f'config.optimizer.layer_decay is set but '
-                     f'config.optimizer.layer_regex={layer_regex!r} matches no '
+                     'config.optimizer.layer_index_regex='
+                     f'{layer_index_regex!r} matches no '
                      'parameter path (it must capture the layer index, e.g. '
                      r"'.*layer_(\d+)/.*')")
   layers = max(index.values()) + 1
@@ -117,19 +120,19 @@ def parameter_settings(params, opt_config,
   head = [re.compile(r) for r in _regexes(opt_config, 'head', DEFAULT_HEAD)]
   adapter = re.compile(ADAPTER_REGEX)
   lora_on = bool(lora_config is not None and lora_config.get('rank'))
-  linear_probe = bool(opt_config.get('linear_probe', False))
-  if linear_probe and lora_on:
-    raise ValueError('config.optimizer.linear_probe and config.lora.rank are '
-                     'both set: choose one (LoRA trains the head too with '
+  linear_probing = bool(opt_config.get('linear_probing', False))
+  if linear_probing and lora_on:
+    raise ValueError('config.optimizer.linear_probing and config.lora.rank '
+                     'are both set: choose one (LoRA trains the head too with '
                      'config.lora.train_head=True)')
   is_head = {p: any(r.fullmatch(p) for r in head) for p in paths}
-  if (linear_probe or (lora_on and lora_config.get('train_head', True))) \
+  if (linear_probing or (lora_on and lora_config.get('train_head', True))) \
       and not any(is_head.values()):
     raise ValueError(f'config.optimizer.head={tuple(r.pattern for r in head)}'
                      ' matches no parameter: give the regexes of the head')
   decay = opt_config.get('layer_decay', None)
   depths = layer_depths(
-      paths, opt_config.get('layer_regex', DEFAULT_LAYER_REGEX),
+      paths, opt_config.get('layer_index_regex', DEFAULT_LAYER_REGEX),
       opt_config.get('embedding_regex', DEFAULT_EMBEDDING_REGEX)) \
       if decay is not None else {}
   rules = _lr_mult_rules(opt_config)
@@ -140,7 +143,7 @@ def parameter_settings(params, opt_config,
     if lora_on:
       trains = bool(adapter.fullmatch(p)) or (
           lora_config.get('train_head', True) and is_head[p])
-    elif linear_probe:
+    elif linear_probing:
       trains = is_head[p]
     else:
       trains = True
@@ -158,7 +161,7 @@ def parameter_settings(params, opt_config,
         not any(r.fullmatch(p) for r in no_decay))
   if not any(s.trains for s in settings.values()):
     raise ValueError('no parameter trains: check config.optimizer.frozen, '
-                     'lr_mults, linear_probe/head and config.lora')
+                     'lr_mults, linear_probing/head and config.lora')
   return settings
 
 
