@@ -94,7 +94,7 @@ def test_eight_devices_match_one_device(tmp_path):
   one, eight = str(tmp_path / 'one'), str(tmp_path / 'eight')
   run_main(f'--config={TINY}', f'--workdir={one}', devices=1)
   out = run_main(f'--config={TINY}', f'--workdir={eight}', devices=8).stdout
-  assert 'on 8 device(s)' in out
+  assert 'on 8 device(s) x 1 process(es)' in out
   l1, l8 = train_losses(one), train_losses(eight)
   assert l1.keys() == l8.keys()
   np.testing.assert_allclose([l8[k] for k in l8], [l1[k] for k in l1],

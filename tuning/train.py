@@ -46,8 +46,17 @@ def _shard(batch: dict, devices: int) -> dict:
   return {k: v.reshape((devices, -1) + v.shape[1:]) for k, v in batch.items()}
 
 
+def _local_rows(x) -> np.ndarray:
+  """This process's rows of a pmapped output (its devices, in order)."""
+  if not hasattr(x, 'addressable_shards'):
+    return np.asarray(x)
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
 def _unreplicate(tree):
-  return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+  """Host copy of a replicated tree (this process's first device)."""
+  return jax.tree.map(lambda x: _local_rows(x)[0], tree)
 
 
 def _vocab_size(data: Datasets, config) -> int | None:
@@ -97,14 +106,18 @@ class Run:
     table = self.data.split(split)
     logits, labels = [], []
     for batch in eval_batches(table, self.config.training.eval_batch_size,
-                              self.devices, self.buckets):
-      out = np.asarray(self.eval_step(params_replicated,
-                                      _shard(batch, self.devices)))
+                              jax.device_count(), self.buckets,
+                              jax.process_index(), jax.process_count()):
+      out = _local_rows(self.eval_step(params_replicated,
+                                       _shard(batch, self.devices)))
       keep = batch['weight'] > 0
       logits.append(out.reshape(-1, out.shape[-1])[keep])
       labels.append(batch['label'][keep])
-    return evaluation.classification_metrics(
-        np.concatenate(logits), np.concatenate(labels), self.num_classes)
+    logits, labels = np.concatenate(logits), np.concatenate(labels)
+    if jax.process_count() > 1:  # every process gets every example
+      logits, labels = _all_examples(logits, labels)
+    return evaluation.classification_metrics(logits, labels,
+                                             self.num_classes)
 
   def restore_params(self, which: str):
     """Parameters of the run's best or latest checkpoint, and its step."""
@@ -118,6 +131,21 @@ class Run:
       params = ema_lib.load_ema_params(self.checkpoints.directory,
                                        report['step'], params)
     return params, report['step']
+
+
+def _all_examples(logits: np.ndarray, labels: np.ndarray):
+  """Gathers every process's evaluated rows (sizes may differ by padding)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  counts = multihost_utils.process_allgather(np.array([len(labels)]))
+  width = int(counts.max())
+  pad = width - len(labels)
+  logits = np.pad(logits, ((0, pad), (0, 0)))
+  labels = np.pad(labels, (0, pad))
+  all_logits = multihost_utils.process_allgather(logits)
+  all_labels = multihost_utils.process_allgather(labels)
+  n = counts.reshape(-1)
+  return (np.concatenate([l[:c] for l, c in zip(all_logits, n)]),
+          np.concatenate([l[:c] for l, c in zip(all_labels, n)]))
 
 
 def _resolve_schedule(config, steps_per_epoch: float):
@@ -159,16 +187,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   run = Run(config, workdir)
   devices = run.devices
   batch_size = config.training.batch_size
-  if batch_size % devices:
+  if batch_size % jax.device_count():
     raise ValueError(f'config.training.batch_size={batch_size} must be '
-                     f'divisible by the {devices} local devices')
+                     f'divisible by the {jax.device_count()} devices')
   accumulation = int(config.training.get('accumulation_steps', 1) or 1)
-  if accumulation < 1 or batch_size % (devices * accumulation):
+  if accumulation < 1 or batch_size % (jax.device_count() * accumulation):
     raise ValueError(f'config.training.batch_size={batch_size} must be '
-                     f'divisible by {devices} device(s) x '
+                     f'divisible by {jax.device_count()} device(s) x '
                      f'config.training.accumulation_steps={accumulation}')
   ema_lib.check_config(config.training)
-  stream = TrainStream(run.data.train, batch_size, config.seed, run.buckets)
+  # Each process reads only its rows of every global batch.
+  stream = TrainStream(run.data.train, batch_size, config.seed, run.buckets,
+                       jax.process_index(), jax.process_count())
   total, eval_every, checkpoint_every, warmup = _resolve_schedule(
       config, stream.steps_per_epoch)
 
@@ -218,9 +248,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   stopper = EarlyStopping(patience, config.checkpoint.best_metric,
                           config.checkpoint.best_mode) if patience else None
   state = jax_utils.replicate(state)
-  first_step = int(np.asarray(state.step[0]))
+  first_step = int(_local_rows(state.step)[0])
   console.info(f'training steps {first_step}..{total} on {devices} '
-               f'device(s), global batch {batch_size} '
+               f'device(s) x {jax.process_count()} process(es), global batch '
+               f'{batch_size} '
                f'({stream.steps_per_epoch:.1f} steps/epoch)')
   preemption = _Preemption()
   tick, tick_step = time.time(), first_step
@@ -234,7 +265,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state, metrics = train_step(state, _shard(batch, devices))
       # Fetch every step: keeps CPU collectives in lock-step, and lets a
       # non-finite loss stop the run at the step where it appeared.
-      metrics = {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
+      metrics = {k: float(_local_rows(v)[0]) for k, v in metrics.items()}
       done = step + 1
       if metrics['nonfinite'] and config.training.on_nonfinite == 'skip':
         console.info(f'step {done}: non-finite loss or gradients; update '

@@ -1,0 +1,34 @@
+"""Two processes on 127.0.0.1 (gloo CPU collectives) train like one."""
+
+import subprocess
+
+import numpy as np
+import portpicker
+
+from conftest import ROOT, TINY, main_command, run_main, subprocess_env
+from test_main import final_params, flat, train_losses
+
+
+def test_two_processes_match_one_process(tmp_path):
+  single = str(tmp_path / 'single')
+  run_main(f'--config={TINY}', f'--workdir={single}')
+  multi = str(tmp_path / 'multi')
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(
+      main_command(f'--config={TINY}', f'--workdir={multi}',
+                   f'--coordinator_address=127.0.0.1:{port}',
+                   '--num_processes=2', f'--process_id={i}'),
+      cwd=ROOT, env=subprocess_env(devices=1), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + \
+      outputs[1][-2000:]
+  assert 'on 1 device(s) x 2 process(es), global batch 32' in outputs[0]
+  assert 'test (' not in outputs[1]  # only process 0 prints and writes
+  l1, l2 = train_losses(single), train_losses(multi)
+  assert l1.keys() == l2.keys()
+  np.testing.assert_allclose([l2[k] for k in l2], [l1[k] for k in l1],
+                             rtol=1e-5, atol=1e-6)
+  p1, p2 = flat(final_params(single)[1]), flat(final_params(multi)[1])
+  for k in p1:
+    np.testing.assert_allclose(p2[k], p1[k], rtol=1e-4, atol=1e-5)
