@@ -242,7 +242,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       trainable=trainable_mask(params, config.optimizer, run.lora),
       accumulation_steps=accumulation,
       on_nonfinite=config.training.get('on_nonfinite', 'stop'),
-      ema_decay=config.training.get('ema_decay'))
+      ema_decay=config.training.get('ema_decay'),
+      prng_impl=config.training.get('prng_impl', 'threefry2x32'))
   console.info(_methods_line(config, accumulation, batch_size))
   patience = config.training.get('early_stopping_patience')
   stopper = EarlyStopping(patience, config.checkpoint.best_metric,

@@ -77,8 +77,14 @@ def ema_decay_at(decay: float, step):
 
 def make_train_step(model, tx, schedule, seed: int, *, trainable=None,
                     accumulation_steps: int = 1, on_nonfinite: str = 'stop',
-                    ema_decay: float | None = None):
+                    ema_decay: float | None = None,
+                    prng_impl: str = 'threefry2x32'):
   """Returns a pmapped `(state, batch) -> (state, metrics)`.
+
+  `prng_impl='rbg'` makes dropout about twice as cheap on CPU (measured on
+  MiniLM), but its per-example bits depend on how many examples a device
+  holds, so results then change with the device count; the default
+  threefry keeps them independent of it.
 
   `batch` arrays have a leading device axis; gradients are averaged over
   devices with `pmean`. `trainable` is a tree of bools like the params
@@ -92,7 +98,8 @@ def make_train_step(model, tx, schedule, seed: int, *, trainable=None,
       flax.traverse_util.flatten_dict(trainable)
 
   def step(state: TrainState, batch):
-    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    rng = jax.random.fold_in(jax.random.key(seed, impl=prng_impl),
+                             state.step)
     flat = flax.traverse_util.flatten_dict(state.params)
     trains = {k: flat_trainable is None or bool(flat_trainable[k])
               for k in flat}
