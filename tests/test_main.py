@@ -95,13 +95,19 @@ def test_eight_devices_match_one_device(tmp_path):
   run_main(f'--config={TINY}', f'--workdir={one}', devices=1)
   out = run_main(f'--config={TINY}', f'--workdir={eight}', devices=8).stdout
   assert 'on 8 device(s) x 1 process(es)' in out
-  l1, l8 = train_losses(one), train_losses(eight)
-  assert l1.keys() == l8.keys()
-  np.testing.assert_allclose([l8[k] for k in l8], [l1[k] for k in l1],
+  assert_same_training(eight, one)
+
+
+def assert_same_training(workdir, reference):
+  """Same train losses and final parameters, to float tolerance."""
+  losses, expected = train_losses(workdir), train_losses(reference)
+  assert losses.keys() == expected.keys()
+  np.testing.assert_allclose(list(losses.values()), list(expected.values()),
                              rtol=1e-5, atol=1e-6)
-  p1, p8 = flat(final_params(one)[1]), flat(final_params(eight)[1])
-  for k in p1:
-    np.testing.assert_allclose(p8[k], p1[k], rtol=1e-4, atol=1e-5)
+  params, expected = flat(final_params(workdir)[1]), flat(
+      final_params(reference)[1])
+  for k in expected:
+    np.testing.assert_allclose(params[k], expected[k], rtol=1e-4, atol=1e-5)
 
 
 def test_resume_after_kill_ends_with_the_same_parameters(tmp_path):

@@ -2,11 +2,10 @@
 
 import subprocess
 
-import numpy as np
 import portpicker
 
 from conftest import ROOT, TINY, main_command, run_main, subprocess_env
-from test_main import final_params, flat, train_losses
+from test_main import assert_same_training
 
 
 def test_two_processes_match_one_process(tmp_path):
@@ -25,10 +24,4 @@ def test_two_processes_match_one_process(tmp_path):
       outputs[1][-2000:]
   assert 'on 1 device(s) x 2 process(es), global batch 32' in outputs[0]
   assert 'test (' not in outputs[1]  # only process 0 prints and writes
-  l1, l2 = train_losses(single), train_losses(multi)
-  assert l1.keys() == l2.keys()
-  np.testing.assert_allclose([l2[k] for k in l2], [l1[k] for k in l1],
-                             rtol=1e-5, atol=1e-6)
-  p1, p2 = flat(final_params(single)[1]), flat(final_params(multi)[1])
-  for k in p1:
-    np.testing.assert_allclose(p2[k], p1[k], rtol=1e-4, atol=1e-5)
+  assert_same_training(multi, single)
