@@ -4,7 +4,8 @@
 
 Measures, in one run on this machine, float32:
   * peak matmul throughput (a large jnp.dot), the denominator of MFU;
-  * tuning's pmapped train step (forward, backward, AdamW update) and eval
+  * tuning's pmapped train step (forward, backward, AdamW update; with the
+    default threefry dropout keys and with training.prng_impl=rbg) and eval
     step on MiniLM-L6 at the given batch and sequence length: examples/s,
     model FLOPs (from XLA's cost analysis) and MFU;
   * Hugging Face BertForSequenceClassification in PyTorch on the same shapes
@@ -50,7 +51,8 @@ def peak_matmul_flops(n: int = 2048) -> float:
   return 2 * n ** 3 / timed(lambda: f(a), 5)
 
 
-def jax_steps(model_dir: str, batch: int, length: int):
+def jax_steps(model_dir: str, batch: int, length: int,
+              prng_impl: str = 'threefry2x32'):
   hf_config = bert.read_hf_config(model_dir)
   model = bert.BertClassifier.from_hf_config(hf_config, 2, dropout=0.1)
   rng = np.random.default_rng(0)
@@ -67,7 +69,8 @@ def jax_steps(model_dir: str, batch: int, length: int):
   tx = optax.adamw(1e-4, weight_decay=0.01)
   state = jax_utils.replicate(TrainState(jnp.zeros((), jnp.int32), params,
                                          tx.init(params)))
-  train = make_train_step(model, tx, lambda s: 1e-4, seed=0)
+  train = make_train_step(model, tx, lambda s: 1e-4, seed=0,
+                          prng_impl=prng_impl)
   evaluate = make_eval_step(model)
   holder = {'state': state}
 
@@ -198,7 +201,12 @@ def main():
   train_flops, eval_flops = step_flops(model, params, tx, b, n)
   print(f'tuning train step: {b / train_s:7.1f} examples/s  '
         f'{train_flops / 1e9:.0f} GFLOP/step  MFU '
-        f'{train_flops / train_s / peak:.1%}')
+        f'{train_flops / train_s / peak:.1%}  (dropout keys: threefry)')
+  *_, rbg_train, _, _ = jax_steps(model_dir, b, n, prng_impl='rbg')
+  rbg_s = timed(rbg_train, args.steps)
+  print(f'tuning train step: {b / rbg_s:7.1f} examples/s  '
+        f'{train_flops / 1e9:.0f} GFLOP/step  MFU '
+        f'{train_flops / rbg_s / peak:.1%}  (training.prng_impl=rbg)')
   print(f'tuning eval step:  {b / eval_s:7.1f} examples/s  '
         f'{eval_flops / 1e9:.0f} GFLOP/step  MFU '
         f'{eval_flops / eval_s / peak:.1%}')
@@ -207,8 +215,8 @@ def main():
     t_train, t_eval, version, threads = torch_result
     print(f'PyTorch {version} ({threads} threads) train: {t_train:7.1f} '
           f'examples/s  eval: {t_eval:7.1f} examples/s')
-    print(f'ratio tuning/PyTorch: train {b / train_s / t_train:.2f}x  '
-          f'eval {b / eval_s / t_eval:.2f}x')
+    print(f'ratio tuning/PyTorch: train {b / train_s / t_train:.2f}x '
+          f'(rbg: {b / rbg_s / t_train:.2f}x)  eval {b / eval_s / t_eval:.2f}x')
   else:
     print('PyTorch/transformers not installed: no comparison')
   if not args.skip_epoch:
