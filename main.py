@@ -49,7 +49,8 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join(
       'workdirs', os.path.splitext(os.path.basename(
           flags.FLAGS['config'].config_filename))[0])
-  console.info(f'work directory: {os.path.abspath(workdir)}')
+  workdir = os.path.abspath(workdir)
+  console.info(f'work directory: {workdir}')
   try:
     experiment.run(config, workdir)
   except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -59,7 +60,7 @@ def main(argv):
       raise
     console.error(f'{type(e).__name__}: {e}')
     sys.exit(1)
-  console.info(f'done; outputs in {os.path.abspath(workdir)}')
+  console.info(f'done; outputs in {workdir}')
 
 
 if __name__ == '__main__':

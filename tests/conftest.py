@@ -30,10 +30,10 @@ def subprocess_env(devices=1):
   return env
 
 
-def run_main(*args, devices=1, check=True, timeout=300):
+def run_main(*args, devices=1, check=True, timeout=300, cwd=ROOT):
   """Runs main.py; returns the CompletedProcess (text output)."""
   env = subprocess_env(devices)
-  result = subprocess.run(main_command(*args), cwd=ROOT, env=env,
+  result = subprocess.run(main_command(*args), cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
   if check and result.returncode != 0:
     raise AssertionError(f'main.py failed ({result.returncode}):\n'

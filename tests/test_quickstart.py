@@ -6,8 +6,10 @@ from conftest import read_json, run_main
 
 
 def test_quickstart_pretraining_beats_scratch(tmp_path):
-  workdir = str(tmp_path / 'qs')
-  out = run_main(f'--workdir={workdir}').stdout  # no --config: the default
+  # As in the README: no flags at all, from the user's current directory.
+  out = run_main(cwd=tmp_path).stdout
+  workdir = str(tmp_path / 'workdirs' / 'quickstart')
+  assert f'work directory: {workdir}' in out
   assert 'test split by stage:' in out
   stages = read_json(os.path.join(workdir, 'results.json'))['stages']
   accuracy = {k: v['test']['accuracy'] for k, v in stages.items()}

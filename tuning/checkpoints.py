@@ -110,6 +110,7 @@ def resolve_init_source(path: str, cache_dir: str) -> str:
 
 def _params_checkpoint_path(path: str, step) -> str:
   """Finds the orbax tree that holds a checkpoint's parameters."""
+  path = os.path.abspath(path)  # orbax reads no metadata from relative paths
   if not os.path.exists(path):
     raise CheckpointError(f'init checkpoint not found: {path} (check '
                           'config.init.checkpoint)')
