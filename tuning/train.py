@@ -292,7 +292,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         val = run.evaluate(state.ema_params if config.training.get(
             'evaluate_ema') else state.params, 'validation')
         scalars = {k: val[k] for k in ('loss', 'accuracy', 'macro_f1')}
-        writer.write(done, 'validation', scalars)
+        writer.write(done, 'validation',
+                     {**scalars, 'elapsed_s': time.time() - start_time})
         history.append({'step': done, **scalars})
         console.info(f'validation at step {done}: loss {val["loss"]:.4f}  '
                      f'accuracy {val["accuracy"]:.4f}  macro-F1 '
