@@ -59,7 +59,11 @@ def main(argv):
     if os.environ.get('TUNING_TRACEBACK'):
       raise
     console.error(f'{type(e).__name__}: {e}')
-    sys.exit(1)
+    sys.stdout.flush()
+    # Checkpoint saves were waited for on the way out; skip interpreter
+    # teardown, where orbax's helper threads would bury this line under
+    # tracebacks of their own.
+    os._exit(1)  # pylint: disable=protected-access
   console.info(f'done; outputs in {workdir}')
 
 

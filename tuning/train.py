@@ -185,6 +185,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains one run in `workdir` (resuming if it holds a checkpoint)."""
   start_time = time.time()
   run = Run(config, workdir)
+  try:
+    return _train_and_evaluate(run, config, workdir, start_time)
+  finally:
+    # Also on errors: an open CheckpointManager's threads otherwise fail at
+    # interpreter exit, burying the one-line error under their own.
+    run.checkpoints.close()
+
+
+def _train_and_evaluate(run: Run, config, workdir: str,
+                        start_time: float) -> dict:
   devices = run.devices
   batch_size = config.training.batch_size
   if batch_size % jax.device_count():
@@ -356,7 +366,10 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   """`mode=eval`: evaluates the run's checkpoint in `workdir` on test."""
   start_time = time.time()
   run = Run(config, workdir)
-  results = _final_evaluation(run, config)
+  try:
+    results = _final_evaluation(run, config)
+  finally:
+    run.checkpoints.close()
   results['wall_time_s'] = time.time() - start_time
   _write_results(workdir, results)
   return results
