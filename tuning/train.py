@@ -59,14 +59,6 @@ def _unreplicate(tree):
   return jax.tree.map(lambda x: _local_rows(x)[0], tree)
 
 
-def _vocab_size(data: Datasets, config) -> int | None:
-  if 'input_ids' not in data.train:
-    return None
-  return max(int(t['input_ids'].max()) for t in
-             (data.train, data.validation, data.test)) + 1 if \
-      config.data.tokenizer != 'whitespace' else config.data.vocab_size
-
-
 class Run:
   """What training and evaluation share: data, model, steps, checkpoints."""
 
@@ -83,7 +75,7 @@ class Run:
                        f'than the {self.data.num_classes} classes in the data')
     self.num_classes = num_classes
     self.model = build_model(config.model, num_classes, config.dtype,
-                             _vocab_size(self.data, config))
+                             self.data.vocab_size(config.data))
     self.lora = config.get('lora') if lora_lib.enabled(config.get('lora')) \
         else None
     if self.lora:
@@ -95,7 +87,7 @@ class Run:
     self.eval_step = make_eval_step(self.model)
 
   def init_params(self):
-    example = {k: v[:1] for k, v in features_of(self.data.train).items()}
+    example = features_of(self.data.first_train_example())
     key = jax.random.fold_in(jax.random.key(self.config.seed), 2**31 - 1)
     variables = jax.jit(lambda k: self.model.init(
         {'params': k}, **example, train=False))(key)

@@ -35,6 +35,19 @@ class Datasets:
   def split(self, name: str) -> Table:
     return getattr(self, name)
 
+  def first_train_example(self) -> Table:
+    """The first training example as a batch of one (for model init)."""
+    return {k: v[:1] for k, v in self.train.items()}
+
+  def vocab_size(self, data_config) -> int | None:
+    """Token-id range the embedding must cover (None: not text)."""
+    if 'input_ids' not in self.train:
+      return None
+    if data_config.tokenizer == 'whitespace':
+      return data_config.vocab_size
+    return max(int(t['input_ids'].max()) for t in
+               (self.train, self.validation, self.test)) + 1
+
 
 def build_datasets(data_config) -> Datasets:
   """Builds the three splits described by `config.data`."""
