@@ -95,6 +95,12 @@ class Run:
 
   def evaluate(self, params_replicated, split: str) -> dict:
     """Metrics of a full, ordered pass over one split."""
+    logits, labels = self.predict(params_replicated, split)
+    return evaluation.classification_metrics(logits, labels,
+                                             self.num_classes)
+
+  def predict(self, params_replicated, split: str):
+    """Logits [N, classes] and labels [N] of one split, in order."""
     table = self.data.split(split)
     logits, labels = [], []
     for batch in eval_batches(table, self.config.training.eval_batch_size,
@@ -108,8 +114,7 @@ class Run:
     logits, labels = np.concatenate(logits), np.concatenate(labels)
     if jax.process_count() > 1:  # every process gets every example
       logits, labels = _all_examples(logits, labels)
-    return evaluation.classification_metrics(logits, labels,
-                                             self.num_classes)
+    return logits, labels
 
   def restore_params(self, which: str):
     """Parameters of the run's best or latest checkpoint, and its step."""
