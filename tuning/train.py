@@ -62,13 +62,16 @@ def _unreplicate(tree):
 class Run:
   """What training and evaluation share: data, model, steps, checkpoints."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, data: Datasets | None = None):
+    """`data`: already built datasets for `config.data` (else built here)."""
     self.config = config
     self.workdir = workdir
     self.devices = jax.local_device_count()
-    self.data = build_datasets(config.data)
-    for line in self.data.log:
-      console.info(f'data: {line}')
+    if data is None:
+      data = build_datasets(config.data)
+      for line in data.log:
+        console.info(f'data: {line}')
+    self.data = data
     num_classes = config.model.num_classes or self.data.num_classes
     if num_classes < self.data.num_classes:
       raise ValueError(f'config.model.num_classes={num_classes} is smaller '
