@@ -13,7 +13,7 @@ placeholder = config_dict.placeholder
 def base_config() -> config_dict.ConfigDict:
   """Returns the defaults shared by all experiments."""
   c = config_dict.ConfigDict()
-  c.mode = 'train'  # train | eval
+  c.mode = 'train'  # train | eval | ensemble | soup
   c.seed = 0
   # Computation dtype: float32 or bfloat16 (params and optimizer state stay
   # float32; losses, softmax and norms are computed in float32).
@@ -152,6 +152,46 @@ def base_config() -> config_dict.ConfigDict:
   c.init.checkpoint = placeholder(str)
   c.init.step = 'best'  # best | latest | a step number, for run directories
   c.init.reinit = ()  # regexes of parameter paths to initialise afresh
+
+  # ---------------------------------------------------------------- ensemble
+  # mode='ensemble': evaluates these run work directories together (mean of
+  # probabilities, mean of logits, majority vote), each member beside them.
+  # '@stage' names a stage of this experiment.
+  c.ensemble = config_dict.ConfigDict()
+  c.ensemble.members = ()
+  c.ensemble.checkpoint = 'best'  # best | latest, in every member
+
+  # ---------------------------------------------------------------- soup
+  # mode='soup': averages the weights of runs fine-tuned from one start and
+  # writes the average as this work directory's checkpoint.
+  c.soup = config_dict.ConfigDict()
+  c.soup.members = ()
+  c.soup.method = 'greedy'  # greedy | uniform
+  c.soup.checkpoint = 'best'  # best | latest, in every member
+
+  # ---------------------------------------------------------------- distill
+  # Knowledge distillation: a teacher (run work directories; several = an
+  # ensemble, its probabilities averaged) trains this model with
+  # alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T),
+  # or alpha * CE + (1 - alpha) * MSE(logits) with loss='mse'.
+  c.distill = config_dict.ConfigDict()
+  c.distill.teacher = ()  # empty: no distillation
+  c.distill.alpha = 0.5
+  c.distill.temperature = 2.0
+  c.distill.loss = 'kl'  # kl | mse
+  # 'cache': teacher logits computed once into WORKDIR/teacher_logits and
+  # read from disk (memory-mapped); 'step': teacher applied in the train
+  # step (teacher and student must read the same inputs).
+  c.distill.teacher_logits = 'cache'
+  # Extra student training text labelled only by the teacher: a file of the
+  # same format as data.path (its label column may be empty) ...
+  c.distill.transfer_path = placeholder(str)
+  # ... and/or augmented copies of the training sentences (Tang et al.
+  # 2019: words masked with mask_prob, or an n-gram of 1-5 words kept with
+  # ngram_prob); the teacher labels them, CE is not applied to them.
+  c.distill.augment_copies = 0
+  c.distill.mask_prob = 0.1
+  c.distill.ngram_prob = 0.25
 
   # ---------------------------------------------------------------- stages
   # A multi-stage experiment (e.g. pretrain -> fine-tune -> scratch) lists
