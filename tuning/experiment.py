@@ -18,7 +18,7 @@ from ml_collections import config_dict
 
 from tuning import console
 
-MODES = ('train', 'eval')
+MODES = ('train', 'eval', 'ensemble', 'soup')
 
 
 def stage_config(config, stage: str, workdir: str):
@@ -30,9 +30,13 @@ def stage_config(config, stage: str, workdir: str):
   _merge(result, config.stage_overrides[stage].to_dict())
   result['stages'] = ()
   result['stage_overrides'] = {}
-  checkpoint = result['init']['checkpoint']
-  if checkpoint and checkpoint.startswith('@'):
-    result['init']['checkpoint'] = os.path.join(workdir, checkpoint[1:])
+  at = lambda p: os.path.join(workdir, p[1:]) if p and p.startswith('@') \
+      else p  # pylint: disable=unnecessary-lambda-assignment
+  result['init']['checkpoint'] = at(result['init']['checkpoint'])
+  for section, field in (('ensemble', 'members'), ('soup', 'members'),
+                         ('distill', 'teacher')):
+    if section in result:
+      result[section][field] = tuple(at(p) for p in result[section][field])
   return config_dict.ConfigDict(result)
 
 
@@ -55,21 +59,16 @@ def write_config(config, workdir: str):
 
 def run(config, workdir: str) -> dict:
   """Runs the experiment in `workdir` and returns its results."""
-  from tuning import train  # pylint: disable=g-import-not-at-top
-  if config.mode not in MODES:
-    raise ValueError(f'unknown config.mode {config.mode!r}: use one of '
-                     f'{", ".join(MODES)}')
   write_config(config, workdir)
-  step = train.train_and_evaluate if config.mode == 'train' else \
-      train.evaluate_checkpoint
   if not config.stages:
-    return step(config, workdir)
+    return _runner(config)(config, workdir)
   results = {}
   for stage in config.stages:
     console.info(f'\n=== stage {stage} (workdir {workdir}/{stage}) ===')
     stage_cfg = stage_config(config, stage, workdir)
     write_config(stage_cfg, os.path.join(workdir, stage))
-    results[stage] = step(stage_cfg, os.path.join(workdir, stage))
+    results[stage] = _runner(stage_cfg)(stage_cfg,
+                                        os.path.join(workdir, stage))
     if 'preempted_at_step' in results[stage]:
       return results[stage]  # rerun the same command to resume
   console.info('\n' + comparison_table(results))
@@ -80,6 +79,25 @@ def run(config, workdir: str) -> dict:
     json.dump(summary, f, indent=2)
   console.info(f'wrote {os.path.join(workdir, "results.json")}')
   return summary
+
+
+def _runner(config):
+  """The function that runs a config's mode in a work directory."""
+  # pylint: disable=g-import-not-at-top
+  if config.mode == 'train':
+    from tuning.train import train_and_evaluate
+    return train_and_evaluate
+  if config.mode == 'eval':
+    from tuning.train import evaluate_checkpoint
+    return evaluate_checkpoint
+  if config.mode == 'ensemble':
+    from tuning.ensemble import evaluate_ensemble
+    return evaluate_ensemble
+  if config.mode == 'soup':
+    from tuning.soup import make_soup
+    return make_soup
+  raise ValueError(f'unknown config.mode {config.mode!r}: use one of '
+                   f'{", ".join(MODES)}')
 
 
 def comparison_table(results: dict) -> str:

@@ -1,0 +1,162 @@
+"""Model soups: weight averages of runs fine-tuned from one start.
+
+`mode='soup'` averages the parameters of `soup.members` (run work
+directories of the same architecture, e.g. seeds or learning rates from one
+pretrained checkpoint; Wortsman et al. 2022):
+  uniform  the average of all members;
+  greedy   members sorted by validation accuracy, best first; each is kept
+           only if adding it does not lower the soup's validation accuracy.
+Both are evaluated and shown beside the members; the one `soup.method`
+names is written to WORKDIR/checkpoints as an ordinary run checkpoint (with
+the first member's config.json), so that
+
+  python main.py --config=<the members' experiment> --config.mode=eval --workdir=WORKDIR
+  python main.py --config=... --config.init.checkpoint=WORKDIR ...   # fine-tune it further
+
+evaluate it or start from it, and it can be an ensemble member or a teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import jax
+import numpy as np
+
+from tuning import console
+from tuning import evaluation
+from tuning.ensemble import EnsembleError, Members, metrics_table
+from tuning.optimizers import parameter_paths
+
+METHODS = ('greedy', 'uniform')
+
+
+def average(trees: list) -> dict:
+  """The element-wise mean of parameter trees (accumulated in float64)."""
+  return jax.tree.map(
+      lambda *xs: (np.sum([np.asarray(x, np.float64) for x in xs], axis=0) /
+                   len(xs)).astype(np.asarray(xs[0]).dtype), *trees)
+
+
+def check_same_architecture(names: list[str], trees: list):
+  """Raises EnsembleError naming the first parameter members disagree on."""
+  reference = parameter_paths(trees[0])
+  for name, tree in zip(names[1:], trees[1:]):
+    paths = parameter_paths(tree)
+    for path in sorted(set(reference) | set(paths)):
+      if reference.get(path) != paths.get(path):
+        raise EnsembleError(
+            f'soup members must share an architecture: parameter {path} is '
+            f'{reference.get(path) or "absent"} in {names[0]} but '
+            f'{paths.get(path) or "absent"} in {name} (average runs '
+            'fine-tuned from the same model, or use mode=ensemble)')
+
+
+def greedy_order(accuracies: list[float]) -> list[int]:
+  """Member indices by validation accuracy, best first (stable)."""
+  return sorted(range(len(accuracies)), key=lambda i: -accuracies[i])
+
+
+def make_soup(config, workdir: str) -> dict:
+  """`mode='soup'`: averages the members and writes the chosen soup."""
+  start = time.time()
+  if config.soup.method not in METHODS:
+    raise ValueError(f'config.soup.method={config.soup.method!r}: use '
+                     f'{" or ".join(METHODS)}')
+  workdir = os.path.abspath(workdir)
+  if workdir in [os.path.abspath(m) for m in config.soup.members]:
+    raise ValueError(f'the soup work directory {workdir} is one of its '
+                     'members: give the soup a directory of its own')
+  members = Members(tuple(config.soup.members), config.soup.checkpoint)
+  check_same_architecture(members.names, members.params)
+  for name, run in zip(members.names, members.runs):
+    if run.lora:
+      raise EnsembleError(
+          f'member {name} trained LoRA adapters: averaging A and B factors '
+          'is not averaging the weights; soup runs without LoRA (or '
+          'fine-tune from their merged checkpoints first)')
+  num_classes = members.runs[0].num_classes
+
+  def metrics(params, split):
+    logits, labels = members.predict(0, split, params)
+    return evaluation.classification_metrics(logits, labels, num_classes)
+
+  member_val = [metrics(p, 'validation') for p in members.params]
+  accuracies = [m['accuracy'] for m in member_val]
+  uniform = average(members.params)
+  chosen = []
+  greedy, greedy_accuracy = None, -1.0
+  for i in greedy_order(accuracies):
+    candidate = average([members.params[j] for j in chosen + [i]])
+    accuracy = metrics(candidate, 'validation')['accuracy']
+    if not chosen or accuracy >= greedy_accuracy:
+      chosen.append(i)
+      greedy, greedy_accuracy = candidate, accuracy
+  console.info('soup: greedy kept ' + ', '.join(
+      f'{members.names[i]} (val {accuracies[i]:.4f})' for i in chosen) +
+               f' of {len(members.names)} members')
+
+  results = {'members': {}, 'soups': {}, 'greedy_members':
+             [members.names[i] for i in chosen], 'method': config.soup.method}
+  for name, params, val, step in zip(members.names, members.params,
+                                     member_val, members.steps):
+    results['members'][name] = {'step': step, 'validation': val,
+                                'test': metrics(params, 'test')}
+  for method, params in (('uniform', uniform), ('greedy', greedy)):
+    results['soups'][method] = {s: metrics(params, s)
+                                for s in ('validation', 'test')}
+  rows = [(n, r['test']) for n, r in results['members'].items()]
+  rows += [(f'soup: {m}', r['test']) for m, r in results['soups'].items()]
+  console.info(metrics_table(rows, f'test split, {len(members.names)} '
+                             'members and their weight averages:'))
+
+  soup = uniform if config.soup.method == 'uniform' else greedy
+  write_checkpoint(members.runs[0], soup, workdir,
+                   results['soups'][config.soup.method]['validation'])
+  results.update(results['soups'][config.soup.method])  # the headline
+  results['checkpoint'] = os.path.join(workdir, 'checkpoints')
+  results['wall_time_s'] = time.time() - start
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'results.json'), 'w',
+              encoding='utf-8') as f:
+      json.dump(results, f, indent=2)
+  console.info(f'soup: wrote the {config.soup.method} soup to '
+               f'{results["checkpoint"]} (evaluate it with --config.mode=eval '
+               f'--workdir={workdir}, or start from it with '
+               f'--config.init.checkpoint={workdir})')
+  return results
+
+
+def write_checkpoint(run, params, workdir: str, validation: dict):
+  """Saves `params` as step 0 of an ordinary run checkpoint in `workdir`
+  (fresh optimizer state, the data stream at its start), with the member's
+  config.json beside it."""
+  from tuning.checkpoints import RunCheckpoints  # pylint: disable=g-import-not-at-top
+  from tuning.data.pipeline import TrainStream  # pylint: disable=g-import-not-at-top
+  from tuning.optimizers import build_optimizer  # pylint: disable=g-import-not-at-top
+  from tuning.train_step import initial_state  # pylint: disable=g-import-not-at-top
+  config = run.config
+  directory = os.path.join(workdir, 'checkpoints')
+  if jax.process_index() == 0 and os.path.exists(directory):
+    shutil.rmtree(directory)  # an earlier soup of this work directory
+  tx, _ = build_optimizer(config.optimizer, params, 1, 0, None)
+  state = initial_state(
+      params, tx, ema=config.training.get('ema_decay') is not None,
+      count_skipped=config.training.get('on_nonfinite') == 'skip')
+  stream = TrainStream(run.data.train, config.training.batch_size,
+                       config.seed, tuple(config.data.length_buckets))
+  checkpoints = RunCheckpoints(directory, config.checkpoint.best_metric,
+                               config.checkpoint.best_mode)
+  try:
+    checkpoints.save(0, state, stream.get_state(), metrics={
+        k: validation[k] for k in ('loss', 'accuracy', 'macro_f1')})
+    checkpoints.wait()
+  finally:
+    checkpoints.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w',
+              encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
