@@ -74,7 +74,8 @@ def run(config, workdir: str) -> dict:
   console.info('\n' + comparison_table(results))
   summary = {'stages': {name: {k: r.get(k) for k in (
       'test', 'validation', 'evaluated_step', 'steps', 'wall_time_s',
-      'num_parameters')} for name, r in results.items()}}
+      'num_parameters', 'eval_examples_per_s', 'distillation')}
+                        for name, r in results.items()}}
   with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:
     json.dump(summary, f, indent=2)
   console.info(f'wrote {os.path.join(workdir, "results.json")}')
@@ -101,15 +102,32 @@ def _runner(config):
 
 
 def comparison_table(results: dict) -> str:
-  """Stages side by side on the test split."""
+  """Stages side by side on the test split (and a distillation teacher)."""
+  rows = dict(results)
+  for r in results.values():
+    d = r.get('distillation')
+    if d and 'teacher' not in rows:
+      rows['teacher'] = {'test': d['teacher_test'],
+                         'validation': d['teacher_validation'],
+                         'num_parameters': d['teacher_parameters'],
+                         'eval_examples_per_s':
+                             d['teacher_eval_examples_per_s']}
   lines = ['test split by stage:',
            f'  {"stage":<12} {"accuracy":>9} {"macro-F1":>9} {"loss":>8} '
-           f'{"examples":>9}']
-  for name, r in results.items():
+           f'{"examples":>9} {"val acc":>8} {"parameters":>11} '
+           f'{"eval ex/s":>10}']
+  for name, r in rows.items():
     if 'test' not in r:
       lines.append(f'  {name:<12} (did not finish)')
       continue
     t = r['test']
-    lines.append(f'  {name:<12} {t["accuracy"]:9.4f} {t["macro_f1"]:9.4f} '
-                 f'{t["loss"]:8.4f} {t["examples"]:9d}')
+    line = (f'  {name:<12} {t["accuracy"]:9.4f} {t["macro_f1"]:9.4f} '
+            f'{t["loss"]:8.4f} {t["examples"]:9d}')
+    if r.get('validation'):
+      line += f' {r["validation"]["accuracy"]:8.4f}'
+    if r.get('num_parameters'):
+      line += f' {r["num_parameters"]:11,d}'
+    if r.get('eval_examples_per_s'):
+      line += f' {r["eval_examples_per_s"]:10.1f}'
+    lines.append(line)
   return '\n'.join(lines)

@@ -21,6 +21,7 @@ import numpy as np
 from flax import jax_utils
 
 from tuning import console
+from tuning import distillation
 from tuning import evaluation
 from tuning.checkpoints import (RunCheckpoints, load_pretrained_params,
                                 resolve_init_source)
@@ -102,13 +103,20 @@ class Run:
     return evaluation.classification_metrics(logits, labels,
                                              self.num_classes)
 
-  def predict(self, params_replicated, split: str):
-    """Logits [N, classes] and labels [N] of one split, in order."""
-    table = self.data.split(split)
+  def predict(self, params_replicated, split, progress: str = ''):
+    """Logits [N, classes] and labels [N] of a split (its name, or a table
+    of features and labels), in order; `progress` names a long pass whose
+    progress is printed."""
+    table = self.data.split(split) if isinstance(split, str) else split
     logits, labels = [], []
+    n, done, shown = len(table['label']), 0, time.time()
     for batch in eval_batches(table, self.config.training.eval_batch_size,
                               jax.device_count(), self.buckets,
                               jax.process_index(), jax.process_count()):
+      done += len(batch['label']) * jax.process_count()
+      if progress and time.time() - shown > 30:
+        console.info(f'{progress}: {min(done, n)}/{n} examples')
+        shown = time.time()
       out = _local_rows(self.eval_step(params_replicated,
                                        _shard(batch, self.devices)))
       keep = batch['weight'] > 0
@@ -206,8 +214,15 @@ def _train_and_evaluate(run: Run, config, workdir: str,
                      f'divisible by {jax.device_count()} device(s) x '
                      f'config.training.accumulation_steps={accumulation}')
   ema_lib.check_config(config.training)
+  teacher, train_table = None, run.data.train
+  if distillation.enabled(config.get('distill')):
+    teacher = distillation.Teacher(config.distill)
+    train_table, log = distillation.student_training_table(
+        config, run.data, teacher, workdir)
+    for line in log:
+      console.info(line)
   # Each process reads only its rows of every global batch.
-  stream = TrainStream(run.data.train, batch_size, config.seed, run.buckets,
+  stream = TrainStream(train_table, batch_size, config.seed, run.buckets,
                        jax.process_index(), jax.process_count())
   total, eval_every, checkpoint_every, warmup = _resolve_schedule(
       config, stream.steps_per_epoch)
@@ -253,7 +268,13 @@ def _train_and_evaluate(run: Run, config, workdir: str,
       accumulation_steps=accumulation,
       on_nonfinite=config.training.get('on_nonfinite', 'stop'),
       ema_decay=config.training.get('ema_decay'),
-      prng_impl=config.training.get('prng_impl', 'threefry2x32'))
+      prng_impl=config.training.get('prng_impl', 'threefry2x32'),
+      distill=config.distill if teacher else None,
+      teacher_model=teacher.members.runs[0].model if teacher and
+      config.distill.teacher_logits == 'step' else None)
+  teacher_args = ()
+  if teacher and config.distill.teacher_logits == 'step':
+    teacher_args = (jax_utils.replicate(teacher.members.params[0]),)
   console.info(_methods_line(config, accumulation, batch_size))
   patience = config.training.get('early_stopping_patience')
   stopper = EarlyStopping(patience, config.checkpoint.best_metric,
@@ -273,7 +294,8 @@ def _train_and_evaluate(run: Run, config, workdir: str,
   try:
     for step in range(first_step, total):
       batch = next(stream)
-      state, metrics = train_step(state, _shard(batch, devices))
+      state, metrics = train_step(state, _shard(batch, devices),
+                                  *teacher_args)
       # Fetch every step: keeps CPU collectives in lock-step, and lets a
       # non-finite loss stop the run at the step where it appeared.
       metrics = {k: float(_local_rows(v)[0]) for k, v in metrics.items()}
@@ -335,14 +357,37 @@ def _train_and_evaluate(run: Run, config, workdir: str,
     results['early_stopped_at_step'] = stopped_at
   if state.skipped is not None:
     results['skipped_steps'] = int(np.asarray(state.skipped)[0])
+  if teacher:
+    results['distillation'] = _compare_with_teacher(run, teacher, results)
   _write_results(workdir, results)
   return results
+
+
+def _compare_with_teacher(run: Run, teacher, results: dict) -> dict:
+  """Teacher and student on the student's validation split, printed."""
+  c = run.config.distill
+  val = teacher.evaluate(run.data.raw['validation'],
+                         run.data.validation['label'], run.num_classes)
+  console.info(distillation.comparison_table([
+      ('teacher', val, teacher.num_parameters, val['examples_per_s']),
+      ('student', results['validation'], results['num_parameters'],
+       results['eval_examples_per_s'])]))
+  test = evaluation.classification_metrics(
+      teacher.logits(run.data.raw['test']),
+      run.data.test['label'], run.num_classes)
+  return {'teacher': list(c.teacher), 'alpha': c.alpha,
+          'temperature': c.temperature, 'loss': c.loss,
+          'teacher_validation': val, 'teacher_test': test,
+          'teacher_parameters': teacher.num_parameters,
+          'teacher_eval_examples_per_s': val['examples_per_s']}
 
 
 def _final_evaluation(run: Run, config) -> dict:
   params, step = run.restore_params(config.checkpoint.evaluate)
   params_replicated = jax_utils.replicate(params)
+  start = time.time()
   validation = run.evaluate(params_replicated, 'validation')
+  eval_speed = validation['examples'] / max(time.time() - start, 1e-9)
   test = run.evaluate(params_replicated, 'test')
   console.info(evaluation.format_metrics(
       test, run.data.class_names,
@@ -359,6 +404,7 @@ def _final_evaluation(run: Run, config) -> dict:
   return {'test': test, 'validation': validation, 'evaluated_step': step,
           'evaluated_checkpoint': config.checkpoint.evaluate,
           'num_parameters': num_params, 'class_names': run.data.class_names,
+          'eval_examples_per_s': eval_speed,
           **extra}
 
 

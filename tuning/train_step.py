@@ -33,7 +33,8 @@ import numpy as np
 import optax
 
 AXIS = 'batch'
-NON_FEATURES = ('label', 'weight', 'index')
+NON_FEATURES = ('label', 'weight', 'index', 'labelled', 'teacher_logits')
+TEACHER_PREFIX = 'teacher/'  # the teacher's own input columns
 NONFINITE_MODES = ('stop', 'skip')
 
 
@@ -49,7 +50,13 @@ class TrainState:
 
 
 def features_of(batch: dict) -> dict:
-  return {k: v for k, v in batch.items() if k not in NON_FEATURES}
+  return {k: v for k, v in batch.items()
+          if k not in NON_FEATURES and not k.startswith(TEACHER_PREFIX)}
+
+
+def teacher_features_of(batch: dict) -> dict:
+  return {k[len(TEACHER_PREFIX):]: v for k, v in batch.items()
+          if k.startswith(TEACHER_PREFIX)}
 
 
 def cross_entropy(logits, labels):
@@ -78,8 +85,14 @@ def ema_decay_at(decay: float, step):
 def make_train_step(model, tx, schedule, seed: int, *, trainable=None,
                     accumulation_steps: int = 1, on_nonfinite: str = 'stop',
                     ema_decay: float | None = None,
-                    prng_impl: str = 'threefry2x32'):
-  """Returns a pmapped `(state, batch) -> (state, metrics)`.
+                    prng_impl: str = 'threefry2x32', distill=None,
+                    teacher_model=None):
+  """Returns a pmapped `(state, batch) -> (state, metrics)`, or with a
+  `teacher_model`, `(state, batch, teacher_params) -> ...`.
+
+  `distill` (config.distill, or None): the per-example loss becomes the
+  distillation loss against `batch['teacher_logits']`, which
+  `teacher_model` computes inside the step when it is given.
 
   `prng_impl='rbg'` makes dropout about twice as cheap on CPU (measured on
   MiniLM), but its per-example bits depend on how many examples a device
@@ -97,7 +110,11 @@ def make_train_step(model, tx, schedule, seed: int, *, trainable=None,
   flat_trainable = None if trainable is None else \
       flax.traverse_util.flatten_dict(trainable)
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, teacher_params=None):
+    if teacher_model is not None:
+      batch = dict(batch, teacher_logits=jax.lax.stop_gradient(
+          teacher_model.apply({'params': teacher_params},
+                              **teacher_features_of(batch), train=False)))
     rng = jax.random.fold_in(jax.random.key(seed, impl=prng_impl),
                              state.step)
     flat = flax.traverse_util.flatten_dict(state.params)
@@ -111,7 +128,7 @@ def make_train_step(model, tx, schedule, seed: int, *, trainable=None,
       params = flax.traverse_util.unflatten_dict({**frozen, **trained_params})
       logits = per_example_logits(model, params, features_of(micro),
                                   micro['index'], rng, train=True)
-      return cross_entropy(logits, micro['label']).mean(), logits
+      return example_losses(logits, micro, distill).mean(), logits
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accumulation_steps == 1:
@@ -165,6 +182,17 @@ def make_train_step(model, tx, schedule, seed: int, *, trainable=None,
                       skipped), metrics
 
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
+
+
+def example_losses(logits, batch, distill=None):
+  """Per-example training loss: cross-entropy, or with `distill` the
+  distillation loss against the batch's teacher logits."""
+  if distill is None:
+    return cross_entropy(logits, batch['label'])
+  from tuning.distillation import distillation_loss  # pylint: disable=g-import-not-at-top
+  return distillation_loss(logits, batch['teacher_logits'], batch['label'],
+                           batch['labelled'], float(distill.alpha),
+                           float(distill.temperature), distill.loss)
 
 
 def make_eval_step(model):

@@ -10,6 +10,7 @@ only and apply it to all three.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,12 @@ class Datasets:
   num_classes: int
   class_names: list[str]
   log: list[str]  # what preprocessing did, one line each
+  # The inputs before feature/text preprocessing ('x' or 'text' and
+  # 'text_pair'), per split, and the fitted preprocessing that turns such
+  # raw columns into model features (for a distillation teacher, which
+  # encodes the student's examples its own way).
+  raw: dict[str, Table] = dataclasses.field(default_factory=dict)
+  encode: Any = None
 
   def split(self, name: str) -> Table:
     return getattr(self, name)
@@ -100,27 +107,39 @@ def build_datasets(data_config) -> Datasets:
                f'{len(tables["validation"]["label"])} examples')
     tables['validation'] = preprocessing.take(tables['validation'], keep)
 
+  raw = {name: {k: tables[name][k] for k in ('x', 'text', 'text_pair')
+                if k in tables[name]} for name in SPLITS}
+  encode = None
   if 'x' in tables['train']:
     transform = preprocessing.FeatureTransform.fit(
         tables['train']['x'], data_config.normalize,
         data_config.pca_components)
-    for name in SPLITS:
-      x = transform.transform(tables[name].pop('x'))
+
+    def encode(raw_table):
+      x = transform.transform(raw_table['x'])
       if data_config.image_shape:
         x = _as_images(x, tuple(data_config.image_shape))
-      tables[name]['x'] = x
+      return {'x': x}
+
+    for name in SPLITS:
+      tables[name].update(encode({'x': tables[name].pop('x')}))
     if data_config.normalize or data_config.pca_components:
       log.append('features: fitted on train: '
                  f'normalize={data_config.normalize}, '
                  f'pca_components={data_config.pca_components}')
   if 'text' in tables['train']:
     tokenizer = _fit_tokenizer(tables['train'], data_config)
+
+    def encode(raw_table):
+      if 'text_pair' in raw_table and hasattr(tokenizer, 'path'):
+        return tokenizer.encode(raw_table['text'], raw_table['text_pair'])
+      return tokenizer.encode(raw_table['text'])
+
     for name in SPLITS:
       table = tables[name]
-      features = (tokenizer.encode(table.pop('text'), table.pop('text_pair'))
-                  if 'text_pair' in table and hasattr(tokenizer, 'path') else
-                  tokenizer.encode(table.pop('text')))
-      table.update(features)
+      table.update(encode({'text': table.pop('text'),
+                           **({'text_pair': table.pop('text_pair')}
+                              if 'text_pair' in table else {})}))
     log.append(f'text: tokenizer {data_config.tokenizer!r}, max_length '
                f'{data_config.max_length}')
   for name in SPLITS:
@@ -128,7 +147,7 @@ def build_datasets(data_config) -> Datasets:
   sizes = ', '.join(f'{n} {len(tables[n]["label"])}' for n in SPLITS)
   log.append(f'examples: {sizes}; {encoder.num_classes} classes')
   return Datasets(tables['train'], tables['validation'], tables['test'],
-                  encoder.num_classes, encoder.classes, log)
+                  encoder.num_classes, encoder.classes, log, raw, encode)
 
 
 def _subsample(train: Table, data_config, log: list[str]) -> Table:

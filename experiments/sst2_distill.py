@@ -1,0 +1,78 @@
+"""Distil a fine-tuned MiniLM into a BiLSTM on SST-2 (Tang et al. 2019).
+
+Stages, each in WORKDIR/<stage>, compared in one table at the end:
+  scratch    the BiLSTM on SST-2's labels alone;
+  distilled  the same BiLSTM, same steps, trained on the teacher's logits
+             (logit MSE, as in Tang et al.) over the training sentences
+             plus one augmented copy of each (words masked, n-grams kept),
+             which only the teacher labels.
+The teacher is a finished `experiments/minilm_sst2.py` run (default: its
+default work directory). Its logits are computed once and cached in
+WORKDIR/distilled/teacher_logits.
+
+  python main.py --config=experiments/minilm_sst2.py:full   # the teacher
+  python main.py --config=experiments/sst2_distill.py:workdirs/minilm_sst2 \\
+      --workdir=workdirs/sst2_distill
+
+Prints, per stage, the teacher-vs-student table (validation accuracy,
+parameters, eval examples/s), then the stages side by side:
+  test split by stage:
+    stage       accuracy  macro-F1 ...  val acc  parameters  eval ex/s
+    scratch        ...
+    distilled      ...
+    teacher        ...
+"""
+
+import os
+
+from ml_collections import config_dict
+
+from tuning.defaults import base_config
+
+SST2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..',
+                    'shared', 'data', 'sst2')
+
+
+def get_config(arg=None):
+  """`arg`: the teacher's work directory (default workdirs/minilm_sst2)."""
+  teacher = os.path.abspath(arg or os.path.join('workdirs', 'minilm_sst2'))
+  c = base_config()
+  # The teacher's data files and split settings, so that both evaluate on
+  # the same validation and test examples.
+  c.data.source = 'tsv'
+  c.data.path = os.path.normpath(os.path.join(SST2, 'train.tsv'))
+  c.data.validation_path = os.path.normpath(os.path.join(SST2, 'dev.tsv'))
+  c.data.test_fraction = 0.02
+  c.data.text_column = 'sentence'
+  c.data.label_column = 'label'
+  c.data.drop_duplicates = False
+  c.data.tokenizer = 'whitespace'
+  c.data.vocab_size = 20000
+  c.data.max_length = 64
+  c.data.length_buckets = (16, 32, 64)
+
+  c.model.name = 'lstm'
+  c.model.embed_dim = 128
+  c.model.hidden = (128,)
+  c.model.bidirectional = True
+  c.model.dropout = 0.3
+
+  c.optimizer.name = 'adamw'
+  c.optimizer.learning_rate = 2e-3
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.warmup_steps = 100
+  c.optimizer.schedule = 'cosine'
+  c.training.batch_size = 64
+  c.training.eval_batch_size = 256
+  c.training.total_steps = 3000
+  c.training.eval_every_steps = 500
+  c.training.log_every_steps = 100
+
+  c.stages = ('scratch', 'distilled')
+  c.stage_overrides = config_dict.ConfigDict({
+      'scratch': {},
+      'distilled': dict(distill=dict(
+          teacher=(teacher,), alpha=0.0, loss='mse', augment_copies=1,
+          teacher_logits='cache')),
+  })
+  return c
