@@ -198,7 +198,8 @@ def _build_from_records(data_config) -> Datasets:
   metadata = records.read_metadata(directory)
   if 'train' not in metadata['splits']:
     records.split_paths(directory, 'train', metadata)  # raises
-  if data_config.normalize or data_config.pca_components:
+  if (str(data_config.normalize).lower() not in ('none', '')
+      or data_config.pca_components):
     raise DataError('config.data.normalize / pca_components need a pass over '
                     "the whole training set: not supported with source "
                     "'array_record'; normalize the features before converting")
