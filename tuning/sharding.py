@@ -50,7 +50,7 @@ def local_rows(x) -> np.ndarray:
 
 
 def _mib(nbytes: float) -> str:
-  return f'{nbytes / 2**20:.2f} MiB'
+  return f'{nbytes / 2**20:.3g} MiB'
 
 
 def _per_device_bytes(tree) -> int:
