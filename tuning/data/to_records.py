@@ -38,6 +38,10 @@ _TOKENIZER = flags.DEFINE_string('tokenizer', None, 'Tokenize now with this '
 _MAX_LENGTH = flags.DEFINE_integer('max_length', 128, 'With --tokenizer.')
 _SHARD_SIZE = flags.DEFINE_integer('shard_size', 100_000,
                                    'Examples per shard.')
+_GROUP_SIZE = flags.DEFINE_integer(
+    'group_size', records.DEFAULT_GROUP_SIZE, 'Examples per compressed chunk '
+    '(a random read decodes a whole chunk): raise for tiny examples, lower '
+    'to 1 for large ones.')
 _ON_BAD_ROWS = flags.DEFINE_enum('on_bad_rows', 'error', ['error', 'drop'],
                                  'Malformed rows: an error naming file:line, '
                                  'or dropped and counted.')
@@ -58,7 +62,8 @@ def main(argv):
         records.Columns(_LABEL.value, _TEXT.value, _PAIR.value,
                         tuple(_FEATURES.value) if _FEATURES.value else None),
         _TOKENIZER.value, _MAX_LENGTH.value, _SHARD_SIZE.value,
-        _ON_BAD_ROWS.value, _DEDUP.value, _PROGRESS.value)
+        _ON_BAD_ROWS.value, _DEDUP.value, _PROGRESS.value,
+        _GROUP_SIZE.value)
   except (DataError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
