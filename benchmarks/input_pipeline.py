@@ -7,8 +7,8 @@ buckets 16/32/64 as in experiments/minilm_sst2.py), in one run:
   * converts train.tsv (+ dev.tsv as validation and test) into ArrayRecord
     twice, once keeping raw text and once tokenized at conversion;
   * input pipeline: batches/s of `TrainStream` reading the records (random
-    access through grain, one read thread), for both tokenization modes, and
-    over the in-memory table for reference;
+    access through grain, 1 and 2 read threads), for both tokenization
+    modes, and over the in-memory table for reference;
   * train step: seconds per MiniLM train step (bert_throughput's pmapped
     step on random tokens) at each bucket length, weighted by how often the
     stream produced that length -> steps/s, and the ratio pipeline/step;
@@ -71,10 +71,11 @@ def convert(train_tsv, out, tokenizer=None):
   return entry['num_examples'], seconds
 
 
-def pipeline_rate(train, batches: int):
+def pipeline_rate(train, batches: int, threads: int = 1):
   """Batches/s of a TrainStream over `train`, and the bucket lengths."""
   from tuning.data.pipeline import TrainStream
-  stream = TrainStream(train, BATCH, seed=0, buckets=(16, 32, 64))
+  stream = TrainStream(train, BATCH, seed=0, buckets=(16, 32, 64),
+                       read_threads=threads)
   for _ in range(5):
     next(stream)
   lengths = []
@@ -151,18 +152,18 @@ def main():
     print(f'  converted {n} rows (tokenize {mode}) in {seconds:.1f} s '
           f'({n / seconds:,.0f} rows/s)')
 
-  print(f'\ninput pipeline, batch {BATCH}, {args.batches} batches, one '
-        'read thread:')
+  print(f'\ninput pipeline, batch {BATCH}, {args.batches} batches:')
   rates, lengths = {}, None
   for mode, out in dirs.items():
     data = build_datasets(config(out).data)
-    rates[f'records, tokenized {mode}'], lengths = pipeline_rate(
-        data.train, args.batches)
+    for threads in (1, 2):
+      rates[f'records, tokenized {mode}, {threads} thr'], lengths = \
+          pipeline_rate(data.train, args.batches, threads)
   data = build_datasets(config().data)
   rates['in-memory table (reference)'], _ = pipeline_rate(data.train,
                                                            args.batches)
   for name, rate in rates.items():
-    print(f'  {name:34s} {rate:8.1f} batches/s')
+    print(f'  {name:40s} {rate:8.1f} batches/s')
 
   counts = {l: lengths.count(l) / len(lengths) for l in sorted(set(lengths))}
   print('\nMiniLM train step (float32, CPU, batch 32), bucket mix '

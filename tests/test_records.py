@@ -190,7 +190,7 @@ def test_stream_over_records_gives_the_in_memory_batches(tmp_path, tokenize):
                       memory.first_train_example())
   assert streamed.class_names == memory.class_names
   a = TrainStream(memory.train, 4, seed=3, buckets=(8, 16))
-  b = TrainStream(streamed.train, 4, seed=3, buckets=(8, 16))
+  b = TrainStream(streamed.train, 4, seed=3, buckets=(8, 16), read_threads=3)
   assert a.steps_per_epoch == b.steps_per_epoch == 50
   lengths = set()
   for _ in range(60):  # into the second epoch

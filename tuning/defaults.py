@@ -38,6 +38,9 @@ def base_config() -> config_dict.ConfigDict:
   # streamed from disk; text tokenized at conversion or on the fly)
   c.data.source = 'digits'
   c.data.records_dir = placeholder(str)  # for source array_record
+  # array_record: threads reading (and tokenizing) training batches ahead;
+  # the batches are the same for any number.
+  c.data.read_threads = 1
   c.data.path = placeholder(str)  # train file for csv/tsv/jsonl/npz
   c.data.validation_path = placeholder(str)
   c.data.test_path = placeholder(str)

@@ -285,6 +285,7 @@ def _build_from_records(data_config) -> Datasets:
     tables['validation'] = preprocessing.take(tables['validation'], keep)
 
   train.label_index = encoder.index
+  train.read_threads = int(data_config.get('read_threads') or 1)
   vocab = None
   if 'text' in metadata['fields']:
     if data_config.tokenizer == 'whitespace':

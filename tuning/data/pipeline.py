@@ -51,8 +51,13 @@ class TrainStream:
 
   def __init__(self, table, batch_size: int, seed: int, buckets=(),
                process_index: int = 0, process_count: int = 1,
-               read_threads: int = 1):
-    """`table`: a Table, or anything with __len__ and take(indices)."""
+               read_threads: int | None = None):
+    """`table`: a Table, or anything with __len__ and take(indices).
+
+    `read_threads` build batches ahead in parallel (default: the table's
+    `read_threads`, else 1); the batches do not depend on it.
+    """
+    read_threads = read_threads or getattr(table, 'read_threads', 1)
     n = len(table['label']) if isinstance(table, dict) else len(table)
     if batch_size > n:
       raise DataError(f'config.training.batch_size={batch_size} is larger '

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import threading
 from typing import Any, Iterator, Sequence
 
 import msgpack
@@ -526,6 +527,8 @@ class RecordSplit:
     self.tokenizer = tokenizer
     self.index = index  # a view: positions of this split's examples
     self.image_shape = image_shape
+    self.read_threads = 1  # TrainStream's default read threads
+    self._local = threading.local()  # a pretrained tokenizer per thread
     self._unpack = lambda b: msgpack.unpackb(b, raw=False)
 
   def __len__(self) -> int:
@@ -572,10 +575,11 @@ class RecordSplit:
     if 'text' in table:
       text = table.pop('text')
       pair = table.pop('text_pair', None)
+      tokenizer = self._thread_tokenizer()
       # As build_datasets: the whitespace vocabulary reads the text only.
-      table.update(self.tokenizer.encode(text, pair)
-                   if pair is not None and hasattr(self.tokenizer, 'path')
-                   else self.tokenizer.encode(text))
+      table.update(tokenizer.encode(text, pair)
+                   if pair is not None and hasattr(tokenizer, 'path')
+                   else tokenizer.encode(text))
     elif 'input_ids' in table:
       from tuning import tokenization  # pylint: disable=g-import-not-at-top
       info = self.metadata['tokenizer']
@@ -592,6 +596,18 @@ class RecordSplit:
         x = x.reshape((len(x),) + tuple(self.image_shape))
       table['x'] = x
     return table
+
+
+  def _thread_tokenizer(self):
+    """The tokenizer for this thread (a pretrained one sets truncation on
+    itself while encoding, so read threads must not share one)."""
+    if not hasattr(self.tokenizer, 'path'):
+      return self.tokenizer  # the whitespace vocabulary keeps no state
+    if getattr(self._local, 'owner', None) is not self.tokenizer:
+      self._local.owner = self.tokenizer
+      self._local.tokenizer = type(self.tokenizer)(self.tokenizer.path,
+                                                   self.tokenizer.max_length)
+    return self._local.tokenizer
 
 
 def records_to_table(records: list[dict[str, Any]], metadata: dict) -> Table:
