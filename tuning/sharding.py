@@ -20,6 +20,11 @@ results and save checkpoints:
   all-gathers of parameters and the reduce-scatters of gradients.
   Checkpoints are written shard by shard by orbax and restored against
   this run's shardings, so they move between device counts and layouts.
+
+A compiled train step is `step(state, batch, *extras)`: extra arguments
+(e.g. a teacher's parameters) placed with `place_params` reach the step
+function in both layouts (pmap maps their device axis; jit keeps their
+shardings); any extra `[rows, ...]` batch column is split like the others.
 """
 
 from __future__ import annotations
