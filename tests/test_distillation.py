@@ -75,13 +75,14 @@ def test_alpha_one_step_equals_plain_training():
   model, params, tx, batch = _mlp_state_and_batch()
   schedule = lambda step: 1e-2  # pylint: disable=unnecessary-lambda-assignment
   replicate = lambda s: jax.tree.map(lambda x: np.asarray(x)[None], s)  # pylint: disable=unnecessary-lambda-assignment
-  distill = config_dict.ConfigDict(
-      {'alpha': 1.0, 'temperature': 2.0, 'loss': 'kl'})
+  distill = base_config().distill
+  distill.alpha = 1.0
   plain, plain_losses = _two_steps(
       make_train_step(model, tx, schedule, seed=0),
       replicate(initial_state(params, tx)), batch)
   kd, kd_losses = _two_steps(
-      make_train_step(model, tx, schedule, seed=0, distill=distill),
+      make_train_step(model, tx, schedule, seed=0,
+                      loss_fn=distillation.make_loss_fn(distill)),
       replicate(initial_state(params, tx)), batch)
   np.testing.assert_allclose(kd_losses, plain_losses, rtol=1e-7)
   for a, b in zip(jax.tree.leaves(kd.params), jax.tree.leaves(plain.params)):
@@ -89,7 +90,8 @@ def test_alpha_one_step_equals_plain_training():
   # ... while alpha < 1 does learn something else from the teacher.
   distill.alpha = 0.5
   other, _ = _two_steps(
-      make_train_step(model, tx, schedule, seed=0, distill=distill),
+      make_train_step(model, tx, schedule, seed=0,
+                      loss_fn=distillation.make_loss_fn(distill)),
       replicate(initial_state(params, tx)), batch)
   assert not np.allclose(jax.tree.leaves(other.params)[0],
                          jax.tree.leaves(plain.params)[0])
@@ -157,14 +159,19 @@ def test_distilled_student_through_main(teacher_dir, tmp_path):
   transfer = str(tmp_path / 'transfer.npz')
   np.savez(transfer, x=load_digits().data[:100])
   params = {}
-  for mode in ('cache', 'step'):
-    workdir = str(tmp_path / mode)
+  # The teacher's logits cached, computed in the pmapped step, and computed
+  # in the jitted step on a 2 x 2 mesh of 4 devices.
+  for name, mode, flags, devices in (
+      ('cache', 'cache', (), 1), ('step', 'step', (), 1),
+      ('mesh', 'step', ('--config.parallelism=mesh', '--config.mesh.data=2',
+                        '--config.mesh.fsdp=2'), 4)):
+    workdir = str(tmp_path / name)
     out = run_main(f'--config={TINY}', '--config.model.hidden=(16,)',
                    f'--config.distill.teacher=({teacher_dir!r},)',
                    '--config.distill.alpha=0.5',
                    f'--config.distill.teacher_logits={mode}',
                    f'--config.distill.transfer_path={transfer}',
-                   f'--workdir={workdir}')
+                   f'--workdir={workdir}', *flags, devices=devices)
     assert '+ 100 teacher-labelled (transfer file)' in out.stdout
     assert 'distillation, validation split:' in out.stdout
     results = read_json(os.path.join(workdir, 'results.json'))
@@ -174,12 +181,13 @@ def test_distilled_student_through_main(teacher_dir, tmp_path):
     assert d['teacher_validation']['accuracy'] == \
         teacher_results['validation']['accuracy']
     assert d['teacher_parameters'] > results['num_parameters']
-    params[mode] = results['validation']['loss']
-    if mode == 'cache':
+    params[name] = results['validation']['loss']
+    if name == 'cache':
       assert os.path.exists(os.path.join(workdir, 'teacher_logits',
                                          'logits.npy'))
   # Logits computed in the step and cached ones train the same student.
   np.testing.assert_allclose(params['step'], params['cache'], rtol=1e-4)
+  np.testing.assert_allclose(params['mesh'], params['cache'], rtol=1e-4)
 
 
 def test_distillation_config_errors(teacher_dir, tmp_path):

@@ -18,11 +18,29 @@ def base_config() -> config_dict.ConfigDict:
   # Computation dtype: float32 or bfloat16 (params and optimizer state stay
   # float32; losses, softmax and norms are computed in float32).
   c.dtype = 'float32'
+  # How the train state and batches are laid out over devices
+  # (tuning/sharding.py): 'pmap' replicates the state on every local device;
+  # 'mesh' jits the step on a data x fsdp mesh of all devices, shards each
+  # state array (params, optimizer state, EMA) over 'fsdp' along its largest
+  # dimension divisible by the fsdp size, and splits batch rows over both
+  # axes: for models whose replicated state does not fit one device.
+  c.parallelism = 'pmap'  # pmap | mesh
+  # Mesh axis sizes ('mesh' only); their product is the device count, and
+  # -1 takes the rest of the devices (data=-1, fsdp=1: plain data parallel).
+  c.mesh = config_dict.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
 
   # ---------------------------------------------------------------- data
   c.data = config_dict.ConfigDict()
-  # digits (scikit-learn's 8x8 images) | csv | tsv | jsonl | npz | tfds
+  # digits (scikit-learn's 8x8 images) | csv | tsv | jsonl | npz | tfds |
+  # array_record (a directory written by `python -m tuning.data.to_records`,
+  # streamed from disk; text tokenized at conversion or on the fly)
   c.data.source = 'digits'
+  c.data.records_dir = placeholder(str)  # for source array_record
+  # array_record: threads reading (and tokenizing) training batches ahead;
+  # the batches are the same for any number.
+  c.data.read_threads = 1
   c.data.path = placeholder(str)  # train file for csv/tsv/jsonl/npz
   c.data.validation_path = placeholder(str)
   c.data.test_path = placeholder(str)

@@ -85,6 +85,19 @@ def distillation_loss(student_logits, teacher_logits, labels, labelled,
   return alpha * labelled.astype(jnp.float32) * ce + (1.0 - alpha) * soft
 
 
+def make_loss_fn(distill_config):
+  """The train step's `loss_fn(logits, batch)` for distillation."""
+  check_config(distill_config)
+  alpha = float(distill_config.alpha)
+  temperature = float(distill_config.temperature)
+  kind = distill_config.loss
+
+  def loss_fn(logits, batch):
+    return distillation_loss(logits, batch['teacher_logits'], batch['label'],
+                             batch['labelled'], alpha, temperature, kind)
+  return loss_fn
+
+
 def augment_texts(texts, copies: int, mask_prob: float, ngram_prob: float,
                   seed: int) -> list[str]:
   """Tang et al. (2019)'s augmentation: each word masked (as [UNK]) with
@@ -169,7 +182,6 @@ class Teacher:
     """Teacher logits of raw examples (ensembles: log of the mean
     probabilities); `by_length` batches them shortest first (faster)."""
     from tuning.ensemble import combine  # pylint: disable=g-import-not-at-top
-    from flax import jax_utils  # pylint: disable=g-import-not-at-top
     outputs = []
     for run, params in zip(self.members.runs, self.members.params):
       features = run.data.encode(raw)
@@ -180,8 +192,7 @@ class Teacher:
                np.arange(n))
       table = {**{k: v[order] for k, v in features.items()},
                'label': np.zeros(n, np.int32)}
-      logits, _ = run.predict(jax_utils.replicate(params), table,
-                              progress=progress)
+      logits, _ = run.predict(params, table, progress=progress)
       unsorted = np.empty_like(logits)
       unsorted[order] = logits
       outputs.append(unsorted)
@@ -211,6 +222,10 @@ def student_training_table(config, data, teacher: Teacher, workdir: str):
   augmented examples (label = the teacher's argmax, labelled = 0), with
   'teacher_logits' (cache) or the teacher's features (step)."""
   c = config.distill
+  if not data.raw:
+    raise ValueError('distillation reads the training examples into memory;'
+                     f' config.data.source={config.data.source!r} streams '
+                     'them (use the files it was converted from)')
   raw_parts = [data.raw['train']]
   n_labelled = len(data.train['label'])
   if c.transfer_path:

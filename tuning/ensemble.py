@@ -117,10 +117,9 @@ class Members:
   def predict(self, index: int, split: str, params=None):
     """Logits and labels of one member on a split (optionally with other
     parameters of the same architecture)."""
-    from flax import jax_utils  # pylint: disable=g-import-not-at-top
     run = self.runs[index]
     params = self.params[index] if params is None else params
-    return run.predict(jax_utils.replicate(params), split)
+    return run.predict(params, split)
 
   def all_predictions(self, split: str):
     """Every member's logits on a split, and the (shared) labels."""

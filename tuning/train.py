@@ -2,7 +2,8 @@
 
 Initialisation order (as in big_vision): a checkpoint already in
 `WORKDIR/checkpoints` (resume) -> `config.init.checkpoint` (pretrained
-parameters) -> fresh initialisation. The loop runs the pmapped train step,
+parameters) -> fresh initialisation. The loop runs the train step (pmapped,
+or jitted on a data x fsdp mesh: `config.parallelism`, tuning/sharding.py),
 logs progress, evaluates on the validation split, saves checkpoints (latest
 and best), and finally evaluates the chosen checkpoint on the test split and
 writes `results.json`.
@@ -18,7 +19,6 @@ import time
 
 import jax
 import numpy as np
-from flax import jax_utils
 
 from tuning import console
 from tuning import distillation
@@ -34,30 +34,13 @@ from tuning import lora as lora_lib
 from tuning.early_stopping import EarlyStopping
 from tuning.optimizers import (build_optimizer, describe_parameters,
                                trainable_mask)
-from tuning.train_step import (features_of, initial_state, make_eval_step,
-                               make_train_step)
+from tuning.sharding import local_rows, make_layout
+from tuning.train_step import (classification_loss, eval_fn, features_of,
+                               initial_state, train_step_fn)
 
 
 class TrainingError(RuntimeError):
   """Training cannot go on (e.g. a non-finite loss), worded for the user."""
-
-
-def _shard(batch: dict, devices: int) -> dict:
-  """[B, ...] -> [devices, B / devices, ...] for pmap."""
-  return {k: v.reshape((devices, -1) + v.shape[1:]) for k, v in batch.items()}
-
-
-def _local_rows(x) -> np.ndarray:
-  """This process's rows of a pmapped output (its devices, in order)."""
-  if not hasattr(x, 'addressable_shards'):
-    return np.asarray(x)
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  return np.concatenate([np.asarray(s.data) for s in shards])
-
-
-def _unreplicate(tree):
-  """Host copy of a replicated tree (this process's first device)."""
-  return jax.tree.map(lambda x: _local_rows(x)[0], tree)
 
 
 class Run:
@@ -67,7 +50,9 @@ class Run:
     """`data`: already built datasets for `config.data` (else built here)."""
     self.config = config
     self.workdir = workdir
-    self.devices = jax.local_device_count()
+    # How arrays are laid out over devices (pmap replicas or a mesh).
+    self.layout = make_layout(config)
+    self.devices = self.layout.devices
     if data is None:
       data = build_datasets(config.data)
       for line in data.log:
@@ -88,7 +73,7 @@ class Run:
     self.checkpoints = RunCheckpoints(
         os.path.join(workdir, 'checkpoints'), config.checkpoint.best_metric,
         config.checkpoint.best_mode)
-    self.eval_step = make_eval_step(self.model)
+    self.eval_step = self.layout.compile_eval_step(eval_fn(self.model))
 
   def init_params(self):
     example = features_of(self.data.first_train_example())
@@ -97,16 +82,22 @@ class Run:
         {'params': k}, **example, train=False))(key)
     return jax.tree.map(np.asarray, variables['params'])
 
-  def evaluate(self, params_replicated, split: str) -> dict:
+  def evaluate(self, params, split: str) -> dict:
     """Metrics of a full, ordered pass over one split."""
-    logits, labels = self.predict(params_replicated, split)
+    logits, labels = self.predict(params, split)
     return evaluation.classification_metrics(logits, labels,
                                              self.num_classes)
 
-  def predict(self, params_replicated, split, progress: str = ''):
+  def predict(self, params, split, progress: str = ''):
     """Logits [N, classes] and labels [N] of a split (its name, or a table
     of features and labels), in order; `progress` names a long pass whose
-    progress is printed."""
+    progress is printed.
+
+    `params`: host (numpy) parameters, or parameters already laid out by
+    `self.layout.place_params` (or the train state's, as the loop has them).
+    """
+    if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params)):
+      params = self.layout.place_params(params)
     table = self.data.split(split) if isinstance(split, str) else split
     logits, labels = [], []
     n, done, shown = len(table['label']), 0, time.time()
@@ -117,8 +108,8 @@ class Run:
       if progress and time.time() - shown > 30:
         console.info(f'{progress}: {min(done, n)}/{n} examples')
         shown = time.time()
-      out = _local_rows(self.eval_step(params_replicated,
-                                       _shard(batch, self.devices)))
+      out = local_rows(self.eval_step(params,
+                                      self.layout.place_batch(batch)))
       keep = batch['weight'] > 0
       logits.append(out.reshape(-1, out.shape[-1])[keep])
       labels.append(batch['label'][keep])
@@ -205,13 +196,14 @@ def _train_and_evaluate(run: Run, config, workdir: str,
                         start_time: float) -> dict:
   devices = run.devices
   batch_size = config.training.batch_size
+  where = run.layout.devices_text
   if batch_size % jax.device_count():
     raise ValueError(f'config.training.batch_size={batch_size} must be '
-                     f'divisible by the {jax.device_count()} devices')
+                     f'divisible by {where}')
   accumulation = int(config.training.get('accumulation_steps', 1) or 1)
   if accumulation < 1 or batch_size % (jax.device_count() * accumulation):
     raise ValueError(f'config.training.batch_size={batch_size} must be '
-                     f'divisible by {jax.device_count()} device(s) x '
+                     f'divisible by {where} x '
                      f'config.training.accumulation_steps={accumulation}')
   ema_lib.check_config(config.training)
   teacher, train_table = None, run.data.train
@@ -221,6 +213,7 @@ def _train_and_evaluate(run: Run, config, workdir: str,
         config, run.data, teacher, workdir)
     for line in log:
       console.info(line)
+  in_step_teacher = teacher and config.distill.teacher_logits == 'step'
   # Each process reads only its rows of every global batch.
   stream = TrainStream(train_table, batch_size, config.seed, run.buckets,
                        jax.process_index(), jax.process_count())
@@ -240,7 +233,7 @@ def _train_and_evaluate(run: Run, config, workdir: str,
 
   latest = run.checkpoints.latest_step()
   if latest is not None:
-    target = new_state(params)
+    target = run.layout.restore_target(new_state(params))
     state, data_state = run.checkpoints.restore(latest, target)
     stream.set_state(data_state)
     console.info(f'resumed from {run.checkpoints.directory} at step {latest}')
@@ -262,25 +255,28 @@ def _train_and_evaluate(run: Run, config, workdir: str,
 
   from tuning.metric_writer import MetricWriter  # pylint: disable=g-import-not-at-top
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  train_step = make_train_step(
+  state = run.layout.place_state(state)
+  train_step = run.layout.compile_train_step(train_step_fn(
       run.model, tx, schedule, config.seed,
       trainable=trainable_mask(params, config.optimizer, run.lora),
       accumulation_steps=accumulation,
       on_nonfinite=config.training.get('on_nonfinite', 'stop'),
       ema_decay=config.training.get('ema_decay'),
       prng_impl=config.training.get('prng_impl', 'threefry2x32'),
-      distill=config.distill if teacher else None,
-      teacher_model=teacher.members.runs[0].model if teacher and
-      config.distill.teacher_logits == 'step' else None)
-  teacher_args = ()
-  if teacher and config.distill.teacher_logits == 'step':
-    teacher_args = (jax_utils.replicate(teacher.members.params[0]),)
+      mean_over_devices=run.layout.mean_over_devices,
+      batch_shards=run.layout.batch_shards,
+      loss_fn=(distillation.make_loss_fn(config.distill) if teacher else
+               classification_loss),
+      teacher_model=teacher.members.runs[0].model if in_step_teacher
+      else None), state)
+  teacher_args = ((run.layout.place_params(teacher.members.params[0]),)
+                  if in_step_teacher else ())
+  console.info(run.layout.describe(state))
   console.info(_methods_line(config, accumulation, batch_size))
   patience = config.training.get('early_stopping_patience')
   stopper = EarlyStopping(patience, config.checkpoint.best_metric,
                           config.checkpoint.best_mode) if patience else None
-  state = jax_utils.replicate(state)
-  first_step = int(_local_rows(state.step)[0])
+  first_step = int(run.layout.fetch(state.step))
   console.info(f'training steps {first_step}..{total} on {devices} '
                f'device(s) x {jax.process_count()} process(es), global batch '
                f'{batch_size} '
@@ -294,11 +290,11 @@ def _train_and_evaluate(run: Run, config, workdir: str,
   try:
     for step in range(first_step, total):
       batch = next(stream)
-      state, metrics = train_step(state, _shard(batch, devices),
+      state, metrics = train_step(state, run.layout.place_batch(batch),
                                   *teacher_args)
       # Fetch every step: keeps CPU collectives in lock-step, and lets a
       # non-finite loss stop the run at the step where it appeared.
-      metrics = {k: float(_local_rows(v)[0]) for k, v in metrics.items()}
+      metrics = {k: float(run.layout.fetch(v)) for k, v in metrics.items()}
       done = step + 1
       if metrics['nonfinite'] and config.training.on_nonfinite == 'skip':
         console.info(f'step {done}: non-finite loss or gradients; update '
@@ -331,7 +327,8 @@ def _train_and_evaluate(run: Run, config, workdir: str,
                      f'accuracy {val["accuracy"]:.4f}  macro-F1 '
                      f'{val["macro_f1"]:.4f}')
       if evaluate_now or done % checkpoint_every == 0 or preemption.requested:
-        run.checkpoints.save(done, _unreplicate(state), stream.get_state(),
+        run.checkpoints.save(done, run.layout.checkpoint_state(state),
+                             stream.get_state(),
                              metrics=scalars if evaluate_now else None)
       if preemption.requested:
         run.checkpoints.wait()
@@ -356,7 +353,7 @@ def _train_and_evaluate(run: Run, config, workdir: str,
   if stopped_at is not None:
     results['early_stopped_at_step'] = stopped_at
   if state.skipped is not None:
-    results['skipped_steps'] = int(np.asarray(state.skipped)[0])
+    results['skipped_steps'] = int(run.layout.fetch(state.skipped))
   if teacher:
     results['distillation'] = _compare_with_teacher(run, teacher, results)
   _write_results(workdir, results)
@@ -373,8 +370,8 @@ def _compare_with_teacher(run: Run, teacher, results: dict) -> dict:
       ('student', results['validation'], results['num_parameters'],
        results['eval_examples_per_s'])]))
   test = evaluation.classification_metrics(
-      teacher.logits(run.data.raw['test']),
-      run.data.test['label'], run.num_classes)
+      teacher.logits(run.data.raw['test']), run.data.test['label'],
+      run.num_classes)
   return {'teacher': list(c.teacher), 'alpha': c.alpha,
           'temperature': c.temperature, 'loss': c.loss,
           'teacher_validation': val, 'teacher_test': test,
@@ -384,11 +381,11 @@ def _compare_with_teacher(run: Run, teacher, results: dict) -> dict:
 
 def _final_evaluation(run: Run, config) -> dict:
   params, step = run.restore_params(config.checkpoint.evaluate)
-  params_replicated = jax_utils.replicate(params)
+  params_placed = run.layout.place_params(params)
   start = time.time()
-  validation = run.evaluate(params_replicated, 'validation')
+  validation = run.evaluate(params_placed, 'validation')
   eval_speed = validation['examples'] / max(time.time() - start, 1e-9)
-  test = run.evaluate(params_replicated, 'test')
+  test = run.evaluate(params_placed, 'test')
   console.info(evaluation.format_metrics(
       test, run.data.class_names,
       f'test ({config.checkpoint.evaluate} checkpoint, step {step})'))

@@ -1,4 +1,9 @@
-"""The jitted, data-parallel (`jax.pmap`) train and eval steps.
+"""The train and eval steps, for either layout of tuning/sharding.py.
+
+`train_step_fn` returns the step as a plain function; a layout compiles it
+(`jax.pmap` with gradients averaged over devices, or `jax.jit` on a mesh
+where the step sees the global batch). `make_train_step` and
+`make_eval_step` are the pmapped versions.
 
 Randomness is derived inside the step: the step key is
 `fold_in(key(seed), step)` and each example's dropout key folds in the
@@ -34,7 +39,7 @@ import optax
 
 AXIS = 'batch'
 NON_FEATURES = ('label', 'weight', 'index', 'labelled', 'teacher_logits')
-TEACHER_PREFIX = 'teacher/'  # the teacher's own input columns
+TEACHER_PREFIX = 'teacher/'  # a distillation teacher's own input columns
 NONFINITE_MODES = ('stop', 'skip')
 
 
@@ -65,6 +70,25 @@ def cross_entropy(logits, labels):
       logits.astype(jnp.float32), labels)
 
 
+def classification_loss(logits, batch):
+  """Per-example loss of the model's logits on a batch: the one place the
+  training objective is defined (it may read any batch column)."""
+  return cross_entropy(logits, batch['label'])
+
+
+def micro_batches(batch: dict, count: int, shards: int = 1) -> dict:
+  """[rows, ...] -> [count, rows / count, ...] for gradient accumulation.
+
+  With `shards` > 1 (rows split over that many devices), micro-batch j takes
+  the j-th part of every device's rows, so that cutting moves no data and
+  the micro-batches equal pmap's (where each device cuts its own rows).
+  """
+  def cut(v):
+    v = v.reshape((shards, count, -1) + v.shape[1:]).swapaxes(0, 1)
+    return v.reshape((count, -1) + v.shape[3:])
+  return {k: cut(v) for k, v in batch.items()}
+
+
 def per_example_logits(model, params, features, index, rng, train: bool):
   """Applies `model` example by example (vmap) with per-example dropout."""
   def one(feat, i):
@@ -82,26 +106,29 @@ def ema_decay_at(decay: float, step):
   return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
 
 
-def make_train_step(model, tx, schedule, seed: int, *, trainable=None,
-                    accumulation_steps: int = 1, on_nonfinite: str = 'stop',
-                    ema_decay: float | None = None,
-                    prng_impl: str = 'threefry2x32', distill=None,
-                    teacher_model=None):
-  """Returns a pmapped `(state, batch) -> (state, metrics)`, or with a
-  `teacher_model`, `(state, batch, teacher_params) -> ...`.
-
-  `distill` (config.distill, or None): the per-example loss becomes the
-  distillation loss against `batch['teacher_logits']`, which
-  `teacher_model` computes inside the step when it is given.
+def train_step_fn(model, tx, schedule, seed: int, *, trainable=None,
+                  accumulation_steps: int = 1, on_nonfinite: str = 'stop',
+                  ema_decay: float | None = None,
+                  prng_impl: str = 'threefry2x32',
+                  loss_fn=classification_loss,
+                  mean_over_devices=lambda x: x, batch_shards: int = 1,
+                  teacher_model=None):
+  """Returns the uncompiled `(state, batch) -> (state, metrics)`, or with
+  a `teacher_model`, `(state, batch, teacher_params) -> ...`: the teacher's
+  logits of the batch's `teacher/*` columns become its `teacher_logits`
+  column (for a distillation `loss_fn`).
 
   `prng_impl='rbg'` makes dropout about twice as cheap on CPU (measured on
   MiniLM), but its per-example bits depend on how many examples a device
   holds, so results then change with the device count; the default
   threefry keeps them independent of it.
 
-  `batch` arrays have a leading device axis; gradients are averaged over
-  devices with `pmean`. `trainable` is a tree of bools like the params
-  (None: all train).
+  `loss_fn(logits, batch)` gives per-example losses (default: softmax
+  cross-entropy with `batch['label']`). `mean_over_devices` averages the
+  gradients, loss and accuracy over devices (`pmean` under pmap; the
+  identity under jit, where `batch` is the global batch, its rows split
+  over `batch_shards` devices). `trainable` is a tree of bools like the
+  params (None: all train).
   """
   if on_nonfinite not in NONFINITE_MODES:
     raise ValueError(f'config.training.on_nonfinite={on_nonfinite!r}: use '
@@ -124,32 +151,30 @@ def make_train_step(model, tx, schedule, seed: int, *, trainable=None,
               if not trains[k]}
     trained = {k: v for k, v in flat.items() if trains[k]}
 
-    def loss_fn(trained_params, micro):
+    def mean_loss(trained_params, micro):
       params = flax.traverse_util.unflatten_dict({**frozen, **trained_params})
       logits = per_example_logits(model, params, features_of(micro),
                                   micro['index'], rng, train=True)
-      return example_losses(logits, micro, distill).mean(), logits
+      correct = logits.argmax(-1) == micro['label']
+      return loss_fn(logits, micro).mean(), correct
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(mean_loss, has_aux=True)
     if accumulation_steps == 1:
-      (loss, logits), grads = grad_fn(trained, batch)
+      (loss, correct), grads = grad_fn(trained, batch)
     else:
-      micro = {k: v.reshape((accumulation_steps, -1) + v.shape[1:])
-               for k, v in batch.items()}
-
       def accumulate(carry, micro_batch):
         grad_sum, loss_sum = carry
-        (l, lg), g = grad_fn(trained, micro_batch)
-        return (jax.tree.map(jnp.add, grad_sum, g), loss_sum + l), lg
+        (l, c), g = grad_fn(trained, micro_batch)
+        return (jax.tree.map(jnp.add, grad_sum, g), loss_sum + l), c
 
       zeros = jax.tree.map(jnp.zeros_like, trained)
-      (grad_sum, loss_sum), logits = jax.lax.scan(
-          accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
+      (grad_sum, loss_sum), correct = jax.lax.scan(
+          accumulate, (zeros, jnp.zeros((), jnp.float32)),
+          micro_batches(batch, accumulation_steps, batch_shards))
       grads = jax.tree.map(lambda g: g / accumulation_steps, grad_sum)
       loss = loss_sum / accumulation_steps
-      logits = logits.reshape((-1,) + logits.shape[2:])
-    grads = jax.lax.pmean(grads, AXIS)
-    loss = jax.lax.pmean(loss, AXIS)
+    grads = mean_over_devices(grads)
+    loss = mean_over_devices(loss)
     finite = jnp.isfinite(loss) & jnp.all(jnp.array(
         [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     full_grads = flax.traverse_util.unflatten_dict(
@@ -167,10 +192,9 @@ def make_train_step(model, tx, schedule, seed: int, *, trainable=None,
       d = ema_decay_at(ema_decay, state.step)
       ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p,
                                 state.ema_params, params)
-    correct = (logits.argmax(-1) == batch['label']).mean()
     metrics = {
         'loss': loss,
-        'accuracy': jax.lax.pmean(correct, AXIS),
+        'accuracy': mean_over_devices(correct.mean()),
         'grad_norm': optax.tree.norm(grads),
         'param_norm': optax.tree.norm(params),
         'learning_rate': schedule(state.step),
@@ -181,25 +205,29 @@ def make_train_step(model, tx, schedule, seed: int, *, trainable=None,
     return TrainState(state.step + 1, params, opt_state, ema_params,
                       skipped), metrics
 
+  return step
+
+
+def make_train_step(model, tx, schedule, seed: int, **options):
+  """The pmapped train step: `batch` arrays have a leading device axis;
+  gradients are averaged over devices with `pmean`. `options`: those of
+  `train_step_fn`."""
+  step = train_step_fn(model, tx, schedule, seed,
+                       mean_over_devices=lambda x: jax.lax.pmean(x, AXIS),
+                       **options)
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
 
 
-def example_losses(logits, batch, distill=None):
-  """Per-example training loss: cross-entropy, or with `distill` the
-  distillation loss against the batch's teacher logits."""
-  if distill is None:
-    return cross_entropy(logits, batch['label'])
-  from tuning.distillation import distillation_loss  # pylint: disable=g-import-not-at-top
-  return distillation_loss(logits, batch['teacher_logits'], batch['label'],
-                           batch['labelled'], float(distill.alpha),
-                           float(distill.temperature), distill.loss)
+def eval_fn(model):
+  """Returns the uncompiled `(params, batch) -> logits`."""
+  def step(params, batch):
+    return model.apply({'params': params}, **features_of(batch), train=False)
+  return step
 
 
 def make_eval_step(model):
-  """Returns a pmapped `(params, batch) -> logits` (float32)."""
-  def step(params, batch):
-    return model.apply({'params': params}, **features_of(batch), train=False)
-  return jax.pmap(step, axis_name=AXIS)
+  """Returns a pmapped `(params, batch) -> logits`."""
+  return jax.pmap(eval_fn(model), axis_name=AXIS)
 
 
 def initial_state(params, tx, ema: bool = False, count_skipped: bool = False):

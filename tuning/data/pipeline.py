@@ -10,6 +10,11 @@ hosts.
 
 Text batches are cut to the shortest length bucket that holds their longest
 example, so the jitted step compiles a few shapes instead of one per batch.
+
+The training split is a table in memory, or a `records.RecordSplit` read by
+index from ArrayRecord shards: the same shuffled index batches then read
+just their rows from disk (and tokenize them, for raw text), so the two give
+the same batches and the stream never holds the data set.
 """
 
 from __future__ import annotations
@@ -44,9 +49,16 @@ class TrainStream:
   `process_index::` of a contiguous split), for multi-host training.
   """
 
-  def __init__(self, table: Table, batch_size: int, seed: int, buckets=(),
-               process_index: int = 0, process_count: int = 1):
-    n = len(table['label'])
+  def __init__(self, table, batch_size: int, seed: int, buckets=(),
+               process_index: int = 0, process_count: int = 1,
+               read_threads: int | None = None):
+    """`table`: a Table, or anything with __len__ and take(indices).
+
+    `read_threads` build batches ahead in parallel (default: the table's
+    `read_threads`, else 1); the batches do not depend on it.
+    """
+    read_threads = read_threads or getattr(table, 'read_threads', 1)
+    n = len(table['label']) if isinstance(table, dict) else len(table)
     if batch_size > n:
       raise DataError(f'config.training.batch_size={batch_size} is larger '
                       f'than the training set ({n} examples)')
@@ -60,15 +72,19 @@ class TrainStream:
     lo = process_index * per_process
     self._rows = slice(lo, lo + per_process)
     self._buckets = buckets
-    dataset = (grain.MapDataset.source(np.arange(n)).shuffle(seed=seed)
+    # range(n) is lazy: no index array as large as the data set.
+    dataset = (grain.MapDataset.range(n).shuffle(seed=seed)
                .repeat(None).batch(batch_size, drop_remainder=True)
                .map(self._gather))
-    self._dataset = dataset.to_iter_dataset(
-        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    self._dataset = dataset.to_iter_dataset(grain.ReadOptions(
+        num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
     self._iterator = iter(self._dataset)
 
   def _gather(self, indices: np.ndarray) -> Table:
-    batch = {k: v[indices] for k, v in self.table.items()}
+    if isinstance(self.table, dict):
+      batch = {k: v[indices] for k, v in self.table.items()}
+    else:
+      batch = self.table.take(indices)
     batch['index'] = np.arange(len(indices), dtype=np.int32)
     # Bucket on the global batch, so that every process cuts alike.
     batch = trim_to_bucket(batch, self._buckets)
