@@ -27,9 +27,8 @@ Prints the members' and ensembles' tables, then (seed 0, 2 CPU cores):
 
 from ml_collections import config_dict
 
+from experiments.quickstart import EVEN_ODD
 from tuning.defaults import base_config
-
-EVEN_ODD = ((0, 2, 4, 6, 8), (1, 3, 5, 7, 9))
 
 
 def get_config(arg=None):

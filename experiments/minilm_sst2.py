@@ -34,21 +34,27 @@ def minilm_source() -> str:
   return HUB_ID
 
 
+def sst2_data(data):
+  """SST-2 from ../shared/data/sst2: train.tsv (2% carved off as test) and
+  dev.tsv as validation; sentences up to 64 tokens in buckets 16/32/64."""
+  data.source = 'tsv'
+  data.path = os.path.normpath(os.path.join(SST2, 'train.tsv'))
+  data.validation_path = os.path.normpath(os.path.join(SST2, 'dev.tsv'))
+  data.test_fraction = 0.02
+  data.text_column = 'sentence'
+  data.label_column = 'label'
+  data.max_length = 64
+  data.length_buckets = (16, 32, 64)
+  data.drop_duplicates = False
+
+
 def get_config(arg='quick'):
   if arg not in ('quick', 'full'):
     raise ValueError(f'unknown preset {arg!r}: use quick or full')
   c = base_config()
   source = minilm_source()
-  c.data.source = 'tsv'
-  c.data.path = os.path.normpath(os.path.join(SST2, 'train.tsv'))
-  c.data.validation_path = os.path.normpath(os.path.join(SST2, 'dev.tsv'))
-  c.data.test_fraction = 0.02
-  c.data.text_column = 'sentence'
-  c.data.label_column = 'label'
+  sst2_data(c.data)
   c.data.tokenizer = source
-  c.data.max_length = 64
-  c.data.length_buckets = (16, 32, 64)
-  c.data.drop_duplicates = False
 
   c.model.name = 'bert'
   c.model.hf_config = source

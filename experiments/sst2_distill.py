@@ -27,10 +27,8 @@ import os
 
 from ml_collections import config_dict
 
+from experiments import minilm_sst2
 from tuning.defaults import base_config
-
-SST2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..',
-                    'shared', 'data', 'sst2')
 
 
 def get_config(arg=None):
@@ -38,18 +36,10 @@ def get_config(arg=None):
   teacher = os.path.abspath(arg or os.path.join('workdirs', 'minilm_sst2'))
   c = base_config()
   # The teacher's data files and split settings, so that both evaluate on
-  # the same validation and test examples.
-  c.data.source = 'tsv'
-  c.data.path = os.path.normpath(os.path.join(SST2, 'train.tsv'))
-  c.data.validation_path = os.path.normpath(os.path.join(SST2, 'dev.tsv'))
-  c.data.test_fraction = 0.02
-  c.data.text_column = 'sentence'
-  c.data.label_column = 'label'
-  c.data.drop_duplicates = False
+  # the same validation and test examples; the student's own vocabulary.
+  minilm_sst2.sst2_data(c.data)
   c.data.tokenizer = 'whitespace'
   c.data.vocab_size = 20000
-  c.data.max_length = 64
-  c.data.length_buckets = (16, 32, 64)
 
   c.model.name = 'lstm'
   c.model.embed_dim = 128

@@ -112,13 +112,8 @@ def build_datasets(data_config) -> Datasets:
                       '(check config.data.classes and the data files)')
 
   tables['train'] = _subsample(tables['train'], data_config, log)
-  limit = data_config.max_validation_examples
-  if limit and limit < len(tables['validation']['label']):
-    keep = np.sort(np.random.default_rng(_SPLIT_SEED + 2).permutation(
-        len(tables['validation']['label']))[:limit])
-    log.append(f'validation: kept {limit} of '
-               f'{len(tables["validation"]["label"])} examples')
-    tables['validation'] = preprocessing.take(tables['validation'], keep)
+  tables['validation'] = _limit_validation(tables['validation'],
+                                           data_config, log)
 
   raw = {name: {k: tables[name][k] for k in ('x', 'text', 'text_pair')
                 if k in tables[name]} for name in SPLITS}
@@ -162,6 +157,17 @@ def build_datasets(data_config) -> Datasets:
   return Datasets(tables['train'], tables['validation'], tables['test'],
                   encoder.num_classes, encoder.classes, log, raw=raw,
                   encode=encode)
+
+
+def _limit_validation(validation: Table, data_config, log) -> Table:
+  """A fixed random subset of `max_validation_examples` (faster checks)."""
+  limit = data_config.max_validation_examples
+  n = len(validation['label'])
+  if not limit or limit >= n:
+    return validation
+  keep = np.sort(np.random.default_rng(_SPLIT_SEED + 2).permutation(n)[:limit])
+  log.append(f'validation: kept {limit} of {n} examples')
+  return preprocessing.take(validation, keep)
 
 
 def _subsample(train: Table, data_config, log: list[str]) -> Table:
@@ -296,13 +302,8 @@ def _build_from_records(data_config) -> Datasets:
       log.append(f'train: kept {len(order)} of {len(train)} labelled '
                  'examples')
       train = train.view(order)
-  limit = data_config.max_validation_examples
-  if limit and limit < len(tables['validation']['label']):
-    keep = np.sort(np.random.default_rng(_SPLIT_SEED + 2).permutation(
-        len(tables['validation']['label']))[:limit])
-    log.append(f'validation: kept {limit} of '
-               f'{len(tables["validation"]["label"])} examples')
-    tables['validation'] = preprocessing.take(tables['validation'], keep)
+  tables['validation'] = _limit_validation(tables['validation'],
+                                           data_config, log)
 
   train.label_index = encoder.index
   train.read_threads = int(data_config.get('read_threads') or 1)
