@@ -113,6 +113,21 @@ def step_flops(model, params, tx, batch: int, length: int):
   return count(train, params, opt_state), count(evaluate, params)
 
 
+def torch_peak_matmul_flops(n: int = 2048) -> float | None:
+  """The same 2048^2 float32 matmul in PyTorch (its oneDNN/MKL kernels)."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  a = torch.ones((n, n), dtype=torch.float32)
+  for _ in range(2):
+    a @ a
+  start = time.perf_counter()
+  for _ in range(5):
+    a @ a
+  return 2 * n ** 3 / ((time.perf_counter() - start) / 5)
+
+
 def torch_rates(model_dir: str, batch: int, length: int, steps: int):
   try:
     import torch
@@ -195,6 +210,10 @@ def main():
         'float32')
   peak = peak_matmul_flops()
   print(f'peak matmul (2048^2 f32): {peak / 1e9:.1f} GFLOP/s')
+  torch_peak = torch_peak_matmul_flops()
+  if torch_peak:
+    print(f'the same matmul in PyTorch: {torch_peak / 1e9:.1f} GFLOP/s '
+          f'({torch_peak / peak:.2f}x XLA\'s)')
   model, params, tx, train_once, eval_once, _ = jax_steps(model_dir, b, n)
   train_s, eval_s = timed(train_once, args.steps), timed(eval_once,
                                                          args.steps)

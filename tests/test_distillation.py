@@ -173,7 +173,7 @@ def test_distilled_student_through_main(teacher_dir, tmp_path):
                    f'--config.distill.transfer_path={transfer}',
                    f'--workdir={workdir}', *flags, devices=devices)
     assert '+ 100 teacher-labelled (transfer file)' in out.stdout
-    assert 'distillation, validation split:' in out.stdout
+    assert 'distillation: validation accuracy, and examples/s' in out.stdout
     results = read_json(os.path.join(workdir, 'results.json'))
     d = results['distillation']
     teacher_results = read_json(os.path.join(teacher_dir, 'results.json'))

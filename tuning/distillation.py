@@ -207,8 +207,7 @@ class Teacher:
 
   def evaluate(self, raw: dict, labels: np.ndarray, num_classes: int) -> dict:
     """Metrics on the student's split, with examples/s of the pass, in
-    the split's order as the student's own evaluation (the length buckets
-    were compiled by the teacher-logits pass)."""
+    the split's order as the student's own evaluation."""
     start = time.time()
     logits = self.logits(raw, by_length=False)
     seconds = time.time() - start
@@ -316,7 +315,8 @@ def cached_teacher_logits(teacher: Teacher, raw: dict, workdir: str,
 
 def comparison_table(rows) -> str:
   """(name, validation metrics, parameters, eval examples/s) rows."""
-  lines = ['distillation, validation split:',
+  lines = ['distillation: validation accuracy, and examples/s of the test '
+           'pass:',
            f'  {"model":<18} {"accuracy":>9} {"macro-F1":>9} '
            f'{"parameters":>12} {"eval ex/s":>10}']
   for name, m, params, speed in rows:
