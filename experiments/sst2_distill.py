@@ -16,12 +16,14 @@ WORKDIR/distilled/teacher_logits.
       --workdir=workdirs/sst2_distill
 
 Prints, per stage, the teacher-vs-student table (validation accuracy,
-parameters, eval examples/s), then the stages side by side:
+parameters, eval examples/s), then the stages side by side (measured, one
+seed, 2-core CPU; 12-25 min per stage with the load, 11 min for the teacher's
+logits):
   test split by stage:
-    stage       accuracy  macro-F1 ...  val acc  parameters  eval ex/s
-    scratch        ...
-    distilled      ...
-    teacher        ...
+    stage         accuracy  macro-F1     loss  examples  val acc  parameters  eval ex/s
+    scratch         0.9406    0.9396   0.2447      1212   0.9329   2,823,682     2012.2
+    distilled       0.9447    0.9438   0.1521      1212   0.9360   2,823,682     2372.1
+    teacher         0.9455    0.9447   0.1472      1212   0.9394  22,713,986       63.6
 """
 
 import os
