@@ -190,6 +190,25 @@ def test_distilled_student_through_main(teacher_dir, tmp_path):
   np.testing.assert_allclose(params['mesh'], params['cache'], rtol=1e-4)
 
 
+def test_ensemble_teacher_of_one_run_twice_teaches_as_the_run(teacher_dir,
+                                                              tmp_path):
+  """An ensemble teacher's logits are log(mean probabilities): for two
+  copies of one run they differ from its logits by a constant per row, so
+  the KL term, and the student, are the same."""
+  losses = []
+  for name, teachers in (('one', (teacher_dir,)),
+                         ('two', (teacher_dir, teacher_dir))):
+    workdir = str(tmp_path / name)
+    run_main(f'--config={TINY}', '--config.model.hidden=(16,)',
+             f'--config.distill.teacher={teachers!r}',
+             '--config.distill.alpha=0.5', '--config.training.total_steps=20',
+             f'--workdir={workdir}')
+    results = read_json(os.path.join(workdir, 'results.json'))
+    losses.append(results['validation']['loss'])
+    assert len(results['distillation']['teacher']) == len(teachers)
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
 def test_distillation_config_errors(teacher_dir, tmp_path):
   bad = run_main(f'--config={TINY}',
                  f'--config.distill.teacher=({teacher_dir!r},{teacher_dir!r})',
