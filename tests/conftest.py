@@ -41,6 +41,22 @@ def run_main(*args, devices=1, check=True, timeout=300, cwd=ROOT):
   return result
 
 
+def run_main_processes(*args, processes=2, devices=1, timeout=300):
+  """Runs main.py as `processes` JAX processes on 127.0.0.1 (gloo), each
+  with `devices` devices; returns their outputs (stdout + stderr)."""
+  import portpicker  # pylint: disable=g-import-not-at-top
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(
+      main_command(*args, f'--coordinator_address=127.0.0.1:{port}',
+                   f'--num_processes={processes}', f'--process_id={i}'),
+      cwd=ROOT, env=subprocess_env(devices), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+  outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0] * processes, ''.join(
+      o[-2000:] for o in outputs)
+  return outputs
+
+
 def read_json(path):
   with open(path, encoding='utf-8') as f:
     return json.load(f)

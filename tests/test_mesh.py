@@ -4,17 +4,14 @@ counts and layouts."""
 
 import os
 import re
-import subprocess
 
 import numpy as np
 import orbax.checkpoint as ocp
-import portpicker
 import pytest
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
 
-from conftest import (ROOT, TINY, main_command, read_json, run_main,
-                      subprocess_env)
+from conftest import TINY, read_json, run_main, run_main_processes
 from test_main import flat, train_losses
 from tuning.sharding import mesh_shape, partition_spec
 
@@ -124,17 +121,8 @@ def test_mesh_checkpoints_move_between_device_counts(tmp_path):
 def test_two_processes_on_a_mesh_match_pmap(tmp_path, pmap_on_eight):
   """2 processes x 2 devices, parameters sharded across both processes."""
   workdir = str(tmp_path / 'multi')
-  port = portpicker.pick_unused_port()
-  procs = [subprocess.Popen(
-      main_command(f'--config={TINY}', f'--workdir={workdir}', MESH,
-                   '--config.mesh.fsdp=4',
-                   f'--coordinator_address=127.0.0.1:{port}',
-                   '--num_processes=2', f'--process_id={i}'),
-      cwd=ROOT, env=subprocess_env(devices=2), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=300)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + \
-      outputs[1][-2000:]
+  outputs = run_main_processes(f'--config={TINY}', f'--workdir={workdir}',
+                               MESH, '--config.mesh.fsdp=4', devices=2)
   assert 'layout: mesh data=1 x fsdp=4 over 4 device(s)' in outputs[0]
   assert 'on 2 device(s) x 2 process(es), global batch 32' in outputs[0]
   assert_same_training(workdir, pmap_on_eight)

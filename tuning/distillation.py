@@ -200,6 +200,25 @@ class Teacher:
       return outputs[0]
     return combine(outputs, 'mean_probs').astype(np.float32)
 
+  def report(self, run, results: dict) -> dict:
+    """Teacher and student on the student's splits (validation and test
+    passes as in the student's final evaluation, the test pass timed),
+    printed as one table; returned for results.json."""
+    data, c = run.data, self.config
+    val = self.evaluate(data.raw['validation'], data.validation['label'],
+                        run.num_classes)
+    test = self.evaluate(data.raw['test'], data.test['label'],
+                         run.num_classes)
+    console.info(comparison_table([
+        ('teacher', val, self.num_parameters, test['examples_per_s']),
+        ('student', results['validation'], results['num_parameters'],
+         results['eval_examples_per_s'])]))
+    return {'teacher': list(c.teacher), 'alpha': c.alpha,
+            'temperature': c.temperature, 'loss': c.loss,
+            'teacher_validation': val, 'teacher_test': test,
+            'teacher_parameters': self.num_parameters,
+            'teacher_eval_examples_per_s': test['examples_per_s']}
+
   def features(self, raw: dict) -> dict:
     """The (one) teacher's input features, prefixed, for in-step logits."""
     run = self.members.runs[0]
@@ -249,11 +268,12 @@ def student_training_table(config, data, teacher: Teacher, workdir: str):
   labelled = np.zeros(n, np.float32)
   labelled[:n_labelled] = 1.0
   table['labelled'] = labelled
-  log = [f'distill: {n_labelled} labelled training examples + {extra} '
-         f'teacher-labelled ({"transfer file" if c.transfer_path else ""}'
-         f'{", " if c.transfer_path and c.augment_copies else ""}'
-         f'{f"{c.augment_copies} augmented copies" if c.augment_copies else ""}'
-         ')' if extra else f'distill: {n_labelled} labelled training examples']
+  line = f'distill: {n_labelled} labelled training examples'
+  if extra:
+    sources = ['transfer file'] * bool(c.transfer_path) + \
+        [f'{c.augment_copies} augmented copies'] * bool(c.augment_copies)
+    line += f' + {extra} teacher-labelled ({", ".join(sources)})'
+  log = [line]
   if c.teacher_logits == 'step':
     table.update(teacher.features(raw))
     if extra:

@@ -150,6 +150,7 @@ def _short_names(workdirs: list[str]) -> list[str]:
 
 def evaluate_ensemble(config, workdir: str) -> dict:
   """`mode='ensemble'`: members and their combinations on validation/test."""
+  from tuning import train  # pylint: disable=g-import-not-at-top
   start = time.time()
   members = Members(tuple(config.ensemble.members),
                     config.ensemble.checkpoint)
@@ -170,7 +171,7 @@ def evaluate_ensemble(config, workdir: str) -> dict:
   results.update(results['ensemble']['mean_probs'])
   results['member_dirs'] = members.workdirs
   results['wall_time_s'] = time.time() - start
-  _write(workdir, results)
+  train.write_results(workdir, results)
   return results
 
 
@@ -191,13 +192,3 @@ def metrics_table(rows, title: str) -> str:
                  f'{m["macro_f1"]:9.4f} {m["loss"]:8.4f} {m["examples"]:9d}')
   return '\n'.join(lines)
 
-
-def _write(workdir: str, results: dict):
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'results.json')
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(results, f, indent=2)
-  console.info(f'wrote {path}')

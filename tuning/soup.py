@@ -18,7 +18,6 @@ evaluate it or start from it, and it can be an ensemble member or a teacher.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -87,12 +86,13 @@ def make_soup(config, workdir: str) -> dict:
   member_val = [metrics(p, 'validation') for p in members.params]
   accuracies = [m['accuracy'] for m in member_val]
   uniform = average(members.params)
-  chosen = []
-  greedy, greedy_accuracy = None, -1.0
-  for i in greedy_order(accuracies):
+  order = greedy_order(accuracies)
+  chosen = order[:1]  # the best member; its accuracy is known
+  greedy, greedy_accuracy = members.params[order[0]], accuracies[order[0]]
+  for i in order[1:]:
     candidate = average([members.params[j] for j in chosen + [i]])
     accuracy = metrics(candidate, 'validation')['accuracy']
-    if not chosen or accuracy >= greedy_accuracy:
+    if accuracy >= greedy_accuracy:
       chosen.append(i)
       greedy, greedy_accuracy = candidate, accuracy
   console.info('soup: greedy kept ' + ', '.join(
@@ -119,10 +119,8 @@ def make_soup(config, workdir: str) -> dict:
   results.update(results['soups'][config.soup.method])  # the headline
   results['checkpoint'] = os.path.join(workdir, 'checkpoints')
   results['wall_time_s'] = time.time() - start
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'results.json'), 'w',
-              encoding='utf-8') as f:
-      json.dump(results, f, indent=2)
+  from tuning.train import write_results  # pylint: disable=g-import-not-at-top
+  write_results(workdir, results)
   console.info(f'soup: wrote the {config.soup.method} soup to '
                f'{results["checkpoint"]} (evaluate it with --config.mode=eval '
                f'--workdir={workdir}, or start from it with '
@@ -156,7 +154,5 @@ def write_checkpoint(run, params, workdir: str, validation: dict):
     checkpoints.wait()
   finally:
     checkpoints.close()
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w',
-              encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+  from tuning.experiment import write_config  # pylint: disable=g-import-not-at-top
+  write_config(config, workdir)

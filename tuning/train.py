@@ -355,28 +355,9 @@ def _train_and_evaluate(run: Run, config, workdir: str,
   if state.skipped is not None:
     results['skipped_steps'] = int(run.layout.fetch(state.skipped))
   if teacher:
-    results['distillation'] = _compare_with_teacher(run, teacher, results)
-  _write_results(workdir, results)
+    results['distillation'] = teacher.report(run, results)
+  write_results(workdir, results)
   return results
-
-
-def _compare_with_teacher(run: Run, teacher, results: dict) -> dict:
-  """Teacher and student on the student's splits (validation and test
-  passes as in `_final_evaluation`, the test pass timed), printed."""
-  c = run.config.distill
-  val = teacher.evaluate(run.data.raw['validation'],
-                         run.data.validation['label'], run.num_classes)
-  test = teacher.evaluate(run.data.raw['test'], run.data.test['label'],
-                          run.num_classes)
-  console.info(distillation.comparison_table([
-      ('teacher', val, teacher.num_parameters, test['examples_per_s']),
-      ('student', results['validation'], results['num_parameters'],
-       results['eval_examples_per_s'])]))
-  return {'teacher': list(c.teacher), 'alpha': c.alpha,
-          'temperature': c.temperature, 'loss': c.loss,
-          'teacher_validation': val, 'teacher_test': test,
-          'teacher_parameters': teacher.num_parameters,
-          'teacher_eval_examples_per_s': test['examples_per_s']}
 
 
 def _final_evaluation(run: Run, config) -> dict:
@@ -414,11 +395,12 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   finally:
     run.checkpoints.close()
   results['wall_time_s'] = time.time() - start_time
-  _write_results(workdir, results)
+  write_results(workdir, results)
   return results
 
 
-def _write_results(workdir: str, results: dict):
+def write_results(workdir: str, results: dict):
+  """Writes WORKDIR/results.json (process 0) and says where."""
   if jax.process_index() != 0:
     return
   with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:
