@@ -14,6 +14,9 @@ def base_config() -> config_dict.ConfigDict:
   """Returns the defaults shared by all experiments."""
   c = config_dict.ConfigDict()
   c.mode = 'train'  # train | eval | ensemble | soup
+  # What is learnt (tuning/tasks/): its loss, metrics, evaluation and
+  # report. classification | regression
+  c.task = 'classification'
   c.seed = 0
   # Computation dtype: float32 or bfloat16 (params and optimizer state stay
   # float32; losses, softmax and norms are computed in float32).
@@ -157,8 +160,10 @@ def base_config() -> config_dict.ConfigDict:
 
   # ---------------------------------------------------------------- checkpoints
   c.checkpoint = config_dict.ConfigDict()
-  c.checkpoint.best_metric = 'accuracy'  # a validation metric
-  c.checkpoint.best_mode = 'max'  # max | min
+  # A validation metric and max | min; None: the task's (classification:
+  # accuracy, max; regression: loss, min).
+  c.checkpoint.best_metric = placeholder(str)
+  c.checkpoint.best_mode = placeholder(str)
   # Which checkpoint the final test evaluation (and mode=eval) uses.
   c.checkpoint.evaluate = 'best'  # best | latest
 
@@ -219,3 +224,20 @@ def base_config() -> config_dict.ConfigDict:
   c.stages = ()
   c.stage_overrides = config_dict.ConfigDict()
   return c
+
+
+def merged_onto_defaults(values: dict) -> config_dict.ConfigDict:
+  """`base_config()` with `values` (e.g. a run's config.json) merged onto
+  it, so that a run written before a field existed gets its default."""
+  merged = base_config().to_dict()
+  merge_into(merged, values)
+  return config_dict.ConfigDict(merged)
+
+
+def merge_into(base: dict, overrides: dict):
+  """Merges nested `overrides` into the dict `base`, in place."""
+  for key, value in overrides.items():
+    if isinstance(value, dict) and isinstance(base.get(key), dict):
+      merge_into(base[key], value)
+    else:
+      base[key] = value

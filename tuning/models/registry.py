@@ -49,7 +49,8 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(model_config, num_classes: int, dtype: str = 'float32',
+def build_model(model_config, dtype: str = 'float32', *,
+                num_outputs: int | None = None,
                 vocab_size: int | None = None) -> nn.Module:
   """Builds the Flax module named by `model_config.name`."""
   name = model_config.name
@@ -58,5 +59,5 @@ def build_model(model_config, num_classes: int, dtype: str = 'float32',
                      f'{", ".join(sorted(BUILDERS))}')
   if dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"config.dtype={dtype!r}: use 'float32' or 'bfloat16'")
-  return BUILDERS[name](model_config, num_classes, jnp.dtype(dtype),
+  return BUILDERS[name](model_config, num_outputs, jnp.dtype(dtype),
                         vocab_size)
