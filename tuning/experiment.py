@@ -17,7 +17,7 @@ import os
 from ml_collections import config_dict
 
 from tuning import console
-from tuning import tasks
+from tuning.tasks.registry import task_class
 from tuning.defaults import merge_into
 from tuning.ensemble import evaluate_ensemble
 from tuning.evaluation import evaluate_checkpoint
@@ -96,7 +96,7 @@ def comparison_table(results: dict) -> str:
                          'eval_examples_per_s':
                              d['teacher_eval_examples_per_s']}
   first = next(iter(results.values()), {})
-  task = tasks.task_class(first.get('task') or 'classification')
+  task = task_class(first.get('task') or 'classification')
   val_header, val_key, val_width, val_spec = task.validation_column
   lines = ['test split by stage:',
            f'  {"stage":<12}' + ''.join(

@@ -26,14 +26,14 @@ def run_config(workdir: str) -> config_dict.ConfigDict:
   """The config a run was trained with (its `config.json` on the defaults)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FinishedRunError(f'{workdir} has no config.json: give the work '
-                           'directory of a trained run')
+    raise FinishedRunError(f'{workdir} has no config.json: a member must be the '
+                           'work directory of a trained run')
   with open(path, encoding='utf-8') as f:
     try:
       values = json.load(f)
     except json.JSONDecodeError as e:
       raise FinishedRunError(f'{path} is not valid JSON ({e}): give the work '
-                             'directory of a trained run') from None
+                             'work directory of a trained run') from None
   config = merged_onto_defaults(values)
   if config.get('stages'):
     raise FinishedRunError(

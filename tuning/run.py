@@ -19,7 +19,7 @@ import numpy as np
 from tuning import console
 from tuning import ema as ema_lib
 from tuning import lora as lora_lib
-from tuning import tasks
+from tuning.tasks.registry import task_class
 from tuning.checkpoints import RunCheckpoints, load_pretrained_params
 from tuning.data.datasets import Datasets, build_datasets
 from tuning.data.pipeline import eval_batches
@@ -35,7 +35,7 @@ class Run:
     """`data`: already built datasets for `config.data` (else built here)."""
     self.config = config
     self.workdir = workdir
-    task_class = tasks.task_class(config.get('task', 'classification'))
+    task_kind = task_class(config.get('task', 'classification'))
     # How arrays are laid out over devices (pmap replicas or a mesh).
     self.layout = make_layout(config)
     self.devices = self.layout.devices
@@ -44,7 +44,7 @@ class Run:
       for line in data.log:
         console.info(f'data: {line}')
     self.data = data
-    self.task = task_class(config, data)
+    self.task = task_kind(config, data)
     self.model = build_model(config.model, config.dtype,
                              **self.task.model_dims())
     self.lora = config.get('lora') if lora_lib.enabled(config.get('lora')) \
