@@ -29,6 +29,7 @@ from tuning.data.datasets import Datasets, build_datasets
 from tuning.data.pipeline import TrainStream, eval_batches
 from tuning.durations import resolve_steps
 from tuning.models.registry import build_model
+from tuning.naming import naming_rules
 from tuning import ema as ema_lib
 from tuning import lora as lora_lib
 from tuning.early_stopping import EarlyStopping
@@ -63,12 +64,15 @@ class Run:
       raise ValueError(f'config.model.num_classes={num_classes} is smaller '
                        f'than the {self.data.num_classes} classes in the data')
     self.num_classes = num_classes
-    self.model = build_model(config.model, num_classes, config.dtype,
-                             self.data.vocab_size(config.data))
+    self.model = build_model(config.model, config.dtype,
+                             num_outputs=num_classes,
+                             vocab_size=self.data.vocab_size(config.data))
+    # Head, LoRA-target and layer-index regexes: the user's or the family's.
+    self.naming = naming_rules(config)
     self.lora = config.get('lora') if lora_lib.enabled(config.get('lora')) \
         else None
     if self.lora:
-      self.model = lora_lib.LoraModel(self.model, self.lora)
+      self.model = lora_lib.LoraModel(self.model, self.lora, self.naming)
     self.buckets = tuple(config.data.length_buckets)
     self.checkpoints = RunCheckpoints(
         os.path.join(workdir, 'checkpoints'), config.checkpoint.best_metric,
@@ -222,9 +226,9 @@ def _train_and_evaluate(run: Run, config, workdir: str,
 
   params = run.init_params()
   tx, schedule = build_optimizer(config.optimizer, params, total, warmup,
-                                 run.lora)
+                                 run.lora, run.naming)
   console.info('parameters:\n' + '\n'.join(
-      describe_parameters(params, config.optimizer, run.lora)))
+      describe_parameters(params, config.optimizer, run.lora, run.naming)))
   if run.lora:
     console.info(lora_lib.describe(params, run.lora))
   new_state = lambda p: initial_state(  # pylint: disable=unnecessary-lambda-assignment
@@ -258,7 +262,8 @@ def _train_and_evaluate(run: Run, config, workdir: str,
   state = run.layout.place_state(state)
   train_step = run.layout.compile_train_step(train_step_fn(
       run.model, tx, schedule, config.seed,
-      trainable=trainable_mask(params, config.optimizer, run.lora),
+      trainable=trainable_mask(params, config.optimizer, run.lora,
+                               run.naming),
       accumulation_steps=accumulation,
       on_nonfinite=config.training.get('on_nonfinite', 'stop'),
       ema_decay=config.training.get('ema_decay'),
@@ -349,7 +354,8 @@ def _train_and_evaluate(run: Run, config, workdir: str,
                   'validation_history': history})
   results['trainable_parameters'] = sum(
       int(np.size(p)) for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(
-          trainable_mask(params, config.optimizer, run.lora))) if t)
+          trainable_mask(params, config.optimizer, run.lora,
+                         run.naming))) if t)
   if stopped_at is not None:
     results['early_stopped_at_step'] = stopped_at
   if state.skipped is not None:
