@@ -52,5 +52,5 @@ def naming_rules(config) -> NamingRules:
                  config.get('lora'))
 
 
-# A family that declares no naming rules of its own.
-_UNDECLARED = Family(names=(), build=lambda *args, **kwargs: None)
+# A family that declares no naming rules of its own: family.py's defaults.
+_UNDECLARED = Family(names=(), build=None)

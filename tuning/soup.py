@@ -141,7 +141,7 @@ def write_checkpoint(run, params, workdir: str, validation: dict):
   if jax.process_index() == 0 and os.path.exists(directory):
     shutil.rmtree(directory)  # an earlier soup of this work directory
   tx, _ = build_optimizer(config.optimizer, params, 1, 0, None,
-                          run.naming)
+                          naming=run.naming)
   state = initial_state(
       params, tx, ema=config.training.get('ema_decay') is not None,
       count_skipped=config.training.get('on_nonfinite') == 'skip')

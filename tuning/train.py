@@ -72,7 +72,8 @@ class Run:
     self.lora = config.get('lora') if lora_lib.enabled(config.get('lora')) \
         else None
     if self.lora:
-      self.model = lora_lib.LoraModel(self.model, self.lora, self.naming)
+      self.model = lora_lib.LoraModel(self.model, self.lora,
+                                       naming=self.naming)
     self.buckets = tuple(config.data.length_buckets)
     self.checkpoints = RunCheckpoints(
         os.path.join(workdir, 'checkpoints'), config.checkpoint.best_metric,
@@ -226,9 +227,10 @@ def _train_and_evaluate(run: Run, config, workdir: str,
 
   params = run.init_params()
   tx, schedule = build_optimizer(config.optimizer, params, total, warmup,
-                                 run.lora, run.naming)
+                                 run.lora, naming=run.naming)
   console.info('parameters:\n' + '\n'.join(
-      describe_parameters(params, config.optimizer, run.lora, run.naming)))
+      describe_parameters(params, config.optimizer, run.lora,
+                          naming=run.naming)))
   if run.lora:
     console.info(lora_lib.describe(params, run.lora))
   new_state = lambda p: initial_state(  # pylint: disable=unnecessary-lambda-assignment
@@ -263,7 +265,7 @@ def _train_and_evaluate(run: Run, config, workdir: str,
   train_step = run.layout.compile_train_step(train_step_fn(
       run.model, tx, schedule, config.seed,
       trainable=trainable_mask(params, config.optimizer, run.lora,
-                               run.naming),
+                               naming=run.naming),
       accumulation_steps=accumulation,
       on_nonfinite=config.training.get('on_nonfinite', 'stop'),
       ema_decay=config.training.get('ema_decay'),
@@ -355,7 +357,7 @@ def _train_and_evaluate(run: Run, config, workdir: str,
   results['trainable_parameters'] = sum(
       int(np.size(p)) for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(
           trainable_mask(params, config.optimizer, run.lora,
-                         run.naming))) if t)
+                         naming=run.naming))) if t)
   if stopped_at is not None:
     results['early_stopped_at_step'] = stopped_at
   if state.skipped is not None:
