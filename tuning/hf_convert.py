@@ -9,8 +9,8 @@ module only reads and writes files. A converted folder holds:
                         `bert/...`, plus `classifier/...` when the source
                         has a head)
     <out>/config.json   the Hugging Face config
-    <out>/tokenizer.json, vocab.txt, tokenizer_config.json,
-    special_tokens_map.json (whichever the source has)
+    <out>/tokenizer.json, vocab.txt, tokenizer_config.json, ...
+                        (the TOKENIZER_FILES the source has)
     <out>/conversion.json   what was converted from where (written last:
                             marks completion)
 
@@ -34,8 +34,12 @@ from tuning.models import registry
 from tuning.models.family import Family
 from tuning.models.hf_config import read_hf_config
 
+# Tokenizer files copied beside the params (whichever the source has):
+# WordPiece (BERT), byte-level BPE (GPT-2), SentencePiece (T5, Marian).
 TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'tokenizer_config.json',
-                   'special_tokens_map.json')
+                   'special_tokens_map.json', 'added_tokens.json',
+                   'vocab.json', 'merges.txt', 'spiece.model', 'source.spm',
+                   'target.spm')
 _MARKER = 'conversion.json'
 
 
