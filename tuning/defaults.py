@@ -107,16 +107,18 @@ def base_config() -> config_dict.ConfigDict:
   # Regexes over '/'-joined parameter paths (full match).
   c.optimizer.frozen = ()  # no optimizer state, no update
   # The head's regexes; linear_probing=True trains only them (a preset).
-  c.optimizer.head = (r'(head|classifier)/.*',)
+  # None: the model family's (tuning/naming.py).
+  c.optimizer.head = placeholder(tuple)
   c.optimizer.linear_probing = False
   # Learning-rate multipliers: ((regex, mult), ...), the first match wins;
   # a multiplier of 0 freezes.
   c.optimizer.lr_mults = ()
   # Layer-wise LR decay: lr x layer_decay^depth, depth counted from the top
   # (layer i of L: L - i; embeddings: L + 1; head, pooler: 0).
-  # layer_index_regex captures the layer index. None: off.
+  # layer_decay None: off. layer_index_regex captures the layer index; None:
+  # the model family's.
   c.optimizer.layer_decay = placeholder(float)
-  c.optimizer.layer_index_regex = r'.*layer_(\d+)/.*'
+  c.optimizer.layer_index_regex = placeholder(str)
   c.optimizer.embedding_regex = r'.*(embed|embeddings).*'
   c.optimizer.no_decay = (r'.*bias$', r'.*(LayerNorm|layer_norm|norm).*',
                           r'.*(embed|embeddings).*')
@@ -152,8 +154,8 @@ def base_config() -> config_dict.ConfigDict:
   c.lora.rank = 0  # 0: off
   c.lora.alpha = 16.0  # the adapters' output is scaled by alpha / rank
   c.lora.dropout = 0.0  # on the adapters' input
-  # Regexes over Dense module paths (full match).
-  c.lora.targets = (r'.*attention/(query|value)',)
+  # Regexes over Dense module paths (full match); None: the model family's.
+  c.lora.targets = placeholder(tuple)
   c.lora.train_head = True  # the optimizer.head parameters train too
   # Write the merged plain parameters to WORKDIR/merged at the end.
   c.lora.export_merged = True

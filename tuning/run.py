@@ -24,6 +24,7 @@ from tuning.checkpoints import RunCheckpoints, load_pretrained_params
 from tuning.data.datasets import Datasets, build_datasets
 from tuning.data.pipeline import eval_batches
 from tuning.models.registry import build_model
+from tuning.naming import naming_rules
 from tuning.sharding import local_rows, make_layout
 from tuning.train_step import eval_fn, eval_totals_fn, features_of
 
@@ -47,10 +48,13 @@ class Run:
     self.task = task_kind(config, data)
     self.model = build_model(config.model, config.dtype,
                              **self.task.model_dims())
+    # Head, LoRA-target and layer-index regexes: the user's or the family's.
+    self.naming = naming_rules(config)
     self.lora = config.get('lora') if lora_lib.enabled(config.get('lora')) \
         else None
     if self.lora:
-      self.model = lora_lib.LoraModel(self.model, self.lora)
+      self.model = lora_lib.LoraModel(self.model, self.lora,
+                                      naming=self.naming)
     self.buckets = tuple(config.data.length_buckets)
     self.best_metric = (config.checkpoint.get('best_metric') or
                         self.task.best_metric)

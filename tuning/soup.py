@@ -143,7 +143,8 @@ def write_checkpoint(run, params, workdir: str, validation: dict):
   directory = os.path.join(workdir, 'checkpoints')
   if jax.process_index() == 0 and os.path.exists(directory):
     shutil.rmtree(directory)  # an earlier soup of this work directory
-  tx, _ = build_optimizer(config.optimizer, params, 1, 0, None)
+  tx, _ = build_optimizer(config.optimizer, params, 1, 0, None,
+                          naming=run.naming)
   state = initial_state(
       params, tx, ema=config.training.get('ema_decay') is not None,
       count_skipped=config.training.get('on_nonfinite') == 'skip')

@@ -145,9 +145,10 @@ def _setup(run: Run) -> _Training:
       config, stream.steps_per_epoch)
   params = run.init_params()
   tx, schedule = build_optimizer(config.optimizer, params, total, warmup,
-                                 run.lora)
+                                 run.lora, naming=run.naming)
   console.info('parameters:\n' + '\n'.join(
-      describe_parameters(params, config.optimizer, run.lora)))
+      describe_parameters(params, config.optimizer, run.lora,
+                          naming=run.naming)))
   if run.lora:
     console.info(lora_lib.describe(params, run.lora))
   new_state = lambda p: initial_state(  # pylint: disable=unnecessary-lambda-assignment
@@ -192,7 +193,8 @@ def _compile_step(run: Run, training: _Training):
   in_step_teacher = teacher and config.distill.teacher_logits == 'step'
   train_step = run.layout.compile_train_step(train_step_fn(
       run.model, training.tx, training.schedule, config.seed,
-      trainable=trainable_mask(training.params, config.optimizer, run.lora),
+      trainable=trainable_mask(training.params, config.optimizer, run.lora,
+                               naming=run.naming),
       accumulation_steps=training.accumulation,
       on_nonfinite=config.training.get('on_nonfinite', 'stop'),
       ema_decay=config.training.get('ema_decay'),
@@ -304,7 +306,8 @@ def _finish(run: Run, training: _Training, outcome: dict,
                   'validation_history': outcome['history']})
   results['trainable_parameters'] = sum(
       int(np.size(p)) for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(
-          trainable_mask(params, config.optimizer, run.lora))) if t)
+          trainable_mask(params, config.optimizer, run.lora,
+                         naming=run.naming))) if t)
   if outcome['stopped_at'] is not None:
     results['early_stopped_at_step'] = outcome['stopped_at']
   state = outcome['state']
