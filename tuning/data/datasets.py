@@ -104,6 +104,8 @@ def build_datasets(data_config, labels: str | None = 'classes') -> Datasets:
   log = source.log
   train, tables = source.train, dict(source.given)
   for name in tables:
+    if labels is None:
+      tables[name].pop('label', None)
     tables[name] = _check_given(tables[name], name, data_config, log)
 
   counts = train.label_counts() if labels == 'classes' else None
@@ -123,11 +125,10 @@ def build_datasets(data_config, labels: str | None = 'classes') -> Datasets:
     if counts is not None:
       for label in tables[name]['label']:
         counts[preprocessing.label_key(label)] -= 1
+    if labels is None:
+      tables[name].pop('label', None)  # records converted with labels
     log.append(f'{name}: carved {count} of {n} training rows '
                f'(fraction {fraction})')
-  if labels is None:
-    for table in tables.values():
-      table.pop('label', None)
 
   encoder, ids = None, None  # ids: class index of every training row
   if labels == 'classes':
