@@ -107,53 +107,16 @@ def build_datasets(data_config, labels: str | None = 'classes') -> Datasets:
     if labels is None:
       tables[name].pop('label', None)
     tables[name] = _check_given(tables[name], name, data_config, log)
-
-  counts = train.label_counts() if labels == 'classes' else None
-  rng = np.random.default_rng(_SPLIT_SEED)
-  for name, fraction in (('test', data_config.test_fraction),
-                         ('validation', data_config.validation_fraction)):
-    if name in tables:
-      continue
-    n = len(train)
-    count = int(round(n * fraction))
-    if not 0 < count < n:
-      raise DataError(f'cannot carve a {name} split of fraction {fraction} '
-                      f'from {n} training rows (config.data.{name}_fraction)')
-    order = rng.permutation(n)
-    tables[name] = train.raw_table(np.sort(order[:count]))
-    train = train.select(np.sort(order[count:]))
-    if counts is not None:
-      for label in tables[name]['label']:
-        counts[preprocessing.label_key(label)] -= 1
-    if labels is None:
-      tables[name].pop('label', None)  # records converted with labels
-    log.append(f'{name}: carved {count} of {n} training rows '
-               f'(fraction {fraction})')
-
+  train, counts = _carve(train, tables, data_config, labels, log)
   encoder, ids = None, None  # ids: class index of every training row
   if labels == 'classes':
-    encoder = preprocessing.LabelEncoder.fit(
-        np.array([k for k, v in counts.items() if v > 0], dtype=object),
-        data_config.classes, data_config.class_names)
-    if data_config.classes:
-      ids = encoder.ids(train.raw_labels())
-      keep = np.flatnonzero(ids >= 0)
-      if len(keep) < len(train):
-        log.append(f'train: dropped {len(train) - len(keep)} rows (label not '
-                   'in config.data.classes)')
-        train, ids = train.select(keep), ids[keep]
-    for name in ('validation', 'test'):
-      tables[name], dropped = encoder.transform(tables[name])
-      if dropped:
-        why = ('label not in config.data.classes' if data_config.classes
-               else 'label not seen in training')
-        log.append(f'{name}: dropped {dropped} rows ({why})')
+    encoder, train, ids = _encode_labels(train, tables, counts, data_config,
+                                         log)
   for name, size in (('train', len(train)), *(
       (n, num_rows(tables[n])) for n in ('validation', 'test'))):
     if not size:
       raise DataError(f'the {name} split is empty after preprocessing '
                       '(check config.data.classes and the data files)')
-
   if data_config.examples_per_class or data_config.max_train_examples:
     if data_config.examples_per_class and ids is None:
       ids = encoder.ids(train.raw_labels())
@@ -175,6 +138,62 @@ def build_datasets(data_config, labels: str | None = 'classes') -> Datasets:
           'values': 'regression values', None: 'no labels'}[labels]
   log.append(f'examples: {sizes}; {what}')
   return data
+
+
+def _carve(train, tables: dict[str, Table], data_config, labels, log):
+  """Carves missing validation/test splits (into `tables`) from train.
+
+  Returns the rest of train and, for class labels, its rows per label.
+  """
+  counts = train.label_counts() if labels == 'classes' else None
+  rng = np.random.default_rng(_SPLIT_SEED)
+  for name, fraction in (('test', data_config.test_fraction),
+                         ('validation', data_config.validation_fraction)):
+    if name in tables:
+      continue
+    n = len(train)
+    count = int(round(n * fraction))
+    if not 0 < count < n:
+      raise DataError(f'cannot carve a {name} split of fraction {fraction} '
+                      f'from {n} training rows (config.data.{name}_fraction)')
+    order = rng.permutation(n)
+    tables[name] = train.raw_table(np.sort(order[:count]))
+    train = train.select(np.sort(order[count:]))
+    if counts is not None:
+      for label in tables[name]['label']:
+        counts[preprocessing.label_key(label)] -= 1
+    if labels is None:
+      tables[name].pop('label', None)  # records converted with labels
+    log.append(f'{name}: carved {count} of {n} training rows '
+               f'(fraction {fraction})')
+  return train, counts
+
+
+def _encode_labels(train, tables: dict[str, Table], counts: dict[str, int],
+                   data_config, log):
+  """Fits class labels on train; keeps only `classes`; encodes dev labels.
+
+  Returns the encoder, the training rows kept and their class indices
+  (None: not read).
+  """
+  encoder = preprocessing.LabelEncoder.fit(
+      np.array([k for k, v in counts.items() if v > 0], dtype=object),
+      data_config.classes, data_config.class_names)
+  ids = None
+  if data_config.classes:
+    ids = encoder.ids(train.raw_labels())
+    keep = np.flatnonzero(ids >= 0)
+    if len(keep) < len(train):
+      log.append(f'train: dropped {len(train) - len(keep)} rows (label not '
+                 'in config.data.classes)')
+      train, ids = train.select(keep), ids[keep]
+  for name in ('validation', 'test'):
+    tables[name], dropped = encoder.transform(tables[name])
+    if dropped:
+      why = ('label not in config.data.classes' if data_config.classes
+             else 'label not seen in training')
+      log.append(f'{name}: dropped {dropped} rows ({why})')
+  return encoder, train, ids
 
 
 def _check_labels(data_config, labels):

@@ -127,8 +127,8 @@ class RowFile:
       raise DataError(f'unsupported format {fmt!r}: use one of '
                       f'{", ".join(FORMATS)}')
     if not os.path.exists(path):
-      raise DataError(f'data file not found: {path} (check '
-                      f'{"--input" if options.flags else "config.data.path and friends"})')
+      where = '--input' if options.flags else 'config.data.path and friends'
+      raise DataError(f'data file not found: {path} (check {where})')
     if options.column_names and fmt not in ('csv', 'tsv'):
       raise DataError(f'{options.name("column_names")} names the columns of '
                       f'headerless CSV/TSV files, not {fmt} ({path}); unset '
@@ -149,10 +149,10 @@ class RowFile:
         try:
           self.header = [h.strip() for h in next(self._reader)]
         except StopIteration:
-          raise DataError(
-              f'{path}: the file is empty (a header row is required, or '
-              f"name the columns with {options.setting('column_names', ('text', 'label'))})"
-              ) from None
+          names = options.setting('column_names', ('text', 'label'))
+          raise DataError(f'{path}: the file is empty (a header row is '
+                          f'required, or name the columns with {names})'
+                          ) from None
 
   def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
     if self._reader is not None:
