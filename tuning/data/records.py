@@ -18,7 +18,10 @@ unpadded.
 Reading (`RecordSplit`) is random access through grain's
 `ArrayRecordDataSource`: a batch of indices reads just those records, so
 memory does not grow with the data set. The labels' vocabulary comes from
-the metadata, not from a pass over the data.
+the metadata, not from a pass over the data; the pipeline's report of how
+many validation/test rows also occur in train reads the training records
+once (about 150,000 short examples a second on one core), holding only the
+dev rows' keys.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import numpy as np
 
 from tuning.data import preprocessing
 from tuning.data import rows
-from tuning.data.rows import Columns  # pylint: disable=unused-import
+from tuning.data.rows import Columns
 from tuning.data.tables import DataError, SourceReport, Table
 
 FORMATS = ('csv', 'tsv', 'jsonl', 'text')
@@ -383,8 +386,11 @@ class RecordSplit:
   """One split of a records directory, read by index (never whole).
 
   `take(indices)` returns model-ready columns like an in-memory table's rows:
-  'label' (class index, int32), then 'x', or token columns padded to
-  max_length (tokenized at conversion, or now by `tokenizer`).
+  'label' (class index, int32; float32 for labels='values'; none for
+  labels=None), then 'x', or token columns padded to max_length (tokenized
+  at conversion, or now by `tokenizer`). It is also the pipeline's
+  `tables.Rows` for the training split (select, raw_table, raw_labels,
+  raw_chunks, label_counts).
   """
 
   def __init__(self, directory: str, split: str, metadata: dict,
