@@ -323,3 +323,22 @@ def test_one_row_parser_for_memory_and_conversion(tmp_path):
                                              str(converted.value))
     assert 'config.data.' in str(memory.value)
     assert '--' in str(converted.value)
+
+
+def test_unusable_rows_of_npz_test_split_are_an_error_or_counted(tmp_path):
+  x = np.random.default_rng(0).normal(size=(40, 3))
+  np.savez(tmp_path / 'train.npz', x=x, label=(x[:, 0] > 0).astype(int))
+  test_x = x[:6].copy()
+  test_x[2, 1] = np.nan
+  np.savez(tmp_path / 'test.npz', x=np.concatenate([test_x, test_x]),
+           label=np.arange(12) % 2)
+  config = csv_config(tmp_path / 'train.npz', source='npz',
+                      test_path=str(tmp_path / 'test.npz'))
+  with pytest.raises(DataError, match=r'the test split has 2 rows with a '
+                     r'missing/NaN feature \(first: row 2\)'):
+    build_datasets(config)
+  config.on_bad_rows = 'drop'
+  data = build_datasets(config)
+  assert 'test: dropped 2 rows (missing/NaN feature)' in data.log
+  assert len(data.test['label']) == 10  # duplicates kept
+  assert '10 of 10 test rows also occur in train' in data.log
