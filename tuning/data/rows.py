@@ -293,30 +293,16 @@ class RowParser:
   @staticmethod
   def incomplete(example: dict) -> str | None:
     """Why training cannot use an example (None: it can), as cleaning says."""
-    if 'label' in example and is_missing(example['label']):
-      return 'missing label'
-    if 'x' in example and not all(math.isfinite(v) for v in example['x']):
-      return 'missing/NaN feature'
-    for key in ('text', 'text_pair'):
-      if key in example and is_missing(example[key]):
-        return f'missing {key}'
-    return None
+    return _lacks(example, is_missing)
 
   @staticmethod
   def unusable(example: dict) -> str | None:
     """Why a validation/test example cannot be used at all (None: it can).
 
-    Stricter than nothing, looser than cleaning: an empty or 'NA' text is
-    still an example to predict; a missing label or feature is not.
+    Looser than cleaning: an empty or 'NA' text is still an example to
+    predict; a missing label or feature is not.
     """
-    if 'label' in example and is_missing(example['label']):
-      return 'missing label'
-    if 'x' in example and not all(math.isfinite(v) for v in example['x']):
-      return 'missing/NaN feature'
-    for key in ('text', 'text_pair'):
-      if key in example and example[key] is None:
-        return f'missing {key}'
-    return None
+    return _lacks(example, lambda text: text is None)
 
   def to_table(self, examples: list[dict]) -> Table:
     """Examples as columns (labels as read, or float64 values)."""
@@ -333,6 +319,18 @@ class RowParser:
       if c:
         table[key] = np.array([e[key] for e in examples], dtype=object)
     return table
+
+
+def _lacks(example: dict, missing_text) -> str | None:
+  """The first missing part of an example: label, a feature, or a text."""
+  if 'label' in example and is_missing(example['label']):
+    return 'missing label'
+  if 'x' in example and not all(math.isfinite(v) for v in example['x']):
+    return 'missing/NaN feature'
+  for key in ('text', 'text_pair'):
+    if key in example and missing_text(example[key]):
+      return f'missing {key}'
+  return None
 
 
 def read_examples(path: str, fmt: str, parser: RowParser,

@@ -138,26 +138,16 @@ def _with_labels(table: Table, labels: str | None, where: str) -> Table:
   if labels is None:
     table.pop('label', None)
   elif labels == 'values':
-    column = table['label']
-    try:
-      table['label'] = np.asarray(
-          [np.nan if is_missing(v) else float(v)
-           for v in column], np.float64)
-    except (TypeError, ValueError):
-      bad = next(i for i, v in enumerate(column)
-                 if not _is_number(v))
-      raise DataError(f'{where}: label {column[bad]!r} of row {bad} is not a '
-                      "number (labels='values' reads regression targets)"
-                      ) from None
+    values = np.empty(len(table['label']), np.float64)
+    for i, v in enumerate(table['label']):
+      try:
+        values[i] = np.nan if is_missing(v) else float(v)
+      except (TypeError, ValueError):
+        raise DataError(f'{where}: label {v!r} of row {i} is not a number '
+                        "(labels='values' reads regression targets)"
+                        ) from None
+    table['label'] = values
   return table
-
-
-def _is_number(value) -> bool:
-  try:
-    float(value)
-    return True
-  except (TypeError, ValueError):
-    return is_missing(value)
 
 
 def _read_digits() -> Table:
