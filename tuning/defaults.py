@@ -55,6 +55,12 @@ def base_config() -> config_dict.ConfigDict:
   c.data.validation_fraction = 0.1
   c.data.test_fraction = 0.2  # only where the source has no test split
   c.data.label_column = 'label'
+  # Headerless CSV/TSV files: their column names, e.g. ('text', 'label');
+  # the first line is then data. None: the first line is the header.
+  c.data.column_names = placeholder(tuple)
+  # How csv/tsv/jsonl files are decoded, e.g. 'latin-1' (a file that is
+  # not valid in it is an error naming file:line).
+  c.data.encoding = 'utf-8'
   c.data.feature_columns = placeholder(tuple)  # None: every other column
   c.data.text_column = placeholder(str)  # set for text classification
   c.data.text_pair_column = placeholder(str)
@@ -65,7 +71,12 @@ def base_config() -> config_dict.ConfigDict:
   c.data.examples_per_class = placeholder(int)  # few-label training sets
   c.data.max_train_examples = placeholder(int)
   c.data.max_validation_examples = placeholder(int)  # faster validation
-  c.data.on_bad_rows = 'error'  # error | drop (dropped rows are counted)
+  # Malformed rows, and validation/test rows that cannot be used (missing
+  # label or feature): error (naming file:line) | drop (dropped and counted).
+  c.data.on_bad_rows = 'error'
+  # Drop exact duplicates from the training split (rows with missing values
+  # always are), before any validation/test split is carved from it. Given
+  # validation and test splits are used as given: never de-duplicated.
   c.data.drop_duplicates = True
   c.data.normalize = placeholder(str)  # standard | minmax
   c.data.pca_components = placeholder(int)
