@@ -16,6 +16,7 @@ from ml_collections import config_dict
 from tuning.data.datasets import build_datasets
 from tuning.defaults import merged_onto_defaults
 from tuning.run import Run
+from tuning.tasks.registry import task_class
 
 
 class FinishedRunError(ValueError):
@@ -68,7 +69,8 @@ class Members:
       config = run_config(workdir)
       key = json.dumps(config.data.to_dict(), sort_keys=True)
       if key not in data_cache:
-        data_cache[key] = build_datasets(config.data)
+        data_cache[key] = build_datasets(
+            config.data, labels=task_class(config.task).labels)
       run = Run(config, workdir, data=data_cache[key])
       try:
         params, step = run.restore_params(checkpoint)

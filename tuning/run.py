@@ -41,7 +41,7 @@ class Run:
     self.layout = make_layout(config)
     self.devices = self.layout.devices
     if data is None:
-      data = build_datasets(config.data)
+      data = build_datasets(config.data, labels=task_kind.labels)
       for line in data.log:
         console.info(f'data: {line}')
     self.data = data
