@@ -140,8 +140,10 @@ def test_classification_totals_on_the_device_equal_the_host_metrics():
       get = staticmethod(lambda key, default=None: None)
 
   task = classification.Classification(Config, Data)
-  totals = task.eval_totals(jnp.asarray(logits), {
-      'label': jnp.asarray(labels), 'weight': jnp.asarray(weight)})
+  batch = {'label': jnp.asarray(labels), 'weight': jnp.asarray(weight)}
+  totals = {k: np.asarray(v).sum(0) for k, v in task.eval_rows(
+      jnp.asarray(logits), batch).items()}
+  totals.update(task.eval_counts(jnp.asarray(logits), batch))
   got = task.metrics({k: np.asarray(v) for k, v in totals.items()})
   expected = classification.metrics_from_logits(logits[:45], labels[:45], 3)
   for key in ('accuracy', 'macro_f1', 'confusion_matrix', 'precision',

@@ -63,7 +63,8 @@ class Run:
         os.path.join(workdir, 'checkpoints'), self.best_metric,
         self.best_mode)
     self.eval_totals = self.layout.compile_eval_totals(eval_totals_fn(
-        self.model, self.task, self.layout.sum_over_devices))
+        self.model, self.task, self.layout.sum_over_devices,
+        self.layout.gather_rows))
     self._eval_step = None  # compiled on the first `predict`
 
   def init_params(self):

@@ -116,6 +116,11 @@ class PmapLayout:
   def sum_over_devices(x):
     return jax.lax.psum(x, AXIS)
 
+  @staticmethod
+  def gather_rows(x):
+    """Every device's rows, in global order, on every device."""
+    return jax.lax.all_gather(x, AXIS, tiled=True)
+
   def describe(self, state) -> str:
     return (f'layout: pmap over {self.devices} local device(s), train state '
             f'replicated ({_mib(_per_device_bytes(state))} per device)')
@@ -233,6 +238,11 @@ class MeshLayout:
   @staticmethod
   def sum_over_devices(x):
     return x  # the step already sees the global batch
+
+  def gather_rows(self, x):
+    """The global rows replicated, so that sums over them are computed
+    alike on any mesh."""
+    return jax.lax.with_sharding_constraint(x, self.replicated)
 
   def describe(self, state) -> str:
     params = jax.tree.leaves(state.params)

@@ -228,17 +228,23 @@ def eval_fn(model, inputs_of=features_of):
 
 
 def eval_totals_fn(model, task, sum_over_devices=lambda x: x,
-                   inputs_of=features_of):
+                   gather_rows=lambda x: x, inputs_of=features_of):
   """Returns the uncompiled `(params, batch, running) -> totals`: the
-  task's evaluation sums of a batch (`task.eval_totals`), added over
-  devices and to the running totals of the earlier batches (so that one
-  compiled step does all the work of a pass; without `running`, the step
-  gives the batch's own totals, e.g. for their shapes)."""
+  task's evaluation totals of a batch, added to the running totals of the
+  earlier batches (so that one compiled step does all the work of a pass;
+  without `running`, the step gives the batch's own totals, e.g. for their
+  shapes). Per-row values (`task.eval_rows`) are gathered over the devices
+  (`gather_rows`) and summed in row order, so that the totals are the same
+  on any number of devices; integer counts (`task.eval_counts`) are summed
+  over devices (`sum_over_devices`)."""
   outputs_of = eval_fn(model, inputs_of)
 
   def step(params, batch, running=None):
-    totals = task.eval_totals(outputs_of(params, batch), batch)
-    totals = jax.tree.map(sum_over_devices, totals)
+    outputs = outputs_of(params, batch)
+    totals = {k: gather_rows(v).sum(axis=0)
+              for k, v in task.eval_rows(outputs, batch).items()}
+    totals.update(jax.tree.map(sum_over_devices,
+                               task.eval_counts(outputs, batch)))
     if running is None:
       return totals
     return jax.tree.map(jnp.add, running, totals)

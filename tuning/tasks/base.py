@@ -8,11 +8,15 @@ A task (chosen by `config.task`) tells the rest of the code:
   metrics over the batch's rows, `loss_weight(batch)` what they are divided
   by (rows, or loss-bearing tokens), so that token-level losses are weighted
   by tokens across micro-batches, devices and processes;
-- evaluation totals: `eval_totals(outputs, batch)` sums over a batch's
-  rows (padding rows carry `batch['weight'] = 0`), computed on the device
-  and added up there across batches, devices and processes, so that large
-  outputs (e.g. `[batch, length, vocab]` logits) never leave the device;
-  `metrics(totals)` turns the host copy of the totals into final metrics;
+- evaluation totals, computed on the device and added up there across
+  batches, devices and processes, so that large outputs (e.g. `[batch,
+  length, vocab]` logits) never leave the device: `eval_rows(outputs,
+  batch)` gives float values per row (already weighted: padding rows carry
+  `batch['weight'] = 0`), which are gathered over devices and summed in
+  row order, so that the totals do not depend on the device count;
+  `eval_counts(outputs, batch)` gives integer totals of the batch (exact in
+  any order), summed over devices; `metrics(totals)` turns the host copy
+  of both into final metrics;
 - the default `checkpoint.best_metric`/`best_mode`, the validation scalars
   that are logged and compared, the printed report, the columns of the
   stage table and its part of `results.json`.
@@ -59,9 +63,14 @@ class Task:
     raise NotImplementedError
 
   # Evaluation.
-  def eval_totals(self, outputs, batch) -> dict[str, Any]:
-    """{name: array} sums over the rows with weight > 0 (on the device)."""
+  def eval_rows(self, outputs, batch) -> dict[str, Any]:
+    """{name: float array [rows, ...]}: each row's weighted values."""
     raise NotImplementedError
+
+  def eval_counts(self, outputs, batch) -> dict[str, Any]:
+    """{name: integer array}: totals over the batch's weighted rows."""
+    del outputs, batch
+    return {}
 
   def metrics(self, totals: dict[str, Any]) -> dict[str, Any]:
     """Final metrics (plain Python numbers and lists) from the totals."""

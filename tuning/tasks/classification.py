@@ -129,13 +129,14 @@ class Classification(base.Task):
   loss = staticmethod(loss)
   loss_weight = staticmethod(rows_weight)
 
-  def eval_totals(self, outputs, batch):
-    weight = batch['weight']
+  def eval_rows(self, outputs, batch):
+    return {'loss': cross_entropy(outputs, batch['label']) * batch['weight']}
+
+  def eval_counts(self, outputs, batch):
     c = self.num_classes
-    confusion = jnp.zeros((c, c), jnp.int32).at[
-        batch['label'], outputs.argmax(-1)].add(weight.astype(jnp.int32))
-    return {'loss': (cross_entropy(outputs, batch['label']) * weight).sum(),
-            'confusion': confusion}
+    return {'confusion': jnp.zeros((c, c), jnp.int32).at[
+        batch['label'], outputs.argmax(-1)].add(
+            batch['weight'].astype(jnp.int32))}
 
   def metrics(self, totals):
     return metrics_from_totals(totals['loss'], totals['confusion'])

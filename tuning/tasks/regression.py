@@ -46,14 +46,14 @@ class Regression(base.Task):
   def loss_weight(batch):
     return jnp.float32(batch['label'].shape[0])
 
-  def eval_totals(self, outputs, batch):
+  def eval_rows(self, outputs, batch):
     w = batch['weight'].astype(jnp.float32)
     p = _predictions(outputs)
     y = batch['label'].astype(jnp.float32)
     values = {'squared_error': jnp.square(p - y), 'absolute_error':
               jnp.abs(p - y), 'y': y, 'y2': y * y, 'p': p, 'p2': p * p,
               'yp': y * p, 'examples': jnp.ones_like(y)}
-    return {k: (v * w).sum() for k, v in values.items()}
+    return {k: v * w for k, v in values.items()}
 
   def metrics(self, totals):
     t = {k: float(totals[k]) for k in _SUMS}
