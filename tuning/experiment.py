@@ -16,7 +16,9 @@ import os
 
 from ml_collections import config_dict
 
+from tuning import config_checks
 from tuning import console
+from tuning import workdir_lock
 
 MODES = ('train', 'eval', 'ensemble', 'soup')
 
@@ -58,7 +60,16 @@ def write_config(config, workdir: str):
 
 
 def run(config, workdir: str) -> dict:
-  """Runs the experiment in `workdir` and returns its results."""
+  """Runs the experiment in `workdir` (holding its lock); its results."""
+  for checked in [stage_config(config, s, workdir)
+                  for s in config.stages] or [config]:
+    config_checks.check(checked)  # every stage's values, before any runs
+  import jax  # pylint: disable=g-import-not-at-top
+  with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _run(config, workdir)
+
+
+def _run(config, workdir: str) -> dict:
   write_config(config, workdir)
   if not config.stages:
     return _runner(config)(config, workdir)

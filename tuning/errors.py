@@ -1,0 +1,59 @@
+"""One line for the user per error: what went wrong and what to do.
+
+main.py prints `error: <describe(e)>` for any exception that ends a run
+(`TUNING_TRACEBACK=1` shows the traceback instead). Errors raised for the
+user (ValueError and friends) carry their own explanation; operating-system
+errors get the fix for their errno (a full disk, a read-only directory);
+anything else is named as unexpected, with the way to see its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+
+# Raised with a message written for the user (bad config, data, files).
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError,
+               NotADirectoryError, IsADirectoryError)
+
+_MAX_CHARS = 600
+
+_OS_HINTS = {
+    errno.ENOSPC: 'the disk is full: free some space (or choose a --workdir '
+                  'on another disk) and rerun the same command; it resumes '
+                  'from the last complete checkpoint',
+    errno.EDQUOT: 'the disk quota is exceeded: free some space and rerun '
+                  'the same command; it resumes from the last complete '
+                  'checkpoint',
+    errno.EROFS: 'the file system is read-only: choose a writable --workdir',
+    errno.EACCES: 'permission denied: choose a --workdir you can write to, '
+                  'or fix the permissions',
+    errno.EPERM: 'operation not permitted: choose a --workdir you can write '
+                 'to, or fix the permissions',
+}
+
+
+def _flatten(text: str) -> str:
+  """One line: the message's lines joined, long ones cut in the middle."""
+  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+  text = ' | '.join(lines)
+  if len(text) > _MAX_CHARS:
+    half = _MAX_CHARS // 2
+    text = f'{text[:half]} ... {text[-half:]}'
+  return text
+
+
+def describe(e: BaseException) -> str:
+  """The one-line explanation of `e` (without the 'error: ' prefix)."""
+  name = type(e).__name__
+  if isinstance(e, OSError) and e.errno in _OS_HINTS:
+    where = f': {e.filename}' if e.filename else ''
+    return _flatten(f'{name}: {e.strerror or e}{where} ({_OS_HINTS[e.errno]})')
+  if isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and
+                                    not type(e) is OSError):  # pylint: disable=unidiomatic-typecheck
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    return _flatten(f'{name}: {message}')
+  if isinstance(e, OSError):
+    return _flatten(f'{name}: {e} (a file system error: check the path and '
+                    'the disk, then rerun the same command to resume)')
+  return _flatten(f'unexpected {name}: {e} (rerun with TUNING_TRACEBACK=1 '
+                  'to see the traceback, and please report it)')
