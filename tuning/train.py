@@ -124,8 +124,9 @@ class Run:
       raise FileNotFoundError(
           f'no checkpoint in {self.checkpoints.directory}: train first, or '
           'point --workdir at a finished run')
-    params, report = load_pretrained_params(self.checkpoints.directory,
-                                            self.init_params(), step=which)
+    params, report = load_pretrained_params(
+        self.checkpoints.directory, self.init_params(),
+        step=self.checkpoints.verified_step(which))
     if self.config.training.get('evaluate_ema', False):
       params = ema_lib.load_ema_params(self.checkpoints.directory,
                                        report['step'], params)
@@ -234,7 +235,8 @@ def _train_and_evaluate(run: Run, config, workdir: str,
   latest = run.checkpoints.latest_step()
   if latest is not None:
     target = run.layout.restore_target(new_state(params))
-    state, data_state = run.checkpoints.restore(latest, target)
+    latest, state, data_state = run.checkpoints.restore_verified(target)
+  if latest is not None:
     stream.set_state(data_state)
     console.info(f'resumed from {run.checkpoints.directory} at step {latest}')
   else:
@@ -253,7 +255,7 @@ def _train_and_evaluate(run: Run, config, workdir: str,
                    (', '.join(report['left_out']) or 'none'))
     state = new_state(params)
 
-  from tuning.metric_writer import MetricWriter  # pylint: disable=g-import-not-at-top
+  from tuning.metric_writer import MetricWriter, validation_history  # pylint: disable=g-import-not-at-top
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   state = run.layout.place_state(state)
   train_step = run.layout.compile_train_step(train_step_fn(
@@ -346,7 +348,8 @@ def _train_and_evaluate(run: Run, config, workdir: str,
   writer.close()
   results = _final_evaluation(run, config)
   results.update({'steps': total, 'wall_time_s': time.time() - start_time,
-                  'validation_history': history})
+                  'validation_history': validation_history(
+                      workdir, stopped_at or total)})
   results['trainable_parameters'] = sum(
       int(np.size(p)) for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(
           trainable_mask(params, config.optimizer, run.lora))) if t)
