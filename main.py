@@ -47,6 +47,7 @@ def main(argv):
     sys.exit(2)
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it writes
+  errors.quiet_library_tracebacks()
   try:
     multihost.initialize_from_flags()
   except flags.ValidationError as e:

@@ -42,12 +42,26 @@ def _flatten(text: str) -> str:
   return text
 
 
+# OS errors that reach Python inside other exceptions' text (tensorstore).
+_OS_TEXT = (('No space left on device', errno.ENOSPC),
+            ("os_error_code='28'", errno.ENOSPC),
+            ('Disk quota exceeded', errno.EDQUOT),
+            ('Read-only file system', errno.EROFS),
+            ('Permission denied', errno.EACCES))
+
+
 def describe(e: BaseException) -> str:
   """The one-line explanation of `e` (without the 'error: ' prefix)."""
   name = type(e).__name__
   if isinstance(e, OSError) and e.errno in _OS_HINTS:
     where = f': {e.filename}' if e.filename else ''
     return _flatten(f'{name}: {e.strerror or e}{where} ({_OS_HINTS[e.errno]})')
+  for text, code in _OS_TEXT:
+    if text in str(e):
+      message = ' '.join(str(e).split())
+      if len(message) > 300:
+        message = message[:300] + '...'
+      return _flatten(f'{name}: {message} ({_OS_HINTS[code]})')
   if isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and
                                     not type(e) is OSError):  # pylint: disable=unidiomatic-typecheck
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -57,3 +71,25 @@ def describe(e: BaseException) -> str:
                     'the disk, then rerun the same command to resume)')
   return _flatten(f'unexpected {name}: {e} (rerun with TUNING_TRACEBACK=1 '
                   'to see the traceback, and please report it)')
+
+
+class _NoTracebacks:
+  """A logging filter: library log records keep their line, lose their
+  traceback (the run's own error line says what happened)."""
+
+  def filter(self, record) -> bool:
+    record.exc_info = None
+    record.exc_text = None
+    record.stack_info = None
+    return True
+
+
+def quiet_library_tracebacks():
+  """Library errors logged with a traceback (orbax's save threads) log one
+  line instead; TUNING_TRACEBACK=1 keeps them."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  if os.environ.get('TUNING_TRACEBACK'):
+    return
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_NoTracebacks())

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from tuning import console
+from tuning import data_checks
 from tuning import distillation
 from tuning import evaluation
 from tuning.checkpoints import (RunCheckpoints, load_pretrained_params,
@@ -57,6 +58,7 @@ class Run:
       data = build_datasets(config.data)
       for line in data.log:
         console.info(f'data: {line}')
+      data_checks.check(data, config)
     self.data = data
     num_classes = config.model.num_classes or self.data.num_classes
     if num_classes < self.data.num_classes:

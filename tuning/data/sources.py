@@ -176,6 +176,9 @@ def _read_delimited(path: str, data_config, report: SourceReport) -> Table:
                         "the row, or set config.data.on_bad_rows='drop')")
       rows.append(dict(zip(header, fields)))
       lines.append(line)
+  if not rows:
+    raise DataError(f'{path}: no rows after the header (add examples, or '
+                    'fix the rows that were dropped as malformed)')
   return _rows_to_table(rows, lines, header, path, data_config, report)
 
 
