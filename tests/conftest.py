@@ -101,3 +101,10 @@ def corrupt_largest_file(step_dir):
     f.seek(0)
     f.write(data)
   return path
+
+
+def enable_compilation_cache():
+  """In-process runs (main.cli) use the subprocesses' compilation cache."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_compilation_cache_dir', _CACHE)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)

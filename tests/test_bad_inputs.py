@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import main
-from conftest import TINY, corrupt_largest_file, error_lines, tree_digest
+from conftest import (TINY, corrupt_largest_file, enable_compilation_cache,
+                      error_lines, tree_digest)
 
 CSV_HEADER = 'a,b,c,label\n'
 
@@ -81,6 +82,7 @@ def files(tmp_path_factory):
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   """A finished tiny run: checkpoints, results.json, metrics.jsonl."""
+  enable_compilation_cache()
   workdir = str(tmp_path_factory.mktemp('trained') / 'run')
   assert main.cli(['main.py', f'--config={TINY}', f'--workdir={workdir}',
                    '--config.training.total_steps=20',

@@ -10,6 +10,7 @@ anything else is named as unexpected, with the way to see its traceback.
 from __future__ import annotations
 
 import errno
+import os
 
 # Raised with a message written for the user (bad config, data, files).
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError,
@@ -59,9 +60,10 @@ def describe(e: BaseException) -> str:
   for text, code in _OS_TEXT:
     if text in str(e):
       message = ' '.join(str(e).split())
-      if len(message) > 300:
-        message = message[:300] + '...'
-      return _flatten(f'{name}: {message} ({_OS_HINTS[code]})')
+      if len(message) > 240:
+        message = message[:240] + '...'
+      return _flatten(f'{name}: {os.strerror(code)} ({_OS_HINTS[code]}); '
+                      f'details: {message}')
   if isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and
                                     not type(e) is OSError):  # pylint: disable=unidiomatic-typecheck
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -88,8 +90,22 @@ def quiet_library_tracebacks():
   """Library errors logged with a traceback (orbax's save threads) log one
   line instead; TUNING_TRACEBACK=1 keeps them."""
   import logging  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
   if os.environ.get('TUNING_TRACEBACK'):
     return
   for handler in logging.getLogger().handlers:
     handler.addFilter(_NoTracebacks())
+
+  def thread_hook(args):  # a library's helper thread failing (orbax)
+    if args.exc_type is not SystemExit:
+      name = args.thread.name if args.thread else '?'
+      print(f'warning: thread {name}: {args.exc_type.__name__}: '
+            f'{_flatten(args.exc_value)}', file=sys.stderr, flush=True)
+
+  def unraisable_hook(unraisable):
+    print(f'warning: ignored {type(unraisable.exc_value).__name__}: '
+          f'{_flatten(unraisable.exc_value)}', file=sys.stderr, flush=True)
+
+  threading.excepthook = thread_hook
+  sys.unraisablehook = unraisable_hook
