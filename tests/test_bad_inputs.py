@@ -190,7 +190,8 @@ CASES = [
     # ---- Hugging Face folders
     ('hf_no_safetensors', [NEW, '--config.init.checkpoint={hf_no_weights}'], 1,
      ['hf_no_weights', 'safetensors']),
-    ('hf_corrupt_safetensors', [NEW, '--config.init.checkpoint={hf_corrupt}'], 1,
+    ('hf_corrupt_safetensors',
+     [NEW, '--config.init.checkpoint={hf_corrupt}'], 1,
      ['model.safetensors']),
     ('hf_unknown_architecture', [NEW, '--config.init.checkpoint={hf_gpt2}'], 1,
      ['gpt2']),

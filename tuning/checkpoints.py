@@ -160,6 +160,14 @@ def _short(text: str, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit] + '...'
 
 
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    while block := f.read(1 << 20):
+      digest.update(block)
+  return digest.hexdigest()
+
+
 def _file_digests(step_dir: str) -> dict[str, list]:
   """{relative path: [size, sha256]} of every file under a step dir."""
   digests = {}
@@ -169,11 +177,7 @@ def _file_digests(step_dir: str) -> dict[str, list]:
       rel = os.path.relpath(path, step_dir)
       if rel.startswith(CHECKSUMS):  # itself, or its .tmp being written
         continue
-      digest = hashlib.sha256()
-      with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):  # pylint: disable=cell-var-from-loop
-          digest.update(block)
-      digests[rel] = [os.path.getsize(path), digest.hexdigest()]
+      digests[rel] = [os.path.getsize(path), _sha256(path)]
   return digests
 
 
@@ -202,11 +206,7 @@ def verify(step_dir: str) -> str | None:
     if os.path.getsize(file) != size:
       return (f'its file {rel} has {os.path.getsize(file)} bytes, '
               f'{size} were written')
-    sha = hashlib.sha256()
-    with open(file, 'rb') as f:
-      for block in iter(lambda: f.read(1 << 20), b''):  # pylint: disable=cell-var-from-loop
-        sha.update(block)
-    if sha.hexdigest() != digest:
+    if _sha256(file) != digest:
       return f'its file {rel} does not match its checksum (corrupt bytes)'
   return None
 

@@ -64,8 +64,7 @@ def describe(e: BaseException) -> str:
         message = message[:240] + '...'
       return _flatten(f'{name}: {os.strerror(code)} ({_OS_HINTS[code]}); '
                       f'details: {message}')
-  if isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and
-                                    not type(e) is OSError):  # pylint: disable=unidiomatic-typecheck
+  if isinstance(e, USER_ERRORS) or type(e) in OSError.__subclasses__():
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
     return _flatten(f'{name}: {message}')
   if isinstance(e, OSError):
