@@ -42,7 +42,7 @@ def _hf_state_from_flax(params, prefix="bert."):
     config = bert_lib.bert_config_from_hf(SMALL_CONFIG)
     flat = _flat(params)
     out = {}
-    for hf_name, (path, transpose) in hf_convert._name_map(config).items():
+    for hf_name, (path, transpose) in bert_lib.hf_name_map(config).items():
         value = np.asarray(flat["/".join(path)])
         out[prefix + hf_name] = np.ascontiguousarray(value.T if transpose else value)
     return out
@@ -116,14 +116,15 @@ def test_build_bert_from_converted_folder(tmp_path):
     out = hf_convert.ensure_converted(_write_hf_folder(tmp_path / "src", _hf_state_from_flax(params)),
                                       str(tmp_path / "cache"), verbose=False)
     cfg = ml_collections.ConfigDict(dict(hf_config=out, pooling="mean", dropout=0.0))
-    model = bert_lib.build_bert(cfg, 5, jnp.float32)
+    model = bert_lib.build_bert(cfg, jnp.float32, num_outputs=5)
     assert model.pooling == "mean" and model.config.hidden_dropout_prob == 0.0
     ids, mask, types = _inputs()
     logits = model.apply({"params": model.init(jax.random.PRNGKey(1), ids)["params"]}, ids, mask, types)
     assert logits.shape == (3, 5) and logits.dtype == jnp.float32
     with pytest.raises(ValueError, match="config not found"):
         bert_lib.build_bert(ml_collections.ConfigDict(dict(hf_config=str(tmp_path / "nope"),
-                                                           pooling="cls", dropout=None)), 2, jnp.float32)
+                                                           pooling="cls", dropout=None)),
+                            jnp.float32, num_outputs=2)
 
 
 def test_pooling_modes_dropout_and_bf16():
@@ -229,7 +230,7 @@ def test_parity_small_sequence_classification(tmp_path):
     ids, mask, types = _inputs()
     ref = _torch_forward(torch, model, ids, mask, types).logits.numpy()
     cfg = ml_collections.ConfigDict(dict(hf_config=out, pooling="pooler", dropout=None))
-    logits = bert_lib.build_bert(cfg, 3, jnp.float32).apply({"params": params}, ids, mask, types)
+    logits = bert_lib.build_bert(cfg, jnp.float32, num_outputs=3).apply({"params": params}, ids, mask, types)
     diff = np.abs(np.asarray(logits) - ref).max()
     print(f"small BertForSequenceClassification: logits max|diff|={diff:.2e}")
     assert diff <= 1e-4

@@ -30,7 +30,7 @@ def tiny_bert(dtype=jnp.float32, dropout=0.0):
   cfg = TINY_BERT.__class__(**{**TINY_BERT.__dict__,
                                'hidden_dropout_prob': dropout,
                                'attention_probs_dropout_prob': dropout})
-  return BertClassifier(cfg, num_classes=2, dtype=dtype)
+  return BertClassifier(cfg, num_outputs=2, dtype=dtype)
 
 
 def bert_params(model=None):

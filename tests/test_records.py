@@ -313,3 +313,94 @@ def test_main_trains_from_records_like_from_the_files(tmp_path):
   lines = [l for l in (missing.stdout + missing.stderr).splitlines()
            if 'error' in l.lower()]
   assert len(lines) == 1 and 'directory not found' in lines[0], lines
+
+
+def test_validation_and_test_conversions_keep_rows_as_given(tmp_path):
+  train, _ = sst_like(tmp_path, 60, 0)
+  rows = text_rows(6, 1)
+  dev = write_tsv(tmp_path / 'dev.tsv', rows + rows[:2] + [text_rows(1)[0]])
+  rec = tmp_path / 'rec'
+  convert(train, rec)
+  assert convert(dev, rec, 'validation')['num_examples'] == 9  # duplicates
+  with pytest.raises(DataError, match='--drop_duplicates cleans the train '
+                     'split only'):
+    convert(dev, rec, 'test', drop_duplicates=True)
+  bad = tmp_path / 'bad.tsv'
+  bad.write_text('sentence\tlabel\nfine\t1\nno label\t\n')
+  with pytest.raises(DataError, match=r'bad\.tsv:3: missing label in a test '
+                     'row .*--on_bad_rows=drop'):
+    convert(str(bad), rec, 'test')
+  entry = convert(str(bad), rec, 'test', on_bad_rows='drop')
+  assert entry['num_examples'] == 1
+  assert entry['dropped'] == {'missing label': 1}
+  memory, streamed = config_pair(train, dev, rec, on_bad_rows='drop')
+  memory.test_path = str(bad)
+  a, b = build_datasets(memory), build_datasets(streamed)
+  assert len(b.validation['label']) == 9
+  assert_tables_equal(b.test, a.test)
+  overlap = [l for l in a.log if 'also occur in train' in l]
+  assert overlap == ['1 of 9 validation rows also occur in train',
+                     '0 of 1 test rows also occur in train']
+  assert overlap == [l for l in b.log if 'also occur in train' in l]
+
+
+def test_regression_values_and_unlabelled_text_stream_as_in_memory(tmp_path):
+  rng = np.random.default_rng(0)
+  rows = [(' '.join(rng.choice(FILLER, 4)), f'{v:.3f}')
+          for v in rng.normal(size=80)]
+  train = write_tsv(tmp_path / 'train.tsv', rows)
+  dev = write_tsv(tmp_path / 'dev.tsv', rows[:10])
+  rec = tmp_path / 'rec'
+  convert(train, rec, labels='values')
+  convert(dev, rec, 'validation', labels='values')
+  with pytest.raises(DataError, match='converted with labels=.values., not '
+                     ".classes."):
+    convert(dev, rec, 'test')
+  for labels in ('values', None):
+    memory_config, streamed_config = config_pair(train, dev, rec)
+    memory = build_datasets(memory_config, labels=labels)
+    streamed = build_datasets(streamed_config, labels=labels)
+    for name in ('validation', 'test'):
+      assert_tables_equal(streamed.split(name), memory.split(name))
+    assert_tables_equal(streamed.train.take(np.arange(len(streamed.train))),
+                        memory.train)
+    assert ('label' in memory.train) == (labels == 'values')
+  assert memory.train['input_ids'].shape == (72, 16)  # 80 - 8 test
+  with pytest.raises(DataError, match='holds labels as values, not classes'):
+    build_datasets(streamed_config)
+  bad = write_tsv(tmp_path / 'bad.tsv', rows[:3] + [('dull plot', 'n/a')])
+  with pytest.raises(DataError, match=r"bad\.tsv:5: label 'label' is not a "
+                     "number: 'n/a'"):
+    convert(bad, tmp_path / 'rec2', labels='values')
+
+
+def test_to_records_reads_headerless_files_in_another_encoding(tmp_path):
+  path = tmp_path / 'latin.tsv'
+  path.write_bytes(''.join(f'caf\xe9 {t}\t{label}\n' for t, label in
+                           text_rows(12)).encode('latin-1'))
+  command = [sys.executable, '-m', 'tuning.data.to_records',
+             f'--input={path}', '--format=tsv', '--text_column=text',
+             f'--out={tmp_path / "rec"}', '--noprogress',
+             '--column_names=text,label']
+  bad = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+  assert bad.returncode == 1
+  assert bad.stderr.strip().splitlines() == [
+      f"error: {path}:1: not valid utf-8 (byte b'\\xe9' at column 4); set "
+      "--encoding=latin-1 or the file's own encoding, or convert the file "
+      'to UTF-8']
+  ok = subprocess.run(command + ['--encoding=latin-1'], cwd=ROOT,
+                      capture_output=True, text=True, timeout=120)
+  assert ok.returncode == 0, ok.stderr
+  assert 'wrote 12 train examples' in ok.stdout
+  metadata = records.read_metadata(str(tmp_path / 'rec'))
+  table = records.RecordSplit(str(tmp_path / 'rec'), 'train',
+                              metadata).raw_table()
+  assert table['text'][0].startswith('café ')
+  assert list(table['label']) == [label for _, label in text_rows(12)]
+  headerless = tmp_path / 'plain.csv'
+  headerless.write_text('a film,1\nanother,0\n')
+  entry = convert(str(headerless), tmp_path / 'rec2', fmt='csv',
+                  columns=records.Columns('label', 'text'),
+                  column_names=('text', 'label'))
+  assert entry['num_examples'] == 2

@@ -27,6 +27,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from tuning import console
 from tuning.optimizers import parameter_paths
+from tuning.tasks.registry import task_class
 
 
 class CheckpointError(ValueError):
@@ -36,8 +37,13 @@ class CheckpointError(ValueError):
 class RunCheckpoints:
   """The orbax CheckpointManager of one run's work directory."""
 
-  def __init__(self, directory: str, best_metric: str = 'accuracy',
-               best_mode: str = 'max', read_only: bool = False):
+  def __init__(self, directory: str, best_metric: str | None = None,
+               best_mode: str | None = None, read_only: bool = False):
+    """`best_metric`/`best_mode` None: the run's (its config.json beside
+    `directory`: `checkpoint.best_metric`, else its task's default)."""
+    if best_metric is None or best_mode is None:
+      rule = _best_rule(os.path.dirname(os.path.abspath(directory)))
+      best_metric, best_mode = best_metric or rule[0], best_mode or rule[1]
     if best_mode not in ('max', 'min'):
       raise ValueError(f"config.checkpoint.best_mode={best_mode!r}: use 'max'"
                        " or 'min'")
@@ -238,6 +244,24 @@ def _check_same_parameters(step_dir: str, target_state):
         (f'; and {len(problems) - 6} more' if len(problems) > 6 else '') +
         ' (rerun with the settings that wrote it, or use a new --workdir '
         'for this model)')
+
+
+def _best_rule(workdir: str) -> tuple[str, str]:
+  """(metric, mode) that chose the best checkpoint of the run in
+  `workdir`, from its config.json (classification's when there is none)."""
+  task, metric, mode = 'classification', None, None
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      try:
+        config = json.load(f)
+      except json.JSONDecodeError:
+        config = {}
+    task = config.get('task') or task
+    metric = (config.get('checkpoint') or {}).get('best_metric')
+    mode = (config.get('checkpoint') or {}).get('best_mode')
+  default = task_class(task)
+  return metric or default.best_metric, mode or default.best_mode
 
 
 def run_checkpoint_dir(path: str) -> str | None:

@@ -1,4 +1,7 @@
-"""Convert a Hugging Face BERT checkpoint into this project's Flax/orbax format.
+"""Convert a Hugging Face checkpoint into this project's Flax/orbax format.
+
+The supported model types are those of the model families that convert
+(tuning/models/registry.py; today BERT).
 
     python -m tuning.convert --source=<HF folder or hub id> --out=<dir>
 """

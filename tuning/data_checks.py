@@ -37,7 +37,8 @@ def check(data, config):
         f'is text (config.data.text_column={data_config.text_column!r}): use '
         'a text model (--config.model.name=lstm, gru or bert) or unset '
         'config.data.text_column')
-  if data.num_classes < 2:
+  if config.get('task', 'classification') == 'classification' and \
+      data.num_classes < 2:
     names = ', '.join(str(c) for c in data.class_names)
     raise DataCheckError(
         f'{_where(data_config, "train")}: the training data has one class '

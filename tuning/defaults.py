@@ -14,6 +14,9 @@ def base_config() -> config_dict.ConfigDict:
   """Returns the defaults shared by all experiments."""
   c = config_dict.ConfigDict()
   c.mode = 'train'  # train | eval | ensemble | soup
+  # What is learnt (tuning/tasks/): its loss, metrics, evaluation and
+  # report. classification | regression
+  c.task = 'classification'
   c.seed = 0
   # Computation dtype: float32 or bfloat16 (params and optimizer state stay
   # float32; losses, softmax and norms are computed in float32).
@@ -52,6 +55,12 @@ def base_config() -> config_dict.ConfigDict:
   c.data.validation_fraction = 0.1
   c.data.test_fraction = 0.2  # only where the source has no test split
   c.data.label_column = 'label'
+  # Headerless CSV/TSV files: their column names, e.g. ('text', 'label');
+  # the first line is then data. None: the first line is the header.
+  c.data.column_names = placeholder(tuple)
+  # How csv/tsv/jsonl files are decoded, e.g. 'latin-1' (a file that is
+  # not valid in it is an error naming file:line).
+  c.data.encoding = 'utf-8'
   c.data.feature_columns = placeholder(tuple)  # None: every other column
   c.data.text_column = placeholder(str)  # set for text classification
   c.data.text_pair_column = placeholder(str)
@@ -62,7 +71,12 @@ def base_config() -> config_dict.ConfigDict:
   c.data.examples_per_class = placeholder(int)  # few-label training sets
   c.data.max_train_examples = placeholder(int)
   c.data.max_validation_examples = placeholder(int)  # faster validation
-  c.data.on_bad_rows = 'error'  # error | drop (dropped rows are counted)
+  # Malformed rows, and validation/test rows that cannot be used (missing
+  # label or feature): error (naming file:line) | drop (dropped and counted).
+  c.data.on_bad_rows = 'error'
+  # Drop exact duplicates from the training split (rows with missing values
+  # always are), before any validation/test split is carved from it. Given
+  # validation and test splits are used as given: never de-duplicated.
   c.data.drop_duplicates = True
   c.data.normalize = placeholder(str)  # standard | minmax
   c.data.pca_components = placeholder(int)
@@ -104,16 +118,18 @@ def base_config() -> config_dict.ConfigDict:
   # Regexes over '/'-joined parameter paths (full match).
   c.optimizer.frozen = ()  # no optimizer state, no update
   # The head's regexes; linear_probing=True trains only them (a preset).
-  c.optimizer.head = (r'(head|classifier)/.*',)
+  # None: the model family's (tuning/naming.py).
+  c.optimizer.head = placeholder(tuple)
   c.optimizer.linear_probing = False
   # Learning-rate multipliers: ((regex, mult), ...), the first match wins;
   # a multiplier of 0 freezes.
   c.optimizer.lr_mults = ()
   # Layer-wise LR decay: lr x layer_decay^depth, depth counted from the top
   # (layer i of L: L - i; embeddings: L + 1; head, pooler: 0).
-  # layer_index_regex captures the layer index. None: off.
+  # layer_decay None: off. layer_index_regex captures the layer index; None:
+  # the model family's.
   c.optimizer.layer_decay = placeholder(float)
-  c.optimizer.layer_index_regex = r'.*layer_(\d+)/.*'
+  c.optimizer.layer_index_regex = placeholder(str)
   c.optimizer.embedding_regex = r'.*(embed|embeddings).*'
   c.optimizer.no_decay = (r'.*bias$', r'.*(LayerNorm|layer_norm|norm).*',
                           r'.*(embed|embeddings).*')
@@ -149,16 +165,18 @@ def base_config() -> config_dict.ConfigDict:
   c.lora.rank = 0  # 0: off
   c.lora.alpha = 16.0  # the adapters' output is scaled by alpha / rank
   c.lora.dropout = 0.0  # on the adapters' input
-  # Regexes over Dense module paths (full match).
-  c.lora.targets = (r'.*attention/(query|value)',)
+  # Regexes over Dense module paths (full match); None: the model family's.
+  c.lora.targets = placeholder(tuple)
   c.lora.train_head = True  # the optimizer.head parameters train too
   # Write the merged plain parameters to WORKDIR/merged at the end.
   c.lora.export_merged = True
 
   # ---------------------------------------------------------------- checkpoints
   c.checkpoint = config_dict.ConfigDict()
-  c.checkpoint.best_metric = 'accuracy'  # a validation metric
-  c.checkpoint.best_mode = 'max'  # max | min
+  # A validation metric and max | min; None: the task's (classification:
+  # accuracy, max; regression: loss, min).
+  c.checkpoint.best_metric = placeholder(str)
+  c.checkpoint.best_mode = placeholder(str)
   # Which checkpoint the final test evaluation (and mode=eval) uses.
   c.checkpoint.evaluate = 'best'  # best | latest
 
@@ -219,3 +237,20 @@ def base_config() -> config_dict.ConfigDict:
   c.stages = ()
   c.stage_overrides = config_dict.ConfigDict()
   return c
+
+
+def merged_onto_defaults(values: dict) -> config_dict.ConfigDict:
+  """`base_config()` with `values` (e.g. a run's config.json) merged onto
+  it, so that a run written before a field existed gets its default."""
+  merged = base_config().to_dict()
+  merge_into(merged, values)
+  return config_dict.ConfigDict(merged)
+
+
+def merge_into(base: dict, overrides: dict):
+  """Merges nested `overrides` into the dict `base`, in place."""
+  for key, value in overrides.items():
+    if isinstance(value, dict) and isinstance(base.get(key), dict):
+      merge_into(base[key], value)
+    else:
+      base[key] = value

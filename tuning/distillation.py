@@ -37,7 +37,9 @@ import numpy as np
 import optax
 
 from tuning import console
-from tuning import evaluation
+from tuning.ensemble import combine
+from tuning.finished_run import Members
+from tuning.tasks import classification
 
 LOSSES = ('kl', 'mse')
 TEACHER_LOGITS = ('cache', 'step')
@@ -86,15 +88,20 @@ def distillation_loss(student_logits, teacher_logits, labels, labelled,
 
 
 def make_loss_fn(distill_config):
-  """The train step's `loss_fn(logits, batch)` for distillation."""
+  """The train step's `loss_fn(logits, batch)` for distillation: the sum of
+  the per-example losses and of the correct predictions (as the
+  classification task's, whose `rows_weight` divides them)."""
   check_config(distill_config)
   alpha = float(distill_config.alpha)
   temperature = float(distill_config.temperature)
   kind = distill_config.loss
 
   def loss_fn(logits, batch):
-    return distillation_loss(logits, batch['teacher_logits'], batch['label'],
-                             batch['labelled'], alpha, temperature, kind)
+    losses = distillation_loss(logits, batch['teacher_logits'],
+                               batch['label'], batch['labelled'], alpha,
+                               temperature, kind)
+    correct = (logits.argmax(-1) == batch['label']).astype(jnp.float32)
+    return losses.sum(), {'accuracy': correct.sum()}
   return loss_fn
 
 
@@ -169,7 +176,6 @@ class Teacher:
   """The teacher run(s), with their restored parameters and preprocessing."""
 
   def __init__(self, distill_config):
-    from tuning.ensemble import Members  # pylint: disable=g-import-not-at-top
     check_config(distill_config)
     self.config = distill_config
     self.members = Members(tuple(distill_config.teacher), 'best')
@@ -181,7 +187,6 @@ class Teacher:
              by_length: bool = True) -> np.ndarray:
     """Teacher logits of raw examples (ensembles: log of the mean
     probabilities); `by_length` batches them shortest first (faster)."""
-    from tuning.ensemble import combine  # pylint: disable=g-import-not-at-top
     outputs = []
     for run, params in zip(self.members.runs, self.members.params):
       features = run.data.encode(raw)
@@ -206,9 +211,9 @@ class Teacher:
     printed as one table; returned for results.json."""
     data, c = run.data, self.config
     val = self.evaluate(data.raw['validation'], data.validation['label'],
-                        run.num_classes)
+                        run.task.num_classes)
     test = self.evaluate(data.raw['test'], data.test['label'],
-                         run.num_classes)
+                         run.task.num_classes)
     console.info(comparison_table([
         ('teacher', val, self.num_parameters, test['examples_per_s']),
         ('student', results['validation'], results['num_parameters'],
@@ -230,7 +235,7 @@ class Teacher:
     start = time.time()
     logits = self.logits(raw, by_length=False)
     seconds = time.time() - start
-    metrics = evaluation.classification_metrics(logits, labels, num_classes)
+    metrics = classification.metrics_from_logits(logits, labels, num_classes)
     metrics['examples_per_s'] = len(labels) / max(seconds, 1e-9)
     return metrics
 

@@ -14,11 +14,19 @@ import copy
 import json
 import os
 
+import jax
 from ml_collections import config_dict
 
 from tuning import config_checks
 from tuning import console
 from tuning import workdir_lock
+from tuning.tasks.registry import task_class
+from tuning.defaults import merge_into
+from tuning.ensemble import evaluate_ensemble
+from tuning.evaluation import evaluate_checkpoint
+from tuning.run_files import write_config
+from tuning.soup import make_soup
+from tuning.train import train_and_evaluate
 
 MODES = ('train', 'eval', 'ensemble', 'soup')
 
@@ -29,7 +37,7 @@ def stage_config(config, stage: str, workdir: str):
     raise ValueError(f'stage {stage!r} has no entry in config.stage_overrides'
                      f' (have: {", ".join(config.stage_overrides)})')
   result = copy.deepcopy(config.to_dict())
-  _merge(result, config.stage_overrides[stage].to_dict())
+  merge_into(result, config.stage_overrides[stage].to_dict())
   result['stages'] = ()
   result['stage_overrides'] = {}
   at = lambda p: os.path.join(workdir, p[1:]) if p and p.startswith('@') \
@@ -42,29 +50,11 @@ def stage_config(config, stage: str, workdir: str):
   return config_dict.ConfigDict(result)
 
 
-def _merge(base: dict, overrides: dict):
-  for key, value in overrides.items():
-    if isinstance(value, dict) and isinstance(base.get(key), dict):
-      _merge(base[key], value)
-    else:
-      base[key] = value
-
-
-def write_config(config, workdir: str):
-  os.makedirs(workdir, exist_ok=True)
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w',
-              encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
-
-
 def run(config, workdir: str) -> dict:
   """Runs the experiment in `workdir` (holding its lock); its results."""
   for checked in [stage_config(config, s, workdir)
                   for s in config.stages] or [config]:
     config_checks.check(checked)  # every stage's values, before any runs
-  import jax  # pylint: disable=g-import-not-at-top
   with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):
     return _run(config, workdir)
 
@@ -84,7 +74,7 @@ def _run(config, workdir: str) -> dict:
       return results[stage]  # rerun the same command to resume
   console.info('\n' + comparison_table(results))
   summary = {'stages': {name: {k: r.get(k) for k in (
-      'test', 'validation', 'evaluated_step', 'steps', 'wall_time_s',
+      'task', 'test', 'validation', 'evaluated_step', 'steps', 'wall_time_s',
       'num_parameters', 'eval_examples_per_s', 'distillation')}
                         for name, r in results.items()}}
   with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:
@@ -93,23 +83,16 @@ def _run(config, workdir: str) -> dict:
   return summary
 
 
+RUNNERS = {'train': train_and_evaluate, 'eval': evaluate_checkpoint,
+           'ensemble': evaluate_ensemble, 'soup': make_soup}
+
+
 def _runner(config):
   """The function that runs a config's mode in a work directory."""
-  # pylint: disable=g-import-not-at-top
-  if config.mode == 'train':
-    from tuning.train import train_and_evaluate
-    return train_and_evaluate
-  if config.mode == 'eval':
-    from tuning.train import evaluate_checkpoint
-    return evaluate_checkpoint
-  if config.mode == 'ensemble':
-    from tuning.ensemble import evaluate_ensemble
-    return evaluate_ensemble
-  if config.mode == 'soup':
-    from tuning.soup import make_soup
-    return make_soup
-  raise ValueError(f'unknown config.mode {config.mode!r}: use one of '
-                   f'{", ".join(MODES)}')
+  if config.mode not in RUNNERS:
+    raise ValueError(f'unknown config.mode {config.mode!r}: use one of '
+                     f'{", ".join(MODES)}')
+  return RUNNERS[config.mode]
 
 
 def comparison_table(results: dict) -> str:
@@ -123,19 +106,24 @@ def comparison_table(results: dict) -> str:
                          'num_parameters': d['teacher_parameters'],
                          'eval_examples_per_s':
                              d['teacher_eval_examples_per_s']}
+  first = next(iter(results.values()), {})
+  task = task_class(first.get('task') or 'classification')
+  val_header, val_key, val_width, val_spec = task.validation_column
   lines = ['test split by stage:',
-           f'  {"stage":<12} {"accuracy":>9} {"macro-F1":>9} {"loss":>8} '
-           f'{"examples":>9} {"val acc":>8} {"parameters":>11} '
+           f'  {"stage":<12}' + ''.join(
+               f' {header:>{width}}' for header, _, width, _ in
+               task.table_columns) +
+           f' {val_header:>{val_width}} {"parameters":>11} '
            f'{"eval ex/s":>10}']
   for name, r in rows.items():
     if 'test' not in r:
       lines.append(f'  {name:<12} (did not finish)')
       continue
-    t = r['test']
-    line = (f'  {name:<12} {t["accuracy"]:9.4f} {t["macro_f1"]:9.4f} '
-            f'{t["loss"]:8.4f} {t["examples"]:9d}')
+    line = f'  {name:<12}' + ''.join(
+        f' {r["test"][key]:{width}{spec}}' for _, key, width, spec in
+        task.table_columns)
     if r.get('validation'):
-      line += f' {r["validation"]["accuracy"]:8.4f}'
+      line += f' {r["validation"][val_key]:{val_width}{val_spec}}'
     if r.get('num_parameters'):
       line += f' {r["num_parameters"]:11,d}'
     if r.get('eval_examples_per_s'):

@@ -1,7 +1,8 @@
 """LoRA: low-rank adapters on the Dense layers of any Linen model.
 
-A Dense layer chosen by `config.lora.targets` (regexes over its `/`-joined
-module path, e.g. `bert/encoder/layer_0/attention/query`) computes
+A Dense layer chosen by the LoRA targets (regexes over its `/`-joined
+module path, e.g. `bert/encoder/layer_0/attention/query`: `config.lora.targets`
+where set, else the model family's, see tuning/naming.py) computes
 
     y = x W + b + (alpha / rank) * dropout(x) A B
 
@@ -30,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tuning import naming as naming_lib
 
 ADAPTER_NAMES = ('lora_a', 'lora_b')
 # Salt folded into the example's dropout key for the adapters' dropout.
@@ -61,27 +64,38 @@ def dense_modules(params) -> dict[str, tuple[int, int]]:
           if k.endswith('/kernel') and np.ndim(v) == 2}
 
 
-def target_modules(params, lora_config) -> list[str]:
-  """The Dense module paths that get adapters; raises if none."""
-  targets = tuple(lora_config.get('targets', ()) or ())
+def target_modules(params, lora_config,
+                   naming: naming_lib.NamingRules | None = None) -> list[str]:
+  """The Dense module paths that get adapters; raises if none.
+
+  `naming`: the run's rules (`naming_rules(config)`); without them, the
+  targets are `lora_config.targets`.
+  """
+  naming = naming or naming_lib.resolve(None, lora_config=lora_config)
+  targets = naming.lora_targets
   regexes = [re.compile(t) for t in targets]
   dense = dense_modules(params)
   chosen = sorted(m for m in dense if any(r.fullmatch(m) for r in regexes))
   if not chosen:
     examples = ', '.join(sorted(dense)[:6])
+    if not targets:
+      raise ValueError('config.lora.targets is not set and this model family '
+                       'has no default LoRA targets: set it to regexes of '
+                       f'Dense module paths (here: {examples}...)')
     raise ValueError(f'config.lora.targets={targets} matches no Dense layer '
                      f'(module paths here: {examples}...)')
   return chosen
 
 
-def add_adapters(params, lora_config, key):
+def add_adapters(params, lora_config, key,
+                 naming: naming_lib.NamingRules | None = None):
   """`params` plus fresh `lora_a` (uniform) / `lora_b` (zeros) per target."""
   rank = int(lora_config.rank)
   if rank < 0:
     raise ValueError(f'config.lora.rank={rank}: use 0 (off) or a positive '
                      'rank')
   flat = dict(_flat(params))
-  for i, module in enumerate(target_modules(params, lora_config)):
+  for i, module in enumerate(target_modules(params, lora_config, naming)):
     kernel = flat[f'{module}/kernel']
     fan_in, fan_out = kernel.shape
     bound = 1.0 / np.sqrt(fan_in)
@@ -135,11 +149,17 @@ def export_merged(params, lora_config, directory: str) -> str:
 
 
 class LoraModel:
-  """A Linen model with LoRA adapters, behind the same init/apply calls."""
+  """A Linen model with LoRA adapters, behind the same init/apply calls.
 
-  def __init__(self, model: nn.Module, lora_config):
+  `naming`: the run's rules (`naming_rules(config)`), which name the adapted
+  layers; without them, `lora_config.targets`.
+  """
+
+  def __init__(self, model: nn.Module, lora_config,
+               naming: naming_lib.NamingRules | None = None):
     self.model = model
     self.config = lora_config
+    self.naming = naming
     self.scale = scale(lora_config)
     self.dropout = float(lora_config.get('dropout', 0.0) or 0.0)
 
@@ -150,7 +170,8 @@ class LoraModel:
     variables = dict(self.model.init(rngs, *args, **kwargs))
     key = rngs['params'] if isinstance(rngs, dict) else rngs
     variables['params'] = add_adapters(
-        variables['params'], self.config, jax.random.fold_in(key, 0x10A))
+        variables['params'], self.config, jax.random.fold_in(key, 0x10A),
+        self.naming)
     return variables
 
   def apply(self, variables, *args, rngs=None, train: bool = False, **kwargs):

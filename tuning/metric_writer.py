@@ -79,5 +79,6 @@ def validation_history(workdir: str, up_to_step: int) -> list[dict]:
     if line.get('split') == 'validation' and isinstance(step, int) and \
         step <= up_to_step:
       by_step[step] = {'step': step, **{
-          k: line[k] for k in ('loss', 'accuracy', 'macro_f1') if k in line}}
+          k: v for k, v in line.items()
+          if k not in ('step', 'split', 'elapsed_s')}}
   return [by_step[s] for s in sorted(by_step)]

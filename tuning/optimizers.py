@@ -4,7 +4,7 @@ Parameters are named by their `/`-joined paths (`dense_0/kernel`). Regexes
 over those paths (full match) decide, for every parameter:
 
 - whether it trains: `frozen` regexes, the `linear_probing` preset (only the
-  `head` regexes train) and LoRA (only the adapters, and optionally the
+  head trains) and LoRA (only the adapters, and optionally the
   head, train). Frozen parameters go through `optax.set_to_zero` in an
   `optax.multi_transform`: no optimizer state, no update; the train step
   does not differentiate them either;
@@ -12,6 +12,11 @@ over those paths (full match) decide, for every parameter:
   counted from the top of a layered encoder) times the first matching
   `lr_mults` entry;
 - whether weight decay applies (`no_decay` regexes turn it off).
+
+The head and the layer index are named by the run's `NamingRules`
+(tuning/naming.py: `config.optimizer.head` and `layer_index_regex` where set,
+else the model family's); callers that pass none get the user's values over
+the defaults of tuning/models/family.py.
 
 `describe_parameters` prints the resulting table at the start of every run.
 """
@@ -26,13 +31,11 @@ import jax
 import numpy as np
 import optax
 
+from tuning import naming as naming_lib
+
 # By default weight decay skips biases, norm scales and embeddings.
 DEFAULT_NO_DECAY = (r'.*bias$', r'.*(LayerNorm|layer_norm|norm).*',
                     r'.*(embed|embeddings).*')
-# The classification head of the models here (MLP/CNN/RNN: head, BERT:
-# classifier).
-DEFAULT_HEAD = (r'(head|classifier)/.*',)
-DEFAULT_LAYER_REGEX = r'.*layer_(\d+)/.*'
 DEFAULT_EMBEDDING_REGEX = r'.*(embed|embeddings).*'
 ADAPTER_REGEX = r'.*/lora_[ab]'
 
@@ -78,7 +81,7 @@ def _lr_mult_rules(opt_config):
   return rules
 
 
-def layer_depths(paths, layer_index_regex=DEFAULT_LAYER_REGEX,
+def layer_depths(paths, layer_index_regex: str,
                  embedding_regex=DEFAULT_EMBEDDING_REGEX) -> dict[str, int]:
   """Depth from the top of a layered encoder, for every path.
 
@@ -110,14 +113,24 @@ def layer_depths(paths, layer_index_regex=DEFAULT_LAYER_REGEX,
               layers + 1 if embedding.fullmatch(p) else 0) for p in paths}
 
 
-def parameter_settings(params, opt_config,
-                       lora_config=None) -> dict[str, ParameterSetting]:
-  """{path: ParameterSetting} from the optimizer (and LoRA) config."""
+def _naming(naming, opt_config, lora_config) -> naming_lib.NamingRules:
+  return naming or naming_lib.resolve(None, opt_config, lora_config)
+
+
+def parameter_settings(
+    params, opt_config, lora_config=None,
+    naming: naming_lib.NamingRules | None = None
+) -> dict[str, ParameterSetting]:
+  """{path: ParameterSetting} from the optimizer (and LoRA) config.
+
+  `naming`: the run's head and layer-index regexes (`naming_rules(config)`).
+  """
+  naming = _naming(naming, opt_config, lora_config)
   paths = list(parameter_paths(params))
   frozen = [re.compile(r) for r in _regexes(opt_config, 'frozen', ())]
   no_decay = [re.compile(r) for r in
               _regexes(opt_config, 'no_decay', DEFAULT_NO_DECAY)]
-  head = [re.compile(r) for r in _regexes(opt_config, 'head', DEFAULT_HEAD)]
+  head = [re.compile(r) for r in naming.head]
   adapter = re.compile(ADAPTER_REGEX)
   lora_on = bool(lora_config is not None and lora_config.get('rank'))
   linear_probing = bool(opt_config.get('linear_probing', False))
@@ -132,7 +145,7 @@ def parameter_settings(params, opt_config,
                      ' matches no parameter: give the regexes of the head')
   decay = opt_config.get('layer_decay', None)
   depths = layer_depths(
-      paths, opt_config.get('layer_index_regex', DEFAULT_LAYER_REGEX),
+      paths, naming.layer_regex,
       opt_config.get('embedding_regex', DEFAULT_EMBEDDING_REGEX)) \
       if decay is not None else {}
   rules = _lr_mult_rules(opt_config)
@@ -170,9 +183,10 @@ def _tree(params, values: dict):
   return flax.traverse_util.unflatten_dict(values, sep='/')
 
 
-def trainable_mask(params, opt_config, lora_config=None):
+def trainable_mask(params, opt_config, lora_config=None,
+                   naming: naming_lib.NamingRules | None = None):
   """A tree of bools: True for the parameters that train."""
-  settings = parameter_settings(params, opt_config, lora_config)
+  settings = parameter_settings(params, opt_config, lora_config, naming)
   return _tree(params, {p: s.trains for p, s in settings.items()})
 
 
@@ -211,14 +225,15 @@ def learning_rate_schedule(opt_config, total_steps: int, warmup_steps: int):
 
 
 def build_optimizer(opt_config, params, total_steps: int, warmup_steps: int,
-                    lora_config=None):
+                    lora_config=None,
+                    naming: naming_lib.NamingRules | None = None):
   """Returns (optax transformation, learning-rate schedule).
 
   `total_steps`/`warmup_steps` count optimizer steps (one per global batch,
   whatever the gradient accumulation).
   """
   schedule = learning_rate_schedule(opt_config, total_steps, warmup_steps)
-  settings = parameter_settings(params, opt_config, lora_config)
+  settings = parameter_settings(params, opt_config, lora_config, naming)
   decay_mask = jax.tree.map(lambda no: not no, path_mask(
       params, _regexes(opt_config, 'no_decay', DEFAULT_NO_DECAY)))
   name = opt_config.name
@@ -253,10 +268,12 @@ def build_optimizer(opt_config, params, total_steps: int, warmup_steps: int,
   return tx, schedule
 
 
-def describe_parameters(params, opt_config, lora_config=None) -> list[str]:
+def describe_parameters(
+    params, opt_config, lora_config=None,
+    naming: naming_lib.NamingRules | None = None) -> list[str]:
   """Lines of a table: each parameter, its size, trained?, LR multiplier,
   weight decay?, then the trainable/frozen totals."""
-  settings = parameter_settings(params, opt_config, lora_config)
+  settings = parameter_settings(params, opt_config, lora_config, naming)
   rows = [f'  {"parameter":<52} {"shape":<14} {"size":>10}  {"status":<6}  '
           f'{"lr_mult":>7}  wd']
   totals = {'trained': 0, 'frozen': 0}

@@ -73,6 +73,7 @@ class PmapLayout:
   def __init__(self):
     self.devices = jax.local_device_count()
     self.devices_text = f'the {jax.device_count()} device(s)'
+    self._identity = jax.pmap(lambda x: x, axis_name=AXIS)
 
   def place_state(self, state):
     return jax_utils.replicate(state)
@@ -101,9 +102,19 @@ class PmapLayout:
   def compile_eval_step(self, eval_fn):
     return jax.pmap(eval_fn, axis_name=AXIS)
 
+  def compile_eval_totals(self, totals_fn):
+    """Totals summed over devices (`sum_over_devices` in `totals_fn`);
+    every device holds them, `fetch` reads one copy."""
+    return jax.pmap(totals_fn, axis_name=AXIS)
+
+  def place_totals(self, totals):
+    """Host `[devices, ...]` totals placed as the totals step returns
+    them (same axis name, so that feeding them back compiles nothing)."""
+    return self._identity(totals)
+
   @staticmethod
-  def mean_over_devices(x):
-    return jax.lax.pmean(x, AXIS)
+  def sum_over_devices(x):
+    return jax.lax.psum(x, AXIS)
 
   def describe(self, state) -> str:
     return (f'layout: pmap over {self.devices} local device(s), train state '
@@ -213,8 +224,14 @@ class MeshLayout:
   def compile_eval_step(self, eval_fn):
     return jax.jit(eval_fn, out_shardings=self.rows)
 
+  def compile_eval_totals(self, totals_fn):
+    return jax.jit(totals_fn, out_shardings=self.replicated)
+
+  def place_totals(self, totals):
+    return jax.device_put(totals, self.replicated)
+
   @staticmethod
-  def mean_over_devices(x):
+  def sum_over_devices(x):
     return x  # the step already sees the global batch
 
   def describe(self, state) -> str:

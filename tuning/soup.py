@@ -26,9 +26,13 @@ import jax
 import numpy as np
 
 from tuning import console
-from tuning import evaluation
-from tuning.ensemble import EnsembleError, Members, metrics_table
-from tuning.optimizers import parameter_paths
+from tuning.checkpoints import RunCheckpoints
+from tuning.data.pipeline import TrainStream
+from tuning.ensemble import EnsembleError, metrics_table
+from tuning.finished_run import Members
+from tuning.optimizers import build_optimizer, parameter_paths
+from tuning.run_files import write_config, write_results
+from tuning.train_step import initial_state
 
 METHODS = ('greedy', 'uniform')
 
@@ -77,26 +81,28 @@ def make_soup(config, workdir: str) -> dict:
           f'member {name} trained LoRA adapters: averaging A and B factors '
           'is not averaging the weights; soup runs without LoRA (or '
           'fine-tune from their merged checkpoints first)')
-  num_classes = members.runs[0].num_classes
+  run = members.runs[0]
+  metric, sign = run.best_metric, 1.0 if run.best_mode == 'max' else -1.0
 
   def metrics(params, split):
-    logits, labels = members.predict(0, split, params)
-    return evaluation.classification_metrics(logits, labels, num_classes)
+    return run.evaluate(params, split)
 
   member_val = [metrics(p, 'validation') for p in members.params]
-  accuracies = [m['accuracy'] for m in member_val]
+  # Greedy compares the task's checkpoint metric (classification: accuracy).
+  accuracies = [sign * m[metric] for m in member_val]
   uniform = average(members.params)
   order = greedy_order(accuracies)
   chosen = order[:1]  # the best member; its accuracy is known
   greedy, greedy_accuracy = members.params[order[0]], accuracies[order[0]]
   for i in order[1:]:
     candidate = average([members.params[j] for j in chosen + [i]])
-    accuracy = metrics(candidate, 'validation')['accuracy']
+    accuracy = sign * metrics(candidate, 'validation')[metric]
     if accuracy >= greedy_accuracy:
       chosen.append(i)
       greedy, greedy_accuracy = candidate, accuracy
   console.info('soup: greedy kept ' + ', '.join(
-      f'{members.names[i]} (val {accuracies[i]:.4f})' for i in chosen) +
+      f'{members.names[i]} (val {metric} {sign * accuracies[i]:.4f})'
+      for i in chosen) +
                f' of {len(members.names)} members')
 
   results = {'members': {}, 'soups': {}, 'greedy_members':
@@ -111,15 +117,16 @@ def make_soup(config, workdir: str) -> dict:
   rows = [(n, r['test']) for n, r in results['members'].items()]
   rows += [(f'soup: {m}', r['test']) for m, r in results['soups'].items()]
   console.info(metrics_table(rows, f'test split, {len(members.names)} '
-                             'members and their weight averages:'))
+                             'members and their weight averages:',
+                             run.task.table_columns))
 
   soup = uniform if config.soup.method == 'uniform' else greedy
   write_checkpoint(members.runs[0], soup, workdir,
                    results['soups'][config.soup.method]['validation'])
   results.update(results['soups'][config.soup.method])  # the headline
+  results.update(run.task.results())
   results['checkpoint'] = os.path.join(workdir, 'checkpoints')
   results['wall_time_s'] = time.time() - start
-  from tuning.train import write_results  # pylint: disable=g-import-not-at-top
   write_results(workdir, results)
   console.info(f'soup: wrote the {config.soup.method} soup to '
                f'{results["checkpoint"]} (evaluate it with --config.mode=eval '
@@ -132,27 +139,22 @@ def write_checkpoint(run, params, workdir: str, validation: dict):
   """Saves `params` as step 0 of an ordinary run checkpoint in `workdir`
   (fresh optimizer state, the data stream at its start), with the member's
   config.json beside it."""
-  from tuning.checkpoints import RunCheckpoints  # pylint: disable=g-import-not-at-top
-  from tuning.data.pipeline import TrainStream  # pylint: disable=g-import-not-at-top
-  from tuning.optimizers import build_optimizer  # pylint: disable=g-import-not-at-top
-  from tuning.train_step import initial_state  # pylint: disable=g-import-not-at-top
   config = run.config
   directory = os.path.join(workdir, 'checkpoints')
   if jax.process_index() == 0 and os.path.exists(directory):
     shutil.rmtree(directory)  # an earlier soup of this work directory
-  tx, _ = build_optimizer(config.optimizer, params, 1, 0, None)
+  tx, _ = build_optimizer(config.optimizer, params, 1, 0, None,
+                          naming=run.naming)
   state = initial_state(
       params, tx, ema=config.training.get('ema_decay') is not None,
       count_skipped=config.training.get('on_nonfinite') == 'skip')
   stream = TrainStream(run.data.train, config.training.batch_size,
                        config.seed, tuple(config.data.length_buckets))
-  checkpoints = RunCheckpoints(directory, config.checkpoint.best_metric,
-                               config.checkpoint.best_mode)
+  checkpoints = RunCheckpoints(directory, run.best_metric, run.best_mode)
   try:
-    checkpoints.save(0, state, stream.get_state(), metrics={
-        k: validation[k] for k in ('loss', 'accuracy', 'macro_f1')})
+    checkpoints.save(0, state, stream.get_state(),
+                     metrics=run.task.scalars(validation))
     checkpoints.wait()
   finally:
     checkpoints.close()
-  from tuning.experiment import write_config  # pylint: disable=g-import-not-at-top
   write_config(config, workdir)

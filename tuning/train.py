@@ -1,153 +1,49 @@
-"""Training and evaluation of one run: `train_and_evaluate(config, workdir)`.
+"""Training of one run: `train_and_evaluate(config, workdir)`.
 
 Initialisation order (as in big_vision): a checkpoint already in
 `WORKDIR/checkpoints` (resume) -> `config.init.checkpoint` (pretrained
-parameters) -> fresh initialisation. The loop runs the train step (pmapped,
-or jitted on a data x fsdp mesh: `config.parallelism`, tuning/sharding.py),
-logs progress, evaluates on the validation split, saves checkpoints (latest
-and best), and finally evaluates the chosen checkpoint on the test split and
-writes `results.json`.
+parameters) -> fresh initialisation. Four parts, each on one screen:
+`_setup` (the data stream, schedule, optimizer and the initial or resumed
+state), `_compile_step` (the task's loss in the train step, compiled for
+the layout: pmapped, or jitted on a data x fsdp mesh, tuning/sharding.py),
+`_loop` (steps, progress, validation, checkpoints of the latest and best,
+SIGTERM, early stopping) and `_finish` (the final evaluation of the chosen
+checkpoint on the test split and `results.json`, tuning/evaluation.py).
+Nothing here knows the task: its loss, metrics and report come from
+`run.task` (tuning/tasks/).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import numpy as np
 
 from tuning import console
-from tuning import data_checks
 from tuning import distillation
-from tuning import evaluation
-from tuning.checkpoints import (RunCheckpoints, load_pretrained_params,
-                                resolve_init_source)
-from tuning.data.datasets import Datasets, build_datasets
-from tuning.data.pipeline import TrainStream, eval_batches
-from tuning.durations import resolve_steps
-from tuning.models.registry import build_model
 from tuning import ema as ema_lib
 from tuning import lora as lora_lib
+from tuning.checkpoints import load_pretrained_params, resolve_init_source
+from tuning.data.pipeline import TrainStream
+from tuning.durations import resolve_steps
 from tuning.early_stopping import EarlyStopping
+from tuning.evaluation import final_evaluation
+from tuning.metric_writer import MetricWriter, validation_history
 from tuning.optimizers import (build_optimizer, describe_parameters,
                                trainable_mask)
-from tuning.sharding import local_rows, make_layout
-from tuning.train_step import (classification_loss, eval_fn, features_of,
-                               initial_state, train_step_fn)
+from tuning.run import Run
+from tuning.run_files import write_results
+from tuning.train_step import initial_state, train_step_fn
 
 
 class TrainingError(RuntimeError):
   """Training cannot go on (e.g. a non-finite loss), worded for the user."""
-
-
-class Run:
-  """What training and evaluation share: data, model, steps, checkpoints."""
-
-  def __init__(self, config, workdir: str, data: Datasets | None = None):
-    """`data`: already built datasets for `config.data` (else built here)."""
-    self.config = config
-    self.workdir = workdir
-    # How arrays are laid out over devices (pmap replicas or a mesh).
-    self.layout = make_layout(config)
-    self.devices = self.layout.devices
-    if data is None:
-      data = build_datasets(config.data)
-      for line in data.log:
-        console.info(f'data: {line}')
-      data_checks.check(data, config)
-    self.data = data
-    num_classes = config.model.num_classes or self.data.num_classes
-    if num_classes < self.data.num_classes:
-      raise ValueError(f'config.model.num_classes={num_classes} is smaller '
-                       f'than the {self.data.num_classes} classes in the data')
-    self.num_classes = num_classes
-    self.model = build_model(config.model, num_classes, config.dtype,
-                             self.data.vocab_size(config.data))
-    self.lora = config.get('lora') if lora_lib.enabled(config.get('lora')) \
-        else None
-    if self.lora:
-      self.model = lora_lib.LoraModel(self.model, self.lora)
-    self.buckets = tuple(config.data.length_buckets)
-    self.checkpoints = RunCheckpoints(
-        os.path.join(workdir, 'checkpoints'), config.checkpoint.best_metric,
-        config.checkpoint.best_mode)
-    self.eval_step = self.layout.compile_eval_step(eval_fn(self.model))
-
-  def init_params(self):
-    example = features_of(self.data.first_train_example())
-    key = jax.random.fold_in(jax.random.key(self.config.seed), 2**31 - 1)
-    variables = jax.jit(lambda k: self.model.init(
-        {'params': k}, **example, train=False))(key)
-    return jax.tree.map(np.asarray, variables['params'])
-
-  def evaluate(self, params, split: str) -> dict:
-    """Metrics of a full, ordered pass over one split."""
-    logits, labels = self.predict(params, split)
-    return evaluation.classification_metrics(logits, labels,
-                                             self.num_classes)
-
-  def predict(self, params, split, progress: str = ''):
-    """Logits [N, classes] and labels [N] of a split (its name, or a table
-    of features and labels), in order; `progress` names a long pass whose
-    progress is printed.
-
-    `params`: host (numpy) parameters, or parameters already laid out by
-    `self.layout.place_params` (or the train state's, as the loop has them).
-    """
-    if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params)):
-      params = self.layout.place_params(params)
-    table = self.data.split(split) if isinstance(split, str) else split
-    logits, labels = [], []
-    n, done, shown = len(table['label']), 0, time.time()
-    for batch in eval_batches(table, self.config.training.eval_batch_size,
-                              jax.device_count(), self.buckets,
-                              jax.process_index(), jax.process_count()):
-      done += len(batch['label']) * jax.process_count()
-      if progress and time.time() - shown > 30:
-        console.info(f'{progress}: {min(done, n)}/{n} examples')
-        shown = time.time()
-      out = local_rows(self.eval_step(params,
-                                      self.layout.place_batch(batch)))
-      keep = batch['weight'] > 0
-      logits.append(out.reshape(-1, out.shape[-1])[keep])
-      labels.append(batch['label'][keep])
-    logits, labels = np.concatenate(logits), np.concatenate(labels)
-    if jax.process_count() > 1:  # every process gets every example
-      logits, labels = _all_examples(logits, labels)
-    return logits, labels
-
-  def restore_params(self, which: str):
-    """Parameters of the run's best or latest checkpoint, and its step."""
-    if self.checkpoints.latest_step() is None:
-      raise FileNotFoundError(
-          f'no checkpoint in {self.checkpoints.directory}: train first, or '
-          'point --workdir at a finished run')
-    params, report = load_pretrained_params(
-        self.checkpoints.directory, self.init_params(),
-        step=self.checkpoints.verified_step(which))
-    if self.config.training.get('evaluate_ema', False):
-      params = ema_lib.load_ema_params(self.checkpoints.directory,
-                                       report['step'], params)
-    return params, report['step']
-
-
-def _all_examples(logits: np.ndarray, labels: np.ndarray):
-  """Gathers every process's evaluated rows (sizes may differ by padding)."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  counts = multihost_utils.process_allgather(np.array([len(labels)]))
-  width = int(counts.max())
-  pad = width - len(labels)
-  logits = np.pad(logits, ((0, pad), (0, 0)))
-  labels = np.pad(labels, (0, pad))
-  all_logits = multihost_utils.process_allgather(logits)
-  all_labels = multihost_utils.process_allgather(labels)
-  n = counts.reshape(-1)
-  return (np.concatenate([l[:c] for l, c in zip(all_logits, n)]),
-          np.concatenate([l[:c] for l, c in zip(all_labels, n)]))
 
 
 def _resolve_schedule(config, steps_per_epoch: float):
@@ -183,21 +79,43 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+@dataclasses.dataclass
+class _Training:
+  """What `_setup` prepares for the loop."""
+  stream: TrainStream
+  total: int
+  eval_every: int
+  checkpoint_every: int
+  batch_size: int
+  accumulation: int
+  params: Any  # the host parameters the state started from (their paths)
+  tx: Any
+  schedule: Any
+  state: Any  # laid out for the step
+  teacher: distillation.Teacher | None
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains one run in `workdir` (resuming if it holds a checkpoint)."""
   start_time = time.time()
   run = Run(config, workdir)
   try:
-    return _train_and_evaluate(run, config, workdir, start_time)
+    training = _setup(run)
+    train_step, step_args = _compile_step(run, training)
+    outcome = _loop(run, training, train_step, step_args, start_time)
+    if 'preempted_at_step' in outcome:
+      return outcome
+    return _finish(run, training, outcome, start_time)
   finally:
     # Also on errors: an open CheckpointManager's threads otherwise fail at
     # interpreter exit, burying the one-line error under their own.
     run.checkpoints.close()
 
 
-def _train_and_evaluate(run: Run, config, workdir: str,
-                        start_time: float) -> dict:
-  devices = run.devices
+def _setup(run: Run) -> _Training:
+  """Checks the batch settings; builds the stream, schedule and optimizer;
+  restores the run's checkpoint or loads the pretrained parameters."""
+  config = run.config
   batch_size = config.training.batch_size
   where = run.layout.devices_text
   if batch_size % jax.device_count():
@@ -211,29 +129,31 @@ def _train_and_evaluate(run: Run, config, workdir: str,
   ema_lib.check_config(config.training)
   teacher, train_table = None, run.data.train
   if distillation.enabled(config.get('distill')):
+    if run.task.name != 'classification':
+      raise ValueError(f'distillation teaches class probabilities; '
+                       f'config.task={run.task.name!r} (unset '
+                       'config.distill.teacher)')
     teacher = distillation.Teacher(config.distill)
     train_table, log = distillation.student_training_table(
-        config, run.data, teacher, workdir)
+        config, run.data, teacher, run.workdir)
     for line in log:
       console.info(line)
-  in_step_teacher = teacher and config.distill.teacher_logits == 'step'
   # Each process reads only its rows of every global batch.
   stream = TrainStream(train_table, batch_size, config.seed, run.buckets,
                        jax.process_index(), jax.process_count())
   total, eval_every, checkpoint_every, warmup = _resolve_schedule(
       config, stream.steps_per_epoch)
-
   params = run.init_params()
   tx, schedule = build_optimizer(config.optimizer, params, total, warmup,
-                                 run.lora)
+                                 run.lora, naming=run.naming)
   console.info('parameters:\n' + '\n'.join(
-      describe_parameters(params, config.optimizer, run.lora)))
+      describe_parameters(params, config.optimizer, run.lora,
+                          naming=run.naming)))
   if run.lora:
     console.info(lora_lib.describe(params, run.lora))
   new_state = lambda p: initial_state(  # pylint: disable=unnecessary-lambda-assignment
       p, tx, ema=config.training.get('ema_decay') is not None,
       count_skipped=config.training.get('on_nonfinite') == 'skip')
-
   latest = run.checkpoints.latest_step()
   if latest is not None:
     target = run.layout.restore_target(new_state(params))
@@ -242,73 +162,88 @@ def _train_and_evaluate(run: Run, config, workdir: str,
     stream.set_state(data_state)
     console.info(f'resumed from {run.checkpoints.directory} at step {latest}')
   else:
-    if config.init.checkpoint:
-      source = resolve_init_source(config.init.checkpoint,
-                                   os.path.join(workdir, 'pretrained'))
-      params, adapters = lora_lib.split(params)
-      params, report = load_pretrained_params(
-          source, params, tuple(config.init.reinit), config.init.step)
-      params = lora_lib.join(params, adapters)
-      console.info(f'init: loaded {len(report["loaded"])} parameters from '
-                   f'{report["source"]}')
-      console.info('init: re-initialised: ' +
-                   (', '.join(report['reinitialised']) or 'none'))
-      console.info('init: left out (in the checkpoint, not in the model): ' +
-                   (', '.join(report['left_out']) or 'none'))
-    state = new_state(params)
+    state = new_state(_pretrained(run, params))
+  return _Training(stream, total, eval_every, checkpoint_every, batch_size,
+                   accumulation, params, tx, schedule,
+                   run.layout.place_state(state), teacher)
 
-  from tuning.metric_writer import MetricWriter, validation_history  # pylint: disable=g-import-not-at-top
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  state = run.layout.place_state(state)
+
+def _pretrained(run: Run, params):
+  """`params` with `config.init.checkpoint`'s loaded (if set), reported."""
+  init = run.config.init
+  if not init.checkpoint:
+    return params
+  source = resolve_init_source(init.checkpoint,
+                               os.path.join(run.workdir, 'pretrained'))
+  params, adapters = lora_lib.split(params)
+  params, report = load_pretrained_params(source, params, tuple(init.reinit),
+                                          init.step)
+  console.info(f'init: loaded {len(report["loaded"])} parameters from '
+               f'{report["source"]}')
+  console.info('init: re-initialised: ' +
+               (', '.join(report['reinitialised']) or 'none'))
+  console.info('init: left out (in the checkpoint, not in the model): ' +
+               (', '.join(report['left_out']) or 'none'))
+  return lora_lib.join(params, adapters)
+
+
+def _compile_step(run: Run, training: _Training):
+  """The compiled train step and the extra arguments it takes (an in-step
+  distillation teacher's parameters)."""
+  config, teacher = run.config, training.teacher
+  in_step_teacher = teacher and config.distill.teacher_logits == 'step'
   train_step = run.layout.compile_train_step(train_step_fn(
-      run.model, tx, schedule, config.seed,
-      trainable=trainable_mask(params, config.optimizer, run.lora),
-      accumulation_steps=accumulation,
+      run.model, training.tx, training.schedule, config.seed,
+      trainable=trainable_mask(training.params, config.optimizer, run.lora,
+                               naming=run.naming),
+      accumulation_steps=training.accumulation,
       on_nonfinite=config.training.get('on_nonfinite', 'stop'),
       ema_decay=config.training.get('ema_decay'),
       prng_impl=config.training.get('prng_impl', 'threefry2x32'),
-      mean_over_devices=run.layout.mean_over_devices,
+      sum_over_devices=run.layout.sum_over_devices,
       batch_shards=run.layout.batch_shards,
       loss_fn=(distillation.make_loss_fn(config.distill) if teacher else
-               classification_loss),
+               run.task.loss),
+      loss_weight=run.task.loss_weight,
       teacher_model=teacher.members.runs[0].model if in_step_teacher
-      else None), state)
-  teacher_args = ((run.layout.place_params(teacher.members.params[0]),)
-                  if in_step_teacher else ())
-  console.info(run.layout.describe(state))
-  console.info(_methods_line(config, accumulation, batch_size))
+      else None), training.state)
+  step_args = ((run.layout.place_params(teacher.members.params[0]),)
+               if in_step_teacher else ())
+  console.info(run.layout.describe(training.state))
+  console.info(_methods_line(config, training.accumulation,
+                             training.batch_size, run.best_metric))
+  return train_step, step_args
+
+
+def _loop(run: Run, training: _Training, train_step, step_args,
+          start_time: float) -> dict:
+  """Trains to `training.total` steps (or early stopping, or SIGTERM)."""
+  config, stream, total = run.config, training.stream, training.total
   patience = config.training.get('early_stopping_patience')
-  stopper = EarlyStopping(patience, config.checkpoint.best_metric,
-                          config.checkpoint.best_mode) if patience else None
+  stopper = EarlyStopping(patience, run.best_metric,
+                          run.best_mode) if patience else None
+  state = training.state
   first_step = int(run.layout.fetch(state.step))
-  console.info(f'training steps {first_step}..{total} on {devices} '
+  console.info(f'training steps {first_step}..{total} on {run.devices} '
                f'device(s) x {jax.process_count()} process(es), global batch '
-               f'{batch_size} '
+               f'{training.batch_size} '
                f'({stream.steps_per_epoch:.1f} steps/epoch)')
+  writer = MetricWriter(run.workdir, enabled=jax.process_index() == 0)
   preemption = _Preemption()
   tick, tick_step = time.time(), first_step
-  history = []
+  history, stopped_at = [], None
   if stopper and first_step:
-    stopper.replay(workdir, first_step)
-  stopped_at = None
+    stopper.replay(run.workdir, first_step)
   try:
     for step in range(first_step, total):
       batch = next(stream)
       state, metrics = train_step(state, run.layout.place_batch(batch),
-                                  *teacher_args)
+                                  *step_args)
       # Fetch every step: keeps CPU collectives in lock-step, and lets a
       # non-finite loss stop the run at the step where it appeared.
       metrics = {k: float(run.layout.fetch(v)) for k, v in metrics.items()}
       done = step + 1
-      if metrics['nonfinite'] and config.training.on_nonfinite == 'skip':
-        console.info(f'step {done}: non-finite loss or gradients; update '
-                     f'skipped ({int(metrics["skipped"])} skipped so far)')
-      elif metrics['nonfinite'] or not math.isfinite(metrics['loss']):
-        raise TrainingError(
-            f'non-finite loss {metrics["loss"]} or gradients at step {done}; '
-            'the run stops, the last good'
-            f' checkpoint is step {run.checkpoints.latest_step()} (lower the '
-            'learning rate or enable clipping: config.optimizer.clip_norm)')
+      _check_finite(run, metrics, done)
       if done % config.training.log_every_steps == 0 or done == total:
         elapsed = time.time() - tick
         rate = (done - tick_step) / max(elapsed, 1e-9)
@@ -316,21 +251,20 @@ def _train_and_evaluate(run: Run, config, workdir: str,
         console.info(
             f'step {done}/{total}  loss {metrics["loss"]:.4f}  lr '
             f'{metrics["learning_rate"]:.2e}  {rate:.1f} steps/s  '
-            f'{rate * batch_size:.0f} examples/s  ETA {_hms(eta)}')
+            f'{rate * training.batch_size:.0f} examples/s  ETA {_hms(eta)}')
         writer.write(done, 'train', {**metrics, 'steps_per_second': rate})
         tick, tick_step = time.time(), done
-      evaluate_now = done % eval_every == 0 or done == total
+      evaluate_now = done % training.eval_every == 0 or done == total
       if evaluate_now:
         val = run.evaluate(state.ema_params if config.training.get(
             'evaluate_ema') else state.params, 'validation')
-        scalars = {k: val[k] for k in ('loss', 'accuracy', 'macro_f1')}
+        scalars = run.task.scalars(val)
         writer.write(done, 'validation',
                      {**scalars, 'elapsed_s': time.time() - start_time})
         history.append({'step': done, **scalars})
-        console.info(f'validation at step {done}: loss {val["loss"]:.4f}  '
-                     f'accuracy {val["accuracy"]:.4f}  macro-F1 '
-                     f'{val["macro_f1"]:.4f}')
-      if evaluate_now or done % checkpoint_every == 0 or preemption.requested:
+        console.info(f'validation at step {done}: {run.task.summary(val)}')
+      if (evaluate_now or done % training.checkpoint_every == 0 or
+          preemption.requested):
         run.checkpoints.save(done, run.layout.checkpoint_state(state),
                              stream.get_state(),
                              metrics=scalars if evaluate_now else None)
@@ -338,7 +272,6 @@ def _train_and_evaluate(run: Run, config, workdir: str,
         run.checkpoints.wait()
         console.info(f'SIGTERM: saved a checkpoint at step {done}; exiting '
                      '(rerun the same command to resume)')
-        writer.close()
         return {'preempted_at_step': done}
       if evaluate_now and stopper and stopper.update(done, scalars):
         console.info(stopper.message(done))
@@ -347,73 +280,49 @@ def _train_and_evaluate(run: Run, config, workdir: str,
   finally:
     preemption.restore()
     run.checkpoints.wait()
-  writer.close()
-  results = _final_evaluation(run, config)
-  results.update({'steps': total, 'wall_time_s': time.time() - start_time,
+    writer.close()
+  return {'state': state, 'history': history, 'stopped_at': stopped_at}
+
+
+def _check_finite(run: Run, metrics: dict, done: int):
+  """Says a skipped step, or stops the run on a non-finite loss."""
+  if metrics['nonfinite'] and run.config.training.on_nonfinite == 'skip':
+    console.info(f'step {done}: non-finite loss or gradients; update '
+                 f'skipped ({int(metrics["skipped"])} skipped so far)')
+  elif metrics['nonfinite'] or not math.isfinite(metrics['loss']):
+    raise TrainingError(
+        f'non-finite loss {metrics["loss"]} or gradients at step {done}; '
+        'the run stops, the last good'
+        f' checkpoint is step {run.checkpoints.latest_step()} (lower the '
+        'learning rate or enable clipping: config.optimizer.clip_norm)')
+
+
+def _finish(run: Run, training: _Training, outcome: dict,
+            start_time: float) -> dict:
+  """The final evaluation and `results.json`."""
+  config, params = run.config, training.params
+  results = final_evaluation(run)
+  results.update({'steps': training.total,
+                  'wall_time_s': time.time() - start_time,
                   'validation_history': validation_history(
-                      workdir, stopped_at or total)})
+                      run.workdir, outcome['stopped_at'] or training.total)})
   results['trainable_parameters'] = sum(
       int(np.size(p)) for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(
-          trainable_mask(params, config.optimizer, run.lora))) if t)
-  if stopped_at is not None:
-    results['early_stopped_at_step'] = stopped_at
+          trainable_mask(params, config.optimizer, run.lora,
+                         naming=run.naming))) if t)
+  if outcome['stopped_at'] is not None:
+    results['early_stopped_at_step'] = outcome['stopped_at']
+  state = outcome['state']
   if state.skipped is not None:
     results['skipped_steps'] = int(run.layout.fetch(state.skipped))
-  if teacher:
-    results['distillation'] = teacher.report(run, results)
-  write_results(workdir, results)
+  if training.teacher:
+    results['distillation'] = training.teacher.report(run, results)
+  write_results(run.workdir, results)
   return results
 
 
-def _final_evaluation(run: Run, config) -> dict:
-  params, step = run.restore_params(config.checkpoint.evaluate)
-  params_placed = run.layout.place_params(params)
-  validation = run.evaluate(params_placed, 'validation')
-  start = time.time()  # the validation pass compiled every shape
-  test = run.evaluate(params_placed, 'test')
-  eval_speed = test['examples'] / max(time.time() - start, 1e-9)
-  console.info(evaluation.format_metrics(
-      test, run.data.class_names,
-      f'test ({config.checkpoint.evaluate} checkpoint, step {step})'))
-  num_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-  extra = {}
-  if run.lora and run.lora.get('export_merged', True):
-    merged = lora_lib.export_merged(params, run.lora,
-                                    os.path.join(run.workdir, 'merged'))
-    console.info(f'lora: merged the adapters into the base weights; plain '
-                 f'checkpoint in {merged} (load it with '
-                 f'--config.init.checkpoint={merged} and lora.rank=0)')
-    extra['merged_checkpoint'] = merged
-  return {'test': test, 'validation': validation, 'evaluated_step': step,
-          'evaluated_checkpoint': config.checkpoint.evaluate,
-          'num_parameters': num_params, 'class_names': run.data.class_names,
-          'eval_examples_per_s': eval_speed,
-          **extra}
-
-
-def evaluate_checkpoint(config, workdir: str) -> dict:
-  """`mode=eval`: evaluates the run's checkpoint in `workdir` on test."""
-  start_time = time.time()
-  run = Run(config, workdir)
-  try:
-    results = _final_evaluation(run, config)
-  finally:
-    run.checkpoints.close()
-  results['wall_time_s'] = time.time() - start_time
-  write_results(workdir, results)
-  return results
-
-
-def write_results(workdir: str, results: dict):
-  """Writes WORKDIR/results.json (process 0) and says where."""
-  if jax.process_index() != 0:
-    return
-  with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:
-    json.dump(results, f, indent=2)
-  console.info(f'wrote {os.path.join(workdir, "results.json")}')
-
-
-def _methods_line(config, accumulation: int, batch_size: int) -> str:
+def _methods_line(config, accumulation: int, batch_size: int,
+                  best_metric: str) -> str:
   """One line saying which fine-tuning methods this run uses."""
   training = config.training
   parts = [f'compute dtype {config.dtype} (params and optimizer state '
@@ -427,7 +336,7 @@ def _methods_line(config, accumulation: int, batch_size: int) -> str:
                  f'{"EMA" if training.get("evaluate_ema") else "raw"} params)')
   if training.get('early_stopping_patience'):
     parts.append(f'early stopping after {training.early_stopping_patience} '
-                 f'evaluations without a better {config.checkpoint.best_metric}')
+                 f'evaluations without a better {best_metric}')
   return 'fine-tuning: ' + '; '.join(parts)
 
 

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tuning.tasks import classification
+
 AXIS = 'batch'
 NON_FEATURES = ('label', 'weight', 'index', 'labelled', 'teacher_logits')
 TEACHER_PREFIX = 'teacher/'  # a distillation teacher's own input columns
@@ -62,18 +64,6 @@ def features_of(batch: dict) -> dict:
 def teacher_features_of(batch: dict) -> dict:
   return {k[len(TEACHER_PREFIX):]: v for k, v in batch.items()
           if k.startswith(TEACHER_PREFIX)}
-
-
-def cross_entropy(logits, labels):
-  """Per-example softmax cross-entropy, computed in float32."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels)
-
-
-def classification_loss(logits, batch):
-  """Per-example loss of the model's logits on a batch: the one place the
-  training objective is defined (it may read any batch column)."""
-  return cross_entropy(logits, batch['label'])
 
 
 def micro_batches(batch: dict, count: int, shards: int = 1) -> dict:
@@ -110,8 +100,10 @@ def train_step_fn(model, tx, schedule, seed: int, *, trainable=None,
                   accumulation_steps: int = 1, on_nonfinite: str = 'stop',
                   ema_decay: float | None = None,
                   prng_impl: str = 'threefry2x32',
-                  loss_fn=classification_loss,
-                  mean_over_devices=lambda x: x, batch_shards: int = 1,
+                  loss_fn=classification.loss,
+                  loss_weight=classification.rows_weight,
+                  inputs_of=None,
+                  sum_over_devices=lambda x: x, batch_shards: int = 1,
                   teacher_model=None):
   """Returns the uncompiled `(state, batch) -> (state, metrics)`, or with
   a `teacher_model`, `(state, batch, teacher_params) -> ...`: the teacher's
@@ -123,12 +115,18 @@ def train_step_fn(model, tx, schedule, seed: int, *, trainable=None,
   holds, so results then change with the device count; the default
   threefry keeps them independent of it.
 
-  `loss_fn(logits, batch)` gives per-example losses (default: softmax
-  cross-entropy with `batch['label']`). `mean_over_devices` averages the
-  gradients, loss and accuracy over devices (`pmean` under pmap; the
-  identity under jit, where `batch` is the global batch, its rows split
-  over `batch_shards` devices). `trainable` is a tree of bools like the
-  params (None: all train).
+  `loss_fn(outputs, batch)` gives the task's (loss sum, {metric: sum})
+  over a batch's rows and `loss_weight(batch)` what those sums are divided
+  by (default: classification, a mean over examples); see
+  tuning/tasks/base.py. The weight of the whole global batch is known before
+  the model runs, so each micro-batch's gradient is that of its loss sum
+  over it, and token-level losses weigh every token alike across
+  micro-batches and devices. `sum_over_devices` adds the gradients, sums
+  and weights of all devices (`psum` under pmap; the identity under jit,
+  where `batch` is the global batch, its rows split over `batch_shards`
+  devices). `inputs_of(batch)` picks the model's inputs (default: every
+  column but labels, weights and indices). `trainable` is a tree of bools
+  like the params (None: all train).
   """
   if on_nonfinite not in NONFINITE_MODES:
     raise ValueError(f'config.training.on_nonfinite={on_nonfinite!r}: use '
@@ -136,6 +134,7 @@ def train_step_fn(model, tx, schedule, seed: int, *, trainable=None,
   accumulation_steps = int(accumulation_steps)
   flat_trainable = None if trainable is None else \
       flax.traverse_util.flatten_dict(trainable)
+  inputs_of = inputs_of or features_of
 
   def step(state: TrainState, batch, teacher_params=None):
     if teacher_model is not None:
@@ -151,30 +150,33 @@ def train_step_fn(model, tx, schedule, seed: int, *, trainable=None,
               if not trains[k]}
     trained = {k: v for k, v in flat.items() if trains[k]}
 
-    def mean_loss(trained_params, micro):
-      params = flax.traverse_util.unflatten_dict({**frozen, **trained_params})
-      logits = per_example_logits(model, params, features_of(micro),
-                                  micro['index'], rng, train=True)
-      correct = logits.argmax(-1) == micro['label']
-      return loss_fn(logits, micro).mean(), correct
+    # Every sum is divided by the weight of the whole global batch.
+    total_weight = sum_over_devices(loss_weight(batch))
 
-    grad_fn = jax.value_and_grad(mean_loss, has_aux=True)
+    def objective(trained_params, micro):
+      params = flax.traverse_util.unflatten_dict({**frozen, **trained_params})
+      outputs = per_example_logits(model, params, inputs_of(micro),
+                                   micro['index'], rng, train=True)
+      loss_sum, sums = loss_fn(outputs, micro)
+      return loss_sum / total_weight, sums
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
     if accumulation_steps == 1:
-      (loss, correct), grads = grad_fn(trained, batch)
+      (loss, sums), grads = grad_fn(trained, batch)
     else:
       def accumulate(carry, micro_batch):
-        grad_sum, loss_sum = carry
-        (l, c), g = grad_fn(trained, micro_batch)
-        return (jax.tree.map(jnp.add, grad_sum, g), loss_sum + l), c
+        return jax.tree.map(jnp.add, carry,
+                            grad_fn(trained, micro_batch)), None
 
-      zeros = jax.tree.map(jnp.zeros_like, trained)
-      (grad_sum, loss_sum), correct = jax.lax.scan(
-          accumulate, (zeros, jnp.zeros((), jnp.float32)),
-          micro_batches(batch, accumulation_steps, batch_shards))
-      grads = jax.tree.map(lambda g: g / accumulation_steps, grad_sum)
-      loss = loss_sum / accumulation_steps
-    grads = mean_over_devices(grads)
-    loss = mean_over_devices(loss)
+      micro = micro_batches(batch, accumulation_steps, batch_shards)
+      zeros = jax.tree.map(
+          lambda x: jnp.zeros(x.shape, x.dtype),
+          jax.eval_shape(grad_fn, trained,
+                         jax.tree.map(lambda v: v[0], micro)))
+      ((loss, sums), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+    grads = sum_over_devices(grads)
+    loss = sum_over_devices(loss)
+    sums = {k: sum_over_devices(v) / total_weight for k, v in sums.items()}
     finite = jnp.isfinite(loss) & jnp.all(jnp.array(
         [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     full_grads = flax.traverse_util.unflatten_dict(
@@ -194,7 +196,7 @@ def train_step_fn(model, tx, schedule, seed: int, *, trainable=None,
                                 state.ema_params, params)
     metrics = {
         'loss': loss,
-        'accuracy': mean_over_devices(correct.mean()),
+        **sums,
         'grad_norm': optax.tree.norm(grads),
         'param_norm': optax.tree.norm(params),
         'learning_rate': schedule(state.step),
@@ -210,18 +212,36 @@ def train_step_fn(model, tx, schedule, seed: int, *, trainable=None,
 
 def make_train_step(model, tx, schedule, seed: int, **options):
   """The pmapped train step: `batch` arrays have a leading device axis;
-  gradients are averaged over devices with `pmean`. `options`: those of
+  gradients are summed over devices with `psum`. `options`: those of
   `train_step_fn`."""
   step = train_step_fn(model, tx, schedule, seed,
-                       mean_over_devices=lambda x: jax.lax.pmean(x, AXIS),
+                       sum_over_devices=lambda x: jax.lax.psum(x, AXIS),
                        **options)
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
 
 
-def eval_fn(model):
-  """Returns the uncompiled `(params, batch) -> logits`."""
+def eval_fn(model, inputs_of=features_of):
+  """Returns the uncompiled `(params, batch) -> outputs` (e.g. logits)."""
   def step(params, batch):
-    return model.apply({'params': params}, **features_of(batch), train=False)
+    return model.apply({'params': params}, **inputs_of(batch), train=False)
+  return step
+
+
+def eval_totals_fn(model, task, sum_over_devices=lambda x: x,
+                   inputs_of=features_of):
+  """Returns the uncompiled `(params, batch, running) -> totals`: the
+  task's evaluation sums of a batch (`task.eval_totals`), added over
+  devices and to the running totals of the earlier batches (so that one
+  compiled step does all the work of a pass; without `running`, the step
+  gives the batch's own totals, e.g. for their shapes)."""
+  outputs_of = eval_fn(model, inputs_of)
+
+  def step(params, batch, running=None):
+    totals = task.eval_totals(outputs_of(params, batch), batch)
+    totals = jax.tree.map(sum_over_devices, totals)
+    if running is None:
+      return totals
+    return jax.tree.map(jnp.add, running, totals)
   return step
 
 

@@ -1,10 +1,26 @@
 """From a data config to model-ready train/validation/test arrays.
 
-Order of work: read the source, clean every split, carve missing
-validation/test splits deterministically from train, encode labels (keeping
-only `classes` when the task names them), subsample the training labels
-(few-label tasks), then fit feature/text preprocessing on the training split
-only and apply it to all three.
+One pipeline, two sources of the same rows: files read into memory
+(`sources`: CSV/TSV/JSON Lines/NPZ/TFDS/digits, cleaned here) and an
+ArrayRecord directory read by index (`records`, cleaned at conversion).
+Each gives a training split (`tables.Rows`) and the validation/test tables
+the user gave; the steps between are written once:
+
+1. clean the training split only (missing values, exact duplicates);
+   validation and test rows are used as given, never de-duplicated or
+   filtered (a row that cannot be used at all is an error naming file:line,
+   or dropped and counted with on_bad_rows='drop');
+2. carve missing validation/test splits deterministically from the
+   (cleaned) training split;
+3. labels: 'classes' fits the label encoder on the training labels (keeping
+   only `classes` when the task names them: rows of other classes are
+   dropped and counted in every split), 'values' keeps float targets, None
+   reads no label at all;
+4. subsample the training split (few-label tasks, max_train_examples) and
+   limit validation (max_validation_examples);
+5. report how many validation/test rows also occur in train;
+6. fit feature/text preprocessing on the training split only and apply it
+   to all three (in memory), or tokenize batches as they are read (records).
 """
 
 from __future__ import annotations
@@ -15,7 +31,10 @@ from typing import Any
 import numpy as np
 
 from tuning.data import preprocessing
-from tuning.data.sources import DataError, Table, read_split_files
+from tuning.data import records
+from tuning.data import rows
+from tuning.data import sources
+from tuning.data.tables import DataError, Table, is_missing, num_rows
 
 SPLITS = ('train', 'validation', 'test')
 # Carving uses its own fixed seed so that changing config.seed (e.g. in a
@@ -25,17 +44,18 @@ _SPLIT_SEED = 20240601
 
 @dataclasses.dataclass
 class Datasets:
-  """Model-ready splits: each a dict of numpy arrays with a 'label' column.
+  """Model-ready splits: each a dict of numpy arrays.
 
-  With source 'array_record' the training split is a `records.RecordSplit`
-  (read by index from disk; `take(indices)` gives a table's rows) and
-  validation/test are tables in memory.
+  'label' holds class indices (int32; labels='classes'), float32 targets
+  ('values'), or is absent (None). With source 'array_record' the training
+  split is a `records.RecordSplit` (read by index from disk; `take(indices)`
+  gives a table's rows) and validation/test are tables in memory.
   """
   train: Table  # or records.RecordSplit
   validation: Table
   test: Table
-  num_classes: int
-  class_names: list[str]
+  num_classes: int | None  # None: not classes
+  class_names: list[str] | None
   log: list[str]  # what preprocessing did, one line each
   # Token-id range for streamed text (None: computed from the tables).
   streamed_vocab_size: int | None = None
@@ -45,6 +65,7 @@ class Datasets:
   # encodes the student's examples its own way).
   raw: dict[str, Table] = dataclasses.field(default_factory=dict)
   encode: Any = None
+  labels: str | None = 'classes'  # what 'label' holds (see build_datasets)
 
   def split(self, name: str) -> Table:
     return getattr(self, name)
@@ -67,190 +88,64 @@ class Datasets:
                (self.train, self.validation, self.test)) + 1
 
 
-def build_datasets(data_config) -> Datasets:
-  """Builds the three splits described by `config.data`."""
+def build_datasets(data_config, labels: str | None = 'classes') -> Datasets:
+  """Builds the three splits described by `config.data`.
+
+  `labels`: 'classes' (class labels: encoded to 0..num_classes-1, with
+  `classes`, `class_names` and `examples_per_class`), 'values' (float32
+  regression targets; a label that is not a number is an error naming
+  file:line), or None (no label column is read: text-only data).
+  """
+  _check_labels(data_config, labels)
   if data_config.source == 'array_record':
-    return _build_from_records(data_config)
-  log = []
-  tables, report = read_split_files(data_config)
-  for reason, count in report.dropped.items():
-    log.append(f'dropped {count} rows while reading: {reason}')
-
-  for name in list(tables):
-    tables[name], counts = preprocessing.clean(
-        tables[name], drop_duplicates=data_config.drop_duplicates)
-    for reason, count in counts.items():
-      log.append(f'{name}: dropped {count} rows ({reason})')
-
-  rng = np.random.default_rng(_SPLIT_SEED)
-  for name, fraction in (('test', data_config.test_fraction),
-                         ('validation', data_config.validation_fraction)):
-    if name in tables:
-      continue
-    train = tables['train']
-    n = len(train['label'])
-    count = int(round(n * fraction))
-    if not 0 < count < n:
-      raise DataError(f'cannot carve a {name} split of fraction {fraction} '
-                      f'from {n} training rows (config.data.{name}_fraction)')
-    order = rng.permutation(n)
-    tables[name] = preprocessing.take(train, np.sort(order[:count]))
-    tables['train'] = preprocessing.take(train, np.sort(order[count:]))
-    log.append(f'{name}: carved {count} of {n} training rows '
-               f'(fraction {fraction})')
-
-  encoder = preprocessing.LabelEncoder.fit(
-      tables['train']['label'], data_config.classes, data_config.class_names)
-  for name in SPLITS:
-    tables[name], dropped = encoder.transform(tables[name])
-    if dropped:
-      why = ('label not in config.data.classes' if data_config.classes
-             else 'label not seen in training')
-      log.append(f'{name}: dropped {dropped} rows ({why})')
-    if not len(tables[name]['label']):
+    source = _RecordsSource(data_config, labels)
+  else:
+    source = _MemorySource(data_config, labels)
+  log = source.log
+  train, tables = source.train, dict(source.given)
+  for name in tables:
+    if labels is None:
+      tables[name].pop('label', None)
+    tables[name] = _check_given(tables[name], name, data_config, log)
+  train, counts = _carve(train, tables, data_config, labels, log)
+  encoder, ids = None, None  # ids: class index of every training row
+  if labels == 'classes':
+    encoder, train, ids = _encode_labels(train, tables, counts, data_config,
+                                         log)
+  for name, size in (('train', len(train)), *(
+      (n, num_rows(tables[n])) for n in ('validation', 'test'))):
+    if not size:
       raise DataError(f'the {name} split is empty after preprocessing '
                       '(check config.data.classes and the data files)')
-
-  tables['train'] = _subsample(tables['train'], data_config, log)
+  if data_config.examples_per_class or data_config.max_train_examples:
+    if data_config.examples_per_class and ids is None:
+      ids = encoder.ids(train.raw_labels())
+    order = _subsample_order(ids, len(train), data_config)
+    if len(order) < len(train):
+      what = 'labelled examples' if labels else 'examples'
+      log.append(f'train: kept {len(order)} of {len(train)} {what}')
+      train = train.select(order)
   tables['validation'] = _limit_validation(tables['validation'],
                                            data_config, log)
+  _report_overlap(train, tables, log)
 
-  raw = {name: {k: tables[name][k] for k in ('x', 'text', 'text_pair')
-                if k in tables[name]} for name in SPLITS}
-  encode = None
-  if 'x' in tables['train']:
-    transform = preprocessing.FeatureTransform.fit(
-        tables['train']['x'], data_config.normalize,
-        data_config.pca_components)
-
-    def encode(raw_table):
-      x = transform.transform(raw_table['x'])
-      if data_config.image_shape:
-        x = _as_images(x, tuple(data_config.image_shape))
-      return {'x': x}
-
-    for name in SPLITS:
-      tables[name].update(encode({'x': tables[name].pop('x')}))
-    if data_config.normalize or data_config.pca_components:
-      log.append('features: fitted on train: '
-                 f'normalize={data_config.normalize}, '
-                 f'pca_components={data_config.pca_components}')
-  if 'text' in tables['train']:
-    tokenizer = _fit_tokenizer(tables['train'], data_config)
-
-    def encode(raw_table):
-      if 'text_pair' in raw_table and hasattr(tokenizer, 'path'):
-        return tokenizer.encode(raw_table['text'], raw_table['text_pair'])
-      return tokenizer.encode(raw_table['text'])
-
-    for name in SPLITS:
-      table = tables[name]
-      table.update(encode({'text': table.pop('text'),
-                           **({'text_pair': table.pop('text_pair')}
-                              if 'text_pair' in table else {})}))
-    log.append(f'text: tokenizer {data_config.tokenizer!r}, max_length '
-               f'{data_config.max_length}')
-  for name in SPLITS:
-    tables[name]['label'] = tables[name]['label'].astype(np.int32)
-  sizes = ', '.join(f'{n} {len(tables[n]["label"])}' for n in SPLITS)
-  log.append(f'examples: {sizes}; {encoder.num_classes} classes')
-  return Datasets(tables['train'], tables['validation'], tables['test'],
-                  encoder.num_classes, encoder.classes, log, raw=raw,
-                  encode=encode)
+  data = source.finish(train, tables, encoder, labels, data_config)
+  data.labels = labels
+  sizes = ', '.join(f'{n} {s}' for n, s in (
+      ('train', len(train)), ('validation', num_rows(data.validation)),
+      ('test', num_rows(data.test))))
+  what = {'classes': f'{data.num_classes} classes',
+          'values': 'regression values', None: 'no labels'}[labels]
+  log.append(f'examples: {sizes}; {what}')
+  return data
 
 
-def _limit_validation(validation: Table, data_config, log) -> Table:
-  """A fixed random subset of `max_validation_examples` (faster checks)."""
-  limit = data_config.max_validation_examples
-  n = len(validation['label'])
-  if not limit or limit >= n:
-    return validation
-  keep = np.sort(np.random.default_rng(_SPLIT_SEED + 2).permutation(n)[:limit])
-  log.append(f'validation: kept {limit} of {n} examples')
-  return preprocessing.take(validation, keep)
+def _carve(train, tables: dict[str, Table], data_config, labels, log):
+  """Carves missing validation/test splits (into `tables`) from train.
 
-
-def _subsample(train: Table, data_config, log: list[str]) -> Table:
-  """Keeps the first examples of each class (few-label training sets)."""
-  n = len(train['label'])
-  order = np.random.default_rng(_SPLIT_SEED + 1).permutation(n)
-  if data_config.examples_per_class:
-    k = data_config.examples_per_class
-    chosen = []
-    seen = {}
-    for i in order:
-      c = int(train['label'][i])
-      if seen.get(c, 0) < k:
-        seen[c] = seen.get(c, 0) + 1
-        chosen.append(i)
-    order = np.array(chosen)
-  if data_config.max_train_examples:
-    order = order[:data_config.max_train_examples]
-  if len(order) == n:
-    return train
-  log.append(f'train: kept {len(order)} of {n} labelled examples')
-  return preprocessing.take(train, np.sort(order))
-
-
-def _as_images(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-  if int(np.prod(shape)) != x[0].size:
-    raise DataError(f'config.data.image_shape={shape} does not fit features '
-                    f'of size {x[0].size}')
-  return x.reshape((len(x),) + shape)
-
-
-def _fit_tokenizer(train: Table, data_config):
-  if data_config.tokenizer == 'whitespace':
-    texts = list(train['text']) + list(train.get('text_pair', []))
-    return preprocessing.WhitespaceVocabulary.fit(
-        texts, data_config.vocab_size, data_config.max_length)
-  return preprocessing.PretrainedTokenizer(data_config.tokenizer,
-                                           data_config.max_length)
-
-
-def _build_from_records(data_config) -> Datasets:
-  """Training streams from an ArrayRecord directory; dev splits in memory.
-
-  Mirrors build_datasets step by step (cleaning happened at conversion):
-  carve missing validation/test splits from train with the same seed, fit
-  labels on the training split's label counts (metadata), keep only
-  `classes` and subsample, fit the tokenizer, and encode. Only carving,
-  `classes` and subsampling keep an index of the training rows in memory
-  (8 bytes a row; `classes` and examples_per_class read every label once);
-  otherwise training reads the shards by position.
+  Returns the rest of train and, for class labels, its rows per label.
   """
-  from tuning.data import records  # pylint: disable=g-import-not-at-top
-  directory = data_config.get('records_dir')
-  metadata = records.read_metadata(directory)
-  if 'train' not in metadata['splits']:
-    records.split_paths(directory, 'train', metadata)  # raises
-  if (str(data_config.normalize).lower() not in ('none', '')
-      or data_config.pca_components):
-    raise DataError('config.data.normalize / pca_components need a pass over '
-                    "the whole training set: not supported with source "
-                    "'array_record'; normalize the features before converting")
-  _check_records_tokenizer(data_config, metadata, directory)
-  log = [f'records: {directory} (train {metadata["splits"]["train"]["num_examples"]}'
-         ' examples, read by index from '
-         f'{len(metadata["splits"]["train"]["shards"])} shard(s))']
-  for name, entry in sorted(metadata['splits'].items()):
-    for reason, count in entry['dropped'].items():
-      log.append(f'{name}: dropped {count} rows at conversion ({reason})')
-  if data_config.drop_duplicates and not metadata['splits']['train'].get(
-      'drop_duplicates'):
-    log.append('train: duplicates kept (drop them at conversion with '
-               '--drop_duplicates)')
-
-  train = records.RecordSplit(directory, 'train', metadata,
-                              image_shape=data_config.image_shape)
-  tables = {}
-  for name in ('validation', 'test'):
-    if name in metadata['splits']:
-      tables[name] = records.RecordSplit(directory, name,
-                                         metadata).raw_table()
-  key = preprocessing._label_key  # pylint: disable=protected-access
-  # Training label counts from the metadata, less the rows carved away.
-  counts = dict(metadata['splits']['train']['label_counts'])
+  counts = train.label_counts() if labels == 'classes' else None
   rng = np.random.default_rng(_SPLIT_SEED)
   for name, fraction in (('test', data_config.test_fraction),
                          ('validation', data_config.validation_fraction)):
@@ -263,92 +158,107 @@ def _build_from_records(data_config) -> Datasets:
                       f'from {n} training rows (config.data.{name}_fraction)')
     order = rng.permutation(n)
     tables[name] = train.raw_table(np.sort(order[:count]))
-    train = train.view(np.sort(order[count:]))
-    for label in tables[name]['label']:
-      counts[key(label)] -= 1
+    train = train.select(np.sort(order[count:]))
+    if counts is not None:
+      for label in tables[name]['label']:
+        counts[preprocessing.label_key(label)] -= 1
+    if labels is None:
+      tables[name].pop('label', None)  # records converted with labels
     log.append(f'{name}: carved {count} of {n} training rows '
                f'(fraction {fraction})')
+  return train, counts
 
+
+def _encode_labels(train, tables: dict[str, Table], counts: dict[str, int],
+                   data_config, log):
+  """Fits class labels on train; keeps only `classes`; encodes dev labels.
+
+  Returns the encoder, the training rows kept and their class indices
+  (None: not read).
+  """
   encoder = preprocessing.LabelEncoder.fit(
       np.array([k for k, v in counts.items() if v > 0], dtype=object),
       data_config.classes, data_config.class_names)
-  ids = None  # class index of every training example, read when needed
+  ids = None
   if data_config.classes:
-    ids = _record_label_ids(train, encoder)
+    ids = encoder.ids(train.raw_labels())
     keep = np.flatnonzero(ids >= 0)
     if len(keep) < len(train):
       log.append(f'train: dropped {len(train) - len(keep)} rows (label not '
                  'in config.data.classes)')
-      train, ids = train.view(keep), ids[keep]
+      train, ids = train.select(keep), ids[keep]
   for name in ('validation', 'test'):
     tables[name], dropped = encoder.transform(tables[name])
     if dropped:
       why = ('label not in config.data.classes' if data_config.classes
              else 'label not seen in training')
       log.append(f'{name}: dropped {dropped} rows ({why})')
-  for name, size in (('train', len(train)), *(
-      (n, len(tables[n]['label'])) for n in ('validation', 'test'))):
-    if not size:
-      raise DataError(f'the {name} split is empty after preprocessing '
-                      '(check config.data.classes and the data files)')
-
-  if data_config.examples_per_class or data_config.max_train_examples:
-    if data_config.examples_per_class and ids is None:
-      ids = _record_label_ids(train, encoder)
-    order = _subsample_order(
-        ids if ids is not None else np.zeros(len(train), np.int32),
-        data_config)
-    if len(order) < len(train):
-      log.append(f'train: kept {len(order)} of {len(train)} labelled '
-                 'examples')
-      train = train.view(order)
-  tables['validation'] = _limit_validation(tables['validation'],
-                                           data_config, log)
-
-  train.label_index = encoder.index
-  train.read_threads = int(data_config.get('read_threads') or 1)
-  vocab = None
-  if 'text' in metadata['fields']:
-    if data_config.tokenizer == 'whitespace':
-      texts = (r['text'] for r in train.iter_records())
-      tokenizer = preprocessing.WhitespaceVocabulary.fit(
-          texts, data_config.vocab_size, data_config.max_length)
-    else:
-      tokenizer = _fit_tokenizer({}, data_config)
-      vocab = int(tokenizer._tokenizer.get_vocab_size())  # pylint: disable=protected-access
-    train.tokenizer = tokenizer
-    log.append(f'text: tokenizer {data_config.tokenizer!r}, max_length '
-               f'{data_config.max_length}, tokenized on the fly')
-  elif 'input_ids' in metadata['fields']:
-    info = metadata['tokenizer']
-    vocab = max(e.get('max_input_id', -1)
-                for e in metadata['splits'].values()) + 1
-    log.append(f'text: tokenized at conversion ({info["path"]}, max_length '
-               f'{info["max_length"]})')
-  for name in ('validation', 'test'):  # labels are class indices already
-    tables[name] = train.finish(tables[name], encode_labels=False)
-    tables[name]['label'] = tables[name]['label'].astype(np.int32)
-  if vocab is not None and 'input_ids' in tables['validation']:
-    vocab = max([vocab] + [int(tables[n]['input_ids'].max()) + 1
-                           for n in ('validation', 'test')])
-  sizes = ', '.join(f'{n} {s}' for n, s in (
-      ('train', len(train)), ('validation', len(tables['validation']['label'])),
-      ('test', len(tables['test']['label']))))
-  log.append(f'examples: {sizes}; {encoder.num_classes} classes')
-  return Datasets(train, tables['validation'], tables['test'],
-                  encoder.num_classes, encoder.classes, log, vocab)
+  return encoder, train, ids
 
 
-def _record_label_ids(split, encoder) -> np.ndarray:
-  """Class index of every example of a record split (-1: not a class)."""
-  key = preprocessing._label_key  # pylint: disable=protected-access
-  return np.fromiter((encoder.index.get(key(r['label']), -1)
-                      for r in split.iter_records()), np.int32, len(split))
+def _check_labels(data_config, labels):
+  if labels not in rows.LABEL_KINDS:
+    raise DataError(f"labels={labels!r}: use 'classes', 'values' or None")
+  if labels != 'classes':
+    for field in ('classes', 'class_names', 'examples_per_class'):
+      if data_config.get(field):
+        raise DataError(
+            f'config.data.{field} needs class labels, but this task reads '
+            f'{"regression values" if labels else "no labels"}; unset it')
 
 
-def _subsample_order(ids: np.ndarray, data_config) -> np.ndarray:
-  """The rows _subsample keeps, in order (same seed, same choice)."""
-  n = len(ids)
+def _check_given(table: Table, name: str, data_config, log) -> Table:
+  """A given validation/test split is used as given: every row must be
+  usable (files are checked row by row as they are read; this catches
+  NPZ/TFDS splits and older record conversions)."""
+  n = num_rows(table)
+  bad = np.zeros(n, bool)
+  reasons = {}
+  checks = []
+  if 'label' in table:
+    checks.append(('missing label', np.array(
+        [is_missing(v) for v in table['label']], bool)))
+  if 'x' in table:
+    checks.append(('missing/NaN feature',
+                   ~np.isfinite(table['x'].reshape(n, -1)).all(axis=1)))
+  for key in ('text', 'text_pair'):
+    if key in table:
+      checks.append((f'missing {key}', np.array(
+          [v is None for v in table[key]], bool)))
+  for reason, rows_bad in checks:
+    new = rows_bad & ~bad
+    if new.any():
+      reasons[reason] = (int(new.sum()), int(np.argmax(new)))
+    bad |= rows_bad
+  if not bad.any():
+    return table
+  if data_config.on_bad_rows != 'drop':
+    reason, (count, first) = next(iter(reasons.items()))
+    raise DataError(f'the {name} split has {count} rows with a {reason} '
+                    f'(first: row {first}); {name} rows are used as given, '
+                    "never cleaned: fix the data, or set "
+                    "config.data.on_bad_rows='drop' to drop and count them")
+  for reason, (count, _) in reasons.items():
+    log.append(f'{name}: dropped {count} rows ({reason})')
+  return preprocessing.take(table, np.flatnonzero(~bad))
+
+
+def _limit_validation(validation: Table, data_config, log) -> Table:
+  """A fixed random subset of `max_validation_examples` (faster checks)."""
+  limit = data_config.max_validation_examples
+  n = num_rows(validation)
+  if not limit or limit >= n:
+    return validation
+  keep = np.sort(np.random.default_rng(_SPLIT_SEED + 2).permutation(n)[:limit])
+  log.append(f'validation: kept {limit} of {n} examples')
+  return preprocessing.take(validation, keep)
+
+
+def _subsample_order(ids: np.ndarray | None, n: int,
+                     data_config) -> np.ndarray:
+  """The training rows to keep, sorted: the first `examples_per_class` of
+  each class (`ids`: class index of every row), then `max_train_examples`,
+  in a fixed random order."""
   order = np.random.default_rng(_SPLIT_SEED + 1).permutation(n)
   if data_config.examples_per_class:
     k = data_config.examples_per_class
@@ -364,9 +274,207 @@ def _subsample_order(ids: np.ndarray, data_config) -> np.ndarray:
   return np.sort(order)
 
 
+def _input_keys(table: Table) -> list[tuple]:
+  """Each row's inputs (every column but the label), comparable exactly."""
+  parts = []
+  for key in sorted(k for k in table if k != 'label'):
+    column = table[key]
+    if column.dtype == object:
+      parts.append([v.tobytes() if isinstance(v, np.ndarray) else str(v)
+                    for v in column])
+    else:
+      parts.append([r.tobytes() for r in column.reshape(len(column), -1)])
+  return list(zip(*parts))
+
+
+def _report_overlap(train, tables: dict[str, Table], log: list[str]):
+  """Logs how many validation/test rows have inputs equal to a training
+  row's (one pass over the training rows; only the dev keys are held)."""
+  wanted = {name: _input_keys(tables[name]) for name in ('validation', 'test')}
+  keys = set().union(*wanted.values())
+  if not keys:
+    return
+  found = set()
+  for chunk in train.raw_chunks():
+    found.update(k for k in _input_keys(chunk) if k in keys)
+  for name, split_keys in wanted.items():
+    count = sum(k in found for k in split_keys)
+    log.append(f'{count} of {len(split_keys)} {name} rows also occur in '
+               'train')
+
+
+def _finish_labels(table: Table, labels: str | None) -> Table:
+  if labels == 'classes':
+    table['label'] = table['label'].astype(np.int32)
+  elif labels == 'values':
+    table['label'] = np.asarray(table['label'], np.float32)
+  return table
+
+
+def _fit_tokenizer(chunks, data_config):
+  """The whitespace vocabulary of the training text (text and pairs), or a
+  pretrained tokenizer."""
+  if data_config.tokenizer == 'whitespace':
+    texts = (t for chunk in chunks
+             for key in ('text', 'text_pair') if key in chunk
+             for t in chunk[key])
+    return preprocessing.WhitespaceVocabulary.fit(
+        texts, data_config.vocab_size, data_config.max_length)
+  return preprocessing.PretrainedTokenizer(data_config.tokenizer,
+                                           data_config.max_length)
+
+
+class _MemorySource:
+  """Files, NPZ, TFDS or digits read whole into tables; train cleaned."""
+
+  def __init__(self, data_config, labels: str | None):
+    tables, reports = sources.read_split_files(data_config, labels)
+    self.log = []
+    for name in SPLITS:
+      prefix = '' if name == 'train' else f'{name}: '
+      for reason, count in reports[name].dropped.items():
+        self.log.append(f'{prefix}dropped {count} rows while reading: '
+                        f'{reason}')
+    train, counts = preprocessing.clean(
+        tables.pop('train'), drop_duplicates=data_config.drop_duplicates)
+    for reason, count in counts.items():
+      self.log.append(f'train: dropped {count} rows ({reason})')
+    self.train = sources.MemoryRows(train)
+    self.given = tables
+
+  def finish(self, train, tables, encoder, labels, data_config) -> Datasets:
+    """Fits feature/text preprocessing on train; encodes every split."""
+    log = self.log
+    tables = {'train': train.table, **tables}
+    if encoder is not None:
+      tables['train'], _ = encoder.transform(tables['train'])
+    raw = {name: {k: tables[name][k] for k in ('x', 'text', 'text_pair')
+                  if k in tables[name]} for name in SPLITS}
+    encode = None
+    if 'x' in tables['train']:
+      transform = preprocessing.FeatureTransform.fit(
+          tables['train']['x'], data_config.normalize,
+          data_config.pca_components)
+
+      def encode(raw_table):
+        x = transform.transform(raw_table['x'])
+        if data_config.image_shape:
+          x = _as_images(x, tuple(data_config.image_shape))
+        return {'x': x}
+
+      for name in SPLITS:
+        tables[name].update(encode({'x': tables[name].pop('x')}))
+      if data_config.normalize or data_config.pca_components:
+        log.append('features: fitted on train: '
+                   f'normalize={data_config.normalize}, '
+                   f'pca_components={data_config.pca_components}')
+    if 'text' in tables['train']:
+      tokenizer = _fit_tokenizer([tables['train']], data_config)
+
+      def encode(raw_table):
+        if 'text_pair' in raw_table and hasattr(tokenizer, 'path'):
+          return tokenizer.encode(raw_table['text'], raw_table['text_pair'])
+        return tokenizer.encode(raw_table['text'])
+
+      for name in SPLITS:
+        table = tables[name]
+        table.update(encode({'text': table.pop('text'),
+                             **({'text_pair': table.pop('text_pair')}
+                                if 'text_pair' in table else {})}))
+      log.append(f'text: tokenizer {data_config.tokenizer!r}, max_length '
+                 f'{data_config.max_length}')
+    for name in SPLITS:
+      _finish_labels(tables[name], labels)
+    return Datasets(tables['train'], tables['validation'], tables['test'],
+                    encoder and encoder.num_classes,
+                    encoder and encoder.classes, log, raw=raw,
+                    encode=encode)
+
+
+class _RecordsSource:
+  """Training streams from an ArrayRecord directory; dev splits in memory.
+
+  Cleaning happened at conversion. Only carving, `classes` and subsampling
+  keep an index of the training rows in memory (8 bytes a row; `classes`
+  and examples_per_class read every label once); otherwise training reads
+  the shards by position. The labels' counts come from the metadata.
+  """
+
+  def __init__(self, data_config, labels: str | None):
+    directory = data_config.get('records_dir')
+    metadata = records.read_metadata(directory)
+    if 'train' not in metadata['splits']:
+      records.split_paths(directory, 'train', metadata)  # raises
+    if (str(data_config.normalize).lower() not in ('none', '')
+        or data_config.pca_components):
+      raise DataError('config.data.normalize / pca_components need a pass '
+                      "over the whole training set: not supported with source "
+                      "'array_record'; normalize the features before "
+                      'converting')
+    kind = metadata.get('labels', 'classes')
+    if labels is not None and kind != labels:
+      raise DataError(f'records directory {directory} holds labels as '
+                      f'{kind}, not {labels}; convert it again with '
+                      f'--labels={labels}')
+    _check_records_tokenizer(data_config, metadata, directory)
+    train = metadata['splits']['train']
+    self.log = [f'records: {directory} (train {train["num_examples"]}'
+                ' examples, read by index from '
+                f'{len(train["shards"])} shard(s))']
+    for name, entry in sorted(metadata['splits'].items()):
+      for reason, count in entry['dropped'].items():
+        self.log.append(f'{name}: dropped {count} rows at conversion '
+                        f'({reason})')
+    if data_config.drop_duplicates and not train.get('drop_duplicates'):
+      self.log.append('train: duplicates kept (drop them at conversion with '
+                      '--drop_duplicates)')
+    self.metadata = metadata
+    self.train = records.RecordSplit(directory, 'train', metadata,
+                                     image_shape=data_config.image_shape)
+    self.given = {name: records.RecordSplit(directory, name,
+                                            metadata).raw_table()
+                  for name in ('validation', 'test')
+                  if name in metadata['splits']}
+
+  def finish(self, train, tables, encoder, labels, data_config) -> Datasets:
+    """Sets how the training split encodes what it reads; encodes dev."""
+    log, metadata = self.log, self.metadata
+    train.label_index = encoder and encoder.index
+    train.labels = labels
+    train.read_threads = int(data_config.get('read_threads') or 1)
+    vocab = None
+    if 'text' in metadata['fields']:
+      train.tokenizer = _fit_tokenizer(train.raw_chunks(), data_config)
+      if data_config.tokenizer != 'whitespace':
+        vocab = int(train.tokenizer._tokenizer.get_vocab_size())  # pylint: disable=protected-access
+      log.append(f'text: tokenizer {data_config.tokenizer!r}, max_length '
+                 f'{data_config.max_length}, tokenized on the fly')
+    elif 'input_ids' in metadata['fields']:
+      info = metadata['tokenizer']
+      vocab = max(e.get('max_input_id', -1)
+                  for e in metadata['splits'].values()) + 1
+      log.append(f'text: tokenized at conversion ({info["path"]}, max_length '
+                 f'{info["max_length"]})')
+    for name in ('validation', 'test'):  # labels are class indices already
+      tables[name] = _finish_labels(
+          train.finish(tables[name], encode_labels=False), labels)
+    if vocab is not None and 'input_ids' in tables['validation']:
+      vocab = max([vocab] + [int(tables[n]['input_ids'].max()) + 1
+                             for n in ('validation', 'test')])
+    return Datasets(train, tables['validation'], tables['test'],
+                    encoder and encoder.num_classes,
+                    encoder and encoder.classes, log, vocab)
+
+
+def _as_images(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  if int(np.prod(shape)) != x[0].size:
+    raise DataError(f'config.data.image_shape={shape} does not fit features '
+                    f'of size {x[0].size}')
+  return x.reshape((len(x),) + shape)
+
+
 def _check_records_tokenizer(data_config, metadata: dict, directory: str):
   """Records tokenized at conversion must match config.data.tokenizer."""
-  from tuning.data import records  # pylint: disable=g-import-not-at-top
   info = metadata.get('tokenizer')
   if not info:
     return

@@ -25,7 +25,7 @@ from typing import Iterator
 import grain
 import numpy as np
 
-from tuning.data.sources import DataError, Table
+from tuning.data.tables import DataError, Table, num_rows
 
 TOKEN_COLUMNS = ('input_ids', 'attention_mask', 'token_type_ids')
 
@@ -58,7 +58,7 @@ class TrainStream:
     `read_threads`, else 1); the batches do not depend on it.
     """
     read_threads = read_threads or getattr(table, 'read_threads', 1)
-    n = len(table['label']) if isinstance(table, dict) else len(table)
+    n = num_rows(table) if isinstance(table, dict) else len(table)
     if batch_size > n:
       raise DataError(f'config.training.batch_size={batch_size} is larger '
                       f'than the training set ({n} examples)')
@@ -111,7 +111,7 @@ def eval_batches(table: Table, batch_size: int, multiple_of: int = 1,
   Batch sizes are rounded up to a multiple of `multiple_of` (devices) so
   every batch splits evenly; no example is dropped.
   """
-  n = len(table['label'])
+  n = num_rows(table)
   batch_size = int(math.ceil(batch_size / multiple_of) * multiple_of)
   per_process = batch_size // process_count if batch_size % process_count == 0 \
       else None

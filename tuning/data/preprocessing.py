@@ -10,35 +10,33 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import re
 
 import numpy as np
 
-from tuning.data.sources import DataError, Table
+from tuning.data.tables import DataError, Table, is_missing, num_rows, take
 
-
-def _missing(value) -> bool:
-  if value is None:
-    return True
-  if isinstance(value, float) and math.isnan(value):
-    return True
-  return isinstance(value, str) and value.strip().lower() in (
-      '', 'nan', 'na', 'null', 'none')
+_missing = is_missing  # the name older code imports
 
 
 def clean(table: Table, drop_duplicates: bool) -> tuple[Table, dict[str, int]]:
-  """Drops rows with missing values or labels, and exact duplicates."""
-  n = len(table['label'])
-  keep = np.array([not _missing(v) for v in table['label']], dtype=bool)
-  counts = {'missing label': int(n - keep.sum())}
+  """Drops rows with missing values or labels, and exact duplicates.
+
+  For the training split only: validation and test rows are used as given.
+  """
+  n = num_rows(table)
+  keep = np.ones(n, dtype=bool)
+  counts = {}
+  if 'label' in table:
+    keep = np.array([not is_missing(v) for v in table['label']], dtype=bool)
+    counts['missing label'] = int(n - keep.sum())
   if 'x' in table:
     finite = np.isfinite(table['x']).reshape(n, -1).all(axis=1)
     counts['missing/NaN feature'] = int((keep & ~finite).sum())
     keep &= finite
   for c in ('text', 'text_pair'):
     if c in table:
-      has = np.array([not _missing(v) for v in table[c]], dtype=bool)
+      has = np.array([not is_missing(v) for v in table[c]], dtype=bool)
       counts[f'missing {c}'] = int((keep & ~has).sum())
       keep &= has
   if drop_duplicates:
@@ -55,10 +53,6 @@ def clean(table: Table, drop_duplicates: bool) -> tuple[Table, dict[str, int]]:
     counts['exact duplicate'] = dup
   return take(table, np.flatnonzero(keep)), {k: v for k, v in counts.items()
                                               if v}
-
-
-def take(table: Table, index) -> Table:
-  return {k: v[index] for k, v in table.items()}
 
 
 @dataclasses.dataclass
@@ -80,13 +74,13 @@ class LabelEncoder:
       for i, entry in enumerate(classes):
         members = entry if isinstance(entry, (tuple, list)) else (entry,)
         for m in members:
-          if _label_key(m) in index:
+          if label_key(m) in index:
             raise DataError(f'label {m!r} appears twice in '
                             'config.data.classes')
-          index[_label_key(m)] = i
-        names.append('+'.join(_label_key(m) for m in members))
+          index[label_key(m)] = i
+        names.append('+'.join(label_key(m) for m in members))
     else:
-      names = sorted({_label_key(v) for v in train_labels},
+      names = sorted({label_key(v) for v in train_labels},
                      key=lambda k: (not _is_int(k),
                                     int(k) if _is_int(k) else 0, k))
       if names and all(_is_int(k) and int(k) >= 0 for k in names):
@@ -104,17 +98,22 @@ class LabelEncoder:
   def num_classes(self) -> int:
     return len(self.classes)
 
+  def ids(self, labels) -> np.ndarray:
+    """The class index of each raw label (-1: not a class)."""
+    return np.fromiter((self.index.get(label_key(v), -1) for v in labels),
+                       np.int32, len(labels))
+
   def transform(self, table: Table) -> tuple[Table, int]:
     """Encodes labels; rows whose label is not a class are dropped."""
-    ids = np.array([self.index.get(_label_key(v), -1)
-                    for v in table['label']], dtype=np.int32)
+    ids = self.ids(table['label'])
     keep = np.flatnonzero(ids >= 0)
     out = take(table, keep)
     out['label'] = ids[keep]
     return out, int(len(ids) - len(keep))
 
 
-def _label_key(value) -> str:
+def label_key(value) -> str:
+  """A raw label as text (1, 1.0, '1' and b'1' are one label)."""
   if isinstance(value, (float, np.floating)) and float(value).is_integer():
     value = int(value)
   if isinstance(value, bytes):
@@ -123,6 +122,9 @@ def _label_key(value) -> str:
   if re.fullmatch(r'[+-]?\d+\.0*', text):
     text = text.split('.')[0]
   return text
+
+
+_label_key = label_key  # the name older code imports
 
 
 def _is_int(text: str) -> bool:

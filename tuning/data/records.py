@@ -6,28 +6,31 @@ Conversion (once, `python -m tuning.data.to_records`) streams local files
     DIR/<split>-00000-of-00004.array_record   (one msgpack map per example)
     DIR/metadata.json                          (columns, counts, labels, tokenizer)
 
-checking every row the way `sources` does: a malformed row is an error naming
-file:line, or with on_bad_rows='drop' dropped and counted; rows with a
-missing label, text or feature value are dropped and counted, like
-`preprocessing.clean`. Text is kept raw (tokenized on the fly while
-training) or tokenized at conversion with a pretrained tokenizer
-(`--tokenizer`), stored unpadded.
+parsing and checking every row with `rows`, as `sources` does: a malformed
+row is an error naming file:line, or with on_bad_rows='drop' dropped and
+counted. Training rows with a missing label, text or feature value are
+dropped and counted, like `preprocessing.clean`; validation and test rows
+are kept as given (one that cannot be used at all is an error, or dropped
+and counted). Text is kept raw (tokenized on the fly while training) or
+tokenized at conversion with a pretrained tokenizer (`--tokenizer`), stored
+unpadded.
 
 Reading (`RecordSplit`) is random access through grain's
 `ArrayRecordDataSource`: a batch of indices reads just those records, so
 memory does not grow with the data set. The labels' vocabulary comes from
-the metadata, not from a pass over the data.
+the metadata, not from a pass over the data; the pipeline's report of how
+many validation/test rows also occur in train reads the training records
+once (about 150,000 short examples a second on one core), holding only the
+dev rows' keys.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import csv
-import dataclasses
 import glob
 import hashlib
 import json
-import math
 import os
 import re
 import threading
@@ -37,7 +40,9 @@ import msgpack
 import numpy as np
 
 from tuning.data import preprocessing
-from tuning.data.sources import DataError, SourceReport, Table
+from tuning.data import rows
+from tuning.data.rows import Columns
+from tuning.data.tables import DataError, SourceReport, Table
 
 FORMATS = ('csv', 'tsv', 'jsonl', 'text')
 METADATA = 'metadata.json'
@@ -84,7 +89,7 @@ def tokenizer_fingerprint(path: str) -> str:
   return digest.hexdigest()[:16]
 
 
-# ----------------------------------------------------------------- input rows
+# ----------------------------------------------------------------- writing
 
 
 class _Progress:
@@ -109,142 +114,6 @@ class _Progress:
   def close(self):
     if self._bar is not None:
       self._bar.close()
-
-
-def _lines(path: str, progress: _Progress) -> Iterator[str]:
-  with open(path, 'rb') as f:
-    for raw in f:
-      progress.update(len(raw))
-      yield raw.decode('utf-8')
-
-
-def iter_rows(path: str, fmt: str, on_bad_rows: str, report: SourceReport,
-              progress: _Progress) -> Iterator[tuple[int, dict[str, Any]]]:
-  """(line, row) for each row of a file, without reading it whole."""
-  if fmt not in FORMATS:
-    raise DataError(f'unsupported format {fmt!r}: use one of '
-                    f'{", ".join(FORMATS)} (--format)')
-  if not os.path.exists(path):
-    raise DataError(f'input file not found: {path} (--input)')
-  drop = on_bad_rows == 'drop'
-  if fmt in ('csv', 'tsv'):
-    delimiter = '\t' if fmt == 'tsv' else ','
-    # QUOTE_NONE for TSV: GLUE files contain bare quotes inside sentences.
-    quoting = csv.QUOTE_NONE if fmt == 'tsv' else csv.QUOTE_MINIMAL
-    reader = csv.reader(_lines(path, progress), delimiter=delimiter,
-                        quoting=quoting)
-    try:
-      header = [h.strip() for h in next(reader)]
-    except StopIteration:
-      raise DataError(f'{path}: the file is empty (a header row is '
-                      'required)') from None
-    for fields in reader:
-      line = reader.line_num
-      if not fields or (len(fields) == 1 and not fields[0].strip()):
-        continue
-      if len(fields) != len(header):
-        if drop:
-          report.drop('malformed row')
-          continue
-        raise DataError(f'{path}:{line}: expected {len(header)} fields '
-                        f'({", ".join(header)}), found {len(fields)} (fix '
-                        "the row, or set --on_bad_rows=drop)")
-      yield line, dict(zip(header, fields))
-  elif fmt == 'jsonl':
-    for line, text in enumerate(_lines(path, progress), start=1):
-      if not text.strip():
-        continue
-      try:
-        row = json.loads(text)
-        if not isinstance(row, dict):
-          raise ValueError('not an object')
-      except ValueError as e:
-        if drop:
-          report.drop('malformed row')
-          continue
-        raise DataError(f'{path}:{line}: not a JSON object ({e}); fix the '
-                        'line, or set --on_bad_rows=drop') from None
-      yield line, row
-  else:  # text: one example a line; the label is the file's name, or a
-    # fastText-style '__label__NAME ' prefix.
-    stem = os.path.splitext(os.path.basename(path))[0]
-    for line, text in enumerate(_lines(path, progress), start=1):
-      text = text.rstrip('\r\n')
-      if not text.strip():
-        continue
-      label = stem
-      if text.startswith('__label__'):
-        label, _, text = text[len('__label__'):].partition(' ')
-      yield line, {'label': label, 'text': text}
-
-
-# ----------------------------------------------------------------- writing
-
-
-@dataclasses.dataclass
-class Columns:
-  """Which input columns make an example (names as in the input files)."""
-  label: str = 'label'
-  text: str | None = None
-  text_pair: str | None = None
-  features: tuple[str, ...] | None = None  # None: every other column
-
-  def resolve_features(self, row: dict[str, Any]) -> tuple[str, ...]:
-    if self.text:
-      return ()
-    if self.features:
-      return tuple(self.features)
-    return tuple(c for c in row if c != self.label)
-
-
-def _is_missing(value) -> bool:
-  return preprocessing._missing(value)  # pylint: disable=protected-access
-
-
-def _encode_row(row: dict[str, Any], line: int, path: str, columns: Columns,
-                features: tuple[str, ...]) -> dict[str, Any] | str:
-  """The record of one row, or the reason it is dropped as incomplete.
-
-  Raises DataError for a malformed row (absent column, non-number feature).
-  """
-  text_columns = [c for c in (columns.text, columns.text_pair) if c]
-  absent = [c for c in (columns.label, *text_columns, *features)
-            if c not in row]
-  if absent:
-    raise DataError(f'{path}:{line}: row has no value for {absent} (fix the '
-                    'row, set --label_column/--text_column, or set '
-                    '--on_bad_rows=drop)')
-  x = []
-  for c in features:
-    value = row[c]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-      x.append(float(value))
-      continue
-    text = str(value).strip()
-    if text == '' or text.lower() in ('nan', 'na', 'null', 'none'):
-      x.append(math.nan)
-      continue
-    try:
-      x.append(float(text))
-    except ValueError:
-      raise DataError(f'{path}:{line}: column {c!r} is not a number: '
-                      f'{text[:40]!r} (fix the row, or set '
-                      '--on_bad_rows=drop)') from None
-  label = row[columns.label]
-  if _is_missing(label):
-    return 'missing label'
-  record = {'label': label}
-  if features:
-    values = np.asarray(x, np.float64)
-    if not np.isfinite(values).all():
-      return 'missing/NaN feature'
-    record['x'] = values.tobytes()
-  for key, c in (('text', columns.text), ('text_pair', columns.text_pair)):
-    if c:
-      if _is_missing(row[c]):
-        return f'missing {key}'
-      record[key] = str(row[c])
-  return record
 
 
 class _ShardWriter:
@@ -300,21 +169,32 @@ def convert(inputs: Sequence[str], fmt: str, out_dir: str,
             tokenizer: str | None = None, max_length: int = 128,
             shard_size: int = 100_000, on_bad_rows: str = 'error',
             drop_duplicates: bool = False, progress: bool = True,
-            group_size: int = DEFAULT_GROUP_SIZE) -> dict:
+            group_size: int = DEFAULT_GROUP_SIZE,
+            labels: str | None = 'classes', encoding: str = 'utf-8',
+            column_names: Sequence[str] | None = None) -> dict:
   """Converts input files into one split of a records directory.
 
+  `labels`: 'classes' (labels as read), 'values' (float regression targets)
+  or None (no label column). `encoding` decodes the files; `column_names`
+  names the columns of headerless CSV/TSV files (the first line is data).
   Returns the split's metadata entry (also written to metadata.json).
   """
-  if fmt not in FORMATS:
+  if fmt not in rows.FORMATS:
     raise DataError(f'unsupported format {fmt!r}: use one of '
-                    f'{", ".join(FORMATS)} (--format)')
+                    f'{", ".join(rows.FORMATS)} (--format)')
   if not re.fullmatch(r'[A-Za-z0-9_]+', split):
     raise DataError(f'split name {split!r}: use letters, digits and _')
-  if on_bad_rows not in ('error', 'drop'):
-    raise DataError(f"--on_bad_rows={on_bad_rows!r}: use 'error' or 'drop'")
+  if labels not in rows.LABEL_KINDS:
+    raise DataError(f"--labels={labels!r}: use classes, values or none")
   if shard_size < 1 or group_size < 1:
     raise DataError(f'--shard_size={shard_size} and --group_size='
                     f'{group_size} must be at least 1')
+  if drop_duplicates and split != 'train':
+    raise DataError(f'--drop_duplicates cleans the train split only; '
+                    f'{split} rows are kept as given (drop the flag)')
+  options = rows.ReadOptions(
+      encoding, tuple(column_names) if column_names else None, on_bad_rows,
+      flags=True)
   if not inputs:
     raise DataError('no input files (--input=FILE[,FILE])')
   for path in inputs:
@@ -340,7 +220,9 @@ def convert(inputs: Sequence[str], fmt: str, out_dir: str,
                 'vocab_size': int(tok.get_vocab_size())}
   os.makedirs(out_dir, exist_ok=True)
   metadata = read_metadata(out_dir, must_exist=False)
-  fields = {'label': 'raw'}
+  fields = {}
+  if labels is not None:
+    fields['label'] = 'raw' if labels == 'classes' else 'float64'
   if columns.text:
     if tok is None:
       fields['text'] = 'str'
@@ -352,19 +234,22 @@ def convert(inputs: Sequence[str], fmt: str, out_dir: str,
         fields['token_type_ids'] = 'int32[]'
   common = {'version': VERSION, 'label_column': columns.label,
             'text_column': columns.text, 'text_pair_column': columns.text_pair,
-            'tokenizer': tok_info}
+            'tokenizer': tok_info, 'labels': labels}
   if metadata:
     for key, value in common.items():
-      if metadata.get(key) != value:
+      old = metadata.get(key, 'classes' if key == 'labels' else None)
+      if old != value:
         raise DataError(f'{out_dir}: already holds splits converted with '
-                        f'{key}={metadata.get(key)!r}, not {value!r}; convert '
-                        'every split alike, or use a new --out directory')
+                        f'{key}={old!r}, not {value!r}; convert every split '
+                        'alike, or use a new --out directory')
 
+  parser = rows.RowParser(columns, labels, options)
+  if metadata.get('features') and not columns.features:
+    parser.features = tuple(metadata['features'])  # as the other splits
   report = SourceReport()
   writer = _ShardWriter(out_dir, split, shard_size, group_size)
   bar = _Progress(inputs, progress)
-  label_counts: dict[str, int] = {}
-  features = None
+  label_counts: dict[str, int] = collections.Counter()
   max_id = -1
   seen = set() if drop_duplicates else None
   pending: list[dict[str, Any]] = []
@@ -390,27 +275,23 @@ def convert(inputs: Sequence[str], fmt: str, out_dir: str,
 
   try:
     for path in inputs:
-      for line, row in iter_rows(path, fmt, on_bad_rows, report, bar):
-        if features is None:
-          features = columns.resolve_features(row)
-        try:
-          record = _encode_row(row, line, path, columns, features)
-        except DataError:
-          if on_bad_rows != 'drop':
-            raise
-          report.drop('malformed row')
-          continue
-        if isinstance(record, str):
-          report.drop(record)
-          continue
+      for _, record in rows.read_examples(path, fmt, parser, report, split,
+                                          bar.update):
+        if split == 'train':
+          reason = parser.incomplete(record)
+          if reason:
+            report.drop(reason)
+            continue
+        if 'x' in record:
+          record['x'] = np.asarray(record['x'], np.float64).tobytes()
         if seen is not None:
           key = hashlib.blake2b(pack(record), digest_size=16).digest()
           if key in seen:
             report.drop('exact duplicate')
             continue
           seen.add(key)
-        label = preprocessing._label_key(record['label'])  # pylint: disable=protected-access
-        label_counts[label] = label_counts.get(label, 0) + 1
+        if labels == 'classes':
+          label_counts[preprocessing.label_key(record['label'])] += 1
         pending.append(record)
         if len(pending) >= 1024:
           flush()
@@ -425,17 +306,19 @@ def convert(inputs: Sequence[str], fmt: str, out_dir: str,
     writer.abort()
     raise DataError(f'{", ".join(inputs)}: no usable rows (dropped: '
                     f'{report.dropped or "none"})')
+  features = parser.features
   if features:
     fields['x'] = f'float64[{len(features)}]'
   shards = writer.finish()
   entry = {'num_examples': writer.count, 'shards': shards,
            'inputs': [os.path.abspath(p) for p in inputs], 'format': fmt,
-           'dropped': report.dropped, 'label_counts': label_counts,
+           'dropped': report.dropped, 'label_counts': dict(label_counts),
            'drop_duplicates': bool(drop_duplicates),
            'group_size': int(group_size)}
   if tok is not None:
     entry['max_input_id'] = max_id
   metadata = metadata or dict(common, splits={})
+  metadata['labels'] = labels
   if features:
     metadata['features'] = list(features)
   metadata['fields'] = fields
@@ -503,8 +386,11 @@ class RecordSplit:
   """One split of a records directory, read by index (never whole).
 
   `take(indices)` returns model-ready columns like an in-memory table's rows:
-  'label' (class index, int32), then 'x', or token columns padded to
-  max_length (tokenized at conversion, or now by `tokenizer`).
+  'label' (class index, int32; float32 for labels='values'; none for
+  labels=None), then 'x', or token columns padded to max_length (tokenized
+  at conversion, or now by `tokenizer`). It is also the pipeline's
+  `tables.Rows` for the training split (select, raw_table, raw_labels,
+  raw_chunks, label_counts).
   """
 
   def __init__(self, directory: str, split: str, metadata: dict,
@@ -524,6 +410,9 @@ class RecordSplit:
                       f'{len(self._source)} records, metadata.json says '
                       f'{expected}; convert the split again')
     self.label_index = label_index
+    # What take() gives as 'label': class indices ('classes', through
+    # label_index), float32 values ('values'), or no label (None).
+    self.labels = metadata.get('labels', 'classes')
     self.tokenizer = tokenizer
     self.index = index  # a view: positions of this split's examples
     self.image_shape = image_shape
@@ -541,6 +430,26 @@ class RecordSplit:
     out.index = np.asarray(index if self.index is None else
                            self.index[index], np.int64)
     return out
+
+  def select(self, index: np.ndarray) -> RecordSplit:
+    """As `view` (the pipeline's `tables.Rows` interface)."""
+    return self.view(index)
+
+  def raw_labels(self) -> np.ndarray:
+    """The raw label of every example (one pass over the split)."""
+    return np.array([r['label'] for r in self.iter_records()], dtype=object)
+
+  def raw_chunks(self, chunk: int = 4096) -> Iterator[Table]:
+    """Every example's raw columns, a chunk at a time."""
+    for start in range(0, len(self), chunk):
+      yield self.raw_table(np.arange(start, min(start + chunk, len(self))))
+
+  def label_counts(self) -> dict[str, int]:
+    """Examples per raw label: from the metadata for the whole split."""
+    if self.index is None:
+      return dict(self.metadata['splits'][self.name]['label_counts'])
+    return dict(collections.Counter(
+        preprocessing.label_key(v) for v in self.raw_labels()))
 
   def records(self, indices) -> list[dict[str, Any]]:
     """Decoded records (raw label, text or token ids) at `indices`."""
@@ -568,9 +477,13 @@ class RecordSplit:
 
   def finish(self, table: Table, encode_labels: bool = True) -> Table:
     """Encodes labels and pads/tokenizes text, as build_datasets does."""
-    if encode_labels and self.label_index is not None:
+    if self.labels is None:
+      table.pop('label', None)
+    elif self.labels == 'values':
+      table['label'] = np.asarray(table['label'], np.float32)
+    elif encode_labels and self.label_index is not None:
       table['label'] = np.array([
-          self.label_index[preprocessing._label_key(v)]  # pylint: disable=protected-access
+          self.label_index[preprocessing.label_key(v)]
           for v in table['label']], np.int32)
     if 'text' in table:
       text = table.pop('text')
@@ -597,7 +510,6 @@ class RecordSplit:
       table['x'] = x
     return table
 
-
   def _thread_tokenizer(self):
     """The tokenizer for this thread (a pretrained one sets truncation on
     itself while encoding, so read threads must not share one)."""
@@ -613,7 +525,11 @@ class RecordSplit:
 def records_to_table(records: list[dict[str, Any]], metadata: dict) -> Table:
   """Decoded records as columns (token ids stay one array per example)."""
   fields = metadata['fields']
-  table = {'label': np.array([r['label'] for r in records], dtype=object)}
+  table = {}
+  if fields.get('label') == 'float64':
+    table['label'] = np.array([r['label'] for r in records], np.float64)
+  elif 'label' in fields:
+    table['label'] = np.array([r['label'] for r in records], dtype=object)
   for key in ('text', 'text_pair'):
     if key in fields:
       table[key] = np.array([r[key] for r in records], dtype=object)

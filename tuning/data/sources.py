@@ -1,67 +1,153 @@
-"""Reading raw examples from a source into column tables.
+"""Reading a source's splits into tables in memory, and those tables' rows.
 
-A *table* is a dict of equally long numpy columns. Numeric feature columns
-are float64 (NaN marks a missing value, which cleaning later drops and
-counts); labels and text stay as they were read (strings or numbers), and
+A *table* (`tables.Table`) is a dict of equally long numpy columns.
+Numeric feature columns are float64 (NaN marks a missing value, which
+cleaning drops from the training split and counts); labels and text stay as
+they were read (strings or numbers; float64 for regression values), and
 `preprocessing` turns them into model inputs.
 
-Every malformed row is either an error naming the file and line, or, with
-`on_bad_rows='drop'`, dropped and counted in the returned report.
+CSV, TSV and JSON Lines files are parsed by `rows`, as conversion to
+ArrayRecord parses them: every malformed row is either an error naming the
+file and line, or, with `on_bad_rows='drop'`, dropped and counted in the
+split's report. Validation and test rows are never cleaned, so one that
+cannot be used at all (no label, a missing feature) is an error there too.
 """
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
-import math
+import collections
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-Table = dict[str, np.ndarray]
+from tuning.data import preprocessing
+from tuning.data import rows
+from tuning.data.tables import (DataError, SourceReport, Table, is_missing,
+                                 num_rows, take)
+
+__all__ = ['DataError', 'MemoryRows', 'SourceReport', 'Table',
+           'read_options', 'read_split_files']
+
+SPLITS = ('train', 'validation', 'test')
 
 
-class DataError(ValueError):
-  """A problem with the input data, worded for the user."""
+class MemoryRows:
+  """The rows of a table in memory (a `tables.Rows` for the pipeline)."""
+
+  def __init__(self, table: Table):
+    self.table = table
+
+  def __len__(self) -> int:
+    return num_rows(self.table)
+
+  def select(self, index: np.ndarray) -> MemoryRows:
+    return MemoryRows(take(self.table, index))
+
+  def raw_table(self, index: np.ndarray | None = None) -> Table:
+    return self.table if index is None else take(self.table, index)
+
+  def raw_labels(self) -> np.ndarray:
+    return self.table['label']
+
+  def raw_chunks(self) -> Iterator[Table]:
+    yield self.table
+
+  def label_counts(self) -> dict[str, int]:
+    return dict(collections.Counter(
+        preprocessing.label_key(v) for v in self.table['label']))
 
 
-@dataclasses.dataclass
-class SourceReport:
-  """What reading a source dropped, by reason (for the run's log)."""
-  dropped: dict[str, int] = dataclasses.field(default_factory=dict)
+def read_options(data_config, flags: bool = False) -> rows.ReadOptions:
+  """How `config.data` says files are read (encoding, header, bad rows)."""
+  names = data_config.get('column_names')
+  return rows.ReadOptions(
+      encoding=data_config.get('encoding') or 'utf-8',
+      column_names=tuple(names) if names else None,
+      on_bad_rows=data_config.on_bad_rows, flags=flags)
 
-  def drop(self, reason: str):
-    self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
-
-def read_split_files(data_config) -> tuple[dict[str, Table], SourceReport]:
-  """Reads the splits a config names; returns {split: table} and a report.
+def read_split_files(data_config, labels: str | None = 'classes'
+                     ) -> tuple[dict[str, Table], dict[str, SourceReport]]:
+  """Reads the splits a config names: {split: table}, {split: report}.
 
   Splits that the source lacks are absent from the result (they are carved
-  from train later).
+  from train later). `labels`: 'classes' (labels as read), 'values'
+  (float64 regression targets) or None (no label column is read).
   """
   source = data_config.source
-  report = SourceReport()
-  if source == 'digits':
-    return {'train': _read_digits()}, report
-  if source == 'tfds':
-    return _read_tfds(data_config), report
-  readers = {'csv': _read_delimited, 'tsv': _read_delimited,
-             'jsonl': _read_jsonl, 'npz': _read_npz}
-  if source not in readers:
+  reports = {name: SourceReport() for name in SPLITS}
+  if source not in ('digits', 'tfds', 'csv', 'tsv', 'jsonl', 'npz'):
     raise DataError(f'unknown data source {source!r}: use one of digits, '
                     'csv, tsv, jsonl, npz, tfds (config.data.source)')
+  if data_config.get('column_names') and source not in ('csv', 'tsv'):
+    raise DataError('config.data.column_names names the columns of headerless'
+                    f' CSV/TSV files, not source {source!r}; unset it')
+  if source == 'digits':
+    return {'train': _with_labels(_read_digits(), labels, 'digits')}, reports
+  if source == 'tfds':
+    return {name: _with_labels(table, labels, f'TFDS {name} split')
+            for name, table in _read_tfds(data_config, labels).items()
+            }, reports
   if not data_config.path:
     raise DataError(f'config.data.path is required for source {source!r}')
+  parser = None
+  if source != 'npz':
+    parser = rows.RowParser(
+        rows.Columns(data_config.label_column, data_config.text_column,
+                     data_config.text_pair_column,
+                     tuple(data_config.feature_columns or ()) or None),
+        labels, read_options(data_config))
   tables = {}
   for split, path in (('train', data_config.path),
                       ('validation', data_config.validation_path),
                       ('test', data_config.test_path)):
-    if path:
-      tables[split] = readers[source](path, data_config, report)
-  return tables, report
+    if not path:
+      continue
+    _check_exists(path)
+    if source == 'npz':
+      tables[split] = _with_labels(_read_npz(path, data_config, labels),
+                                   labels, path)
+    else:
+      tables[split] = _read_file(path, split, _format(path, source), parser,
+                                 reports[split])
+  return tables, reports
+
+
+def _format(path: str, source: str) -> str:
+  """csv, tsv or jsonl: TSV by the extension, else as the source says."""
+  if source == 'jsonl':
+    return 'jsonl'
+  if path.endswith('.tsv') or (source == 'tsv' and not path.endswith('.csv')):
+    return 'tsv'
+  return 'csv'
+
+
+def _read_file(path: str, split: str, fmt: str, parser: rows.RowParser,
+               report: SourceReport) -> Table:
+  examples = [e for _, e in rows.read_examples(path, fmt, parser, report,
+                                               split)]
+  if not examples:
+    dropped = f' (dropped: {report.dropped})' if report.dropped else ''
+    raise DataError(f'{path}: no rows{dropped}')
+  return parser.to_table(examples)
+
+
+def _with_labels(table: Table, labels: str | None, where: str) -> Table:
+  """A table read with labels as read, as float values, or without."""
+  if labels is None:
+    table.pop('label', None)
+  elif labels == 'values':
+    values = np.empty(len(table['label']), np.float64)
+    for i, v in enumerate(table['label']):
+      try:
+        values[i] = np.nan if is_missing(v) else float(v)
+      except (TypeError, ValueError):
+        raise DataError(f'{where}: label {v!r} of row {i} is not a number '
+                        "(labels='values' reads regression targets)"
+                        ) from None
+    table['label'] = values
+  return table
 
 
 def _read_digits() -> Table:
@@ -77,151 +163,15 @@ def _check_exists(path: str):
                     'and friends)')
 
 
-def _feature_value(text: str, path: str, line: int, column: str):
-  """Parses one numeric cell; '' and 'nan' are missing (NaN)."""
-  text = text.strip()
-  if text == '' or text.lower() in ('nan', 'na', 'null', 'none'):
-    return math.nan
-  try:
-    return float(text)
-  except ValueError:
-    raise DataError(f'{path}:{line}: column {column!r} is not a number: '
-                    f'{text[:40]!r} (fix the row, or set '
-                    "config.data.on_bad_rows='drop' to skip such rows)"
-                    ) from None
-
-
-def _rows_to_table(rows: list[dict[str, Any]], line_numbers: list[int],
-                   columns: list[str], path: str, data_config,
-                   report: SourceReport) -> Table:
-  """Turns parsed rows into columns, checking each row."""
-  label = data_config.label_column
-  text_columns = [c for c in (data_config.text_column,
-                              data_config.text_pair_column) if c]
-  if label not in columns:
-    raise DataError(f'{path}: no label column {label!r} among {columns} '
-                    '(set config.data.label_column)')
-  for c in text_columns:
-    if c not in columns:
-      raise DataError(f'{path}: no text column {c!r} among {columns} '
-                      '(set config.data.text_column / text_pair_column)')
-  if text_columns:
-    features = []
-  elif data_config.feature_columns:
-    features = list(data_config.feature_columns)
-    missing = [c for c in features if c not in columns]
-    if missing:
-      raise DataError(f'{path}: feature columns {missing} not found among '
-                      f'{columns} (config.data.feature_columns)')
-  else:
-    features = [c for c in columns if c != label]
-  drop = data_config.on_bad_rows == 'drop'
-  out = {'label': [], 'x': []}
-  for c in text_columns:
-    out[c] = []
-  for row, line in zip(rows, line_numbers):
-    try:
-      absent = [c for c in [label, *text_columns, *features] if c not in row]
-      if absent:
-        raise DataError(f'{path}:{line}: row has no value for {absent} '
-                        "(fix the row, or set config.data.on_bad_rows='drop')")
-      x = [_feature_value(str(row[c]), path, line, c) for c in features]
-    except DataError:
-      if not drop:
-        raise
-      report.drop('malformed row')
-      continue
-    out['label'].append(row[label])
-    out['x'].append(x)
-    for c in text_columns:
-      out[c].append(row[c])
-  table = {'label': np.array(out['label'], dtype=object)}
-  if features:
-    table['x'] = np.array(out['x'], dtype=np.float64).reshape(
-        len(out['x']), len(features))
-  if data_config.text_column:
-    table['text'] = np.array(out[data_config.text_column], dtype=object)
-  if data_config.text_pair_column:
-    table['text_pair'] = np.array(out[data_config.text_pair_column],
-                                  dtype=object)
-  return table
-
-
-def _read_delimited(path: str, data_config, report: SourceReport) -> Table:
-  """CSV or TSV with a header row; the delimiter follows the extension."""
-  _check_exists(path)
-  delimiter = '\t' if (path.endswith('.tsv') or data_config.source == 'tsv'
-                       and not path.endswith('.csv')) else ','
-  rows, lines = [], []
-  with open(path, newline='', encoding='utf-8') as f:
-    # QUOTE_NONE for TSV: GLUE files contain bare quotes inside sentences.
-    quoting = csv.QUOTE_NONE if delimiter == '\t' else csv.QUOTE_MINIMAL
-    reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-    try:
-      header = next(reader)
-    except StopIteration:
-      raise DataError(f'{path}: the file is empty (a header row is '
-                      'required)') from None
-    header = [h.strip() for h in header]
-    for fields in reader:
-      line = reader.line_num
-      if not fields or (len(fields) == 1 and not fields[0].strip()):
-        continue  # blank line
-      if len(fields) != len(header):
-        if data_config.on_bad_rows == 'drop':
-          report.drop('malformed row')
-          continue
-        raise DataError(f'{path}:{line}: expected {len(header)} fields '
-                        f'({", ".join(header)}), found {len(fields)} (fix '
-                        "the row, or set config.data.on_bad_rows='drop')")
-      rows.append(dict(zip(header, fields)))
-      lines.append(line)
-  if not rows:
-    raise DataError(f'{path}: no rows after the header (add examples, or '
-                    'fix the rows that were dropped as malformed)')
-  return _rows_to_table(rows, lines, header, path, data_config, report)
-
-
-def _read_jsonl(path: str, data_config, report: SourceReport) -> Table:
-  """JSON Lines: one JSON object a line."""
-  _check_exists(path)
-  rows, lines, columns = [], [], []
-  with open(path, encoding='utf-8') as f:
-    for line, text in enumerate(f, start=1):
-      if not text.strip():
-        continue
-      try:
-        row = json.loads(text)
-        if not isinstance(row, dict):
-          raise ValueError('not an object')
-      except ValueError as e:
-        if data_config.on_bad_rows == 'drop':
-          report.drop('malformed row')
-          continue
-        raise DataError(f'{path}:{line}: not a JSON object ({e}); fix the '
-                        "line, or set config.data.on_bad_rows='drop'"
-                        ) from None
-      for k in row:
-        if k not in columns:
-          columns.append(k)
-      rows.append(row)
-      lines.append(line)
-  if not rows:
-    raise DataError(f'{path}: no rows')
-  return _rows_to_table(rows, lines, columns, path, data_config, report)
-
-
-def _read_npz(path: str, data_config, report: SourceReport) -> Table:
+def _read_npz(path: str, data_config, labels: str | None) -> Table:
   """NPZ with a label array and a feature array (x/features/inputs)."""
-  del report
-  _check_exists(path)
   try:
     arrays = np.load(path, allow_pickle=False)
   except (ValueError, OSError) as e:
     raise DataError(f'{path}: not a readable .npz file ({e})') from None
   label = data_config.label_column
   names = list(arrays.keys())
-  if label not in arrays:
+  if labels is not None and label not in arrays:
     raise DataError(f'{path}: no array {label!r} among {names} '
                     '(set config.data.label_column)')
   feature_names = list(data_config.feature_columns or ())
@@ -231,17 +181,20 @@ def _read_npz(path: str, data_config, report: SourceReport) -> Table:
   if not feature_names:
     raise DataError(f'{path}: no feature array among {names}; name it x, or '
                     'set config.data.feature_columns')
-  y = arrays[label]
   x = [arrays[n].reshape(len(arrays[n]), -1) for n in feature_names]
+  table = {'x': np.concatenate(x, axis=1).astype(np.float64)}
+  if labels is None:
+    return table
+  y = arrays[label]
   for n, v in zip(feature_names, x):
     if len(v) != len(y):
       raise DataError(f'{path}: array {n!r} has {len(v)} rows but {label!r} '
                       f'has {len(y)}')
-  return {'x': np.concatenate(x, axis=1).astype(np.float64),
-          'label': y.astype(object) if y.dtype.kind in 'OUS' else y}
+  table['label'] = y.astype(object) if y.dtype.kind in 'OUS' else y
+  return table
 
 
-def _read_tfds(data_config) -> dict[str, Table]:
+def _read_tfds(data_config, labels: str | None) -> dict[str, Table]:
   """A prepared TFDS dataset by name, read with tfds.data_source (no TF)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   name = data_config.tfds_name
@@ -266,13 +219,16 @@ def _read_tfds(data_config) -> dict[str, Table]:
                       'prepare it with `tfds build` where internet exists, '
                       'or point config.data.tfds_data_dir at it') from None
     records = [source[i] for i in range(len(source))]
-    tables[split] = _records_to_table(records, data_config)
+    tables[split] = _records_to_table(records, data_config, labels)
   return tables
 
 
-def _records_to_table(records: list[dict[str, Any]], data_config) -> Table:
+def _records_to_table(records: list[dict[str, Any]], data_config,
+                      labels: str | None) -> Table:
   label = data_config.label_column
-  table = {'label': np.array([r[label] for r in records])}
+  table = {}
+  if labels is not None:
+    table['label'] = np.array([r[label] for r in records])
   if data_config.text_column:
     table['text'] = np.array(
         [_as_text(r[data_config.text_column]) for r in records], dtype=object)

@@ -9,7 +9,10 @@ then train with `--config.data.source=array_record
 --config.data.records_dir=/data/sst2_records`. With `--tokenizer=PATH`
 (a tokenizer.json / vocab.txt or its folder) and `--max_length=N` the text
 is tokenized now instead of on the fly while training; every split of one
-directory must be converted alike.
+directory must be converted alike. Headerless CSV/TSV files take their
+column names from `--column_names=text,label` (the first line is then data);
+files that are not UTF-8 need `--encoding` (e.g. latin-1). `--labels=values`
+stores float regression targets, `--labels=none` no label column.
 """
 
 import sys
@@ -18,7 +21,7 @@ from absl import app
 from absl import flags
 
 from tuning.data import records
-from tuning.data.sources import DataError
+from tuning.data.tables import DataError
 
 _INPUT = flags.DEFINE_list('input', None, 'Input file(s), comma-separated; '
                            'their rows are concatenated in this order.')
@@ -28,6 +31,15 @@ _FORMAT = flags.DEFINE_string('format', None, 'csv | tsv | jsonl | text '
 _OUT = flags.DEFINE_string('out', None, 'Output directory.')
 _SPLIT = flags.DEFINE_string('split', 'train', 'train | validation | test.')
 _LABEL = flags.DEFINE_string('label_column', 'label', 'Label column.')
+_LABELS = flags.DEFINE_enum('labels', 'classes', ['classes', 'values', 'none'],
+                            'What the label column holds: class labels, '
+                            'float regression targets, or none (no label '
+                            'column: text-only data).')
+_COLUMN_NAMES = flags.DEFINE_list('column_names', None, 'Column names of '
+                                  'headerless CSV/TSV files, comma-separated '
+                                  '(the first line is then data).')
+_ENCODING = flags.DEFINE_string('encoding', 'utf-8', 'Encoding of the input '
+                                'files (e.g. latin-1).')
 _TEXT = flags.DEFINE_string('text_column', None, 'Text column.')
 _PAIR = flags.DEFINE_string('text_pair_column', None, 'Second text column.')
 _FEATURES = flags.DEFINE_list('feature_columns', None, 'Numeric feature '
@@ -57,13 +69,16 @@ def main(argv):
     for name in ('input', 'format', 'out'):
       if not flags.FLAGS[name].value:
         raise DataError(f'--{name} is required')
+    labels = None if _LABELS.value == 'none' else _LABELS.value
     entry = records.convert(
         _INPUT.value, _FORMAT.value, _OUT.value, _SPLIT.value,
-        records.Columns(_LABEL.value, _TEXT.value, _PAIR.value,
+        records.Columns(_LABEL.value if labels else None, _TEXT.value,
+                        _PAIR.value,
                         tuple(_FEATURES.value) if _FEATURES.value else None),
         _TOKENIZER.value, _MAX_LENGTH.value, _SHARD_SIZE.value,
         _ON_BAD_ROWS.value, _DEDUP.value, _PROGRESS.value,
-        _GROUP_SIZE.value)
+        _GROUP_SIZE.value, labels=labels, encoding=_ENCODING.value,
+        column_names=_COLUMN_NAMES.value)
   except (DataError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -5,12 +5,14 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from tuning.models.family import Family
+
 
 class CNN(nn.Module):
   """3x3 conv-ReLU blocks with a 2x2 max-pool after each, then flatten,
   dropout and a Dense head. Input: [batch, height, width, channels].
   """
-  num_classes: int
+  num_outputs: int
   channels: Sequence[int] = (32, 64)
   dropout: float = 0.5
   dtype: jnp.dtype = jnp.float32
@@ -28,5 +30,18 @@ class CNN(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    logits = nn.Dense(self.num_outputs, dtype=self.dtype, name='head')(x)
     return logits.astype(jnp.float32)
+
+
+def build(model_config, dtype, *, num_outputs: int | None,
+          vocab_size: int | None = None) -> CNN:
+  """The registry's builder: a `CNN` from `config.model`."""
+  del vocab_size
+  return CNN(num_outputs, tuple(model_config.channels), model_config.dropout,
+             dtype)
+
+
+# Parameters: conv_<i>/{kernel,bias} and head/{kernel,bias}, which the
+# default head regex matches; no default LoRA targets.
+FAMILY = Family(names=('cnn',), build=build)

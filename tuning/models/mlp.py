@@ -5,10 +5,12 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from tuning.models.family import Family
+
 
 class MLP(nn.Module):
   """Dense(h) -> ReLU -> Dropout for each h in `hidden`, then a Dense head."""
-  num_classes: int
+  num_outputs: int
   hidden: Sequence[int] = (128, 128)
   dropout: float = 0.5
   dtype: jnp.dtype = jnp.float32
@@ -20,5 +22,18 @@ class MLP(nn.Module):
       x = nn.Dense(width, dtype=self.dtype, name=f'dense_{i}')(x)
       x = nn.relu(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    logits = nn.Dense(self.num_outputs, dtype=self.dtype, name='head')(x)
     return logits.astype(jnp.float32)
+
+
+def build(model_config, dtype, *, num_outputs: int | None,
+          vocab_size: int | None = None) -> MLP:
+  """The registry's builder: an `MLP` from `config.model`."""
+  del vocab_size
+  return MLP(num_outputs, tuple(model_config.hidden), model_config.dropout,
+             dtype)
+
+
+# Parameters: dense_<i>/{kernel,bias} and head/{kernel,bias}, which the
+# default head regex matches; no default LoRA targets.
+FAMILY = Family(names=('mlp',), build=build)

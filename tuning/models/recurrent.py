@@ -3,6 +3,8 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from tuning.models.family import Family
+
 
 class RecurrentClassifier(nn.Module):
   """Embedding -> (bi)LSTM or GRU -> masked max-pool -> Dense head.
@@ -10,7 +12,7 @@ class RecurrentClassifier(nn.Module):
   `attention_mask` marks real tokens; padding is excluded through the
   recurrence (`seq_lengths`) and from the pooling.
   """
-  num_classes: int
+  num_outputs: int
   vocab_size: int
   cell: str = 'lstm'  # lstm | gru
   embed_dim: int = 64
@@ -38,5 +40,24 @@ class RecurrentClassifier(nn.Module):
     mask = attention_mask[..., None] > 0
     pooled = jnp.where(mask, h, jnp.finfo(h.dtype).min).max(axis=1)
     pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(pooled)
+    logits = nn.Dense(self.num_outputs, dtype=self.dtype, name='head')(pooled)
     return logits.astype(jnp.float32)
+
+
+def build(model_config, dtype, *, num_outputs: int | None,
+          vocab_size: int | None) -> RecurrentClassifier:
+  """The registry's builder: `config.model.name` ('lstm' or 'gru') is the
+  cell; `vocab_size` is the data's vocabulary."""
+  cell = model_config.name
+  if not vocab_size:
+    raise ValueError(f'model {cell!r} needs text data: set '
+                     'config.data.text_column')
+  return RecurrentClassifier(
+      num_outputs, vocab_size, cell, model_config.embed_dim,
+      model_config.hidden[0], model_config.bidirectional,
+      model_config.dropout, dtype)
+
+
+# Parameters: embed/embedding, forward/..., backward/..., head/{kernel,bias}
+# (the default head regex matches head/); no default LoRA targets.
+FAMILY = Family(names=('lstm', 'gru'), build=build)

@@ -1,62 +1,63 @@
-"""Models by name: `config.model.name` selects a builder here."""
+"""The model families: `config.model.name` selects one, and a Hugging Face
+`config.json`'s `model_type` selects the one that converts it.
 
-from typing import Callable
+Adding a family: a module exporting `FAMILY = Family(...)`
+(tuning/models/family.py) and one line in `FAMILIES`.
+"""
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tuning.models.cnn import CNN
-from tuning.models.mlp import MLP
-from tuning.models.recurrent import RecurrentClassifier
+from tuning.models import bert
+from tuning.models import cnn
+from tuning.models import mlp
+from tuning.models import recurrent
+from tuning.models.family import Family
+
+FAMILIES: tuple[Family, ...] = (
+    mlp.FAMILY,
+    cnn.FAMILY,
+    recurrent.FAMILY,
+    bert.FAMILY,
+)
 
 
-def _mlp(model_config, num_classes, dtype, vocab_size=None):
-  del vocab_size
-  return MLP(num_classes, tuple(model_config.hidden), model_config.dropout,
-             dtype)
+def model_names() -> list[str]:
+  """Every `config.model.name` some family builds, sorted."""
+  return sorted(name for f in FAMILIES for name in f.names)
 
 
-def _cnn(model_config, num_classes, dtype, vocab_size=None):
-  del vocab_size
-  return CNN(num_classes, tuple(model_config.channels), model_config.dropout,
-             dtype)
+def family(model_name: str) -> Family:
+  """The family that builds `config.model.name`."""
+  for f in FAMILIES:
+    if model_name in f.names:
+      return f
+  raise ValueError(f'unknown config.model.name {model_name!r}: choose one of '
+                   f'{", ".join(model_names())}')
 
 
-def _recurrent(cell):
-  def build(model_config, num_classes, dtype, vocab_size=None):
-    if not vocab_size:
-      raise ValueError(f'model {cell!r} needs text data: set '
-                       'config.data.text_column')
-    return RecurrentClassifier(
-        num_classes, vocab_size, cell, model_config.embed_dim,
-        model_config.hidden[0], model_config.bidirectional,
-        model_config.dropout, dtype)
-  return build
+def family_for_hf_model_type(model_type: str) -> Family:
+  """The family that converts Hugging Face checkpoints of `model_type`."""
+  for f in FAMILIES:
+    if model_type in f.hf_model_types and f.convert_hf is not None:
+      return f
+  supported = sorted(t for f in FAMILIES if f.convert_hf is not None
+                     for t in f.hf_model_types)
+  raise ValueError(f'unsupported Hugging Face model_type={model_type!r} (in '
+                   f'config.json): supported model types are '
+                   f'{", ".join(repr(t) for t in supported)}')
 
 
-def _bert(model_config, num_classes, dtype, vocab_size=None):
-  del vocab_size
-  from tuning.models import bert  # pylint: disable=g-import-not-at-top
-  return bert.build_bert(model_config, num_classes, dtype)
-
-
-BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    'mlp': _mlp,
-    'cnn': _cnn,
-    'lstm': _recurrent('lstm'),
-    'gru': _recurrent('gru'),
-    'bert': _bert,
-}
-
-
-def build_model(model_config, num_classes: int, dtype: str = 'float32',
+def build_model(model_config, dtype: str = 'float32', *,
+                num_outputs: int | None = None,
                 vocab_size: int | None = None) -> nn.Module:
-  """Builds the Flax module named by `model_config.name`."""
-  name = model_config.name
-  if name not in BUILDERS:
-    raise ValueError(f'unknown config.model.name {name!r}: choose one of '
-                     f'{", ".join(sorted(BUILDERS))}')
+  """Builds the Flax module named by `model_config.name`.
+
+  `num_outputs`: the task's output width (classes for classification);
+  `vocab_size`: the data's vocabulary, for models that embed token ids.
+  """
+  model_family = family(model_config.name)
   if dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"config.dtype={dtype!r}: use 'float32' or 'bfloat16'")
-  return BUILDERS[name](model_config, num_classes, jnp.dtype(dtype),
-                        vocab_size)
+  return model_family.build(model_config, jnp.dtype(dtype),
+                            num_outputs=num_outputs, vocab_size=vocab_size)

@@ -1,0 +1,1 @@
+"""Tasks: what is learnt and how it is measured (see base.py, registry.py)."""

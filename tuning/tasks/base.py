@@ -1,0 +1,84 @@
+"""The task interface: what a kind of problem owns, apart from the model.
+
+A task (chosen by `config.task`) tells the rest of the code:
+- which label column the data pipeline reads (`labels`: 'classes',
+  'values' or None) and what the model builder needs (`model_dims`);
+- the training loss as a (sum, weight) pair: `loss(outputs, batch)` gives
+  the sum of the per-example (or per-token) losses and of the train-step
+  metrics over the batch's rows, `loss_weight(batch)` what they are divided
+  by (rows, or loss-bearing tokens), so that token-level losses are weighted
+  by tokens across micro-batches, devices and processes;
+- evaluation totals: `eval_totals(outputs, batch)` sums over a batch's
+  rows (padding rows carry `batch['weight'] = 0`), computed on the device
+  and added up there across batches, devices and processes, so that large
+  outputs (e.g. `[batch, length, vocab]` logits) never leave the device;
+  `metrics(totals)` turns the host copy of the totals into final metrics;
+- the default `checkpoint.best_metric`/`best_mode`, the validation scalars
+  that are logged and compared, the printed report, the columns of the
+  stage table and its part of `results.json`.
+
+Train-step outputs are per-example model outputs (the step applies the
+model example by example); everything here is written for a batch of rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Task:
+  """Base class: see the module docstring for the contract."""
+
+  name = ''
+  # The label column the data pipeline reads: 'classes' (encoded class
+  # ids), 'values' (float targets) or None (no label column).
+  labels: str | None = 'classes'
+  best_metric = 'loss'
+  best_mode = 'min'
+  # Stage-table columns: (header, metric key, width, format spec); the
+  # validation column likewise.
+  table_columns: tuple[tuple[str, str, int, str], ...] = ()
+  validation_column: tuple[str, str, int, str] = ('val loss', 'loss', 8,
+                                                  '.4f')
+
+  def __init__(self, config, data):
+    self.config = config
+    self.data = data
+
+  # What the model builder receives.
+  def model_dims(self) -> dict[str, Any]:
+    raise NotImplementedError
+
+  # Training.
+  def loss(self, outputs, batch) -> tuple[Any, dict[str, Any]]:
+    """(sum of the losses, {metric: sum}) over the batch's rows."""
+    raise NotImplementedError
+
+  def loss_weight(self, batch):
+    """What the sums of `loss` are divided by (float32 scalar)."""
+    raise NotImplementedError
+
+  # Evaluation.
+  def eval_totals(self, outputs, batch) -> dict[str, Any]:
+    """{name: array} sums over the rows with weight > 0 (on the device)."""
+    raise NotImplementedError
+
+  def metrics(self, totals: dict[str, Any]) -> dict[str, Any]:
+    """Final metrics (plain Python numbers and lists) from the totals."""
+    raise NotImplementedError
+
+  def scalars(self, metrics: dict) -> dict[str, float]:
+    """The validation metrics that are logged, checkpointed and compared."""
+    raise NotImplementedError
+
+  def summary(self, metrics: dict) -> str:
+    """One line, e.g. 'loss 0.1234  accuracy 0.9500'."""
+    return '  '.join(f'{k} {v:.4f}' for k, v in self.scalars(metrics).items())
+
+  def report(self, metrics: dict, title: str) -> str:
+    """The printed evaluation of a split (the test table)."""
+    return f'{title}: {self.summary(metrics)}  ({metrics["examples"]} examples)'
+
+  def results(self) -> dict[str, Any]:
+    """What results.json records about the task besides the metrics."""
+    return {'task': self.name}

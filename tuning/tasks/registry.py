@@ -1,0 +1,18 @@
+"""Tasks by name: `config.task` selects one here (tuning/tasks/base.py)."""
+
+from tuning.tasks import classification
+from tuning.tasks import regression
+from tuning.tasks.base import Task
+
+TASKS: dict[str, type[Task]] = {
+    classification.TASK.name: classification.TASK,
+    regression.TASK.name: regression.TASK,
+}
+
+
+def task_class(name: str) -> type[Task]:
+  """The task class `config.task` names (one-line error if unknown)."""
+  if name not in TASKS:
+    raise ValueError(f'unknown config.task {name!r}: choose one of '
+                     f'{", ".join(sorted(TASKS))}')
+  return TASKS[name]
