@@ -146,11 +146,8 @@ CASES = [
      ['malformed.csv:3', 'expected 4 fields']),
     ('data_not_a_number', [*CSV, '--config.data.path={not_a_number.csv}'],
      1, ['not_a_number.csv:2', 'not a number']),
-    pytest.param(
-        'data_wrong_encoding', [*CSV, '--config.data.path={latin1.csv}'], 1,
-        ['latin1.csv:', 'UTF-8'], marks=pytest.mark.xfail(
-            reason='invalid UTF-8 as a file:line error lands with the data '
-            'branch', strict=False)),
+    ('data_wrong_encoding', [*CSV, '--config.data.path={latin1.csv}'], 1,
+     ['latin1.csv:', 'UTF-8']),
     ('data_missing_label_column',
      [*CSV, '--config.data.path={good.csv}',
       '--config.data.label_column=target'], 1,
@@ -231,16 +228,8 @@ def _fill(arg, places):
   return arg
 
 
-def _params():
-  for case in CASES:
-    if hasattr(case, 'marks'):  # a pytest.param with marks
-      yield pytest.param(*case.values[1:], id=case.values[0],
-                         marks=case.marks)
-    else:
-      yield pytest.param(*case[1:], id=case[0])
-
-
-@pytest.mark.parametrize('args,code,words', list(_params()))
+@pytest.mark.parametrize('args,code,words', [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
 def test_bad_input_is_one_error_line(args, code, words, files, trained,
                                      tmp_path, capfd):
   workdir = str(tmp_path / 'run')
