@@ -80,9 +80,11 @@ def _choice(config, dotted: str, choices, optional: bool = False):
   value = _get(config, dotted)
   if value is None and (optional or None in choices):
     return
-  if value not in choices:
-    _fail(dotted, value, 'use one of ' + ', '.join(
-        repr(c) for c in choices if c is not None))
+  if value not in choices:  # worded as the modules that read it word it
+    raise ConfigValueError(
+        f'unknown config.{dotted} {value!r}: use one of ' + ', '.join(
+            repr(c) for c in choices if c is not None) +
+        f' (set --config.{dotted}=...)')
 
 
 def _duration(config, section: str, name: str, required: bool = False):
@@ -106,7 +108,7 @@ def check(config):
   if not _is_int(_get(config, 'seed')):
     _fail('seed', _get(config, 'seed'), 'use a whole number')
   _choice(config, 'dtype', ('float32', 'bfloat16'))
-  _choice(config, 'parallelism', ('pmap', 'mesh'))
+  # config.parallelism: checked by sharding.make_layout, before any file.
   for axis in ('data', 'fsdp'):
     value = _get(config, f'mesh.{axis}')
     if value is not None and (not _is_int(value) or (value < 1 and
