@@ -16,6 +16,7 @@ from ml_collections import config_flags
 
 from tuning import config_loading
 from tuning import console
+from tuning import errors
 from tuning import experiment
 from tuning import multihost
 
@@ -26,7 +27,7 @@ if __name__ == '__main__':
   # Before the config flag is defined (it applies overrides right away):
   # a missing config file or an unknown key is one line, not a traceback.
   try:
-    config_loading.check_config_flags(sys.argv, DEFAULT_CONFIG)
+    config_loading.parse_config_flags(sys.argv, DEFAULT_CONFIG)
   except config_loading.ConfigError as e:
     console.error(str(e))
     sys.exit(2)
@@ -41,31 +42,72 @@ multihost.define_flags()
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    console.error(f'unexpected arguments: {" ".join(argv[1:])} (flags are '
+                  '--name=value; python main.py --helpfull lists them)')
+    sys.exit(2)
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it writes
-  multihost.initialize_from_flags()
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or os.path.join(
+  errors.quiet_library_tracebacks()
+  try:
+    multihost.initialize_from_flags()
+  except flags.ValidationError as e:
+    console.error(str(e))
+    sys.exit(2)
+  code = run(_CONFIG.value, _WORKDIR.value,
+             flags.FLAGS['config'].config_filename)
+  if code:
+    sys.stdout.flush()
+    # Checkpoint saves were waited for on the way out; skip interpreter
+    # teardown, where orbax's helper threads would bury the error line
+    # under tracebacks of their own.
+    os._exit(code)  # pylint: disable=protected-access
+
+
+def run(config, workdir, config_filename) -> int:
+  """Runs the experiment; returns the exit code (an error: one line)."""
+  workdir = os.path.abspath(workdir or os.path.join(
       'workdirs', os.path.splitext(os.path.basename(
-          flags.FLAGS['config'].config_filename))[0])
-  workdir = os.path.abspath(workdir)
+          config_filename.split(':')[0]))[0]))
   console.info(f'work directory: {workdir}')
   try:
     experiment.run(config, workdir)
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
-    # Errors raised for the user carry their own one-line explanation;
+  except Exception as e:  # pylint: disable=broad-except
+    # One line naming the problem and its fix (tuning/errors.py);
     # TUNING_TRACEBACK=1 shows the full traceback instead.
     if os.environ.get('TUNING_TRACEBACK'):
       raise
-    console.error(f'{type(e).__name__}: {e}')
-    sys.stdout.flush()
-    # Checkpoint saves were waited for on the way out; skip interpreter
-    # teardown, where orbax's helper threads would bury this line under
-    # tracebacks of their own.
-    os._exit(1)  # pylint: disable=protected-access
+    console.error(errors.describe(e))
+    return 1
   console.info(f'done; outputs in {workdir}')
+  return 0
+
+
+def cli(argv) -> int:
+  """main.py with `argv`, in this process (tests): prints what main.py
+  prints and returns its exit code (single process; no absl flags)."""
+  try:
+    config = config_loading.parse_config_flags(argv, DEFAULT_CONFIG)
+  except config_loading.ConfigError as e:
+    console.error(str(e))
+    return 2
+  spec, workdir = DEFAULT_CONFIG, None
+  for arg in argv[1:]:
+    if arg.startswith('--config='):
+      spec = arg.split('=', 1)[1]
+    elif arg.startswith('--workdir='):
+      workdir = arg.split('=', 1)[1]
+  return run(config, workdir, spec)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, its errors one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    console.error(f'{" ".join(str(e).split())} (python main.py --helpfull '
+                  'lists the flags)')
+    sys.exit(2)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -65,3 +65,46 @@ def read_json(path):
 @pytest.fixture
 def tiny_config():
   return TINY
+
+
+def tree_digest(workdir, names=('checkpoints', 'results.json',
+                                'metrics.jsonl')):
+  """{relative path: sha256} of a run's checkpoints and results (to check
+  that a failed rerun left them untouched)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  digests = {}
+  for name in names:
+    top = os.path.join(workdir, name)
+    paths = [top] if os.path.isfile(top) else [
+        os.path.join(root, f) for root, _, files in os.walk(top)
+        for f in files]
+    for path in paths:
+      with open(path, 'rb') as f:
+        digests[os.path.relpath(path, workdir)] = hashlib.sha256(
+            f.read()).hexdigest()
+  return digests
+
+
+def error_lines(text):
+  return [l for l in text.splitlines() if l.startswith('error:')]
+
+
+def corrupt_largest_file(step_dir):
+  """Flips bytes in the largest data file of an orbax checkpoint step."""
+  files = [os.path.join(root, f) for root, _, names in os.walk(step_dir)
+           for f in names if os.sep + 'd' + os.sep in os.path.join(root, f)]
+  path = max(files, key=os.path.getsize)
+  with open(path, 'r+b') as f:
+    data = bytearray(f.read())
+    for i in range(len(data) // 3, len(data) // 3 + 64):
+      data[i] ^= 0xFF
+    f.seek(0)
+    f.write(data)
+  return path
+
+
+def enable_compilation_cache():
+  """In-process runs (main.cli) use the subprocesses' compilation cache."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_compilation_cache_dir', _CACHE)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)

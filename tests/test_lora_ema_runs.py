@@ -31,6 +31,7 @@ def test_lora_run_exports_a_plain_checkpoint_with_the_same_predictions(
   out = run_main(f'--config={TINY}', f'--workdir={plain}',
                  f'--config.init.checkpoint={merged}',
                  '--config.optimizer.learning_rate=0',
+                 '--config.optimizer.warmup_steps=0',
                  '--config.training.total_steps=1').stdout
   assert 'init: loaded 6 parameters' in out
   plain_test = read_json(os.path.join(plain, 'results.json'))['test']

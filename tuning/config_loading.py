@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import re
 
 from ml_collections import config_dict
 
@@ -97,3 +98,53 @@ def check_config_flags(argv: list[str], default_spec: str,
   for dotted in overrides:
     check_override(config, dotted)
   return config
+
+
+def parse_config_flags(argv: list[str], default_spec: str,
+                       flag: str = 'config'):
+  """The config with every --config.a.b=value of `argv` applied.
+
+  Parses with ml_collections' own parser (as main.py's flags do), on flags
+  of its own, so that a value of the wrong type is one line naming the
+  field, its type and the value, not absl's two-line fatal error.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  base = check_config_flags(argv, default_spec, flag)
+  mine = [argv[0]]
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith((f'--{flag}=', f'--{flag}.', f'--no{flag}.')):
+      mine.append(arg)
+    elif arg == f'--{flag}' or (arg.startswith(f'--{flag}.') and '=' not in
+                                arg):
+      mine.extend(argv[i:i + 2])
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file(flag, default_spec,
+                                           flag_values=values,
+                                           lock_config=True, sys_argv=mine)
+  try:
+    values(mine)
+  except flags.Error as e:
+    raise ConfigError(_flag_error_text(str(e), base)) from None
+  return holder.value
+
+
+def _flag_error_text(text: str, config) -> str:
+  """absl's 'flag --config.a=v: why' as one line with the field's type."""
+  from ml_collections.config_flags import config_path  # pylint: disable=g-import-not-at-top
+  text = ' '.join(text.split())
+  match = re.match(r'flag --[\w.]+?\.([\w.]+)=(.*?): (.*)', text)
+  if not match:
+    return text + ' (python main.py --helpfull lists the flags)'
+  field, value, why = match.groups()
+  try:
+    kind = getattr(config_path.get_type(field, config), '__name__', None)
+  except Exception:  # pylint: disable=broad-except
+    kind = None
+  typed = f' (config.{field} is {_a(kind)})' if kind else ''
+  return (f'bad value {value!r} for --config.{field}: {why}{typed}; give a '
+          'value of that type')
+
+
+def _a(kind: str) -> str:
+  return f'an {kind}' if kind[0] in 'aeiou' else f'a {kind}'

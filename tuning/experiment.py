@@ -14,9 +14,12 @@ import copy
 import json
 import os
 
+import jax
 from ml_collections import config_dict
 
+from tuning import config_checks
 from tuning import console
+from tuning import workdir_lock
 from tuning.tasks.registry import task_class
 from tuning.defaults import merge_into
 from tuning.ensemble import evaluate_ensemble
@@ -48,7 +51,15 @@ def stage_config(config, stage: str, workdir: str):
 
 
 def run(config, workdir: str) -> dict:
-  """Runs the experiment in `workdir` and returns its results."""
+  """Runs the experiment in `workdir` (holding its lock); its results."""
+  for checked in [stage_config(config, s, workdir)
+                  for s in config.stages] or [config]:
+    config_checks.check(checked)  # every stage's values, before any runs
+  with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _run(config, workdir)
+
+
+def _run(config, workdir: str) -> dict:
   write_config(config, workdir)
   if not config.stages:
     return _runner(config)(config, workdir)

@@ -77,13 +77,19 @@ def read_safetensors(folder: str) -> dict[str, np.ndarray]:
   for file in _safetensors_files(folder):
     # The 'flax' framework reads bfloat16/float16 too; everything float
     # becomes float32.
-    with safe_open(file, framework='flax') as f:
-      for key in f.keys():
-        arr = np.asarray(f.get_tensor(key))
-        if (np.issubdtype(arr.dtype, np.floating) or
-            arr.dtype.name == 'bfloat16'):
-          arr = arr.astype(np.float32)
-        tensors[key] = arr
+    try:
+      with safe_open(file, framework='flax') as f:
+        for key in f.keys():
+          arr = np.asarray(f.get_tensor(key))
+          if (np.issubdtype(arr.dtype, np.floating) or
+              arr.dtype.name == 'bfloat16'):
+            arr = arr.astype(np.float32)
+          tensors[key] = arr
+    except Exception as e:  # pylint: disable=broad-except
+      # SafetensorError and friends: a truncated or corrupt file.
+      raise ConversionError(f'{file} is not a readable safetensors file '
+                            f'({type(e).__name__}: {e}); download it '
+                            'again') from None
   return tensors
 
 

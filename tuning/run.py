@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from tuning import console
+from tuning import data_checks
 from tuning import ema as ema_lib
 from tuning import lora as lora_lib
 from tuning.tasks.registry import task_class
@@ -44,6 +45,7 @@ class Run:
       data = build_datasets(config.data, labels=task_kind.labels)
       for line in data.log:
         console.info(f'data: {line}')
+      data_checks.check(data, config)
     self.data = data
     self.task = task_kind(config, data)
     self.model = build_model(config.model, config.dtype,
@@ -138,8 +140,9 @@ class Run:
       raise FileNotFoundError(
           f'no checkpoint in {self.checkpoints.directory}: train first, or '
           'point --workdir at a finished run')
-    params, report = load_pretrained_params(self.checkpoints.directory,
-                                            self.init_params(), step=which)
+    params, report = load_pretrained_params(
+        self.checkpoints.directory, self.init_params(),
+        step=self.checkpoints.verified_step(which))
     if self.config.training.get('evaluate_ema', False):
       params = ema_lib.load_ema_params(self.checkpoints.directory,
                                        report['step'], params)

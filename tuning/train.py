@@ -34,7 +34,7 @@ from tuning.data.pipeline import TrainStream
 from tuning.durations import resolve_steps
 from tuning.early_stopping import EarlyStopping
 from tuning.evaluation import final_evaluation
-from tuning.metric_writer import MetricWriter
+from tuning.metric_writer import MetricWriter, validation_history
 from tuning.optimizers import (build_optimizer, describe_parameters,
                                trainable_mask)
 from tuning.run import Run
@@ -157,7 +157,8 @@ def _setup(run: Run) -> _Training:
   latest = run.checkpoints.latest_step()
   if latest is not None:
     target = run.layout.restore_target(new_state(params))
-    state, data_state = run.checkpoints.restore(latest, target)
+    latest, state, data_state = run.checkpoints.restore_verified(target)
+  if latest is not None:
     stream.set_state(data_state)
     console.info(f'resumed from {run.checkpoints.directory} at step {latest}')
   else:
@@ -303,7 +304,8 @@ def _finish(run: Run, training: _Training, outcome: dict,
   results = final_evaluation(run)
   results.update({'steps': training.total,
                   'wall_time_s': time.time() - start_time,
-                  'validation_history': outcome['history']})
+                  'validation_history': validation_history(
+                      run.workdir, outcome['stopped_at'] or training.total)})
   results['trainable_parameters'] = sum(
       int(np.size(p)) for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(
           trainable_mask(params, config.optimizer, run.lora,
