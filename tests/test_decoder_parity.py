@@ -1,0 +1,180 @@
+"""GPT-2 and Llama decoders: parity with transformers (PyTorch), cached
+generation against uncached decoding and against transformers' `generate`."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from tuning import generation
+from tuning.models import decoder as decoder_lib
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+safetensors_torch = pytest.importorskip('safetensors.torch')
+
+GPT2 = dict(model_type='gpt2', vocab_size=96, n_embd=32, n_layer=2, n_head=4,
+            n_positions=64, bos_token_id=1, eos_token_id=2)
+LLAMA = dict(model_type='llama', vocab_size=96, hidden_size=32,
+             intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64, rope_theta=500.0,
+             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+CONFIGS = {'gpt2': GPT2, 'llama': LLAMA,
+           'llama_tied': dict(LLAMA, tie_word_embeddings=True,
+                              attention_bias=True)}
+
+
+def _hf_model(config):
+  cls = {'gpt2': transformers.GPT2Config,
+         'llama': transformers.LlamaConfig}[config['model_type']]
+  hf_config = cls(**{k: v for k, v in config.items() if k != 'model_type'})
+  torch.manual_seed(0)
+  model_cls = {'gpt2': transformers.GPT2LMHeadModel,
+               'llama': transformers.LlamaForCausalLM}[config['model_type']]
+  model = model_cls(hf_config).eval()
+  with torch.no_grad():  # random norms and biases, so that the map shows
+    for name, p in model.named_parameters():
+      if p.ndim == 1:
+        p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+@pytest.fixture(scope='module', params=sorted(CONFIGS))
+def converted(request, tmp_path_factory):
+  """(name, hf model, flax model, params) with params read from safetensors."""
+  folder = tmp_path_factory.mktemp(request.param)
+  hf = _hf_model(CONFIGS[request.param])
+  hf.save_pretrained(folder)
+  with open(os.path.join(folder, 'config.json')) as f:
+    hf_config = json.load(f)
+  tensors = {k: v.numpy() for k, v in safetensors_torch.load_file(
+      os.path.join(folder, 'model.safetensors')).items()}
+  params, report = decoder_lib.convert_hf(tensors, hf_config)
+  model = decoder_lib.build(
+      ml_collections.ConfigDict({'hf_config': str(folder)}), jnp.float32)
+  assert report['converted'] > 0
+  return request.param, hf, model, params
+
+
+def _batch():
+  """Three prompts of different lengths, left padded with id 0."""
+  rows = [[5, 17, 33, 9, 40, 41, 12], [7, 8, 9], [60, 3, 22, 91, 4]]
+  length = max(map(len, rows))
+  ids = np.zeros((len(rows), length), np.int32)
+  mask = np.zeros_like(ids)
+  for i, row in enumerate(rows):
+    ids[i, length - len(row):] = row
+    mask[i, length - len(row):] = 1
+  return ids, mask
+
+
+def _hf_logits(hf, ids, mask):
+  positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  with torch.no_grad():
+    out = hf(input_ids=torch.tensor(ids, dtype=torch.long),
+             attention_mask=torch.tensor(mask, dtype=torch.long),
+             position_ids=torch.tensor(positions, dtype=torch.long))
+  return out.logits.numpy()
+
+
+def test_logits_match_transformers(converted):
+  name, hf, model, params = converted
+  ids, mask = _batch()
+  ours = np.asarray(model.apply({'params': params}, ids, mask))
+  theirs = _hf_logits(hf, ids, mask)
+  diff = np.abs(ours - theirs)[mask > 0].max()
+  print(f'{name}: max |logits diff| {diff:.2e}')
+  assert diff <= 1e-4, name
+  # Right padding gives the same logits on the real tokens.
+  right = np.array([[7, 8, 9, 0, 0]]), np.array([[1, 1, 1, 0, 0]])
+  ours_right = np.asarray(model.apply({'params': params}, *right))
+  np.testing.assert_allclose(ours_right[0, :3], ours[1, -3:], atol=1e-5)
+
+
+def _uncached_greedy(model, params, ids, mask, steps):
+  """Greedy decoding by re-running the whole sequence at every step."""
+  out = []
+  for _ in range(steps):
+    logits = model.apply({'params': params}, ids, mask)
+    token = np.asarray(jnp.argmax(logits[:, -1], -1), np.int32)
+    out.append(token)
+    ids = np.concatenate([ids, token[:, None]], 1)
+    mask = np.concatenate([mask, np.ones_like(mask[:, :1])], 1)
+  return np.stack(out, 1)
+
+
+def test_cached_equals_uncached_and_transformers(converted):
+  name, hf, model, params = converted
+  ids, mask = _batch()
+  steps = 8
+  result = generation.generate(model, params, ids, mask,
+                               max_new_tokens=steps)
+  uncached = _uncached_greedy(model, params, ids, mask, steps)
+  np.testing.assert_array_equal(result.tokens, uncached, err_msg=name)
+  with torch.no_grad():
+    theirs = hf.generate(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        attention_mask=torch.tensor(mask, dtype=torch.long),
+        max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+        pad_token_id=0).numpy()[:, ids.shape[1]:]
+  np.testing.assert_array_equal(result.tokens, theirs, err_msg=name)
+
+
+def test_stop_tokens_and_sampling(converted):
+  name, _, model, params = converted
+  if name != 'llama':
+    pytest.skip('one family is enough for the sampling paths')
+  ids, mask = _batch()
+  greedy = generation.generate(model, params, ids, mask, max_new_tokens=6)
+  stop = int(greedy.tokens[0, 2])
+  stopped = generation.generate(model, params, ids, mask, max_new_tokens=6,
+                                stop_tokens=(stop,), pad_id=0)
+  assert stopped.lengths[0] == 3
+  assert stopped.tokens[0, 2] == stop and not stopped.tokens[0, 3:].any()
+  for row in range(1, 3):
+    n = stopped.lengths[row]
+    np.testing.assert_array_equal(stopped.tokens[row, :n],
+                                  greedy.tokens[row, :n])
+  # top_k=1 is greedy at any temperature; sampling is reproducible by seed.
+  top1 = generation.generate(model, params, ids, mask, max_new_tokens=6,
+                             temperature=2.0, top_k=1, seed=3)
+  np.testing.assert_array_equal(top1.tokens, greedy.tokens)
+  tiny_p = generation.generate(model, params, ids, mask, max_new_tokens=6,
+                               temperature=1.0, top_p=1e-6, seed=3)
+  np.testing.assert_array_equal(tiny_p.tokens, greedy.tokens)
+  a = generation.generate(model, params, ids, mask, max_new_tokens=6,
+                          temperature=1.0, top_k=20, top_p=0.9, seed=4)
+  b = generation.generate(model, params, ids, mask, max_new_tokens=6,
+                          temperature=1.0, top_k=20, top_p=0.9, seed=4)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert a.tokens.max() < 96
+
+
+def test_bad_configs_and_checkpoints():
+  with pytest.raises(ValueError, match='unknown decoder model_type'):
+    decoder_lib.config_from_hf({'model_type': 'mamba', 'vocab_size': 3})
+  params = {'model.embed_tokens.weight': np.zeros((96, 32), np.float32)}
+  with pytest.raises(ValueError, match='missing tensors: .*lm_head.weight'):
+    decoder_lib.convert_hf(params, LLAMA)
+  with pytest.raises(ValueError, match='hf_config is not set'):
+    decoder_lib.build(ml_collections.ConfigDict({'hf_config': ''}),
+                      jnp.float32)
+
+
+def test_param_names_and_bfloat16():
+  model = decoder_lib.from_hf_config(LLAMA, jnp.bfloat16)
+  ids, mask = _batch()
+  variables = model.init(jax.random.PRNGKey(0), ids, mask)
+  flat = {'/'.join(k.key for k in p): v for p, v in
+          jax.tree_util.tree_flatten_with_path(variables['params'])[0]}
+  assert 'decoder/layer_1/attention/query/kernel' in flat
+  assert 'decoder/layer_0/mlp/gate/kernel' in flat
+  assert 'lm_head/kernel' in flat
+  assert all(v.dtype == jnp.float32 for v in flat.values())
+  logits = model.apply(variables, ids, mask)
+  assert logits.dtype == jnp.float32 and logits.shape == (3, 7, 96)
