@@ -85,27 +85,32 @@ def _hf_logits(hf, ids, mask):
 def test_logits_match_transformers(converted):
   name, hf, model, params = converted
   ids, mask = _batch()
-  ours = np.asarray(model.apply({'params': params}, ids, mask))
+  apply = jax.jit(model.apply)
+  ours = np.asarray(apply({'params': params}, ids, mask))
   theirs = _hf_logits(hf, ids, mask)
   diff = np.abs(ours - theirs)[mask > 0].max()
   print(f'{name}: max |logits diff| {diff:.2e}')
   assert diff <= 1e-4, name
   # Right padding gives the same logits on the real tokens.
   right = np.array([[7, 8, 9, 0, 0]]), np.array([[1, 1, 1, 0, 0]])
-  ours_right = np.asarray(model.apply({'params': params}, *right))
+  ours_right = np.asarray(apply({'params': params}, *right))
   np.testing.assert_allclose(ours_right[0, :3], ours[1, -3:], atol=1e-5)
 
 
 def _uncached_greedy(model, params, ids, mask, steps):
-  """Greedy decoding by re-running the whole sequence at every step."""
-  out = []
-  for _ in range(steps):
-    logits = model.apply({'params': params}, ids, mask)
-    token = np.asarray(jnp.argmax(logits[:, -1], -1), np.int32)
-    out.append(token)
-    ids = np.concatenate([ids, token[:, None]], 1)
-    mask = np.concatenate([mask, np.ones_like(mask[:, :1])], 1)
-  return np.stack(out, 1)
+  """Greedy decoding by re-running the whole sequence at every step.
+
+  The sequence lives in a fixed buffer (one compilation): the slots after
+  the current token cannot change its logits in a causal model.
+  """
+  apply = jax.jit(model.apply)
+  length = ids.shape[1]
+  ids = np.pad(ids, ((0, 0), (0, steps)))
+  mask = np.pad(mask, ((0, 0), (0, steps)), constant_values=1)
+  for t in range(steps):
+    logits = apply({'params': params}, ids, mask)
+    ids[:, length + t] = np.argmax(logits[:, length + t - 1], -1)
+  return ids[:, length:]
 
 
 def test_cached_equals_uncached_and_transformers(converted):
@@ -169,12 +174,12 @@ def test_bad_configs_and_checkpoints():
 def test_param_names_and_bfloat16():
   model = decoder_lib.from_hf_config(LLAMA, jnp.bfloat16)
   ids, mask = _batch()
-  variables = model.init(jax.random.PRNGKey(0), ids, mask)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), ids, mask)
   flat = {'/'.join(k.key for k in p): v for p, v in
           jax.tree_util.tree_flatten_with_path(variables['params'])[0]}
   assert 'decoder/layer_1/attention/query/kernel' in flat
   assert 'decoder/layer_0/mlp/gate/kernel' in flat
   assert 'lm_head/kernel' in flat
   assert all(v.dtype == jnp.float32 for v in flat.values())
-  logits = model.apply(variables, ids, mask)
+  logits = jax.jit(model.apply)(variables, ids, mask)
   assert logits.dtype == jnp.float32 and logits.shape == (3, 7, 96)

@@ -34,37 +34,39 @@ class Generated:
   lengths: np.ndarray  # [batch] new tokens up to and with the stop token
 
 
-def filter_logits(logits: jnp.ndarray, top_k: int = 0,
-                  top_p: float = 1.0) -> jnp.ndarray:
-  """Sets the logits outside the top-k / top-p (nucleus) set to -inf."""
-  if top_k and top_k < logits.shape[-1]:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p < 1.0:
-    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(ordered, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the better ones
-    kept = jnp.where(before < top_p, ordered, jnp.inf)
-    threshold = jnp.min(kept, axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return logits
+def filter_logits(logits: jnp.ndarray, top_k, top_p) -> jnp.ndarray:
+  """Sets the logits outside the top-k / top-p (nucleus) set to -inf.
+
+  `top_k` (0: no cut) and `top_p` (1: no cut) may be traced values.
+  """
+  ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+  vocab = logits.shape[-1]
+  k = jnp.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+  kth = jnp.take(ordered, k - 1, axis=-1)[..., None]
+  ordered = jnp.where(ordered < kth, -jnp.inf, ordered)
+  probs = jax.nn.softmax(ordered, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass of the better ones
+  kept = jnp.where((before < top_p) & (ordered > -jnp.inf), ordered, jnp.inf)
+  threshold = jnp.min(kept, axis=-1, keepdims=True)
+  return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def choose(logits, key, temperature: float, top_k: int, top_p: float):
+def choose(logits, key, greedy: bool, temperature, top_k, top_p):
   """The next token per row from float32 logits [batch, vocab]."""
-  if temperature <= 0:
+  if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = filter_logits(logits / temperature, top_k, top_p)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(model, max_new_tokens: int, temperature: float, top_k: int,
-              top_p: float, stop_tokens: tuple[int, ...], pad_id: int):
+def _compiled(model, max_new_tokens: int, greedy: bool,
+              stop_tokens: tuple[int, ...], pad_id: int):
   """The jitted generation function for one model and set of options."""
   stops = jnp.array(stop_tokens or (-1,), jnp.int32)
 
-  def run(params, input_ids, attention_mask, key):
+  def run(params, input_ids, attention_mask, key, temperature, top_k,
+          top_p):
     batch, prompt_len = input_ids.shape
     cache = decoder_lib.init_cache(model, batch,
                                    prompt_len + max_new_tokens)
@@ -83,7 +85,8 @@ def _compiled(model, max_new_tokens: int, temperature: float, top_k: int,
 
     def body(s):
       key, sample_key = jax.random.split(s['key'])
-      token = choose(s['logits'], sample_key, temperature, top_k, top_p)
+      token = choose(s['logits'], sample_key, greedy, temperature, top_k,
+                     top_p)
       token = jnp.where(s['done'], pad_id, token)
       tokens = jax.lax.dynamic_update_slice(s['tokens'], token[:, None],
                                             (0, s['step']))
@@ -130,11 +133,11 @@ def generate(model: decoder_lib.DecoderLM, params, input_ids,
     raise ValueError(f'temperature={temperature}, top_k={top_k}, '
                      f'top_p={top_p}: need temperature >= 0, top_k >= 0 '
                      'and 0 < top_p <= 1')
-  fn = _compiled(model, int(max_new_tokens), float(temperature), int(top_k),
-                 float(top_p), tuple(int(t) for t in stop_tokens),
-                 int(pad_id))
+  fn = _compiled(model, int(max_new_tokens), temperature == 0,
+                 tuple(int(t) for t in stop_tokens), int(pad_id))
   tokens, steps = fn(params, input_ids, attention_mask,
-                     jax.random.PRNGKey(seed))
+                     jax.random.PRNGKey(seed), jnp.float32(temperature),
+                     jnp.int32(top_k), jnp.float32(top_p))
   tokens, steps = np.asarray(tokens), int(steps)
   stopped = np.isin(tokens, list(stop_tokens)) if stop_tokens else (
       np.zeros_like(tokens, bool))
