@@ -77,9 +77,12 @@ def test_logits_and_greedy_tokens_match_transformers(smollm2):
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
   checkpoint, model, params = smollm2
-  hf = transformers.LlamaForCausalLM(
-      transformers.LlamaConfig(**checkpoint.hf_config)).eval()
-  state = {k: torch.from_numpy(v) for k, v in checkpoint.tensors.items()}
+  from transformers import initialization  # pylint: disable=g-import-not-at-top
+  with initialization.no_init_weights():  # all weights are loaded below
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**checkpoint.hf_config)).eval()
+  state = {k: torch.from_numpy(v.copy())
+           for k, v in checkpoint.tensors.items()}
   missing, unexpected = hf.load_state_dict(state, strict=False)
   assert not unexpected and set(missing) <= {'lm_head.weight'}
   hf.tie_weights()
