@@ -183,3 +183,9 @@ def test_param_names_and_bfloat16():
   assert all(v.dtype == jnp.float32 for v in flat.values())
   logits = jax.jit(model.apply)(variables, ids, mask)
   assert logits.dtype == jnp.float32 and logits.shape == (3, 7, 96)
+  cache = decoder_lib.init_cache(model, 3, 12)
+  assert cache['decoder']['layer_0']['attention']['cached_key'].dtype == (
+      jnp.bfloat16)
+  out = generation.generate(model, variables['params'], ids, mask,
+                            max_new_tokens=3)
+  assert out.tokens.shape == (3, 3) and (out.lengths == 3).all()

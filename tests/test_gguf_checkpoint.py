@@ -18,6 +18,7 @@ from tuning.models import decoder as decoder_lib
 gguf = pytest.importorskip('gguf')
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
+slow_tokenizers = pytest.importorskip('transformers.convert_slow_tokenizer')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADS, KV_HEADS = 4, 2
@@ -28,8 +29,8 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
 
 def _byte_tokens():
   """A byte-level BPE vocabulary: 256 bytes, 3 merges, 3 control tokens."""
-  from transformers.convert_slow_tokenizer import bytes_to_unicode  # pylint: disable=g-import-not-at-top
-  tokens = list(bytes_to_unicode().values())
+  spelling = slow_tokenizers.bytes_to_unicode()
+  tokens = list(spelling.values())
   merges = ['Ġ t', 'h e', 'Ġt he']
   tokens += ['Ġt', 'he', 'Ġthe', '<|endoftext|>', '<|im_start|>',
              '<|im_end|>']

@@ -81,9 +81,11 @@ class LoadedModel:
 
 def load(checkpoint: str, dtype: str = 'float32') -> LoadedModel:
   """The model, params and tokenizer of a converted folder or .gguf file."""
-  from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from tokenizers import Tokenizer
 
-  from tuning.models import decoder as decoder_lib  # pylint: disable=g-import-not-at-top
+  from tuning.models import decoder as decoder_lib
+  # pylint: enable=g-import-not-at-top
   checkpoint = os.fspath(checkpoint)
   if checkpoint.endswith('.gguf'):
     from tuning import gguf_checkpoint  # pylint: disable=g-import-not-at-top

@@ -97,8 +97,12 @@ def hf_config_from_metadata(reader, tensor_names) -> dict[str, Any]:
   if arch != 'llama':
     raise ValueError(f'unsupported GGUF architecture {arch!r}: only '
                      "'llama' files are read")
-  key = lambda name, default=None: _field(reader, f'llama.{name}', default)  # pylint: disable=unnecessary-lambda-assignment
-  hidden, heads = int(key('embedding_length')), int(key('attention.head_count'))
+
+  def key(name, default=None):
+    return _field(reader, f'llama.{name}', default)
+
+  hidden = int(key('embedding_length'))
+  heads = int(key('attention.head_count'))
   tokens = _field(reader, 'tokenizer.ggml.tokens')
   vocab = key('vocab_size') or (len(tokens) if tokens else None)
   if key('rope.scaling.type') not in (None, 'none'):
@@ -191,9 +195,10 @@ def convert(path: str, out_dir: str, verbose: bool = True) -> dict[str, Any]:
                 'tokenizer_config.json': json.dumps(
                     checkpoint.tokenizer_config, indent=2)})
   if verbose:
-    print(f'Converted {report["converted"]} tensors '
-          f'({", ".join(f"{n} {t}" for t, n in sorted(summary["gguf_tensor_types"].items()))}) '
-          f'from {path} into {out_dir}.')
+    types = ', '.join(f'{n} {t}' for t, n in sorted(checkpoint.tensor_types
+                                                    .items()))
+    print(f'Converted {report["converted"]} tensors ({types}) from {path} '
+          f'into {out_dir}.')
   return summary
 
 
