@@ -3,6 +3,7 @@ generation against uncached decoding and against transformers' `generate`."""
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from tuning import generation
+from tuning import lora
 from tuning.models import decoder as decoder_lib
 
 torch = pytest.importorskip('torch')
@@ -181,6 +183,13 @@ def test_param_names_and_bfloat16():
   assert 'decoder/layer_0/mlp/gate/kernel' in flat
   assert 'lm_head/kernel' in flat
   assert all(v.dtype == jnp.float32 for v in flat.values())
+  family = decoder_lib.FAMILY
+  adapted = lora.target_modules(variables['params'], ml_collections.ConfigDict(
+      {'targets': family.lora_targets}))
+  assert len(adapted) == 2 * 7 and 'lm_head' not in adapted
+  assert re.fullmatch(family.layer_regex, 'decoder/layer_1/mlp/up/kernel')
+  assert all(any(re.fullmatch(r, p) for r in family.head_regex)
+             == p.startswith(('lm_head', 'decoder/final_norm')) for p in flat)
   logits = jax.jit(model.apply)(variables, ids, mask)
   assert logits.dtype == jnp.float32 and logits.shape == (3, 7, 96)
   cache = decoder_lib.init_cache(model, 3, 12)

@@ -133,6 +133,12 @@ def generate(model: decoder_lib.DecoderLM, params, input_ids,
     raise ValueError(f'temperature={temperature}, top_k={top_k}, '
                      f'top_p={top_p}: need temperature >= 0, top_k >= 0 '
                      'and 0 < top_p <= 1')
+  cfg = model.config
+  if cfg.kind == 'gpt2' and input_ids.shape[1] + max_new_tokens > (
+      cfg.max_positions):
+    raise ValueError(f'prompt length {input_ids.shape[1]} + max_new_tokens '
+                     f'{max_new_tokens} exceeds n_positions='
+                     f'{cfg.max_positions}: shorten one of them')
   fn = _compiled(model, int(max_new_tokens), temperature == 0,
                  tuple(int(t) for t in stop_tokens), int(pad_id))
   tokens, steps = fn(params, input_ids, attention_mask,

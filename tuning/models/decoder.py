@@ -578,7 +578,9 @@ FAMILY = Family(
     build=build,
     hf_model_types=HF_MODEL_TYPES,
     convert_hf=convert_hf,
-    head_regex=(r'lm_head/.*',),
+    # The untied output projection and the final norm (a tied model's
+    # output projection is the token embedding).
+    head_regex=(r'lm_head/.*', r'decoder/final_norm/.*'),
     lora_targets=(r'.*attention/(query|key|value|out)',
                   r'.*mlp/(gate|up|down)'),
     layer_regex=r'.*layer_(\d+)/.*',
