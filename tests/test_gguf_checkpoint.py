@@ -136,9 +136,11 @@ def test_read_unpermutes_dequantises_and_matches_transformers(tiny):
 
 def test_convert_folder_and_generate_command(tiny, tmp_path):
   _, _, path = tiny
-  out = tmp_path / 'converted'
-  summary = gguf_checkpoint.convert(path, str(out), verbose=False)
-  assert summary['gguf_tensor_types'] == {'F32': 14, 'Q8_0': 6}
+  out = gguf_checkpoint.ensure_converted(path, str(tmp_path), verbose=False)
+  assert gguf_checkpoint.ensure_converted(path, str(tmp_path)) == out
+  with open(os.path.join(out, 'conversion.json')) as f:
+    assert json.load(f)['gguf_tensor_types'] == {'F32': 14, 'Q8_0': 6}
+  out = tmp_path / os.path.basename(out)
   for name in ('params', 'config.json', 'tokenizer.json',
                'tokenizer_config.json', 'conversion.json'):
     assert os.path.exists(out / name), name

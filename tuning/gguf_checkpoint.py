@@ -16,15 +16,19 @@ decoder family's safetensors converter takes it from there:
 
 `convert(path, out_dir)` writes a converted folder like `tuning.hf_convert`
 does for safetensors sources: `params` (orbax), `config.json`,
-`tokenizer.json`, `tokenizer_config.json` and `conversion.json` (last).
+`tokenizer.json`, `tokenizer_config.json` and `conversion.json` (last);
+`ensure_converted(path, cache_dir)` does it once per file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -219,3 +223,31 @@ def write_folder(out_dir: str, params, hf_config: dict, summary: dict,
       f.write(text)
   with open(os.path.join(out_dir, _MARKER), 'w') as f:
     json.dump(summary, f, indent=2)
+
+
+def ensure_converted(path: str, cache_dir: str, verbose: bool = True) -> str:
+  """A converted folder for the GGUF file `path`, converted only once.
+
+  The cache key is the file's absolute path, size and modification time.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isfile(path):
+    raise ValueError(f'GGUF file not found: {path!r}; give the path of a '
+                     '.gguf file')
+  stat = os.stat(path)
+  key = f'{path}:{stat.st_size}:{int(stat.st_mtime)}'
+  name = os.path.splitext(os.path.basename(path))[0][-50:]
+  out_dir = os.path.join(os.path.abspath(cache_dir), f'{name}-'
+                         f'{hashlib.sha1(key.encode()).hexdigest()[:10]}')
+  if os.path.isfile(os.path.join(out_dir, _MARKER)):
+    return out_dir
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.converting-', dir=cache_dir)
+  try:
+    convert(path, os.path.join(tmp, 'out'), verbose=verbose)
+    if os.path.exists(out_dir):  # an incomplete earlier attempt
+      shutil.rmtree(out_dir)
+    os.replace(os.path.join(tmp, 'out'), out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir
