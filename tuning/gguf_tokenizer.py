@@ -26,6 +26,10 @@ from tokenizers import AddedToken, Tokenizer, decoders, models
 from tokenizers import pre_tokenizers, processors
 
 _CONTROL, _USER_DEFINED = 3, 4
+# `tokenizer.ggml.pre` values whose text splitting is GPT-2's byte-level
+# regex (SmolLM2's adds single digits). Others (llama-bpe, qwen2, ...) split
+# differently and are refused rather than tokenized wrongly.
+_PRE_TOKENIZERS = (None, 'default', 'gpt-2', 'gpt2', 'smollm')
 _SPECIAL_IDS = {'bos_token': 'bos_token_id', 'eos_token': 'eos_token_id',
                 'unk_token': 'unknown_token_id',
                 'pad_token': 'padding_token_id'}
@@ -47,6 +51,11 @@ def from_gguf(reader) -> tuple[Tokenizer, dict[str, Any]]:
   if not tokens or not merges:
     raise ValueError('the GGUF file has no tokenizer.ggml.tokens/merges: '
                      'give a tokenizer.json instead')
+  pre = _field(reader, 'tokenizer.ggml.pre')
+  if pre not in _PRE_TOKENIZERS:
+    raise ValueError(f'unsupported GGUF pre-tokenizer {pre!r}: this reader '
+                     'splits text like GPT-2 or SmolLM2 only; give a '
+                     'tokenizer.json instead')
   types = _field(reader, 'tokenizer.ggml.token_type') or [1] * len(tokens)
   vocab = {token: i for i, token in enumerate(tokens)}
   tokenizer = Tokenizer(models.BPE(
@@ -55,7 +64,7 @@ def from_gguf(reader) -> tuple[Tokenizer, dict[str, Any]]:
       fuse_unk=False))
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False,
                                         use_regex=True)
-  if _field(reader, 'tokenizer.ggml.pre') == 'smollm':
+  if pre == 'smollm':
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), byte_level])
   else:
