@@ -76,7 +76,7 @@ def _compiled(model, max_new_tokens: int, greedy: bool,
     positions = decoder_lib.mask_positions(attention_mask)
     logits, variables = model.apply(
         {'params': params, 'cache': cache}, input_ids, mask, positions,
-        decode=True, mutable=['cache'])
+        decode=True, last_only=True, mutable=['cache'])
     state = dict(
         step=jnp.array(0, jnp.int32), cache=variables['cache'],
         tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),

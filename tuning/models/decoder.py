@@ -368,9 +368,10 @@ class DecoderLM(nn.Module):
   """A causal language model: float32 logits [B, L, vocab].
 
   `__call__(input_ids, attention_mask=None, positions=None, *, train=False,
-  decode=False)`. Without `decode`, `attention_mask` [B, L] marks real
-  tokens (left or right padding) and positions default to the mask's
-  cumulative count. With `decode`, see the module docstring.
+  decode=False, last_only=False)`. Without `decode`, `attention_mask` [B, L]
+  marks real tokens (left or right padding) and positions default to the
+  mask's cumulative count. With `decode`, see the module docstring.
+  `last_only` returns the logits of the last position only ([B, 1, vocab]).
   """
 
   config: DecoderConfig
@@ -378,7 +379,8 @@ class DecoderLM(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, positions=None, *,
-               train: bool = False, decode: bool = False):
+               train: bool = False, decode: bool = False,
+               last_only: bool = False):
     cfg = self.config
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
@@ -393,6 +395,8 @@ class DecoderLM(nn.Module):
     decoder = Decoder(cfg, self.dtype, name='decoder')
     hidden = decoder(input_ids, attention_mask, positions, decode=decode,
                      train=train)
+    if last_only:  # a prefill needs the next-token logits only
+      hidden = hidden[:, -1:]
     if cfg.tie_embeddings:
       logits = decoder.attend(hidden)
     else:
