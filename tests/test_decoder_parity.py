@@ -1,8 +1,6 @@
 """GPT-2 and Llama decoders: parity with transformers (PyTorch), cached
 generation against uncached decoding and against transformers' `generate`."""
 
-import json
-import os
 import re
 
 import jax
@@ -12,12 +10,12 @@ import numpy as np
 import pytest
 
 from tuning import generation
+from tuning import hf_convert
 from tuning import lora
 from tuning.models import decoder as decoder_lib
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
-safetensors_torch = pytest.importorskip('safetensors.torch')
 
 GPT2 = dict(model_type='gpt2', vocab_size=96, n_embd=32, n_layer=2, n_head=4,
             n_positions=64, bos_token_id=1, eos_token_id=2)
@@ -48,18 +46,20 @@ def _hf_model(config):
 
 @pytest.fixture(scope='module', params=sorted(CONFIGS))
 def converted(request, tmp_path_factory):
-  """(name, hf model, flax model, params) with params read from safetensors."""
+  """(name, hf model, flax model, params): saved by transformers as
+  safetensors + config.json, converted by `tuning.hf_convert` (the registry
+  picks the decoder family by model_type) and read back from orbax."""
   folder = tmp_path_factory.mktemp(request.param)
   hf = _hf_model(CONFIGS[request.param])
-  hf.save_pretrained(folder)
-  with open(os.path.join(folder, 'config.json')) as f:
-    hf_config = json.load(f)
-  tensors = {k: v.numpy() for k, v in safetensors_torch.load_file(
-      os.path.join(folder, 'model.safetensors')).items()}
-  params, report = decoder_lib.convert_hf(tensors, hf_config)
+  hf.save_pretrained(folder / 'hf')
+  out = str(folder / 'converted')
+  summary = hf_convert.convert(str(folder / 'hf'), out, verbose=False)
+  assert summary['converted'] > 0
+  if CONFIGS[request.param].get('tie_word_embeddings', True):
+    assert summary['tied_embeddings']
+  params = hf_convert.load_converted_params(out)
   model = decoder_lib.build(
-      ml_collections.ConfigDict({'hf_config': str(folder)}), jnp.float32)
-  assert report['converted'] > 0
+      ml_collections.ConfigDict({'hf_config': out}), jnp.float32)
   return request.param, hf, model, params
 
 

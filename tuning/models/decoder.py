@@ -35,8 +35,6 @@ then covers every cache slot and `positions` is required.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 from typing import Any, Callable, Optional
 
@@ -45,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tuning.models import hf_config as hf_config_lib
 from tuning.models.family import Family
 
 HF_MODEL_TYPES = ('gpt2', 'llama')
@@ -90,13 +89,7 @@ def read_hf_config(source) -> dict:
   """A Hugging Face config dict from a dict, a config.json or its folder."""
   if isinstance(source, dict):
     return dict(source)
-  path = os.fspath(source)
-  file = os.path.join(path, 'config.json') if os.path.isdir(path) else path
-  if not os.path.isfile(file):
-    raise ValueError(f'Hugging Face config not found: {file!r}; give a '
-                     'config.json or a folder holding one')
-  with open(file) as f:
-    return json.load(f)
+  return hf_config_lib.read_hf_config(source)
 
 
 def _ids(value) -> tuple[int, ...]:
@@ -559,7 +552,10 @@ def convert_hf(tensors: dict[str, np.ndarray],
       node = node.setdefault(key, {})
     node[leaf] = value
   report = {'converted': len({n.split('#')[0] for n in used}),
-            'left_out': left_out, 'tied_embeddings': cfg.tie_embeddings}
+            'left_out': left_out, 'tied_embeddings': cfg.tie_embeddings,
+            'notes': [f'{cfg.kind} decoder: {cfg.num_layers} layers, '
+                      f'{"tied" if cfg.tie_embeddings else "untied"} '
+                      'embeddings.']}
   return tree, report
 
 
