@@ -208,7 +208,11 @@ def convert(path: str, out_dir: str, verbose: bool = True) -> dict[str, Any]:
 
 def write_folder(out_dir: str, params, hf_config: dict, summary: dict,
                  files: dict[str, str]) -> None:
-  """Writes params (orbax), config.json, `files`, then the marker."""
+  """Writes params (orbax), config.json, `files`, then the marker.
+
+  The same folder layout `tuning.hf_convert.convert` writes (which does it
+  inline today); one shared writer there would serve both.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(os.path.join(out_dir, 'params')):
