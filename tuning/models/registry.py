@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from tuning.models import bert
 from tuning.models import cnn
+from tuning.models import decoder
 from tuning.models import mlp
 from tuning.models import recurrent
 from tuning.models.family import Family
@@ -19,6 +20,7 @@ FAMILIES: tuple[Family, ...] = (
     cnn.FAMILY,
     recurrent.FAMILY,
     bert.FAMILY,
+    decoder.FAMILY,
 )
 
 
