@@ -151,8 +151,9 @@ def test_logits_match_transformers(pair):
   assert report['converted'] == len(jax.tree_util.tree_leaves(params))
 
 
-def test_cached_decoding_matches_full_sequence(pair):
-  _, _, model, params, _ = pair
+@pytest.mark.parametrize('name', ['marian', 't5_v1_1'])
+def test_cached_decoding_matches_full_sequence(name, tmp_path_factory):
+  _, _, model, params, _ = _pair(name, tmp_path_factory)
   source_mask, _ = _masks()
   variables = {'params': params}
   full = model.apply(variables, SOURCE, source_mask, TARGET)
@@ -161,11 +162,12 @@ def test_cached_decoding_matches_full_sequence(pair):
   cross = model.apply(variables, encoded,
                       method=ed.EncoderDecoder.cross_keys_values)
   cache = ed.init_cache(model, SOURCE.shape[0], 12)
+  step = jax.jit(lambda tokens, cache: model.apply(
+      variables, tokens, cross, source_mask, cache=cache,
+      method=ed.EncoderDecoder.decode))
   steps = []
   for t in range(TARGET.shape[1]):
-    logits, cache = model.apply(variables, TARGET[:, t:t + 1], cross,
-                                source_mask, cache=cache,
-                                method=ed.EncoderDecoder.decode)
+    logits, cache = step(TARGET[:, t:t + 1], cache)
     steps.append(logits)
   assert int(cache['index']) == TARGET.shape[1]
   np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5)

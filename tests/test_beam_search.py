@@ -1,0 +1,115 @@
+"""Beam search on a toy Markov 'model' (no network): exhaustive-search
+optimum, greedy, per-source length limits, EOS and padding, state reorder."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tuning import beam_search
+
+VOCAB, EOS, PAD, START = 5, 1, 0, 0
+
+
+def _table(seed):
+  """log-probabilities [previous token, next token] of a Markov chain."""
+  logits = np.random.default_rng(seed).normal(size=(VOCAB, VOCAB)) * 2.0
+  return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+
+
+def _step(table):
+  """A step function whose state counts the steps of each row (reordered
+  with the beams, so it checks that the search carries the state)."""
+  def step(tokens, state, index):
+    assert state['scalar'].shape == ()
+    state = {'scalar': state['scalar'] + 1, 'steps': state['steps'] + 1,
+             'history': state['history'].at[:, index].set(tokens)}
+    return table[tokens], state
+  return step
+
+
+def _state(rows, max_length):
+  return {'scalar': jnp.int32(0), 'steps': jnp.zeros((rows,), jnp.int32),
+          'history': jnp.full((rows, max_length), -1, jnp.int32)}
+
+
+def _best_by_enumeration(table, max_length, normalizer):
+  """The best finished sequence under `normalizer` over all sequences."""
+  table = np.asarray(table)
+  best, best_score = None, -np.inf
+  for length in range(1, max_length + 1):
+    for seq in itertools.product(range(VOCAB), repeat=length):
+      if EOS in seq[:-1] or (length < max_length and seq[-1] != EOS):
+        continue
+      previous = (START,) + seq[:-1]
+      total = sum(table[p, t] for p, t in zip(previous, seq))
+      score = total / normalizer(length)
+      if score > best_score:
+        best, best_score = seq, score
+  return best, best_score
+
+
+@pytest.mark.parametrize('rule', ['transformers', 'gnmt'])
+def test_wide_exact_search_finds_the_optimum(rule):
+  max_length, beam = 3, 32  # 2 x 32 candidates cover all VOCAB**2 prefixes
+  table = _table(1)
+  search = jax.jit(lambda penalty: beam_search.beam_search(
+      _step(table), _state(beam, max_length), batch_size=1, beam_size=beam,
+      max_length=max_length, start_id=START, eos_id=EOS, pad_id=PAD,
+      length_penalty=penalty, penalty_rule=rule, early_stopping='never'))
+  for penalty in (0.0, 0.6, 2.0):
+    _check_optimum(search(penalty), table, max_length, rule, penalty)
+
+
+def _check_optimum(result, table, max_length, rule, penalty):
+  normalizer = lambda n: float(beam_search.length_normalizer(  # noqa: E731
+      n, penalty, rule))
+  best, best_score = _best_by_enumeration(table, max_length, normalizer)
+  tokens = [int(t) for t in result.tokens[0, 0, :len(best)]]
+  assert tokens == list(best)
+  assert np.all(np.asarray(result.tokens[0, 0, len(best):]) == PAD)
+  np.testing.assert_allclose(result.scores[0, 0], best_score, rtol=1e-5)
+  assert np.all(np.diff(np.asarray(result.scores[0])) <= 0)  # best first
+
+
+def test_greedy_limits_padding_and_state():
+  table = _table(2)
+  batch, max_length = 3, 6
+  limits = jnp.array([6, 2, 4])
+  result = beam_search.beam_search(
+      _step(table), _state(batch, max_length), batch_size=batch, beam_size=1,
+      max_length=max_length, start_id=START, eos_id=EOS, pad_id=PAD,
+      limits=limits)
+  chain, token = [], START
+  table_np = np.asarray(table)
+  for _ in range(max_length):
+    token = int(np.argmax(table_np[token]))
+    chain.append(token)
+    if token == EOS:
+      break
+  for row, limit in enumerate([6, 2, 4]):
+    expected = chain[:limit]
+    got = [int(t) for t in result.tokens[row, 0]]
+    assert got[:len(expected)] == expected
+    assert all(t == PAD for t in got[len(expected):])
+
+
+def test_eos_forced_by_a_peaked_model_and_bad_arguments():
+  # A chain that always says EOS after token 3: beams end early and pad.
+  logits = np.full((VOCAB, VOCAB), -5.0, np.float32)
+  logits[START, 3] = 0.0
+  logits[3, EOS] = 0.0
+  table = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
+  result = beam_search.beam_search(
+      _step(table), _state(2 * 3, 5), batch_size=2, beam_size=3,
+      max_length=5, start_id=START, eos_id=EOS, pad_id=PAD)
+  np.testing.assert_array_equal(result.tokens[:, 0],
+                                [[3, EOS, PAD, PAD, PAD]] * 2)
+  with pytest.raises(ValueError, match='early_stopping'):
+    beam_search.beam_search(_step(table), _state(2, 5), batch_size=2,
+                            beam_size=1, max_length=5, start_id=START,
+                            eos_id=EOS, pad_id=PAD, early_stopping='sometimes')
+  with pytest.raises(ValueError, match='penalty_rule'):
+    beam_search.length_normalizer(3, 1.0, 'average')
