@@ -141,8 +141,8 @@ def _hf_logits(hf):
 def test_logits_match_transformers(pair):
   kind, hf, model, params, report = pair
   source_mask, target_mask = _masks()
-  logits = model.apply({'params': params}, SOURCE, source_mask, TARGET,
-                       target_mask)
+  logits = jax.jit(model.apply)({'params': params}, SOURCE, source_mask,
+                                TARGET, target_mask)
   assert logits.dtype == jnp.float32
   expected = _hf_logits(hf)
   diff = float(np.max(np.abs(np.asarray(logits) - expected)))
@@ -156,11 +156,11 @@ def test_cached_decoding_matches_full_sequence(name, tmp_path_factory):
   _, _, model, params, _ = _pair(name, tmp_path_factory)
   source_mask, _ = _masks()
   variables = {'params': params}
-  full = model.apply(variables, SOURCE, source_mask, TARGET)
-  encoded = model.apply(variables, SOURCE, source_mask,
-                        method=ed.EncoderDecoder.encode)
-  cross = model.apply(variables, encoded,
-                      method=ed.EncoderDecoder.cross_keys_values)
+  full = jax.jit(model.apply)(variables, SOURCE, source_mask, TARGET)
+  cross = jax.jit(lambda: model.apply(
+      variables, model.apply(variables, SOURCE, source_mask,
+                             method=ed.EncoderDecoder.encode),
+      method=ed.EncoderDecoder.cross_keys_values))()
   cache = ed.init_cache(model, SOURCE.shape[0], 12)
   step = jax.jit(lambda tokens, cache: model.apply(
       variables, tokens, cross, source_mask, cache=cache,
@@ -221,3 +221,14 @@ def test_generate_matches_transformers(name, beams, length_penalty,
   if expected_scores is not None:
     np.testing.assert_allclose(result.scores[:, 0], expected_scores,
                                atol=1e-4)
+
+
+def test_relative_buckets_match_transformers():
+  bucket = transformers.models.t5.modeling_t5.T5Attention
+  offsets = np.arange(-300, 301)
+  for bidirectional in (True, False):
+    expected = bucket._relative_position_bucket(
+        torch.tensor(offsets), bidirectional=bidirectional, num_buckets=32,
+        max_distance=128).numpy()
+    ours = ed.relative_buckets(jnp.asarray(offsets), bidirectional, 32, 128)
+    np.testing.assert_array_equal(ours, expected)

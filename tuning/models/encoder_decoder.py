@@ -832,7 +832,7 @@ def _marian_names(config: Config) -> dict[str, tuple[str, bool]]:
 
 
 def _t5_names(config: Config) -> dict[str, tuple[str, bool]]:
-  """HF tensor name -> (Flax path, transpose?) for T5ForConditionalGeneration."""
+  """HF tensor name -> (Flax path, transpose?) for T5 (conditional LM)."""
   names: dict[str, tuple[str, bool]] = {'shared.weight': ('shared/embedding',
                                                           False)}
   attention = {'q': 'query', 'k': 'key', 'v': 'value', 'o': 'out'}
