@@ -13,25 +13,34 @@ from tuning import beam_search
 VOCAB, EOS, PAD, START = 5, 1, 0, 0
 
 
-def _table(seed):
-  """log-probabilities [previous token, next token] of a Markov chain."""
-  logits = np.random.default_rng(seed).normal(size=(VOCAB, VOCAB)) * 2.0
+def _table(seed, order=1):
+  """log-probabilities [previous tokens..., next token] of a Markov chain."""
+  shape = (VOCAB,) * (order + 1)
+  logits = np.random.default_rng(seed).normal(size=shape) * 2.0
   return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
 
 
 def _step(table):
-  """A step function whose state counts the steps of each row (reordered
-  with the beams, so it checks that the search carries the state)."""
+  """A step function whose state records each row's input tokens (a
+  second-order `table` reads the one before the last from it, so the
+  search must reorder the state with the beams)."""
   def step(tokens, state, index):
     assert state['scalar'].shape == ()
-    state = {'scalar': state['scalar'] + 1, 'steps': state['steps'] + 1,
-             'history': state['history'].at[:, index].set(tokens)}
-    return table[tokens], state
+    history = state['history']
+    if table.ndim == 3:
+      before = jnp.where(index == 0, START,
+                         history[:, jnp.maximum(index - 1, 0)])
+      logits = table[before, tokens]
+    else:
+      logits = table[tokens]
+    state = {'scalar': state['scalar'] + 1,
+             'history': history.at[:, index].set(tokens)}
+    return logits, state
   return step
 
 
 def _state(rows, max_length):
-  return {'scalar': jnp.int32(0), 'steps': jnp.zeros((rows,), jnp.int32),
+  return {'scalar': jnp.int32(0),
           'history': jnp.full((rows, max_length), -1, jnp.int32)}
 
 
@@ -43,8 +52,9 @@ def _best_by_enumeration(table, max_length, normalizer):
     for seq in itertools.product(range(VOCAB), repeat=length):
       if EOS in seq[:-1] or (length < max_length and seq[-1] != EOS):
         continue
-      previous = (START,) + seq[:-1]
-      total = sum(table[p, t] for p, t in zip(previous, seq))
+      inputs = (START, START) + seq[:-1]
+      total = sum(table[inputs[i], inputs[i + 1], t]
+                  for i, t in enumerate(seq))
       score = total / normalizer(length)
       if score > best_score:
         best, best_score = seq, score
@@ -54,7 +64,7 @@ def _best_by_enumeration(table, max_length, normalizer):
 @pytest.mark.parametrize('rule', ['transformers', 'gnmt'])
 def test_wide_exact_search_finds_the_optimum(rule):
   max_length, beam = 3, 32  # 2 x 32 candidates cover all VOCAB**2 prefixes
-  table = _table(1)
+  table = _table(1, order=2)
   search = jax.jit(lambda penalty: beam_search.beam_search(
       _step(table), _state(beam, max_length), batch_size=1, beam_size=beam,
       max_length=max_length, start_id=START, eos_id=EOS, pad_id=PAD,
@@ -74,26 +84,22 @@ def _check_optimum(result, table, max_length, rule, penalty):
   assert np.all(np.diff(np.asarray(result.scores[0])) <= 0)  # best first
 
 
-def test_greedy_limits_padding_and_state():
+def test_greedy_limits_padding_starts_and_state():
   table = _table(2)
   batch, max_length = 3, 6
-  limits = jnp.array([6, 2, 4])
+  limits, starts = [6, 2, 4], [START, START, 3]
   result = beam_search.beam_search(
       _step(table), _state(batch, max_length), batch_size=batch, beam_size=1,
-      max_length=max_length, start_id=START, eos_id=EOS, pad_id=PAD,
-      limits=limits)
-  chain, token = [], START
+      max_length=max_length, start_id=jnp.array(starts), eos_id=EOS,
+      pad_id=PAD, limits=jnp.array(limits))
   table_np = np.asarray(table)
-  for _ in range(max_length):
-    token = int(np.argmax(table_np[token]))
-    chain.append(token)
-    if token == EOS:
-      break
-  for row, limit in enumerate([6, 2, 4]):
-    expected = chain[:limit]
+  for row, (limit, token) in enumerate(zip(limits, starts)):
+    expected = []
+    while len(expected) < limit and EOS not in expected:
+      token = int(np.argmax(table_np[token]))
+      expected.append(token)
     got = [int(t) for t in result.tokens[row, 0]]
-    assert got[:len(expected)] == expected
-    assert all(t == PAD for t in got[len(expected):])
+    assert got == expected + [PAD] * (max_length - len(expected))
 
 
 def test_eos_forced_by_a_peaked_model_and_bad_arguments():

@@ -109,7 +109,7 @@ def test_dtypes_dropout_and_bad_fields():
 
 
 def test_learned_positions_cache_and_length_limits():
-  model = ed.build(_fields(positions='learned', max_length=16), 'float32',
+  model = ed.build(_fields(positions='learned', max_positions=16), 'float32',
                    vocab_size=20)
   params, mask = _init(model)
   assert 'decoder/position_embedding/embedding' in _paths(params)

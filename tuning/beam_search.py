@@ -81,7 +81,7 @@ def _gather(x, indices):
 
 def beam_search(step_fn: Callable[..., tuple[jax.Array, Any]], state: Any,
                 *, batch_size: int, beam_size: int, max_length: int,
-                start_id: int, eos_id: int, pad_id: int,
+                start_id: int | jax.Array, eos_id: int, pad_id: int,
                 length_penalty: float | jax.Array = 1.0,
                 penalty_rule: str = 'transformers',
                 early_stopping=False,
@@ -94,7 +94,9 @@ def beam_search(step_fn: Callable[..., tuple[jax.Array, Any]], state: Any,
     batch_size: number of sources.
     beam_size: beams per source (1: greedy).
     max_length: generated tokens at most (the token arrays' length).
-    start_id: the first input token (decoder start / BOS).
+    start_id: the first input token (decoder start / BOS), or a [batch]
+      int array of them (e.g. each prompt's last token when a decoder-only
+      model has already read the rest of its prompt into `state`).
     eos_id: the token that ends a hypothesis.
     pad_id: fills the tokens after EOS.
     length_penalty: the exponent of the length normalizer.
@@ -119,6 +121,8 @@ def beam_search(step_fn: Callable[..., tuple[jax.Array, Any]], state: Any,
   if limits is None:
     limits = jnp.full((b,), max_length, jnp.int32)
   limits = jnp.minimum(jnp.asarray(limits, jnp.int32), max_length)
+  first = jnp.broadcast_to(jnp.asarray(start_id, jnp.int32)[..., None],
+                           (b, k))
   top_mask = jnp.arange(2 * k) < k  # only these may finish in a step
   flat_offsets = (jnp.arange(b) * k)[:, None]
 
@@ -135,7 +139,7 @@ def beam_search(step_fn: Callable[..., tuple[jax.Array, Any]], state: Any,
     previous = jax.lax.dynamic_index_in_dim(
         s['running_tokens'], jnp.maximum(step - 1, 0), axis=2,
         keepdims=False)
-    last = jnp.where(step == 0, start_id, previous).reshape(b * k)
+    last = jnp.where(step == 0, first, previous).reshape(b * k)
     logits, state = step_fn(last.astype(jnp.int32), s['state'], step)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     vocab = log_probs.shape[-1]

@@ -120,8 +120,7 @@ class Config:
     if self.head_dim is None and self.d_model % self.heads:
       raise ValueError(f'd_model={self.d_model} is not divisible by heads='
                        f'{self.heads}: change one of them')
-    if (not self.share_embeddings and self.tie_output
-        and self.shape == 't5'):
+    if self.shape == 't5' and not self.share_embeddings:
       raise ValueError('t5 shares its embeddings: set share_embeddings')
     if self.share_embeddings and self.target_vocab_size not in (
         None, self.vocab_size):
@@ -251,7 +250,7 @@ def config_from_fields(model_config, vocab_size: int) -> Config:
   Fields (all optional but `vocab_size`, which comes from the tokenizer):
   `shape` ('marian' | 't5'), `layers` (both stacks) or `encoder_layers` /
   `decoder_layers`, `width` (d_model), `heads`, `ffn_width`, `activation`,
-  `gated`, `positions` (marian: 'sinusoidal' | 'learned'), `max_length`
+  `gated`, `positions` (marian: 'sinusoidal' | 'learned'), `max_positions`
   (the position table), `dropout`, `attention_dropout`, `tie_embeddings`,
   `pad_id`, `eos_id`, `decoder_start_id` (default: `pad_id`).
   """
@@ -273,7 +272,7 @@ def config_from_fields(model_config, vocab_size: int) -> Config:
       gated=bool(get('gated', False)),
       positions='relative' if t5 else (get('positions', None)
                                        or 'sinusoidal'),
-      max_positions=get('max_length', 512) or 512,
+      max_positions=get('max_positions', 512) or 512,
       dropout=dropout,
       attention_dropout=(dropout if attention_dropout is None
                          else float(attention_dropout)),
@@ -290,8 +289,10 @@ def config_from_fields(model_config, vocab_size: int) -> Config:
 # ------------------------------------------------------------ building blocks
 
 
+@functools.lru_cache(maxsize=8)
 def sinusoidal_table(positions: int, dim: int) -> np.ndarray:
-  """Marian's table: sin features in the first half, cos in the second."""
+  """Marian's table: sin features in the first half, cos in the second
+  (computed in float64 like transformers, then rounded; do not modify)."""
   j = np.arange(dim)
   angles = (np.arange(positions)[:, None]
             / np.power(10000, 2 * (j // 2) / dim)[None, :])
