@@ -44,8 +44,10 @@ _MODELS = {}
 def _model(shape):
   """A from-scratch model and its params, made once per shape."""
   if shape not in _MODELS:
-    model = ed.build(_fields(shape=shape, tie_embeddings=shape == 't5'),
-                     'float32', vocab_size=20)
+    # marian: learned positions and an untied output layer (the options).
+    fields = (_fields(shape=shape) if shape == 't5' else _fields(
+        tie_embeddings=False, positions='learned', max_positions=16))
+    model = ed.build(fields, 'float32', vocab_size=20)
     _MODELS[shape] = (model,) + _init(model)
   return _MODELS[shape]
 
@@ -72,6 +74,7 @@ def test_from_fields_names_and_family_regexes(shape):
   else:
     assert 'final_logits_bias' in paths
     assert 'decoder/layer_0/cross_attention_norm/bias' in paths
+    assert 'decoder/position_embedding/embedding' in paths
   family = ed.FAMILY
   dense = lora.dense_modules(params)
   targets = {m for m in dense
@@ -96,7 +99,7 @@ def test_dtypes_dropout_and_bad_fields():
   train = _apply(model, {'params': params}, SOURCE, mask, TARGET,
                  train=True, rngs={'dropout': jax.random.key(1, impl='rbg')})
   assert not np.allclose(train, logits)
-  bf16 = ed.build(_fields(tie_embeddings=False), 'bfloat16', vocab_size=20)
+  bf16 = ed.EncoderDecoder(model.config, jnp.bfloat16)
   low = _apply(bf16, {'params': params}, SOURCE, mask, TARGET)
   assert low.dtype == jnp.float32
   np.testing.assert_allclose(low, logits, atol=0.1)
@@ -109,10 +112,7 @@ def test_dtypes_dropout_and_bad_fields():
 
 
 def test_learned_positions_cache_and_length_limits():
-  model = ed.build(_fields(positions='learned', max_positions=16), 'float32',
-                   vocab_size=20)
-  params, mask = _init(model)
-  assert 'decoder/position_embedding/embedding' in _paths(params)
+  model, params, mask = _model('marian')
   variables = {'params': params}
   full = _apply(model, variables, SOURCE, mask, TARGET)
   # Three tokens at a time: the cache takes several tokens per call too.

@@ -688,7 +688,8 @@ class EncoderDecoder(nn.Module):
     step). `attention_mask`: the source mask [B, S]. Without `cache` the
     T tokens are a whole (teacher-forced) target; with `cache` (from
     `init_cache`) they sit at positions cache['index'].. and the return
-    value is (logits, updated cache).
+    value is (logits, updated cache); `decoder_attention_mask` (target
+    padding) applies to whole targets only.
     """
     if not isinstance(encoded, (tuple, list)):
       encoded = self.cross_keys_values(encoded)
@@ -767,7 +768,9 @@ def generate(model: EncoderDecoder, params, input_ids, attention_mask=None,
 
   Each source may produce up to floor(max_new_tokens + length_ratio *
   source_length) tokens (source_length counts its unpadded tokens), at
-  most `max_new_tokens + length_ratio * padded length`. Returns a
+  most `max_new_tokens + length_ratio * padded length` and, with absolute
+  positions, the model's position table. Compiles once per input shape
+  and beam size (batch sources by length). Returns a
   `beam_search.Beams`: tokens [batch, beam, max_length] (without the start
   token, `pad_id` after EOS) and their scores, best first.
   """
@@ -775,6 +778,8 @@ def generate(model: EncoderDecoder, params, input_ids, attention_mask=None,
     attention_mask = jnp.ones_like(input_ids)
   max_length = int(math.floor(max_new_tokens
                               + length_ratio * input_ids.shape[1]))
+  if model.config.positions != 'relative':
+    max_length = min(max_length, model.config.max_positions)
   if max_length < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens} and length_ratio='
                      f'{length_ratio} allow no token: raise them')
