@@ -56,6 +56,7 @@ import numpy as np
 
 from tuning import beam_search as beam_search_lib
 from tuning.models import family as family_lib
+from tuning.models import hf_config as hf_config_lib
 
 SHAPES = ('marian', 't5')
 POSITIONS = ('sinusoidal', 'learned', 'relative')
@@ -967,8 +968,7 @@ def build(model_config, dtype, *, num_outputs=None,
   hf_config = model_config.get('hf_config', None)
   if hf_config:
     if not isinstance(hf_config, dict):
-      from tuning.models import bert  # pylint: disable=g-import-not-at-top
-      hf_config = bert.read_hf_config(hf_config)
+      hf_config = hf_config_lib.read_hf_config(hf_config)
     config = config_from_hf(dict(hf_config), model_config.get('dropout',
                                                               None))
     if vocab_size is not None and vocab_size > config.vocab_size:
