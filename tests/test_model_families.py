@@ -27,6 +27,12 @@ BERT_CONFIG = dict(model_type='bert', architectures=['BertModel'],
                    vocab_size=50, hidden_size=16, num_hidden_layers=1,
                    num_attention_heads=2, intermediate_size=32,
                    max_position_embeddings=16)
+# A tiny decoder (the decoder family's names build from a Llama config).
+LLAMA_CONFIG = dict(model_type='llama', vocab_size=50, hidden_size=16,
+                    intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1,
+                    max_position_embeddings=16, tie_word_embeddings=False)
+DECODERS = ('decoder', 'gpt2', 'llama')
 IDS = np.array([[2, 7, 9, 3, 0], [2, 5, 3, 0, 0]], np.int32)
 TEXT = {'input_ids': IDS, 'attention_mask': (IDS > 0).astype(np.int32)}
 # The model inputs of each config.model.name (a new family adds its own).
@@ -36,11 +42,17 @@ INPUTS = {
     'lstm': TEXT,
     'gru': TEXT,
     'bert': TEXT,
+    'decoder': TEXT,
+    'gpt2': TEXT,
+    'llama': TEXT,
 }
 # Today's defaults (before the families declared them).
 HEAD = (r'(head|classifier)/.*',)
 LAYER_REGEX = r'.*layer_(\d+)/.*'
 BERT_LORA_TARGETS = (r'.*attention/(query|value)',)
+DECODER_HEAD = (r'lm_head/.*', r'decoder/final_norm/.*')
+DECODER_LORA_TARGETS = (r'.*attention/(query|key|value|out)',
+                        r'.*mlp/(gate|up|down)')
 
 
 def model_config(name, tmp_path):
@@ -51,7 +63,7 @@ def model_config(name, tmp_path):
   config.model.embed_dim = 8
   path = os.path.join(tmp_path, 'config.json')
   with open(path, 'w', encoding='utf-8') as f:
-    json.dump(BERT_CONFIG, f)
+    json.dump(LLAMA_CONFIG if name in DECODERS else BERT_CONFIG, f)
   config.model.hf_config = path
   return config
 
@@ -67,17 +79,21 @@ def test_every_registered_model_name_has_example_inputs():
 @pytest.mark.parametrize('name', registry.model_names())
 def test_every_family_builds_and_initialises(name, tmp_path):
   config = model_config(name, tmp_path)
-  model = registry.build_model(config.model, 'float32', num_outputs=3,
+  decoder = name in DECODERS  # a language model: its vocabulary's logits
+  model = registry.build_model(config.model, 'float32',
+                               num_outputs=None if decoder else 3,
                                vocab_size=50)
   variables = model.init({'params': jax.random.key(0)}, **INPUTS[name],
                          train=False)
   logits = model.apply(variables, **INPUTS[name], train=False)
-  assert logits.shape == (2, 3) and logits.dtype == jnp.float32
+  assert logits.shape == ((2, 5, 50) if decoder else (2, 3))
+  assert logits.dtype == jnp.float32
   # The head the family names is in the tree, and only the head.
   head = [p for p in flat(variables['params'])
           if any(re.fullmatch(r, p) for r in naming_rules(config).head)]
-  assert head and all(p.split('/')[0] in ('head', 'classifier')
-                      for p in head), head
+  roots = ('lm_head', 'decoder/final_norm') if decoder else (
+      'head', 'classifier')
+  assert head and all(p.startswith(roots) for p in head), head
 
 
 def test_builders_take_num_outputs_and_recurrent_needs_a_vocabulary(tmp_path):
@@ -94,13 +110,14 @@ def test_builders_take_num_outputs_and_recurrent_needs_a_vocabulary(tmp_path):
 
 def test_unknown_names_are_one_line_errors_listing_the_choices():
   with pytest.raises(ValueError, match=r"unknown config.model.name 'vit': "
-                     r'choose one of bert, cnn, gru, lstm, mlp$'):
+                     r'choose one of bert, cnn, decoder, gpt2, gru, llama, '
+                     r'lstm, mlp$'):
     registry.family('vit')
   with pytest.raises(ValueError) as error:
-    registry.family_for_hf_model_type('gpt2')
+    registry.family_for_hf_model_type('mamba')
   message = str(error.value)
   assert '\n' not in message
-  assert "model_type='gpt2'" in message and "'bert'" in message
+  assert "model_type='mamba'" in message and "'bert'" in message
   assert registry.family_for_hf_model_type('bert') is bert.FAMILY
 
 
@@ -195,6 +212,10 @@ def test_a_new_family_converts_through_the_generic_path(tmp_path, monkeypatch,
 @pytest.mark.parametrize('name', registry.model_names())
 def test_each_family_gives_todays_default_regexes(name, tmp_path):
   rules = naming_rules(model_config(name, tmp_path))
+  if name in DECODERS:  # new family: its own head and LoRA targets
+    assert rules.head == DECODER_HEAD and rules.layer_regex == LAYER_REGEX
+    assert rules.lora_targets == DECODER_LORA_TARGETS
+    return
   assert rules.head == HEAD
   assert rules.layer_regex == LAYER_REGEX
   # Only BERT has default LoRA targets; today's default (attention
