@@ -18,6 +18,7 @@ from tuning import hf_convert
 from tuning import lora
 from tuning.defaults import base_config
 from tuning.models import bert
+from tuning.models import encoder_decoder
 from tuning.models import registry
 from tuning.models.family import Family
 from tuning.naming import naming_rules
@@ -33,6 +34,14 @@ LLAMA_CONFIG = dict(model_type='llama', vocab_size=50, hidden_size=16,
                     num_attention_heads=2, num_key_value_heads=1,
                     max_position_embeddings=16, tie_word_embeddings=False)
 DECODERS = ('decoder', 'gpt2', 'llama')
+# A tiny encoder-decoder (Marian shape) for the encoder-decoder's names.
+MARIAN_CONFIG = dict(model_type='marian', vocab_size=50, d_model=16,
+                     encoder_layers=1, decoder_layers=1,
+                     encoder_attention_heads=2, decoder_attention_heads=2,
+                     encoder_ffn_dim=32, decoder_ffn_dim=32,
+                     max_position_embeddings=16, pad_token_id=0,
+                     eos_token_id=1, decoder_start_token_id=0)
+ENCODER_DECODERS = ('encoder_decoder', 'marian', 't5')
 IDS = np.array([[2, 7, 9, 3, 0], [2, 5, 3, 0, 0]], np.int32)
 TEXT = {'input_ids': IDS, 'attention_mask': (IDS > 0).astype(np.int32)}
 # The model inputs of each config.model.name (a new family adds its own).
@@ -45,6 +54,9 @@ INPUTS = {
     'decoder': TEXT,
     'gpt2': TEXT,
     'llama': TEXT,
+    **{name: {**TEXT, 'decoder_input_ids': IDS,
+              'decoder_attention_mask': (IDS > 0).astype(np.int32)}
+       for name in ENCODER_DECODERS},
 }
 # Today's defaults (before the families declared them).
 HEAD = (r'(head|classifier)/.*',)
@@ -53,6 +65,7 @@ BERT_LORA_TARGETS = (r'.*attention/(query|value)',)
 DECODER_HEAD = (r'lm_head/.*', r'decoder/final_norm/.*')
 DECODER_LORA_TARGETS = (r'.*attention/(query|key|value|out)',
                         r'.*mlp/(gate|up|down)')
+ENCODER_DECODER_HEAD = (r'lm_head/.*', r'final_logits_bias')
 
 
 def model_config(name, tmp_path):
@@ -63,7 +76,8 @@ def model_config(name, tmp_path):
   config.model.embed_dim = 8
   path = os.path.join(tmp_path, 'config.json')
   with open(path, 'w', encoding='utf-8') as f:
-    json.dump(LLAMA_CONFIG if name in DECODERS else BERT_CONFIG, f)
+    json.dump(LLAMA_CONFIG if name in DECODERS else MARIAN_CONFIG if name
+              in ENCODER_DECODERS else BERT_CONFIG, f)
   config.model.hf_config = path
   return config
 
@@ -79,7 +93,8 @@ def test_every_registered_model_name_has_example_inputs():
 @pytest.mark.parametrize('name', registry.model_names())
 def test_every_family_builds_and_initialises(name, tmp_path):
   config = model_config(name, tmp_path)
-  decoder = name in DECODERS  # a language model: its vocabulary's logits
+  # Language models and translators: logits over their vocabulary.
+  decoder = name in DECODERS + ENCODER_DECODERS
   model = registry.build_model(config.model, 'float32',
                                num_outputs=None if decoder else 3,
                                vocab_size=50)
@@ -91,8 +106,9 @@ def test_every_family_builds_and_initialises(name, tmp_path):
   # The head the family names is in the tree, and only the head.
   head = [p for p in flat(variables['params'])
           if any(re.fullmatch(r, p) for r in naming_rules(config).head)]
-  roots = ('lm_head', 'decoder/final_norm') if decoder else (
-      'head', 'classifier')
+  roots = (('lm_head', 'final_logits_bias') if name in ENCODER_DECODERS else
+           ('lm_head', 'decoder/final_norm') if decoder else
+           ('head', 'classifier'))
   assert head and all(p.startswith(roots) for p in head), head
 
 
@@ -110,8 +126,8 @@ def test_builders_take_num_outputs_and_recurrent_needs_a_vocabulary(tmp_path):
 
 def test_unknown_names_are_one_line_errors_listing_the_choices():
   with pytest.raises(ValueError, match=r"unknown config.model.name 'vit': "
-                     r'choose one of bert, cnn, decoder, gpt2, gru, llama, '
-                     r'lstm, mlp$'):
+                     r'choose one of bert, cnn, decoder, encoder_decoder, '
+                     r'gpt2, gru, llama, lstm, marian, mlp, t5$'):
     registry.family('vit')
   with pytest.raises(ValueError) as error:
     registry.family_for_hf_model_type('mamba')
@@ -215,6 +231,11 @@ def test_each_family_gives_todays_default_regexes(name, tmp_path):
   if name in DECODERS:  # new family: its own head and LoRA targets
     assert rules.head == DECODER_HEAD and rules.layer_regex == LAYER_REGEX
     assert rules.lora_targets == DECODER_LORA_TARGETS
+    return
+  if name in ENCODER_DECODERS:
+    assert rules.head == ENCODER_DECODER_HEAD
+    assert rules.lora_targets == encoder_decoder.FAMILY.lora_targets
+    assert re.fullmatch(rules.layer_regex, 'decoder/layer_3/mlp/wo/kernel')
     return
   assert rules.head == HEAD
   assert rules.layer_regex == LAYER_REGEX

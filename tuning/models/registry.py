@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from tuning.models import bert
 from tuning.models import cnn
 from tuning.models import decoder
+from tuning.models import encoder_decoder
 from tuning.models import mlp
 from tuning.models import recurrent
 from tuning.models.family import Family
@@ -21,6 +22,7 @@ FAMILIES: tuple[Family, ...] = (
     recurrent.FAMILY,
     bert.FAMILY,
     decoder.FAMILY,
+    encoder_decoder.FAMILY,
 )
 
 
