@@ -1,4 +1,6 @@
-"""Shared helpers: running main.py as a subprocess, reading run outputs."""
+"""Shared test helpers: running main.py as a subprocess, reading run outputs
+(checkpoints, parameters, logged losses), and a tiny random BERT with
+optimizer/LoRA configs for in-process tests."""
 
 import json
 import os
@@ -6,7 +8,15 @@ import subprocess
 import sys
 import tempfile
 
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+
+from tuning.defaults import base_config
+from tuning.models.bert import BertClassifier, BertConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'tests', 'tiny_config.py')
@@ -108,3 +118,75 @@ def enable_compilation_cache():
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_compilation_cache_dir', _CACHE)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+
+
+# Run outputs: checkpoints, parameters and logged losses.
+
+
+def final_params(workdir):
+  """The parameters of a run's latest checkpoint, as numpy arrays."""
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  step = max(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+  state = ocp.PyTreeCheckpointer().restore(
+      os.path.join(ckpt_dir, str(step), 'state'))
+  return step, state['params']
+
+
+def flat(tree):
+  """{'a/b/kernel': numpy array} of a nested parameter tree."""
+  return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(tree), sep='/').items()}
+
+
+def train_losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [eval(l.replace('NaN', 'float("nan")')) for l in f]  # pylint: disable=eval-used
+  return {l['step']: l['loss'] for l in lines if l['split'] == 'train'}
+
+
+def assert_same_training(workdir, reference):
+  """Same train losses and final parameters, to float tolerance."""
+  losses, expected = train_losses(workdir), train_losses(reference)
+  assert losses.keys() == expected.keys()
+  np.testing.assert_allclose(list(losses.values()), list(expected.values()),
+                             rtol=1e-5, atol=1e-6)
+  params, expected = flat(final_params(workdir)[1]), flat(
+      final_params(reference)[1])
+  for k in expected:
+    np.testing.assert_allclose(params[k], expected[k], rtol=1e-4, atol=1e-5)
+
+
+# A tiny random BERT and optimizer/LoRA configs for in-process tests.
+
+TINY_BERT = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64,
+                       max_position_embeddings=16)
+IDS = np.array([[2, 7, 9, 11, 3, 0], [2, 5, 3, 0, 0, 0]], np.int32)
+MASK = (IDS > 0).astype(np.int32)
+
+
+def tiny_bert(dtype=jnp.float32, dropout=0.0):
+  cfg = TINY_BERT.__class__(**{**TINY_BERT.__dict__,
+                               'hidden_dropout_prob': dropout,
+                               'attention_probs_dropout_prob': dropout})
+  return BertClassifier(cfg, num_outputs=2, dtype=dtype)
+
+
+def bert_params(model=None):
+  model = model or tiny_bert()
+  return model.init({'params': jax.random.key(0)}, IDS[:1],
+                    MASK[:1])['params']
+
+
+def opt_config(**overrides):
+  c = base_config().optimizer
+  c.weight_decay = 0.01
+  c.update(overrides)
+  return c
+
+
+def lora_config(**overrides):
+  c = base_config().lora
+  c.rank = 4
+  c.update(overrides)
+  return c

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from tuning import beam_search
 from tuning.models import encoder_decoder as ed
 
 torch = pytest.importorskip('torch')

@@ -3,7 +3,6 @@ parameter groups (weight decay, freezing, linear probing, layer-wise LR
 decay, LR multipliers), gradient accumulation, the NaN guard, EMA, early
 stopping and resume (LoRA and bf16: test_lora.py)."""
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,51 +10,13 @@ import pytest
 from flax import jax_utils
 
 from tuning import lora
-from tuning.defaults import base_config
 from tuning.early_stopping import EarlyStopping
-from tuning.models.bert import BertClassifier, BertConfig
 from tuning.models.mlp import MLP
 from tuning.optimizers import (build_optimizer, describe_parameters,
                                parameter_settings, trainable_mask)
 from tuning.train_step import initial_state, make_train_step
 
-TINY_BERT = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, intermediate_size=64,
-                       max_position_embeddings=16)
-IDS = np.array([[2, 7, 9, 11, 3, 0], [2, 5, 3, 0, 0, 0]], np.int32)
-MASK = (IDS > 0).astype(np.int32)
-
-
-def tiny_bert(dtype=jnp.float32, dropout=0.0):
-  cfg = TINY_BERT.__class__(**{**TINY_BERT.__dict__,
-                               'hidden_dropout_prob': dropout,
-                               'attention_probs_dropout_prob': dropout})
-  return BertClassifier(cfg, num_outputs=2, dtype=dtype)
-
-
-def bert_params(model=None):
-  model = model or tiny_bert()
-  return model.init({'params': jax.random.key(0)}, IDS[:1],
-                    MASK[:1])['params']
-
-
-def flat(tree):
-  return flax.traverse_util.flatten_dict(tree, sep='/')
-
-
-def opt_config(**overrides):
-  c = base_config().optimizer
-  c.weight_decay = 0.01
-  c.update(overrides)
-  return c
-
-
-def lora_config(**overrides):
-  c = base_config().lora
-  c.rank = 4
-  c.update(overrides)
-  return c
-
+from conftest import bert_params, flat, lora_config, opt_config
 
 def test_weight_decay_mask_matches_the_intended_parameters():
   settings = parameter_settings(bert_params(), opt_config())

@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 
-from conftest import TINY, read_json, run_main
-from test_main import final_params, flat, train_losses
+from conftest import (TINY, final_params, flat, read_json, run_main,
+                      train_losses)
 
 
 def test_batch_32_as_4_x_8_accumulation_matches_batch_32(tmp_path):

@@ -13,7 +13,7 @@ from tuning.optimizers import (build_optimizer, parameter_settings,
                                trainable_mask)
 from tuning.train_step import initial_state, make_train_step
 
-from test_finetuning_methods import (IDS, MASK, bert_params, flat,
+from conftest import (IDS, MASK, bert_params, flat,
                                      lora_config, opt_config, tiny_bert)
 
 

@@ -5,8 +5,7 @@ import os
 
 import numpy as np
 
-from conftest import TINY, read_json, run_main
-from test_main import final_params, flat
+from conftest import TINY, final_params, flat, read_json, run_main
 
 
 def test_lora_run_exports_a_plain_checkpoint_with_the_same_predictions(

@@ -6,35 +6,9 @@ import subprocess
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import (ROOT, TINY, main_command, read_json, run_main,
-                      subprocess_env)
-
-
-def final_params(workdir):
-  """The parameters of a run's latest checkpoint, as numpy arrays."""
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  step = max(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
-  state = ocp.PyTreeCheckpointer().restore(
-      os.path.join(ckpt_dir, str(step), 'state'))
-  return step, state['params']
-
-
-def flat(tree, prefix=''):
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(flat(v, f'{prefix}{k}/'))
-    return out
-  return {prefix[:-1]: np.asarray(tree)}
-
-
-def train_losses(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    lines = [eval(l.replace('NaN', 'float("nan")')) for l in f]  # pylint: disable=eval-used
-  return {l['step']: l['loss'] for l in lines if l['split'] == 'train'}
+from conftest import (ROOT, TINY, assert_same_training, final_params, flat, main_command, read_json, run_main, subprocess_env, train_losses)
 
 
 def test_run_writes_everything_a_workdir_holds(tmp_path):
@@ -96,18 +70,6 @@ def test_eight_devices_match_one_device(tmp_path):
   out = run_main(f'--config={TINY}', f'--workdir={eight}', devices=8).stdout
   assert 'on 8 device(s) x 1 process(es)' in out
   assert_same_training(eight, one)
-
-
-def assert_same_training(workdir, reference):
-  """Same train losses and final parameters, to float tolerance."""
-  losses, expected = train_losses(workdir), train_losses(reference)
-  assert losses.keys() == expected.keys()
-  np.testing.assert_allclose(list(losses.values()), list(expected.values()),
-                             rtol=1e-5, atol=1e-6)
-  params, expected = flat(final_params(workdir)[1]), flat(
-      final_params(reference)[1])
-  for k in expected:
-    np.testing.assert_allclose(params[k], expected[k], rtol=1e-4, atol=1e-5)
 
 
 def test_resume_after_kill_ends_with_the_same_parameters(tmp_path):

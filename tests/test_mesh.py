@@ -11,8 +11,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
 
-from conftest import TINY, read_json, run_main, run_main_processes
-from test_main import flat, train_losses
+from conftest import (TINY, flat, read_json, run_main, run_main_processes,
+                      train_losses)
 from tuning.sharding import mesh_shape, partition_spec
 
 MESH = '--config.parallelism=mesh'

@@ -3,8 +3,8 @@ device counts."""
 
 import os
 
-from conftest import TINY, read_json, run_main, run_main_processes
-from test_main import assert_same_training
+from conftest import (TINY, assert_same_training, read_json, run_main,
+                      run_main_processes)
 
 
 def test_two_processes_match_one_process(tmp_path):
