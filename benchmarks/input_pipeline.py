@@ -61,8 +61,9 @@ def config(records_dir=None, train=None):
 def convert(train_tsv, out, tokenizer=None):
   c = minilm_sst2.get_config('full')
   columns = records.Columns('label', 'sentence')
-  kwargs = dict(columns=columns, tokenizer=tokenizer, max_length=64,
-                progress=False)
+  kwargs = dict(
+      columns=columns, tokenizer=tokenizer, max_length=64, progress=False
+  )
   start = time.perf_counter()
   entry = records.convert([train_tsv], 'tsv', out, 'train', **kwargs)
   seconds = time.perf_counter() - start
@@ -74,8 +75,10 @@ def convert(train_tsv, out, tokenizer=None):
 def pipeline_rate(train, batches: int, threads: int = 1):
   """Batches/s of a TrainStream over `train`, and the bucket lengths."""
   from tuning.data.pipeline import TrainStream
-  stream = TrainStream(train, BATCH, seed=0, buckets=(16, 32, 64),
-                       read_threads=threads)
+
+  stream = TrainStream(
+      train, BATCH, seed=0, buckets=(16, 32, 64), read_threads=threads
+  )
   for _ in range(5):
     next(stream)
   lengths = []
@@ -87,13 +90,16 @@ def pipeline_rate(train, batches: int, threads: int = 1):
 
 def train_step_seconds(lengths, steps: int) -> dict:
   from benchmarks import bert_throughput
+
   out = {}
   for length in sorted(set(lengths)):
     _, _, _, train_once, _, _ = bert_throughput.jax_steps(
-        minilm_sst2.minilm_source(), BATCH, length)
+        minilm_sst2.minilm_source(), BATCH, length
+    )
     out[length] = bert_throughput.timed(train_once, steps)
-    print(f'  train step at length {length:3d}: {out[length]:.3f} s',
-          flush=True)
+    print(
+        f'  train step at length {length:3d}: {out[length]:.3f} s', flush=True
+    )
   return out
 
 
@@ -101,14 +107,22 @@ def memory_child(args):
   """In a fresh process: build the data, pull batches, print peak RSS."""
   from tuning.data.datasets import build_datasets
   from tuning.data.pipeline import TrainStream
+
   c = config(args.records_dir or None, args.train or None)
   data = build_datasets(c.data)
   stream = TrainStream(data.train, BATCH, seed=0, buckets=(16, 32, 64))
   for _ in range(args.batches):
     next(stream)
-  print(json.dumps({'peak_mib': peak_rss_mib(),
-                    'train': len(data.train) if not isinstance(
-                        data.train, dict) else len(data.train['label'])}))
+  print(
+      json.dumps(
+          {
+              'peak_mib': peak_rss_mib(),
+              'train': len(data.train)
+              if not isinstance(data.train, dict)
+              else len(data.train['label']),
+          }
+      )
+  )
 
 
 def convert_child(args):
@@ -118,8 +132,13 @@ def convert_child(args):
 
 def child(*flags) -> dict:
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), *flags],
-                       capture_output=True, text=True, env=env, check=True)
+  out = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), *flags],
+      capture_output=True,
+      text=True,
+      env=env,
+      check=True,
+  )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -140,43 +159,58 @@ def main():
     return convert_child(args)
 
   from tuning.data.datasets import build_datasets
+
   train_tsv = minilm_sst2.get_config('full').data.path
   tokenizer = minilm_sst2.minilm_source()
   tmp = tempfile.mkdtemp(prefix='input_pipeline_')
-  dirs = {'on the fly': os.path.join(tmp, 'raw'),
-          'at conversion': os.path.join(tmp, 'tokenized')}
+  dirs = {
+      'on the fly': os.path.join(tmp, 'raw'),
+      'at conversion': os.path.join(tmp, 'tokenized'),
+  }
   print(f'SST-2 train: {train_tsv}; records in {tmp}')
   for mode, out in dirs.items():
-    n, seconds = convert(train_tsv, out, tokenizer if mode == 'at conversion'
-                         else None)
-    print(f'  converted {n} rows (tokenize {mode}) in {seconds:.1f} s '
-          f'({n / seconds:,.0f} rows/s)')
+    n, seconds = convert(
+        train_tsv, out, tokenizer if mode == 'at conversion' else None
+    )
+    print(
+        f'  converted {n} rows (tokenize {mode}) in {seconds:.1f} s '
+        f'({n / seconds:,.0f} rows/s)'
+    )
 
   print(f'\ninput pipeline, batch {BATCH}, {args.batches} batches:')
   rates, lengths = {}, None
   for mode, out in dirs.items():
     data = build_datasets(config(out).data)
     for threads in (1, 2):
-      rates[f'records, tokenized {mode}, {threads} thr'], lengths = \
+      rates[f'records, tokenized {mode}, {threads} thr'], lengths = (
           pipeline_rate(data.train, args.batches, threads)
+      )
   data = build_datasets(config().data)
-  rates['in-memory table (reference)'], _ = pipeline_rate(data.train,
-                                                           args.batches)
+  rates['in-memory table (reference)'], _ = pipeline_rate(
+      data.train, args.batches
+  )
   for name, rate in rates.items():
     print(f'  {name:40s} {rate:8.1f} batches/s')
 
   counts = {l: lengths.count(l) / len(lengths) for l in sorted(set(lengths))}
-  print('\nMiniLM train step (float32, CPU, batch 32), bucket mix '
-        + ', '.join(f'{l}: {100 * f:.0f}%' for l, f in counts.items()) + ':')
+  print(
+      '\nMiniLM train step (float32, CPU, batch 32), bucket mix '
+      + ', '.join(f'{l}: {100 * f:.0f}%' for l, f in counts.items())
+      + ':'
+  )
   seconds = train_step_seconds(lengths, args.train_steps)
   mean = sum(f * seconds[l] for l, f in counts.items())
   fastest = min(seconds.values())
-  print(f'  {1 / mean:.2f} steps/s on the SST-2 bucket mix '
-        f'(fastest bucket: {1 / fastest:.2f} steps/s)')
+  print(
+      f'  {1 / mean:.2f} steps/s on the SST-2 bucket mix '
+      f'(fastest bucket: {1 / fastest:.2f} steps/s)'
+  )
   for name, rate in rates.items():
     if name.startswith('records'):
-      print(f'  pipeline / train step, {name}: {rate * mean:,.0f}x '
-            f'(vs the fastest bucket: {rate * fastest:,.0f}x; target >= 10x)')
+      print(
+          f'  pipeline / train step, {name}: {rate * mean:,.0f}x '
+          f'(vs the fastest bucket: {rate * fastest:,.0f}x; target >= 10x)'
+      )
 
   big = os.path.join(tmp, f'train_x{args.factor}.tsv')
   with open(train_tsv, encoding='utf-8') as f:
@@ -185,25 +219,39 @@ def main():
     f.write(header)
     for _ in range(args.factor):
       f.writelines(rows)
-  print(f'\npeak memory (VmHWM of a fresh process; data built, '
-        f'{args.batches} batches pulled):')
+  print(
+      f'\npeak memory (VmHWM of a fresh process; data built, '
+      f'{args.batches} batches pulled):'
+  )
   for mode, tok in (('on the fly', ''), ('at conversion', tokenizer)):
     for label, source in (('N', train_tsv), (f'{args.factor}N', big)):
       out = os.path.join(tmp, f'{label}_{"tok" if tok else "raw"}')
-      conv = child('--child=convert', f'--train={source}',
-                   f'--records_dir={out}', f'--tokenizer={tok}')
-      run = child('--child=memory', f'--records_dir={out}',
-                  f'--batches={args.batches}')
-      print(f'  records, tokenized {mode:13s} {label:>3s} = '
-            f'{run["train"]:7d} rows: training {run["peak_mib"]:6.0f} MiB, '
-            f'conversion {conv["peak_mib"]:6.0f} MiB', flush=True)
+      conv = child(
+          '--child=convert',
+          f'--train={source}',
+          f'--records_dir={out}',
+          f'--tokenizer={tok}',
+      )
+      run = child(
+          '--child=memory', f'--records_dir={out}', f'--batches={args.batches}'
+      )
+      print(
+          f'  records, tokenized {mode:13s} {label:>3s} = '
+          f'{run["train"]:7d} rows: training {run["peak_mib"]:6.0f} MiB, '
+          f'conversion {conv["peak_mib"]:6.0f} MiB',
+          flush=True,
+      )
   for label, source in (('N', train_tsv), (f'{args.factor}N', big)):
     if label != 'N' and args.skip_in_memory_10x:
       continue
-    run = child('--child=memory', f'--train={source}',
-                f'--batches={args.batches}')
-    print(f'  in-memory table (reference) {label:>3s} = {run["train"]:7d} '
-          f'rows: training {run["peak_mib"]:6.0f} MiB', flush=True)
+    run = child(
+        '--child=memory', f'--train={source}', f'--batches={args.batches}'
+    )
+    print(
+        f'  in-memory table (reference) {label:>3s} = {run["train"]:7d} '
+        f'rows: training {run["peak_mib"]:6.0f} MiB',
+        flush=True,
+    )
 
 
 if __name__ == '__main__':

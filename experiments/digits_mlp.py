@@ -61,8 +61,7 @@ def get_sweep(arg=None):
   if arg in (None, 'grid'):
     return {
         'grid': {'optimizer.learning_rate': (1e-3, 1e-2)},
-        'zip': {'model.hidden': ((32,), (64, 64)),
-                'model.dropout': (0.0, 0.2)},
+        'zip': {'model.hidden': ((32,), (64, 64)), 'model.dropout': (0.0, 0.2)},
         'metric': 'accuracy',
     }
   space = {
@@ -71,10 +70,13 @@ def get_sweep(arg=None):
       'model.hidden': ('choice', ((32,), (64,), (64, 64))),
   }
   if arg == 'random':
-    return {'space': space, 'trials': 8, 'sampler': 'random',
-            'pruner': None}
+    return {'space': space, 'trials': 8, 'sampler': 'random', 'pruner': None}
   if arg == 'tpe':
-    return {'space': space, 'trials': 16, 'sampler': 'tpe',
-            'pruner': 'median',
-            'pruner_args': {'n_startup_trials': 4, 'n_warmup_steps': 20}}
+    return {
+        'space': space,
+        'trials': 16,
+        'sampler': 'tpe',
+        'pruner': 'median',
+        'pruner_args': {'n_startup_trials': 4, 'n_warmup_steps': 20},
+    }
   raise ValueError(f'unknown sweep {arg!r} (use: {", ".join(SWEEPS)})')

@@ -48,16 +48,18 @@ def get_config(arg=None):
 
   finetunes = ('lr1', 'lr2', 'lr3')
   c.stages = ('pretrain',) + finetunes + ('ensemble', 'soup')
-  target = dict(data=dict(classes=EVEN_ODD, class_names=('even', 'odd')),
-                init=dict(checkpoint='@pretrain', reinit=('head/.*',)),
-                training=dict(total_steps=300, eval_every_steps=50))
+  target = dict(
+      data=dict(classes=EVEN_ODD, class_names=('even', 'odd')),
+      init=dict(checkpoint='@pretrain', reinit=('head/.*',)),
+      training=dict(total_steps=300, eval_every_steps=50),
+  )
   overrides = {'pretrain': {}}
   for name, lr in zip(finetunes, (1e-4, 3e-4, 1e-3)):
     overrides[name] = dict(target, optimizer=dict(learning_rate=lr))
   members = tuple('@' + name for name in finetunes)
-  overrides['ensemble'] = dict(mode='ensemble',
-                               ensemble=dict(members=members))
-  overrides['soup'] = dict(mode='soup', soup=dict(members=members,
-                                                  method='greedy'))
+  overrides['ensemble'] = dict(mode='ensemble', ensemble=dict(members=members))
+  overrides['soup'] = dict(
+      mode='soup', soup=dict(members=members, method='greedy')
+  )
   c.stage_overrides = config_dict.ConfigDict(overrides)
   return c

@@ -20,8 +20,14 @@ import os
 from tuning.defaults import base_config
 
 HUB_ID = 'sentence-transformers/all-MiniLM-L6-v2'
-SST2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..',
-                    'shared', 'data', 'sst2')
+SST2 = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)),
+    '..',
+    '..',
+    'shared',
+    'data',
+    'sst2',
+)
 
 
 def minilm_source() -> str:

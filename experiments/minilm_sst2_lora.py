@@ -16,8 +16,9 @@ import importlib.util
 import os
 
 _SPEC = importlib.util.spec_from_file_location(
-    'minilm_sst2', os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                'minilm_sst2.py'))
+    'minilm_sst2',
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), 'minilm_sst2.py'),
+)
 minilm_sst2 = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(minilm_sst2)
 

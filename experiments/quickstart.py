@@ -41,14 +41,21 @@ def get_config(arg=None):
 
   c.stages = ('pretrain', 'finetune', 'scratch')
   target = dict(
-      data=dict(classes=EVEN_ODD, class_names=('even', 'odd'),
-                examples_per_class=5),
+      data=dict(
+          classes=EVEN_ODD, class_names=('even', 'odd'), examples_per_class=5
+      ),
       optimizer=dict(learning_rate=3e-4),
-      training=dict(batch_size=10, total_steps=300, eval_every_steps=50))
-  c.stage_overrides = config_dict.ConfigDict({
-      'pretrain': dict(training=dict(total_steps=600, eval_every_steps=100)),
-      'finetune': dict(target, init=dict(checkpoint='@pretrain',
-                                         reinit=('head/.*',))),
-      'scratch': target,
-  })
+      training=dict(batch_size=10, total_steps=300, eval_every_steps=50),
+  )
+  c.stage_overrides = config_dict.ConfigDict(
+      {
+          'pretrain': dict(
+              training=dict(total_steps=600, eval_every_steps=100)
+          ),
+          'finetune': dict(
+              target, init=dict(checkpoint='@pretrain', reinit=('head/.*',))
+          ),
+          'scratch': target,
+      }
+  )
   return c

@@ -62,10 +62,19 @@ def get_config(arg=None):
   c.training.log_every_steps = 100
 
   c.stages = ('scratch', 'distilled')
-  c.stage_overrides = config_dict.ConfigDict({
-      'scratch': {},
-      'distilled': dict(distill=dict(
-          teacher=(teacher,), alpha=0.5, loss='kl', temperature=2.0,
-          augment_copies=1, teacher_logits='cache')),
-  })
+  c.stage_overrides = config_dict.ConfigDict(
+      {
+          'scratch': {},
+          'distilled': dict(
+              distill=dict(
+                  teacher=(teacher,),
+                  alpha=0.5,
+                  loss='kl',
+                  temperature=2.0,
+                  augment_copies=1,
+                  teacher_logits='cache',
+              )
+          ),
+      }
+  )
   return c

@@ -43,11 +43,19 @@ def subprocess_env(devices=1):
 def run_main(*args, devices=1, check=True, timeout=300, cwd=ROOT):
   """Runs main.py; returns the CompletedProcess (text output)."""
   env = subprocess_env(devices)
-  result = subprocess.run(main_command(*args), cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+  result = subprocess.run(
+      main_command(*args),
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
   if check and result.returncode != 0:
-    raise AssertionError(f'main.py failed ({result.returncode}):\n'
-                         f'{result.stdout[-3000:]}\n{result.stderr[-3000:]}')
+    raise AssertionError(
+        f'main.py failed ({result.returncode}):\n'
+        f'{result.stdout[-3000:]}\n{result.stderr[-3000:]}'
+    )
   return result
 
 
@@ -55,15 +63,28 @@ def run_main_processes(*args, processes=2, devices=1, timeout=300):
   """Runs main.py as `processes` JAX processes on 127.0.0.1 (gloo), each
   with `devices` devices; returns their outputs (stdout + stderr)."""
   import portpicker  # pylint: disable=g-import-not-at-top
+
   port = portpicker.pick_unused_port()
-  procs = [subprocess.Popen(
-      main_command(*args, f'--coordinator_address=127.0.0.1:{port}',
-                   f'--num_processes={processes}', f'--process_id={i}'),
-      cwd=ROOT, env=subprocess_env(devices), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+  procs = [
+      subprocess.Popen(
+          main_command(
+              *args,
+              f'--coordinator_address=127.0.0.1:{port}',
+              f'--num_processes={processes}',
+              f'--process_id={i}',
+          ),
+          cwd=ROOT,
+          env=subprocess_env(devices),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(processes)
+  ]
   outputs = [p.communicate(timeout=timeout)[0] for p in procs]
   assert [p.returncode for p in procs] == [0] * processes, ''.join(
-      o[-2000:] for o in outputs)
+      o[-2000:] for o in outputs
+  )
   return outputs
 
 
@@ -77,21 +98,30 @@ def tiny_config():
   return TINY
 
 
-def tree_digest(workdir, names=('checkpoints', 'results.json',
-                                'metrics.jsonl')):
+def tree_digest(
+    workdir, names=('checkpoints', 'results.json', 'metrics.jsonl')
+):
   """{relative path: sha256} of a run's checkpoints and results (to check
   that a failed rerun left them untouched)."""
   import hashlib  # pylint: disable=g-import-not-at-top
+
   digests = {}
   for name in names:
     top = os.path.join(workdir, name)
-    paths = [top] if os.path.isfile(top) else [
-        os.path.join(root, f) for root, _, files in os.walk(top)
-        for f in files]
+    paths = (
+        [top]
+        if os.path.isfile(top)
+        else [
+            os.path.join(root, f)
+            for root, _, files in os.walk(top)
+            for f in files
+        ]
+    )
     for path in paths:
       with open(path, 'rb') as f:
         digests[os.path.relpath(path, workdir)] = hashlib.sha256(
-            f.read()).hexdigest()
+            f.read()
+        ).hexdigest()
   return digests
 
 
@@ -101,8 +131,12 @@ def error_lines(text):
 
 def corrupt_largest_file(step_dir):
   """Flips bytes in the largest data file of an orbax checkpoint step."""
-  files = [os.path.join(root, f) for root, _, names in os.walk(step_dir)
-           for f in names if os.sep + 'd' + os.sep in os.path.join(root, f)]
+  files = [
+      os.path.join(root, f)
+      for root, _, names in os.walk(step_dir)
+      for f in names
+      if os.sep + 'd' + os.sep in os.path.join(root, f)
+  ]
   path = max(files, key=os.path.getsize)
   with open(path, 'r+b') as f:
     data = bytearray(f.read())
@@ -116,6 +150,7 @@ def corrupt_largest_file(step_dir):
 def enable_compilation_cache():
   """In-process runs (main.cli) use the subprocesses' compilation cache."""
   import jax  # pylint: disable=g-import-not-at-top
+
   jax.config.update('jax_compilation_cache_dir', _CACHE)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
@@ -128,14 +163,19 @@ def final_params(workdir):
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   step = max(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
   state = ocp.PyTreeCheckpointer().restore(
-      os.path.join(ckpt_dir, str(step), 'state'))
+      os.path.join(ckpt_dir, str(step), 'state')
+  )
   return step, state['params']
 
 
 def flat(tree):
   """{'a/b/kernel': numpy array} of a nested parameter tree."""
-  return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(
-      flax.core.unfreeze(tree), sep='/').items()}
+  return {
+      k: np.asarray(v)
+      for k, v in flax.traverse_util.flatten_dict(
+          flax.core.unfreeze(tree), sep='/'
+      ).items()
+  }
 
 
 def train_losses(workdir):
@@ -148,34 +188,44 @@ def assert_same_training(workdir, reference):
   """Same train losses and final parameters, to float tolerance."""
   losses, expected = train_losses(workdir), train_losses(reference)
   assert losses.keys() == expected.keys()
-  np.testing.assert_allclose(list(losses.values()), list(expected.values()),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      list(losses.values()), list(expected.values()), rtol=1e-5, atol=1e-6
+  )
   params, expected = flat(final_params(workdir)[1]), flat(
-      final_params(reference)[1])
+      final_params(reference)[1]
+  )
   for k in expected:
     np.testing.assert_allclose(params[k], expected[k], rtol=1e-4, atol=1e-5)
 
 
 # A tiny random BERT and optimizer/LoRA configs for in-process tests.
 
-TINY_BERT = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, intermediate_size=64,
-                       max_position_embeddings=16)
+TINY_BERT = BertConfig(
+    vocab_size=50,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=16,
+)
 IDS = np.array([[2, 7, 9, 11, 3, 0], [2, 5, 3, 0, 0, 0]], np.int32)
 MASK = (IDS > 0).astype(np.int32)
 
 
 def tiny_bert(dtype=jnp.float32, dropout=0.0):
-  cfg = TINY_BERT.__class__(**{**TINY_BERT.__dict__,
-                               'hidden_dropout_prob': dropout,
-                               'attention_probs_dropout_prob': dropout})
+  cfg = TINY_BERT.__class__(
+      **{
+          **TINY_BERT.__dict__,
+          'hidden_dropout_prob': dropout,
+          'attention_probs_dropout_prob': dropout,
+      }
+  )
   return BertClassifier(cfg, num_outputs=2, dtype=dtype)
 
 
 def bert_params(model=None):
   model = model or tiny_bert()
-  return model.init({'params': jax.random.key(0)}, IDS[:1],
-                    MASK[:1])['params']
+  return model.init({'params': jax.random.key(0)}, IDS[:1], MASK[:1])['params']
 
 
 def opt_config(**overrides):

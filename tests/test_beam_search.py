@@ -30,12 +30,14 @@ def _step(table):
   """A step function: a Markov chain over the last token, or, when `table`
   has _HASHES rows, a 'model' of the whole prefix, hashed in the state (so
   the search must reorder the state with the beams)."""
+
   def step(tokens, state, index):
     del index
     assert state['scalar'].shape == ()
     hashes = _next_hash(state['hash'], tokens)
     rows = hashes if table.shape[0] == _HASHES else tokens
     return table[rows], {'scalar': state['scalar'] + 1, 'hash': hashes}
+
   return step
 
 
@@ -65,24 +67,35 @@ def _best_by_enumeration(table, max_length, normalizer):
 @pytest.mark.parametrize('rule', ['transformers', 'gnmt'])
 def test_wide_exact_search_finds_the_optimum(rule):
   max_length, beam = 3, 32  # 2 x 32 candidates cover all VOCAB**2 prefixes
-  search = jax.jit(lambda table, penalty: beam_search.beam_search(
-      _step(table), _state(beam), batch_size=1, beam_size=beam,
-      max_length=max_length, start_id=START, eos_id=EOS, pad_id=PAD,
-      length_penalty=penalty, penalty_rule=rule, early_stopping='never'))
+  search = jax.jit(
+      lambda table, penalty: beam_search.beam_search(
+          _step(table),
+          _state(beam),
+          batch_size=1,
+          beam_size=beam,
+          max_length=max_length,
+          start_id=START,
+          eos_id=EOS,
+          pad_id=PAD,
+          length_penalty=penalty,
+          penalty_rule=rule,
+          early_stopping='never',
+      )
+  )
   for seed in range(4):
     table = _table(seed, _HASHES)
     for penalty in (0.0, 0.6, 2.0):
-      _check_optimum(search(table, penalty), table, max_length, rule,
-                     penalty)
+      _check_optimum(search(table, penalty), table, max_length, rule, penalty)
 
 
 def _check_optimum(result, table, max_length, rule, penalty):
-  normalizer = lambda n: float(beam_search.length_normalizer(  # noqa: E731
-      n, penalty, rule))
+  normalizer = lambda n: float(
+      beam_search.length_normalizer(n, penalty, rule)  # noqa: E731
+  )
   best, best_score = _best_by_enumeration(table, max_length, normalizer)
-  tokens = [int(t) for t in result.tokens[0, 0, :len(best)]]
+  tokens = [int(t) for t in result.tokens[0, 0, : len(best)]]
   assert tokens == list(best)
-  assert np.all(np.asarray(result.tokens[0, 0, len(best):]) == PAD)
+  assert np.all(np.asarray(result.tokens[0, 0, len(best) :]) == PAD)
   np.testing.assert_allclose(result.scores[0, 0], best_score, rtol=1e-5)
   assert np.all(np.diff(np.asarray(result.scores[0])) <= 0)  # best first
 
@@ -92,9 +105,16 @@ def test_greedy_limits_padding_starts_and_state():
   batch, max_length = 3, 6
   limits, starts = [6, 2, 4], [START, START, 3]
   result = beam_search.beam_search(
-      _step(table), _state(batch), batch_size=batch, beam_size=1,
-      max_length=max_length, start_id=jnp.array(starts), eos_id=EOS,
-      pad_id=PAD, limits=jnp.array(limits))
+      _step(table),
+      _state(batch),
+      batch_size=batch,
+      beam_size=1,
+      max_length=max_length,
+      start_id=jnp.array(starts),
+      eos_id=EOS,
+      pad_id=PAD,
+      limits=jnp.array(limits),
+  )
   table_np = np.asarray(table)
   for row, (limit, token) in enumerate(zip(limits, starts)):
     expected = []
@@ -112,13 +132,29 @@ def test_eos_forced_by_a_peaked_model_and_bad_arguments():
   logits[3, EOS] = 0.0
   table = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
   result = beam_search.beam_search(
-      _step(table), _state(2 * 3), batch_size=2, beam_size=3,
-      max_length=5, start_id=START, eos_id=EOS, pad_id=PAD)
-  np.testing.assert_array_equal(result.tokens[:, 0],
-                                [[3, EOS, PAD, PAD, PAD]] * 2)
+      _step(table),
+      _state(2 * 3),
+      batch_size=2,
+      beam_size=3,
+      max_length=5,
+      start_id=START,
+      eos_id=EOS,
+      pad_id=PAD,
+  )
+  np.testing.assert_array_equal(
+      result.tokens[:, 0], [[3, EOS, PAD, PAD, PAD]] * 2
+  )
   with pytest.raises(ValueError, match='early_stopping'):
-    beam_search.beam_search(_step(table), _state(2), batch_size=2,
-                            beam_size=1, max_length=5, start_id=START,
-                            eos_id=EOS, pad_id=PAD, early_stopping='sometimes')
+    beam_search.beam_search(
+        _step(table),
+        _state(2),
+        batch_size=2,
+        beam_size=1,
+        max_length=5,
+        start_id=START,
+        eos_id=EOS,
+        pad_id=PAD,
+        early_stopping='sometimes',
+    )
   with pytest.raises(ValueError, match='penalty_rule'):
     beam_search.length_normalizer(3, 1.0, 'average')

@@ -17,25 +17,47 @@ from tuning.models import decoder as decoder_lib
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-GPT2 = dict(model_type='gpt2', vocab_size=96, n_embd=32, n_layer=2, n_head=4,
-            n_positions=64, bos_token_id=1, eos_token_id=2)
-LLAMA = dict(model_type='llama', vocab_size=96, hidden_size=32,
-             intermediate_size=48, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=64, rope_theta=500.0,
-             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-CONFIGS = {'gpt2': GPT2, 'llama': LLAMA,
-           'llama_tied': dict(LLAMA, tie_word_embeddings=True,
-                              attention_bias=True)}
+GPT2 = dict(
+    model_type='gpt2',
+    vocab_size=96,
+    n_embd=32,
+    n_layer=2,
+    n_head=4,
+    n_positions=64,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+LLAMA = dict(
+    model_type='llama',
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rope_theta=500.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+CONFIGS = {
+    'gpt2': GPT2,
+    'llama': LLAMA,
+    'llama_tied': dict(LLAMA, tie_word_embeddings=True, attention_bias=True),
+}
 
 
 def _hf_model(config):
-  cls = {'gpt2': transformers.GPT2Config,
-         'llama': transformers.LlamaConfig}[config['model_type']]
+  cls = {'gpt2': transformers.GPT2Config, 'llama': transformers.LlamaConfig}[
+      config['model_type']
+  ]
   hf_config = cls(**{k: v for k, v in config.items() if k != 'model_type'})
   torch.manual_seed(0)
-  model_cls = {'gpt2': transformers.GPT2LMHeadModel,
-               'llama': transformers.LlamaForCausalLM}[config['model_type']]
+  model_cls = {
+      'gpt2': transformers.GPT2LMHeadModel,
+      'llama': transformers.LlamaForCausalLM,
+  }[config['model_type']]
   model = model_cls(hf_config).eval()
   with torch.no_grad():  # random norms and biases, so that the map shows
     for name, p in model.named_parameters():
@@ -59,7 +81,8 @@ def converted(request, tmp_path_factory):
     assert summary['tied_embeddings']
   params = hf_convert.load_converted_params(out)
   model = decoder_lib.build(
-      ml_collections.ConfigDict({'hf_config': out}), jnp.float32)
+      ml_collections.ConfigDict({'hf_config': out}), jnp.float32
+  )
   return request.param, hf, model, params
 
 
@@ -70,17 +93,19 @@ def _batch():
   ids = np.zeros((len(rows), length), np.int32)
   mask = np.zeros_like(ids)
   for i, row in enumerate(rows):
-    ids[i, length - len(row):] = row
-    mask[i, length - len(row):] = 1
+    ids[i, length - len(row) :] = row
+    mask[i, length - len(row) :] = 1
   return ids, mask
 
 
 def _hf_logits(hf, ids, mask):
   positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
   with torch.no_grad():
-    out = hf(input_ids=torch.tensor(ids, dtype=torch.long),
-             attention_mask=torch.tensor(mask, dtype=torch.long),
-             position_ids=torch.tensor(positions, dtype=torch.long))
+    out = hf(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        attention_mask=torch.tensor(mask, dtype=torch.long),
+        position_ids=torch.tensor(positions, dtype=torch.long),
+    )
   return out.logits.numpy()
 
 
@@ -119,16 +144,18 @@ def test_cached_equals_uncached_and_transformers(converted):
   name, hf, model, params = converted
   ids, mask = _batch()
   steps = 8
-  result = generation.generate(model, params, ids, mask,
-                               max_new_tokens=steps)
+  result = generation.generate(model, params, ids, mask, max_new_tokens=steps)
   uncached = _uncached_greedy(model, params, ids, mask, steps)
   np.testing.assert_array_equal(result.tokens, uncached, err_msg=name)
   with torch.no_grad():
     theirs = hf.generate(
         input_ids=torch.tensor(ids, dtype=torch.long),
         attention_mask=torch.tensor(mask, dtype=torch.long),
-        max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-        pad_token_id=0).numpy()[:, ids.shape[1]:]
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=0,
+    ).numpy()[:, ids.shape[1] :]
   np.testing.assert_array_equal(result.tokens, theirs, err_msg=name)
 
 
@@ -140,25 +167,61 @@ def test_stop_tokens_and_sampling(converted):
   # 8 new tokens greedily: the compilation of the test above is reused.
   greedy = generation.generate(model, params, ids, mask, max_new_tokens=8)
   stop = int(greedy.tokens[0, 2])
-  stopped = generation.generate(model, params, ids, mask, max_new_tokens=8,
-                                stop_tokens=(stop,), pad_id=0)
+  stopped = generation.generate(
+      model, params, ids, mask, max_new_tokens=8, stop_tokens=(stop,), pad_id=0
+  )
   assert stopped.lengths[0] == 3
   assert stopped.tokens[0, 2] == stop and not stopped.tokens[0, 3:].any()
   for row in range(1, 3):
     n = stopped.lengths[row]
-    np.testing.assert_array_equal(stopped.tokens[row, :n],
-                                  greedy.tokens[row, :n])
+    np.testing.assert_array_equal(
+        stopped.tokens[row, :n], greedy.tokens[row, :n]
+    )
   # top_k=1 is greedy at any temperature; sampling is reproducible by seed.
-  top1 = generation.generate(model, params, ids, mask, max_new_tokens=8,
-                             temperature=2.0, top_k=1, seed=3)
+  top1 = generation.generate(
+      model,
+      params,
+      ids,
+      mask,
+      max_new_tokens=8,
+      temperature=2.0,
+      top_k=1,
+      seed=3,
+  )
   np.testing.assert_array_equal(top1.tokens, greedy.tokens)
-  tiny_p = generation.generate(model, params, ids, mask, max_new_tokens=8,
-                               temperature=1.0, top_p=1e-6, seed=3)
+  tiny_p = generation.generate(
+      model,
+      params,
+      ids,
+      mask,
+      max_new_tokens=8,
+      temperature=1.0,
+      top_p=1e-6,
+      seed=3,
+  )
   np.testing.assert_array_equal(tiny_p.tokens, greedy.tokens)
-  a = generation.generate(model, params, ids, mask, max_new_tokens=8,
-                          temperature=1.0, top_k=20, top_p=0.9, seed=4)
-  b = generation.generate(model, params, ids, mask, max_new_tokens=8,
-                          temperature=1.0, top_k=20, top_p=0.9, seed=4)
+  a = generation.generate(
+      model,
+      params,
+      ids,
+      mask,
+      max_new_tokens=8,
+      temperature=1.0,
+      top_k=20,
+      top_p=0.9,
+      seed=4,
+  )
+  b = generation.generate(
+      model,
+      params,
+      ids,
+      mask,
+      max_new_tokens=8,
+      temperature=1.0,
+      top_k=20,
+      top_p=0.9,
+      seed=4,
+  )
   np.testing.assert_array_equal(a.tokens, b.tokens)
   assert a.tokens.max() < 96
 
@@ -170,32 +233,40 @@ def test_bad_configs_and_checkpoints():
   with pytest.raises(ValueError, match='missing tensors: .*lm_head.weight'):
     decoder_lib.convert_hf(params, LLAMA)
   with pytest.raises(ValueError, match='hf_config is not set'):
-    decoder_lib.build(ml_collections.ConfigDict({'hf_config': ''}),
-                      jnp.float32)
+    decoder_lib.build(ml_collections.ConfigDict({'hf_config': ''}), jnp.float32)
 
 
 def test_param_names_and_bfloat16():
   model = decoder_lib.from_hf_config(LLAMA, jnp.bfloat16)
   ids, mask = _batch()
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), ids, mask)
-  flat = {'/'.join(k.key for k in p): v for p, v in
-          jax.tree_util.tree_flatten_with_path(variables['params'])[0]}
+  flat = {
+      '/'.join(k.key for k in p): v
+      for p, v in jax.tree_util.tree_flatten_with_path(variables['params'])[0]
+  }
   assert 'decoder/layer_1/attention/query/kernel' in flat
   assert 'decoder/layer_0/mlp/gate/kernel' in flat
   assert 'lm_head/kernel' in flat
   assert all(v.dtype == jnp.float32 for v in flat.values())
   family = decoder_lib.FAMILY
-  adapted = lora.target_modules(variables['params'], ml_collections.ConfigDict(
-      {'targets': family.lora_targets}))
+  adapted = lora.target_modules(
+      variables['params'],
+      ml_collections.ConfigDict({'targets': family.lora_targets}),
+  )
   assert len(adapted) == 2 * 7 and 'lm_head' not in adapted
   assert re.fullmatch(family.layer_regex, 'decoder/layer_1/mlp/up/kernel')
-  assert all(any(re.fullmatch(r, p) for r in family.head_regex)
-             == p.startswith(('lm_head', 'decoder/final_norm')) for p in flat)
+  assert all(
+      any(re.fullmatch(r, p) for r in family.head_regex)
+      == p.startswith(('lm_head', 'decoder/final_norm'))
+      for p in flat
+  )
   logits = jax.jit(model.apply)(variables, ids, mask)
   assert logits.dtype == jnp.float32 and logits.shape == (3, 7, 96)
   cache = decoder_lib.init_cache(model, 3, 12)
   assert cache['decoder']['layer_0']['attention']['cached_key'].dtype == (
-      jnp.bfloat16)
-  out = generation.generate(model, variables['params'], ids, mask,
-                            max_new_tokens=3)
+      jnp.bfloat16
+  )
+  out = generation.generate(
+      model, variables['params'], ids, mask, max_new_tokens=3
+  )
   assert out.tokens.shape == (3, 3) and (out.lengths == 3).all()

@@ -13,14 +13,19 @@ def test_metrics_match_scikit_learn():
   m = classification.metrics_from_logits(logits, labels, 4)
   predictions = logits.argmax(1)
   assert np.isclose(m['accuracy'], skm.accuracy_score(labels, predictions))
-  assert np.isclose(m['macro_f1'], skm.f1_score(labels, predictions,
-                                                average='macro'))
-  np.testing.assert_allclose(m['precision'], skm.precision_score(
-      labels, predictions, average=None))
-  np.testing.assert_allclose(m['recall'], skm.recall_score(
-      labels, predictions, average=None))
-  assert m['confusion_matrix'] == skm.confusion_matrix(labels,
-                                                       predictions).tolist()
+  assert np.isclose(
+      m['macro_f1'], skm.f1_score(labels, predictions, average='macro')
+  )
+  np.testing.assert_allclose(
+      m['precision'], skm.precision_score(labels, predictions, average=None)
+  )
+  np.testing.assert_allclose(
+      m['recall'], skm.recall_score(labels, predictions, average=None)
+  )
+  assert (
+      m['confusion_matrix']
+      == skm.confusion_matrix(labels, predictions).tolist()
+  )
   probabilities = np.exp(classification.log_softmax(logits))
   assert np.isclose(m['loss'], skm.log_loss(labels, probabilities))
 

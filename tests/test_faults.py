@@ -16,18 +16,28 @@ import time
 import pytest
 
 import main
-from conftest import (ROOT, TINY, corrupt_largest_file,
-                      enable_compilation_cache, error_lines, read_json,
-                      run_main, subprocess_env)
+from conftest import (
+    ROOT,
+    TINY,
+    corrupt_largest_file,
+    enable_compilation_cache,
+    error_lines,
+    read_json,
+    run_main,
+    subprocess_env,
+)
 from tuning import workdir_lock
 
-ARGS = [f'--config={TINY}', '--config.training.total_steps=60',
-        '--config.training.eval_every_steps=20',
-        '--config.training.checkpoint_every_steps=1']
+ARGS = [
+    f'--config={TINY}',
+    '--config.training.total_steps=60',
+    '--config.training.eval_every_steps=20',
+    '--config.training.checkpoint_every_steps=1',
+]
 
 # main.py with orbax's commit (the rename of a finished checkpoint) and the
 # checksum sealing slowed down, so that kills land inside checkpoint writes.
-SLOW_WRITES = f'''
+SLOW_WRITES = f"""
 import asyncio, runpy, sys, time
 sys.path.insert(0, {ROOT!r})
 from orbax.checkpoint._src.path import atomicity
@@ -45,14 +55,19 @@ def slow_seal(step_dir):
 checkpoints.seal = slow_seal
 sys.argv[0] = {os.path.join(ROOT, 'main.py')!r}
 runpy.run_path(sys.argv[0], run_name='__main__')
-'''
+"""
 
 
 def _same_results(workdir, reference):
   got = read_json(os.path.join(workdir, 'results.json'))
   want = read_json(os.path.join(reference, 'results.json'))
-  for key in ('test', 'validation', 'validation_history', 'evaluated_step',
-              'steps'):
+  for key in (
+      'test',
+      'validation',
+      'validation_history',
+      'evaluated_step',
+      'steps',
+  ):
     assert got[key] == want[key], key
 
 
@@ -68,13 +83,15 @@ def reference(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('reference') / 'run')
   run_main(*ARGS, f'--workdir={workdir}')
   history = read_json(os.path.join(workdir, 'results.json'))[
-      'validation_history']
+      'validation_history'
+  ]
   assert [h['step'] for h in history] == [20, 40, 60]
   return workdir
 
 
 def test_sigkill_inside_checkpoint_writes_then_the_rerun_matches(
-    reference, tmp_path):
+    reference, tmp_path
+):
   seed = random.randrange(10**6)
   rng = random.Random(seed)
   script = tmp_path / 'slow_writes.py'
@@ -85,8 +102,11 @@ def test_sigkill_inside_checkpoint_writes_then_the_rerun_matches(
   for _ in range(2):
     proc = subprocess.Popen(
         [sys.executable, str(script), *ARGS, f'--workdir={workdir}'],
-        cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     before = set(os.listdir(ckpts)) if os.path.isdir(ckpts) else set()
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -109,13 +129,15 @@ def test_sigkill_inside_checkpoint_writes_then_the_rerun_matches(
 
 def _mount(path, options):
   os.makedirs(path, exist_ok=True)
-  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs',
-                         path], capture_output=True, check=False)
+  done = subprocess.run(
+      ['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', path],
+      capture_output=True,
+      check=False,
+  )
   return done.returncode == 0
 
 
-def test_full_disk_then_read_only_then_the_rerun_matches(reference,
-                                                         tmp_path):
+def test_full_disk_then_read_only_then_the_rerun_matches(reference, tmp_path):
   """A real full disk and read-only remount (a small tmpfs, as root), else
   a simulated one: checkpoint writes failing with ENOSPC."""
   disk = str(tmp_path / 'disk')
@@ -125,14 +147,26 @@ def test_full_disk_then_read_only_then_the_rerun_matches(reference,
   try:
     workdir = os.path.join(disk, 'run')
     full = run_main(*ARGS, f'--workdir={workdir}', check=False)
-    _assert_one_line(full, 'No space left on device', 'the disk is full',
-                     'rerun the same command')
-    assert subprocess.run(['mount', '-o', 'remount,ro', disk],
-                          check=False).returncode == 0
+    _assert_one_line(
+        full,
+        'No space left on device',
+        'the disk is full',
+        'rerun the same command',
+    )
+    assert (
+        subprocess.run(
+            ['mount', '-o', 'remount,ro', disk], check=False
+        ).returncode
+        == 0
+    )
     read_only = run_main(*ARGS, f'--workdir={workdir}', check=False)
     _assert_one_line(read_only, 'is not writable', 'choose a writable')
-    assert subprocess.run(['mount', '-o', 'remount,rw,size=64m', disk],
-                          check=False).returncode == 0
+    assert (
+        subprocess.run(
+            ['mount', '-o', 'remount,rw,size=64m', disk], check=False
+        ).returncode
+        == 0
+    )
     out = run_main(*ARGS, f'--workdir={workdir}').stdout
     assert 'resumed from' in out
     _same_results(workdir, reference)
@@ -151,7 +185,7 @@ def _assert_one_line(result, *words):
 
 # main.py whose checkpoint writes fail with ENOSPC from the 3rd checkpoint
 # on (where no tmpfs can be mounted).
-FAILING_WRITES = f'''
+FAILING_WRITES = f"""
 import errno, runpy, sys
 sys.path.insert(0, {ROOT!r})
 from tuning import checkpoints
@@ -165,7 +199,7 @@ def failing_seal(step_dir):
 checkpoints.seal = failing_seal
 sys.argv[0] = {os.path.join(ROOT, 'main.py')!r}
 runpy.run_path(sys.argv[0], run_name='__main__')
-'''
+"""
 
 
 def _simulated_full_disk(reference, tmp_path):
@@ -174,8 +208,13 @@ def _simulated_full_disk(reference, tmp_path):
   workdir = str(tmp_path / 'run')
   full = subprocess.run(
       [sys.executable, str(script), *ARGS, f'--workdir={workdir}'],
-      cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-      timeout=300, check=False)
+      cwd=ROOT,
+      env=subprocess_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   _assert_one_line(full, 'the disk is full', 'rerun the same command')
   out = run_main(*ARGS, f'--workdir={workdir}').stdout
   assert 'resumed from' in out
@@ -183,8 +222,12 @@ def _simulated_full_disk(reference, tmp_path):
 
 
 def test_corrupt_latest_checkpoint_falls_back_and_keeps_it(tmp_path, capfd):
-  args = ['main.py', f'--config={TINY}', f'--workdir={tmp_path / "run"}',
-          '--config.checkpoint.best_mode=min']  # best (20) != latest (40)
+  args = [
+      'main.py',
+      f'--config={TINY}',
+      f'--workdir={tmp_path / "run"}',
+      '--config.checkpoint.best_mode=min',
+  ]  # best (20) != latest (40)
   assert main.cli(args) == 0
   capfd.readouterr()
   ckpts = tmp_path / 'run' / 'checkpoints'
@@ -203,20 +246,23 @@ def test_corrupt_latest_checkpoint_falls_back_and_keeps_it(tmp_path, capfd):
     assert results[key] == uninterrupted[key], key
 
 
-HOLD_LOCK = f'''
+HOLD_LOCK = f"""
 import sys, time
 sys.path.insert(0, {ROOT!r})
 from tuning import workdir_lock
 lock = workdir_lock.WorkdirLock(sys.argv[1]).acquire()
 print('locked', flush=True)
 time.sleep(120)
-'''
+"""
 
 
 def test_a_second_run_on_a_held_workdir_is_one_line(tmp_path, capfd):
   workdir = str(tmp_path / 'run')
-  holder = subprocess.Popen([sys.executable, '-c', HOLD_LOCK, workdir],
-                            stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+      [sys.executable, '-c', HOLD_LOCK, workdir],
+      stdout=subprocess.PIPE,
+      text=True,
+  )
   try:
     assert holder.stdout.readline().strip() == 'locked'
     code = main.cli(['main.py', f'--config={TINY}', f'--workdir={workdir}'])

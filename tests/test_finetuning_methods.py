@@ -12,11 +12,16 @@ from flax import jax_utils
 from tuning import lora
 from tuning.early_stopping import EarlyStopping
 from tuning.models.mlp import MLP
-from tuning.optimizers import (build_optimizer, describe_parameters,
-                               parameter_settings, trainable_mask)
+from tuning.optimizers import (
+    build_optimizer,
+    describe_parameters,
+    parameter_settings,
+    trainable_mask,
+)
 from tuning.train_step import initial_state, make_train_step
 
 from conftest import bert_params, flat, lora_config, opt_config
+
 
 def test_weight_decay_mask_matches_the_intended_parameters():
   settings = parameter_settings(bert_params(), opt_config())
@@ -28,16 +33,28 @@ def test_weight_decay_mask_matches_the_intended_parameters():
     if p.endswith('bias') or 'LayerNorm' in p or 'embeddings' in p:
       assert not settings[p].decays, p
   # adam has no weight decay at all; an explicit no_decay=() decays all.
-  assert not any(s.decays for s in parameter_settings(
-      bert_params(), opt_config(name='adam')).values())
-  assert all(s.decays for s in parameter_settings(
-      bert_params(), opt_config(no_decay=())).values())
+  assert not any(
+      s.decays
+      for s in parameter_settings(
+          bert_params(), opt_config(name='adam')
+      ).values()
+  )
+  assert all(
+      s.decays
+      for s in parameter_settings(
+          bert_params(), opt_config(no_decay=())
+      ).values()
+  )
 
 
 def test_layer_decay_and_lr_multipliers_per_path():
   params = bert_params()
-  settings = parameter_settings(params, opt_config(
-      layer_decay=0.5, lr_mults=(('classifier/.*', 10.0), ('.*', 3.0))))
+  settings = parameter_settings(
+      params,
+      opt_config(
+          layer_decay=0.5, lr_mults=(('classifier/.*', 10.0), ('.*', 3.0))
+      ),
+  )
   mult = {p: s.lr_mult for p, s in settings.items()}
   assert mult['classifier/kernel'] == 10.0  # depth 0, first rule wins
   assert mult['bert/pooler/dense/kernel'] == 3.0  # depth 0
@@ -48,9 +65,20 @@ def test_layer_decay_and_lr_multipliers_per_path():
   table = '\n'.join(describe_parameters(params, opt_config(layer_decay=0.5)))
   assert 'lr_mult' in table and '0.125' in table
   # The multipliers scale the updates (plain SGD, constant LR 1).
-  tx, _ = build_optimizer(opt_config(
-      name='sgd', momentum=0.0, weight_decay=0.0, clip_norm=0.0,
-      schedule='constant', learning_rate=1.0, layer_decay=0.5), params, 10, 0)
+  tx, _ = build_optimizer(
+      opt_config(
+          name='sgd',
+          momentum=0.0,
+          weight_decay=0.0,
+          clip_norm=0.0,
+          schedule='constant',
+          learning_rate=1.0,
+          layer_decay=0.5,
+      ),
+      params,
+      10,
+      0,
+  )
   ones = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(ones, tx.init(params), params)
   upd = flat(updates)
@@ -58,8 +86,9 @@ def test_layer_decay_and_lr_multipliers_per_path():
   assert np.allclose(upd['bert/encoder/layer_0/attention/key/bias'], -0.25)
   assert np.allclose(upd['classifier/bias'], -1.0)
   with pytest.raises(ValueError, match='layer_index_regex'):
-    parameter_settings(params, opt_config(layer_decay=0.5,
-                                          layer_index_regex=r'block_(\d+)/.*'))
+    parameter_settings(
+        params, opt_config(layer_decay=0.5, layer_index_regex=r'block_(\d+)/.*')
+    )
   with pytest.raises(ValueError, match='lr_mults'):
     parameter_settings(params, opt_config(lr_mults=('classifier',)))
 
@@ -68,8 +97,10 @@ def test_linear_probe_trains_only_the_head_and_frozen_have_no_state():
   params = bert_params()
   config = opt_config(linear_probing=True)
   mask = flat(trainable_mask(params, config))
-  assert {p for p, t in mask.items() if t} == {'classifier/kernel',
-                                              'classifier/bias'}
+  assert {p for p, t in mask.items() if t} == {
+      'classifier/kernel',
+      'classifier/bias',
+  }
   tx, _ = build_optimizer(config, params, 10, 0)
   state = tx.init(params)
   state_size = sum(np.size(x) for x in jax.tree.leaves(state))
@@ -87,13 +118,17 @@ def test_frozen_params_are_unchanged_by_a_train_step():
   tx, schedule = build_optimizer(config, params, 10, 0)
   mask = trainable_mask(params, config)
   step = make_train_step(model, tx, schedule, 0, trainable=mask)
-  batch = {'x': np.random.RandomState(0).randn(1, 8, 4).astype(np.float32),
-           'label': np.array([[0, 1, 2, 0, 1, 2, 0, 1]], np.int32),
-           'index': np.arange(8, dtype=np.int32)[None]}
+  batch = {
+      'x': np.random.RandomState(0).randn(1, 8, 4).astype(np.float32),
+      'label': np.array([[0, 1, 2, 0, 1, 2, 0, 1]], np.int32),
+      'index': np.arange(8, dtype=np.int32)[None],
+  }
   state = jax_utils.replicate(initial_state(params, tx))
   new, _ = step(state, batch)
   before, after = flat(params), flat(jax_utils.unreplicate(new.params))
-  np.testing.assert_array_equal(after['dense_0/kernel'], before['dense_0/kernel'])
+  np.testing.assert_array_equal(
+      after['dense_0/kernel'], before['dense_0/kernel']
+  )
   assert not np.allclose(after['head/kernel'], before['head/kernel'])
 
 
@@ -103,9 +138,11 @@ def _mlp_setup(**opt_overrides):
   config = opt_config(**opt_overrides)
   tx, schedule = build_optimizer(config, params, 10, 2)
   rng = np.random.RandomState(0)
-  batch = {'x': rng.randn(1, 32, 4).astype(np.float32),
-           'label': rng.randint(0, 3, size=(1, 32)).astype(np.int32),
-           'index': np.arange(32, dtype=np.int32)[None]}
+  batch = {
+      'x': rng.randn(1, 32, 4).astype(np.float32),
+      'label': rng.randint(0, 3, size=(1, 32)).astype(np.int32),
+      'index': np.arange(32, dtype=np.int32)[None],
+  }
   return model, params, tx, schedule, batch
 
 
@@ -113,8 +150,9 @@ def test_accumulated_micro_batches_match_one_batch_in_a_step():
   model, params, tx, schedule, batch = _mlp_setup()
   results = []
   for accumulation in (1, 4):
-    step = make_train_step(model, tx, schedule, 0,
-                           accumulation_steps=accumulation)
+    step = make_train_step(
+        model, tx, schedule, 0, accumulation_steps=accumulation
+    )
     state = jax_utils.replicate(initial_state(params, tx))
     for _ in range(3):
       state, metrics = step(state, batch)
@@ -141,8 +179,9 @@ def test_nonfinite_step_is_flagged_and_skipped_when_asked():
   assert int(metrics['skipped'][0]) == 1 and int(state.skipped[0]) == 1
   assert int(state.step[0]) == 2
   for k, v in flat(good).items():
-    np.testing.assert_array_equal(flat(jax_utils.unreplicate(
-        state.params))[k], v)
+    np.testing.assert_array_equal(
+        flat(jax_utils.unreplicate(state.params))[k], v
+    )
   state, metrics = skip(state, batch)
   assert float(metrics['nonfinite'][0]) == 0 and int(state.skipped[0]) == 1
   with pytest.raises(ValueError, match='on_nonfinite'):
@@ -155,10 +194,10 @@ def test_ema_tracks_the_parameters():
   state = jax_utils.replicate(initial_state(params, tx, ema=True))
   state, _ = step(state, batch)  # step 0: decay min(0.5, 1/10) = 0.1
   p, e = flat(jax_utils.unreplicate(state.params)), flat(
-      jax_utils.unreplicate(state.ema_params))
+      jax_utils.unreplicate(state.ema_params)
+  )
   for k, v in flat(params).items():
-    np.testing.assert_allclose(e[k], 0.1 * v + 0.9 * p[k], rtol=1e-5,
-                               atol=1e-7)
+    np.testing.assert_allclose(e[k], 0.1 * v + 0.9 * p[k], rtol=1e-5, atol=1e-7)
 
 
 def test_early_stopping_counts_evaluations_without_improvement(tmp_path):
@@ -171,7 +210,8 @@ def test_early_stopping_counts_evaluations_without_improvement(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text(
       '{"step": 10, "split": "validation", "loss": 1.0}\n'
       '{"step": 20, "split": "validation", "loss": 2.0}\n'
-      '{"step": 30, "split": "validation", "loss": 0.5}\n')
+      '{"step": 30, "split": "validation", "loss": 0.5}\n'
+  )
   resumed = EarlyStopping(2, 'loss', 'min')
   resumed.replay(str(tmp_path), 20)
   assert resumed.best == 1.0 and resumed.since_best == 1
@@ -181,16 +221,23 @@ def test_early_stopping_counts_evaluations_without_improvement(tmp_path):
 
 def test_state_with_lora_ema_skip_and_frozen_groups_resumes_exactly(tmp_path):
   from tuning.checkpoints import RunCheckpoints  # pylint: disable=g-import-not-at-top
-  model = lora.LoraModel(MLP(3, (8,), 0.5), lora_config(
-      targets=('dense_0',), dropout=0.2))
-  params = model.init({'params': jax.random.key(0)},
-                      np.ones((1, 4)))['params']
+
+  model = lora.LoraModel(
+      MLP(3, (8,), 0.5), lora_config(targets=('dense_0',), dropout=0.2)
+  )
+  params = model.init({'params': jax.random.key(0)}, np.ones((1, 4)))['params']
   config = opt_config(layer_decay=0.5, layer_index_regex=r'dense_(\d+)/.*')
   tx, schedule = build_optimizer(config, params, 10, 2, model.config)
-  step = make_train_step(model, tx, schedule, 0,
-                         trainable=trainable_mask(params, config, model.config),
-                         accumulation_steps=2, on_nonfinite='skip',
-                         ema_decay=0.9)
+  step = make_train_step(
+      model,
+      tx,
+      schedule,
+      0,
+      trainable=trainable_mask(params, config, model.config),
+      accumulation_steps=2,
+      on_nonfinite='skip',
+      ema_decay=0.9,
+  )
   new = lambda: initial_state(params, tx, ema=True, count_skipped=True)  # pylint: disable=unnecessary-lambda-assignment
   _, _, _, _, batch = _mlp_setup()
   state = jax_utils.replicate(new())
@@ -211,5 +258,6 @@ def test_state_with_lora_ema_skip_and_frozen_groups_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(x, y)
   assert int(resumed.step[0]) == 4 and resumed.ema_params is not None
   base = flat(jax_utils.unreplicate(resumed.params))
-  np.testing.assert_array_equal(base['dense_0/kernel'],
-                                flat(params)['dense_0/kernel'])
+  np.testing.assert_array_equal(
+      base['dense_0/kernel'], flat(params)['dense_0/kernel']
+  )

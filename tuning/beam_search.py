@@ -56,21 +56,24 @@ def length_normalizer(length, length_penalty: float, penalty_rule: str):
   """The divisor of sum(log p) for a hypothesis of `length` tokens."""
   length = jnp.asarray(length, jnp.float32)
   if penalty_rule == 'transformers':
-    return length ** length_penalty
+    return length**length_penalty
   if penalty_rule == 'gnmt':
     return ((5.0 + length) / 6.0) ** length_penalty
-  raise ValueError(f'penalty_rule={penalty_rule!r}: use one of '
-                   f'{PENALTY_RULES}')
+  raise ValueError(
+      f'penalty_rule={penalty_rule!r}: use one of ' f'{PENALTY_RULES}'
+  )
 
 
 def early_stopping_code(early_stopping) -> int:
   """0, 1 or 2 for early_stopping False, True or 'never'."""
   for code, value in enumerate(EARLY_STOPPING):
-    if early_stopping is value or (isinstance(early_stopping, str)
-                                   and early_stopping == value):
+    if early_stopping is value or (
+        isinstance(early_stopping, str) and early_stopping == value
+    ):
       return code
-  raise ValueError(f"early_stopping={early_stopping!r}: use False, True or "
-                   "'never'")
+  raise ValueError(
+      f'early_stopping={early_stopping!r}: use False, True or ' "'never'"
+  )
 
 
 def _gather(x, indices):
@@ -79,13 +82,21 @@ def _gather(x, indices):
   return jnp.take_along_axis(x, indices, axis=1)
 
 
-def beam_search(step_fn: Callable[..., tuple[jax.Array, Any]], state: Any,
-                *, batch_size: int, beam_size: int, max_length: int,
-                start_id: int | jax.Array, eos_id: int, pad_id: int,
-                length_penalty: float | jax.Array = 1.0,
-                penalty_rule: str = 'transformers',
-                early_stopping=False,
-                limits: Optional[jax.Array] = None) -> Beams:
+def beam_search(
+    step_fn: Callable[..., tuple[jax.Array, Any]],
+    state: Any,
+    *,
+    batch_size: int,
+    beam_size: int,
+    max_length: int,
+    start_id: int | jax.Array,
+    eos_id: int,
+    pad_id: int,
+    length_penalty: float | jax.Array = 1.0,
+    penalty_rule: str = 'transformers',
+    early_stopping=False,
+    limits: Optional[jax.Array] = None,
+) -> Beams:
   """Runs beam search; see the module docstring for `step_fn` and rules.
 
   Args:
@@ -110,8 +121,10 @@ def beam_search(step_fn: Callable[..., tuple[jax.Array, Any]], state: Any,
     `Beams`, best first.
   """
   if beam_size < 1 or max_length < 1:
-    raise ValueError(f'beam_size={beam_size}, max_length={max_length}: both '
-                     'must be at least 1')
+    raise ValueError(
+        f'beam_size={beam_size}, max_length={max_length}: both '
+        'must be at least 1'
+    )
   if not isinstance(early_stopping, jax.Array):
     early_stopping = early_stopping_code(early_stopping)
   stop_when_full = jnp.asarray(early_stopping) == 1
@@ -121,8 +134,7 @@ def beam_search(step_fn: Callable[..., tuple[jax.Array, Any]], state: Any,
   if limits is None:
     limits = jnp.full((b,), max_length, jnp.int32)
   limits = jnp.minimum(jnp.asarray(limits, jnp.int32), max_length)
-  first = jnp.broadcast_to(jnp.asarray(start_id, jnp.int32)[..., None],
-                           (b, k))
+  first = jnp.broadcast_to(jnp.asarray(start_id, jnp.int32)[..., None], (b, k))
   top_mask = jnp.arange(2 * k) < k  # only these may finish in a step
   flat_offsets = (jnp.arange(b) * k)[:, None]
 
@@ -137,20 +149,22 @@ def beam_search(step_fn: Callable[..., tuple[jax.Array, Any]], state: Any,
   def body(s):
     step = s['step']
     previous = jax.lax.dynamic_index_in_dim(
-        s['running_tokens'], jnp.maximum(step - 1, 0), axis=2,
-        keepdims=False)
+        s['running_tokens'], jnp.maximum(step - 1, 0), axis=2, keepdims=False
+    )
     last = jnp.where(step == 0, first, previous).reshape(b * k)
     logits, state = step_fn(last.astype(jnp.int32), s['state'], step)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     vocab = log_probs.shape[-1]
-    candidates = (log_probs.reshape(b, k, vocab)
-                  + s['running_scores'][:, :, None]).reshape(b, k * vocab)
+    candidates = (
+        log_probs.reshape(b, k, vocab) + s['running_scores'][:, :, None]
+    ).reshape(b, k * vocab)
     top_scores, top_indices = jax.lax.top_k(candidates, 2 * k)
     origin = top_indices // vocab
     token = (top_indices % vocab).astype(jnp.int32)
     sequences = _gather(s['running_tokens'], origin)
     sequences = jax.lax.dynamic_update_index_in_dim(
-        sequences, token[:, :, None], step, axis=2)
+        sequences, token[:, :, None], step, axis=2
+    )
     ends = (token == eos_id) | (step + 1 >= limits)[:, None]
 
     # The best `beam` continuations that do not end live on.
@@ -169,9 +183,11 @@ def beam_search(step_fn: Callable[..., tuple[jax.Array, Any]], state: Any,
     merged_scores = jnp.concatenate([s['scores'], scores], axis=1)
     best_scores, best = jax.lax.top_k(merged_scores, k)
     best_tokens = _gather(
-        jnp.concatenate([s['tokens'], sequences], axis=1), best)
-    finished = _gather(jnp.concatenate([s['finished'], finished_now], axis=1),
-                       best)
+        jnp.concatenate([s['tokens'], sequences], axis=1), best
+    )
+    finished = _gather(
+        jnp.concatenate([s['finished'], finished_now], axis=1), best
+    )
 
     flat_parents = (flat_offsets + parents).reshape(b * k)
     state = jax.tree_util.tree_map(lambda x: reorder(x, flat_parents), state)
@@ -180,13 +196,24 @@ def beam_search(step_fn: Callable[..., tuple[jax.Array, Any]], state: Any,
     length = step + 1
     bound_length = jnp.where(exact & (length_penalty > 0.0), limits, length)
     best_live = running_scores[:, 0] / normalizer(bound_length)
-    worst_finished = jnp.where(finished, jnp.min(best_scores, axis=1,
-                                                 keepdims=True), _NEG)
-    improvable = (s['improvable'] & (length < limits)
-                  & jnp.any(best_live[:, None] > worst_finished, axis=1))
-    return dict(step=length, state=state, running_tokens=running_tokens,
-                running_scores=running_scores, tokens=best_tokens,
-                scores=best_scores, finished=finished, improvable=improvable)
+    worst_finished = jnp.where(
+        finished, jnp.min(best_scores, axis=1, keepdims=True), _NEG
+    )
+    improvable = (
+        s['improvable']
+        & (length < limits)
+        & jnp.any(best_live[:, None] > worst_finished, axis=1)
+    )
+    return dict(
+        step=length,
+        state=state,
+        running_tokens=running_tokens,
+        running_scores=running_scores,
+        tokens=best_tokens,
+        scores=best_scores,
+        finished=finished,
+        improvable=improvable,
+    )
 
   def cond(s):
     full = jnp.all(s['finished'], axis=1) & stop_when_full
@@ -194,10 +221,16 @@ def beam_search(step_fn: Callable[..., tuple[jax.Array, Any]], state: Any,
 
   tokens = jnp.full((b, k, max_length), pad_id, jnp.int32)
   initial = dict(
-      step=jnp.zeros((), jnp.int32), state=state, running_tokens=tokens,
-      running_scores=jnp.where(jnp.arange(k) == 0, 0.0, _NEG)[None].repeat(
-          b, axis=0).astype(jnp.float32),
-      tokens=tokens, scores=jnp.full((b, k), _NEG, jnp.float32),
-      finished=jnp.zeros((b, k), bool), improvable=jnp.ones((b,), bool))
+      step=jnp.zeros((), jnp.int32),
+      state=state,
+      running_tokens=tokens,
+      running_scores=jnp.where(jnp.arange(k) == 0, 0.0, _NEG)[None]
+      .repeat(b, axis=0)
+      .astype(jnp.float32),
+      tokens=tokens,
+      scores=jnp.full((b, k), _NEG, jnp.float32),
+      finished=jnp.zeros((b, k), bool),
+      improvable=jnp.ones((b,), bool),
+  )
   final = jax.lax.while_loop(cond, body, initial)
   return Beams(final['tokens'], final['scores'])

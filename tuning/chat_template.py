@@ -24,17 +24,20 @@ def _compile(template: str):
     import jinja2.ext  # pylint: disable=g-import-not-at-top
     from jinja2 import sandbox  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ValueError('chat templates need jinja2: pip install jinja2, or '
-                     'pass --nochat for raw prompts') from None
+    raise ValueError(
+        'chat templates need jinja2: pip install jinja2, or '
+        'pass --nochat for raw prompts'
+    ) from None
 
   def raise_exception(message):
     raise ValueError(f'chat template: {message}')
 
   env = sandbox.ImmutableSandboxedEnvironment(
-      trim_blocks=True, lstrip_blocks=True,
-      extensions=[jinja2.ext.loopcontrols])
+      trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+  )
   env.filters['tojson'] = lambda x, indent=None, **_: json.dumps(
-      x, ensure_ascii=False, indent=indent)
+      x, ensure_ascii=False, indent=indent
+  )
   env.globals['raise_exception'] = raise_exception
   try:
     return env.from_string(template)
@@ -42,9 +45,16 @@ def _compile(template: str):
     raise ValueError(f'the chat template does not parse: {e}') from None
 
 
-def render(template: str, messages: Sequence[dict[str, Any]], *,
-           add_generation_prompt: bool = True, **special_tokens) -> str:
+def render(
+    template: str,
+    messages: Sequence[dict[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    **special_tokens,
+) -> str:
   """The prompt text for `messages` ({'role', 'content'} dicts)."""
   return _compile(template).render(
-      messages=list(messages), add_generation_prompt=add_generation_prompt,
-      **special_tokens)
+      messages=list(messages),
+      add_generation_prompt=add_generation_prompt,
+      **special_tokens,
+  )

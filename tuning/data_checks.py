@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 NUMERIC_MODELS = ('mlp', 'cnn')
 
 
@@ -20,10 +19,16 @@ class DataCheckError(ValueError):
 
 
 def _where(data_config, split: str) -> str:
-  path = data_config.get(f'{split}_path') if split != 'train' else \
-      data_config.get('path')
-  return path or f'the {split} split of config.data.source=' \
+  path = (
+      data_config.get(f'{split}_path')
+      if split != 'train'
+      else data_config.get('path')
+  )
+  return (
+      path
+      or f'the {split} split of config.data.source='
       f'{data_config.get("source")!r}'
+  )
 
 
 def check(data, config):
@@ -36,14 +41,18 @@ def check(data, config):
         f'config.model.name={model!r} takes numeric features, but the data '
         f'is text (config.data.text_column={data_config.text_column!r}): use '
         'a text model (--config.model.name=lstm, gru or bert) or unset '
-        'config.data.text_column')
-  if config.get('task', 'classification') == 'classification' and \
-      data.num_classes < 2:
+        'config.data.text_column'
+    )
+  if (
+      config.get('task', 'classification') == 'classification'
+      and data.num_classes < 2
+  ):
     names = ', '.join(str(c) for c in data.class_names)
     raise DataCheckError(
         f'{_where(data_config, "train")}: the training data has one class '
         f'({names}); a classifier needs at least two (check '
-        'config.data.label_column and config.data.classes)')
+        'config.data.label_column and config.data.classes)'
+    )
   for split in ('train', 'validation', 'test'):
     x = (data.raw.get(split) or {}).get('x')
     if x is None or not np.issubdtype(np.asarray(x).dtype, np.number):
@@ -54,4 +63,5 @@ def check(data, config):
       raise DataCheckError(
           f'{_where(data_config, split)}: {rows} {split} row(s) hold '
           'infinite feature values (not finite; missing/NaN rows are dropped, '
-          'inf are not): fix or remove them')
+          'inf are not): fix or remove them'
+      )

@@ -131,8 +131,11 @@ def base_config() -> config_dict.ConfigDict:
   c.optimizer.layer_decay = placeholder(float)
   c.optimizer.layer_index_regex = placeholder(str)
   c.optimizer.embedding_regex = r'.*(embed|embeddings).*'
-  c.optimizer.no_decay = (r'.*bias$', r'.*(LayerNorm|layer_norm|norm).*',
-                          r'.*(embed|embeddings).*')
+  c.optimizer.no_decay = (
+      r'.*bias$',
+      r'.*(LayerNorm|layer_norm|norm).*',
+      r'.*(embed|embeddings).*',
+  )
 
   # ---------------------------------------------------------------- training
   c.training = config_dict.ConfigDict()

@@ -17,9 +17,11 @@ class EarlyStopping:
 
   def __init__(self, patience: int, metric: str, mode: str = 'max'):
     if patience < 1:
-      raise ValueError(f'config.training.early_stopping_patience={patience}: '
-                       'use a positive number of evaluations, or leave it '
-                       'unset')
+      raise ValueError(
+          f'config.training.early_stopping_patience={patience}: '
+          'use a positive number of evaluations, or leave it '
+          'unset'
+      )
     self.patience, self.metric, self.mode = patience, metric, mode
     self.best = None
     self.best_step = None
@@ -28,11 +30,14 @@ class EarlyStopping:
   def update(self, step: int, metrics: dict) -> bool:
     """Records an evaluation; True when the run should stop."""
     if self.metric not in metrics:
-      raise ValueError(f'config.checkpoint.best_metric={self.metric!r} is not '
-                       f'a validation metric (have: {", ".join(metrics)})')
+      raise ValueError(
+          f'config.checkpoint.best_metric={self.metric!r} is not '
+          f'a validation metric (have: {", ".join(metrics)})'
+      )
     value = float(metrics[self.metric])
     better = self.best is None or (
-        value > self.best if self.mode == 'max' else value < self.best)
+        value > self.best if self.mode == 'max' else value < self.best
+    )
     if better:
       self.best, self.best_step, self.since_best = value, step, 0
     else:
@@ -57,6 +62,8 @@ class EarlyStopping:
       self.update(step, seen[step])
 
   def message(self, step: int) -> str:
-    return (f'early stopping at step {step}: validation {self.metric} has not'
-            f' improved for {self.since_best} evaluations (best '
-            f'{self.best:.4f} at step {self.best_step})')
+    return (
+        f'early stopping at step {step}: validation {self.metric} has not'
+        f' improved for {self.since_best} evaluations (best '
+        f'{self.best:.4f} at step {self.best_step})'
+    )

@@ -19,11 +19,15 @@ def check_config(training_config):
   """Raises a one-line error for an unusable EMA setting."""
   decay = training_config.get('ema_decay', None)
   if decay is not None and not 0.0 < decay < 1.0:
-    raise ValueError(f'config.training.ema_decay={decay}: use a value in '
-                     '(0, 1), e.g. 0.999, or leave it unset')
+    raise ValueError(
+        f'config.training.ema_decay={decay}: use a value in '
+        '(0, 1), e.g. 0.999, or leave it unset'
+    )
   if training_config.get('evaluate_ema', False) and decay is None:
-    raise ValueError('config.training.evaluate_ema=True needs '
-                     'config.training.ema_decay (e.g. 0.999)')
+    raise ValueError(
+        'config.training.evaluate_ema=True needs '
+        'config.training.ema_decay (e.g. 0.999)'
+    )
 
 
 def load_ema_params(checkpoint_dir: str, step: int, target_params):
@@ -33,13 +37,23 @@ def load_ema_params(checkpoint_dir: str, step: int, target_params):
   tree = getattr(metadata, 'item_metadata', metadata)
   tree = getattr(tree, 'tree', tree)
   if not isinstance(tree, dict) or not tree.get('ema_params'):
-    raise ValueError(f'config.training.evaluate_ema=True but the checkpoint '
-                     f'at step {step} holds no EMA parameters (train with '
-                     'config.training.ema_decay set)')
-  item = {'ema_params': jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-      target_params)}
-  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True))
+    raise ValueError(
+        f'config.training.evaluate_ema=True but the checkpoint '
+        f'at step {step} holds no EMA parameters (train with '
+        'config.training.ema_decay set)'
+    )
+  item = {
+      'ema_params': jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+          target_params,
+      )
+  }
+  restored = ocp.PyTreeCheckpointer().restore(
+      path,
+      args=ocp.args.PyTreeRestore(
+          item=item,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True,
+      ),
+  )
   return jax.tree.map(np.asarray, restored['ema_params'])

@@ -51,41 +51,46 @@ def combine(logits: list[np.ndarray], how: str) -> np.ndarray:
     num_classes = logits[0].shape[-1]
     votes = sum(np.eye(num_classes)[l.argmax(-1)] for l in logits)
     return votes + 0.5 * mean_probs  # < 1: only breaks ties
-  raise ValueError(f'unknown combination {how!r}: use one of '
-                   f'{", ".join(COMBINATIONS)}')
+  raise ValueError(
+      f'unknown combination {how!r}: use one of ' f'{", ".join(COMBINATIONS)}'
+  )
 
 
-def combination_metrics(logits: list[np.ndarray], labels: np.ndarray,
-                        num_classes: int, how: str) -> dict:
+def combination_metrics(
+    logits: list[np.ndarray], labels: np.ndarray, num_classes: int, how: str
+) -> dict:
   metrics = classification.metrics_from_logits(
-      combine(logits, how), labels, num_classes)
+      combine(logits, how), labels, num_classes
+  )
   if how == 'vote':  # votes are no distribution: report mean_probs' loss
     metrics['loss'] = classification.metrics_from_logits(
-        combine(logits, 'mean_probs'), labels, num_classes)['loss']
+        combine(logits, 'mean_probs'), labels, num_classes
+    )['loss']
   return metrics
 
 
 def evaluate_ensemble(config, workdir: str) -> dict:
   """`mode='ensemble'`: members and their combinations on validation/test."""
   start = time.time()
-  members = Members(tuple(config.ensemble.members),
-                    config.ensemble.checkpoint)
+  members = Members(tuple(config.ensemble.members), config.ensemble.checkpoint)
   if members.task.name != 'classification':
-    raise EnsembleError(f'ensembles combine class probabilities; the members'
-                        f' are {members.task.name} runs (use a soup of them,'
-                        ' config.mode=soup, to average their weights)')
+    raise EnsembleError(
+        f'ensembles combine class probabilities; the members'
+        f' are {members.task.name} runs (use a soup of them,'
+        ' config.mode=soup, to average their weights)'
+    )
   num_classes = members.task.num_classes
   results = {'members': {}, 'ensemble': {c: {} for c in COMBINATIONS}}
   for split in SPLITS:
     logits, labels = members.all_predictions(split)
-    for name, member_logits, step in zip(members.names, logits,
-                                         members.steps):
-      results['members'].setdefault(name, {'step': step})[split] = \
-          classification.metrics_from_logits(member_logits, labels,
-                                            num_classes)
+    for name, member_logits, step in zip(members.names, logits, members.steps):
+      results['members'].setdefault(name, {'step': step})[split] = (
+          classification.metrics_from_logits(member_logits, labels, num_classes)
+      )
     for how in COMBINATIONS:
       results['ensemble'][how][split] = combination_metrics(
-          logits, labels, num_classes, how)
+          logits, labels, num_classes, how
+      )
   console.info(ensemble_table(results))
   # The headline (e.g. for a stage table): the mean-probability ensemble.
   results.update(results['ensemble']['mean_probs'])
@@ -97,20 +102,29 @@ def evaluate_ensemble(config, workdir: str) -> dict:
 
 def ensemble_table(results: dict, split: str = 'test') -> str:
   rows = [(name, r[split]) for name, r in results['members'].items()]
-  rows += [(f'ensemble: {how}', r[split])
-           for how, r in results['ensemble'].items()]
-  return metrics_table(rows, f'{split} split, {len(results["members"])} '
-                       'members and their ensembles:')
+  rows += [
+      (f'ensemble: {how}', r[split]) for how, r in results['ensemble'].items()
+  ]
+  return metrics_table(
+      rows,
+      f'{split} split, {len(results["members"])} '
+      'members and their ensembles:',
+  )
 
 
-def metrics_table(rows, title: str,
-                  columns=classification.TASK.table_columns) -> str:
+def metrics_table(
+    rows, title: str, columns=classification.TASK.table_columns
+) -> str:
   """(name, metrics) rows under the task's columns (tuning/tasks/base.py)."""
   width = max(12, *(len(name) for name, _ in rows))
-  lines = [title, f'  {"model":<{width}}' + ''.join(
-      f' {header:>{w}}' for header, _, w, _ in columns)]
+  lines = [
+      title,
+      f'  {"model":<{width}}'
+      + ''.join(f' {header:>{w}}' for header, _, w, _ in columns),
+  ]
   for name, m in rows:
-    lines.append(f'  {name:<{width}}' + ''.join(
-        f' {m[key]:{w}{spec}}' for _, key, w, spec in columns))
+    lines.append(
+        f'  {name:<{width}}'
+        + ''.join(f' {m[key]:{w}{spec}}' for _, key, w, spec in columns)
+    )
   return '\n'.join(lines)
-

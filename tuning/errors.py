@@ -13,23 +13,29 @@ import errno
 import os
 
 # Raised with a message written for the user (bad config, data, files).
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError,
-               NotADirectoryError, IsADirectoryError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    RuntimeError,
+    KeyError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
 
 _MAX_CHARS = 600
 
 _OS_HINTS = {
     errno.ENOSPC: 'the disk is full: free some space (or choose a --workdir '
-                  'on another disk) and rerun the same command; it resumes '
-                  'from the last complete checkpoint',
+    'on another disk) and rerun the same command; it resumes '
+    'from the last complete checkpoint',
     errno.EDQUOT: 'the disk quota is exceeded: free some space and rerun '
-                  'the same command; it resumes from the last complete '
-                  'checkpoint',
+    'the same command; it resumes from the last complete '
+    'checkpoint',
     errno.EROFS: 'the file system is read-only: choose a writable --workdir',
     errno.EACCES: 'permission denied: choose a --workdir you can write to, '
-                  'or fix the permissions',
+    'or fix the permissions',
     errno.EPERM: 'operation not permitted: choose a --workdir you can write '
-                 'to, or fix the permissions',
+    'to, or fix the permissions',
 }
 
 
@@ -44,11 +50,13 @@ def _flatten(text: str) -> str:
 
 
 # OS errors that reach Python inside other exceptions' text (tensorstore).
-_OS_TEXT = (('No space left on device', errno.ENOSPC),
-            ("os_error_code='28'", errno.ENOSPC),
-            ('Disk quota exceeded', errno.EDQUOT),
-            ('Read-only file system', errno.EROFS),
-            ('Permission denied', errno.EACCES))
+_OS_TEXT = (
+    ('No space left on device', errno.ENOSPC),
+    ("os_error_code='28'", errno.ENOSPC),
+    ('Disk quota exceeded', errno.EDQUOT),
+    ('Read-only file system', errno.EROFS),
+    ('Permission denied', errno.EACCES),
+)
 
 
 def describe(e: BaseException) -> str:
@@ -62,16 +70,22 @@ def describe(e: BaseException) -> str:
       message = ' '.join(str(e).split())
       if len(message) > 240:
         message = message[:240] + '...'
-      return _flatten(f'{name}: {os.strerror(code)} ({_OS_HINTS[code]}); '
-                      f'details: {message}')
+      return _flatten(
+          f'{name}: {os.strerror(code)} ({_OS_HINTS[code]}); '
+          f'details: {message}'
+      )
   if isinstance(e, USER_ERRORS) or type(e) in OSError.__subclasses__():
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
     return _flatten(f'{name}: {message}')
   if isinstance(e, OSError):
-    return _flatten(f'{name}: {e} (a file system error: check the path and '
-                    'the disk, then rerun the same command to resume)')
-  return _flatten(f'unexpected {name}: {e} (rerun with TUNING_TRACEBACK=1 '
-                  'to see the traceback, and please report it)')
+    return _flatten(
+        f'{name}: {e} (a file system error: check the path and '
+        'the disk, then rerun the same command to resume)'
+    )
+  return _flatten(
+      f'unexpected {name}: {e} (rerun with TUNING_TRACEBACK=1 '
+      'to see the traceback, and please report it)'
+  )
 
 
 class _NoTracebacks:
@@ -91,6 +105,7 @@ def quiet_library_tracebacks():
   import logging  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   import threading  # pylint: disable=g-import-not-at-top
+
   if os.environ.get('TUNING_TRACEBACK'):
     return
   for handler in logging.getLogger().handlers:
@@ -99,12 +114,20 @@ def quiet_library_tracebacks():
   def thread_hook(args):  # a library's helper thread failing (orbax)
     if args.exc_type is not SystemExit:
       name = args.thread.name if args.thread else '?'
-      print(f'warning: thread {name}: {args.exc_type.__name__}: '
-            f'{_flatten(args.exc_value)}', file=sys.stderr, flush=True)
+      print(
+          f'warning: thread {name}: {args.exc_type.__name__}: '
+          f'{_flatten(args.exc_value)}',
+          file=sys.stderr,
+          flush=True,
+      )
 
   def unraisable_hook(unraisable):
-    print(f'warning: ignored {type(unraisable.exc_value).__name__}: '
-          f'{_flatten(unraisable.exc_value)}', file=sys.stderr, flush=True)
+    print(
+        f'warning: ignored {type(unraisable.exc_value).__name__}: '
+        f'{_flatten(unraisable.exc_value)}',
+        file=sys.stderr,
+        flush=True,
+    )
 
   threading.excepthook = thread_hook
   sys.unraisablehook = unraisable_hook

@@ -26,22 +26,32 @@ def final_evaluation(run: Run) -> dict:
   start = time.time()  # the validation pass compiled every shape
   test = run.evaluate(params_placed, 'test')
   eval_speed = test['examples'] / max(time.time() - start, 1e-9)
-  console.info(run.task.report(
-      test, f'test ({config.checkpoint.evaluate} checkpoint, step {step})'))
+  console.info(
+      run.task.report(
+          test, f'test ({config.checkpoint.evaluate} checkpoint, step {step})'
+      )
+  )
   extra = {}
   if run.lora and run.lora.get('export_merged', True):
-    merged = lora_lib.export_merged(params, run.lora,
-                                    os.path.join(run.workdir, 'merged'))
-    console.info(f'lora: merged the adapters into the base weights; plain '
-                 f'checkpoint in {merged} (load it with '
-                 f'--config.init.checkpoint={merged} and lora.rank=0)')
+    merged = lora_lib.export_merged(
+        params, run.lora, os.path.join(run.workdir, 'merged')
+    )
+    console.info(
+        f'lora: merged the adapters into the base weights; plain '
+        f'checkpoint in {merged} (load it with '
+        f'--config.init.checkpoint={merged} and lora.rank=0)'
+    )
     extra['merged_checkpoint'] = merged
-  return {'test': test, 'validation': validation, 'evaluated_step': step,
-          'evaluated_checkpoint': config.checkpoint.evaluate,
-          'num_parameters': run.num_parameters(params),
-          **run.task.results(),
-          'eval_examples_per_s': eval_speed,
-          **extra}
+  return {
+      'test': test,
+      'validation': validation,
+      'evaluated_step': step,
+      'evaluated_checkpoint': config.checkpoint.evaluate,
+      'num_parameters': run.num_parameters(params),
+      **run.task.results(),
+      'eval_examples_per_s': eval_speed,
+      **extra,
+  }
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:

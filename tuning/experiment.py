@@ -34,17 +34,23 @@ MODES = ('train', 'eval', 'ensemble', 'soup')
 def stage_config(config, stage: str, workdir: str):
   """The config of one stage: base config + its overrides, '@' resolved."""
   if stage not in config.stage_overrides:
-    raise ValueError(f'stage {stage!r} has no entry in config.stage_overrides'
-                     f' (have: {", ".join(config.stage_overrides)})')
+    raise ValueError(
+        f'stage {stage!r} has no entry in config.stage_overrides'
+        f' (have: {", ".join(config.stage_overrides)})'
+    )
   result = copy.deepcopy(config.to_dict())
   merge_into(result, config.stage_overrides[stage].to_dict())
   result['stages'] = ()
   result['stage_overrides'] = {}
-  at = lambda p: os.path.join(workdir, p[1:]) if p and p.startswith('@') \
-      else p  # pylint: disable=unnecessary-lambda-assignment
+  at = (
+      lambda p: os.path.join(workdir, p[1:]) if p and p.startswith('@') else p
+  )  # pylint: disable=unnecessary-lambda-assignment
   result['init']['checkpoint'] = at(result['init']['checkpoint'])
-  for section, field in (('ensemble', 'members'), ('soup', 'members'),
-                         ('distill', 'teacher')):
+  for section, field in (
+      ('ensemble', 'members'),
+      ('soup', 'members'),
+      ('distill', 'teacher'),
+  ):
     if section in result:
       result[section][field] = tuple(at(p) for p in result[section][field])
   return config_dict.ConfigDict(result)
@@ -52,8 +58,9 @@ def stage_config(config, stage: str, workdir: str):
 
 def run(config, workdir: str) -> dict:
   """Runs the experiment in `workdir` (holding its lock); its results."""
-  for checked in [stage_config(config, s, workdir)
-                  for s in config.stages] or [config]:
+  for checked in [stage_config(config, s, workdir) for s in config.stages] or [
+      config
+  ]:
     config_checks.check(checked)  # every stage's values, before any runs
   with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):
     return _run(config, workdir)
@@ -68,30 +75,50 @@ def _run(config, workdir: str) -> dict:
     console.info(f'\n=== stage {stage} (workdir {workdir}/{stage}) ===')
     stage_cfg = stage_config(config, stage, workdir)
     write_config(stage_cfg, os.path.join(workdir, stage))
-    results[stage] = _runner(stage_cfg)(stage_cfg,
-                                        os.path.join(workdir, stage))
+    results[stage] = _runner(stage_cfg)(stage_cfg, os.path.join(workdir, stage))
     if 'preempted_at_step' in results[stage]:
       return results[stage]  # rerun the same command to resume
   console.info('\n' + comparison_table(results))
-  summary = {'stages': {name: {k: r.get(k) for k in (
-      'task', 'test', 'validation', 'evaluated_step', 'steps', 'wall_time_s',
-      'num_parameters', 'eval_examples_per_s', 'distillation')}
-                        for name, r in results.items()}}
+  summary = {
+      'stages': {
+          name: {
+              k: r.get(k)
+              for k in (
+                  'task',
+                  'test',
+                  'validation',
+                  'evaluated_step',
+                  'steps',
+                  'wall_time_s',
+                  'num_parameters',
+                  'eval_examples_per_s',
+                  'distillation',
+              )
+          }
+          for name, r in results.items()
+      }
+  }
   with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:
     json.dump(summary, f, indent=2)
   console.info(f'wrote {os.path.join(workdir, "results.json")}')
   return summary
 
 
-RUNNERS = {'train': train_and_evaluate, 'eval': evaluate_checkpoint,
-           'ensemble': evaluate_ensemble, 'soup': make_soup}
+RUNNERS = {
+    'train': train_and_evaluate,
+    'eval': evaluate_checkpoint,
+    'ensemble': evaluate_ensemble,
+    'soup': make_soup,
+}
 
 
 def _runner(config):
   """The function that runs a config's mode in a work directory."""
   if config.mode not in RUNNERS:
-    raise ValueError(f'unknown config.mode {config.mode!r}: use one of '
-                     f'{", ".join(MODES)}')
+    raise ValueError(
+        f'unknown config.mode {config.mode!r}: use one of '
+        f'{", ".join(MODES)}'
+    )
   return RUNNERS[config.mode]
 
 
@@ -101,27 +128,32 @@ def comparison_table(results: dict) -> str:
   for r in results.values():
     d = r.get('distillation')
     if d and 'teacher' not in rows:
-      rows['teacher'] = {'test': d['teacher_test'],
-                         'validation': d['teacher_validation'],
-                         'num_parameters': d['teacher_parameters'],
-                         'eval_examples_per_s':
-                             d['teacher_eval_examples_per_s']}
+      rows['teacher'] = {
+          'test': d['teacher_test'],
+          'validation': d['teacher_validation'],
+          'num_parameters': d['teacher_parameters'],
+          'eval_examples_per_s': d['teacher_eval_examples_per_s'],
+      }
   first = next(iter(results.values()), {})
   task = task_class(first.get('task') or 'classification')
   val_header, val_key, val_width, val_spec = task.validation_column
-  lines = ['test split by stage:',
-           f'  {"stage":<12}' + ''.join(
-               f' {header:>{width}}' for header, _, width, _ in
-               task.table_columns) +
-           f' {val_header:>{val_width}} {"parameters":>11} '
-           f'{"eval ex/s":>10}']
+  lines = [
+      'test split by stage:',
+      f'  {"stage":<12}'
+      + ''.join(
+          f' {header:>{width}}' for header, _, width, _ in task.table_columns
+      )
+      + f' {val_header:>{val_width}} {"parameters":>11} '
+      f'{"eval ex/s":>10}',
+  ]
   for name, r in rows.items():
     if 'test' not in r:
       lines.append(f'  {name:<12} (did not finish)')
       continue
     line = f'  {name:<12}' + ''.join(
-        f' {r["test"][key]:{width}{spec}}' for _, key, width, spec in
-        task.table_columns)
+        f' {r["test"][key]:{width}{spec}}'
+        for _, key, width, spec in task.table_columns
+    )
     if r.get('validation'):
       line += f' {r["validation"][val_key]:{val_width}{val_spec}}'
     if r.get('num_parameters'):

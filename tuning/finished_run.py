@@ -27,20 +27,25 @@ def run_config(workdir: str) -> config_dict.ConfigDict:
   """The config a run was trained with (its `config.json` on the defaults)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FinishedRunError(f'{workdir} has no config.json: a member must be the '
-                           'work directory of a trained run')
+    raise FinishedRunError(
+        f'{workdir} has no config.json: a member must be the '
+        'work directory of a trained run'
+    )
   with open(path, encoding='utf-8') as f:
     try:
       values = json.load(f)
     except json.JSONDecodeError as e:
-      raise FinishedRunError(f'{path} is not valid JSON ({e}): give the work '
-                             'work directory of a trained run') from None
+      raise FinishedRunError(
+          f'{path} is not valid JSON ({e}): give the work '
+          'work directory of a trained run'
+      ) from None
   config = merged_onto_defaults(values)
   if config.get('stages'):
     raise FinishedRunError(
         f'{workdir} is a multi-stage experiment: name one of its stages '
         f'({", ".join(config.stages)}), e.g. '
-        f'{os.path.join(workdir, config.stages[0])}')
+        f'{os.path.join(workdir, config.stages[0])}'
+    )
   return config
 
 
@@ -59,8 +64,10 @@ class Members:
 
   def __init__(self, workdirs, checkpoint: str = 'best'):
     if len(workdirs) < 1:
-      raise FinishedRunError('no members: set config.ensemble.members (or '
-                             'soup.members) to run work directories')
+      raise FinishedRunError(
+          'no members: set config.ensemble.members (or '
+          'soup.members) to run work directories'
+      )
     self.workdirs = [os.path.abspath(w) for w in workdirs]
     self.names = _short_names(self.workdirs)
     self.runs, self.params, self.steps = [], [], []
@@ -70,7 +77,8 @@ class Members:
       key = json.dumps(config.data.to_dict(), sort_keys=True)
       if key not in data_cache:
         data_cache[key] = build_datasets(
-            config.data, labels=task_class(config.task).labels)
+            config.data, labels=task_class(config.task).labels
+        )
       run = Run(config, workdir, data=data_cache[key])
       try:
         params, step = run.restore_params(checkpoint)
@@ -81,14 +89,21 @@ class Members:
       self.steps.append(step)
     kinds = {r.task.name for r in self.runs}
     if len(kinds) > 1:
-      raise FinishedRunError('members were trained on different tasks: ' +
-                             '; '.join(f'{n}: {r.task.name}' for n, r in
-                                       zip(self.names, self.runs)))
+      raise FinishedRunError(
+          'members were trained on different tasks: '
+          + '; '.join(
+              f'{n}: {r.task.name}' for n, r in zip(self.names, self.runs)
+          )
+      )
     classes = {tuple(r.data.class_names or ()) for r in self.runs}
     if len(classes) > 1:
-      raise FinishedRunError('members were trained on different classes: ' +
-                             '; '.join(f'{n}: {r.data.class_names}' for n, r
-                                       in zip(self.names, self.runs)))
+      raise FinishedRunError(
+          'members were trained on different classes: '
+          + '; '.join(
+              f'{n}: {r.data.class_names}'
+              for n, r in zip(self.names, self.runs)
+          )
+      )
 
   @property
   def task(self):
@@ -108,12 +123,14 @@ class Members:
       member_outputs, member_labels = self.predict(i, split)
       if labels is None:
         labels = member_labels
-      elif len(member_labels) != len(labels) or \
-          not np.array_equal(member_labels, labels):
+      elif len(member_labels) != len(labels) or not np.array_equal(
+          member_labels, labels
+      ):
         raise FinishedRunError(
             f'member {name} sees other {split} examples than {self.names[0]} '
             f'({len(member_labels)} vs {len(labels)} examples, or another '
             'order): members must be evaluated on the same data files and '
-            'split settings')
+            'split settings'
+        )
       outputs.append(member_outputs)
     return outputs, labels

@@ -31,22 +31,27 @@ from tuning import console
 from tuning import generation
 
 _CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Converted model folder or .gguf file.')
+    'checkpoint', None, 'Converted model folder or .gguf file.'
+)
 _PROMPT = flags.DEFINE_string('prompt', None, 'One prompt.')
 _PROMPTS = flags.DEFINE_string('prompts', None, 'File with one prompt a line.')
 _OUTPUT = flags.DEFINE_string('output', None, 'JSONL output file.')
-_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 64,
-                                       'Most new tokens per prompt.')
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+    'max_new_tokens', 64, 'Most new tokens per prompt.'
+)
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0: greedy.')
-_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely '
-                              'tokens (0: all).')
+_TOP_K = flags.DEFINE_integer(
+    'top_k', 0, 'Sample from the k most likely ' 'tokens (0: all).'
+)
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1: all).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Prompts per batch.')
-_CHAT = flags.DEFINE_bool('chat', True, 'Apply the chat template if the '
-                          'model has one.')
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
-                           'Compute dtype.')
+_CHAT = flags.DEFINE_bool(
+    'chat', True, 'Apply the chat template if the ' 'model has one.'
+)
+_DTYPE = flags.DEFINE_enum(
+    'dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.'
+)
 
 # Prompt lengths are padded to a multiple of this: fewer compilations.
 _LENGTH_BUCKET = 16
@@ -89,55 +94,79 @@ def load(checkpoint: str, dtype: str = 'float32') -> LoadedModel:
   checkpoint = os.fspath(checkpoint)
   if checkpoint.endswith('.gguf'):
     from tuning import gguf_checkpoint  # pylint: disable=g-import-not-at-top
+
     read = gguf_checkpoint.read(checkpoint)
     params, _ = decoder_lib.convert_hf(read.tensors, read.hf_config)
     model = decoder_lib.from_hf_config(read.hf_config, dtype)
-    return LoadedModel(model, params, read.tokenizer, read.tokenizer_config,
-                       read.hf_config)
+    return LoadedModel(
+        model, params, read.tokenizer, read.tokenizer_config, read.hf_config
+    )
   params_dir = os.path.join(checkpoint, 'params')
   tokenizer_file = os.path.join(checkpoint, 'tokenizer.json')
   for needed in (params_dir, tokenizer_file):
     if not os.path.exists(needed):
-      raise ValueError(f'{needed} not found: --checkpoint must be a '
-                       'converted model folder (python -m tuning.convert) '
-                       'or a .gguf file')
+      raise ValueError(
+          f'{needed} not found: --checkpoint must be a '
+          'converted model folder (python -m tuning.convert) '
+          'or a .gguf file'
+      )
   hf_config = decoder_lib.read_hf_config(checkpoint)
   model = decoder_lib.from_hf_config(hf_config, dtype)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   params = ocp.PyTreeCheckpointer().restore(os.path.abspath(params_dir))
   tokenizer_config = {}
   config_file = os.path.join(checkpoint, 'tokenizer_config.json')
   if os.path.isfile(config_file):
     with open(config_file) as f:
       tokenizer_config = json.load(f)
-  return LoadedModel(model, params, Tokenizer.from_file(tokenizer_file),
-                     tokenizer_config, hf_config)
+  return LoadedModel(
+      model,
+      params,
+      Tokenizer.from_file(tokenizer_file),
+      tokenizer_config,
+      hf_config,
+  )
 
 
 def prompt_ids(loaded: LoadedModel, prompt: str, chat: bool) -> list[int]:
   """Token ids of a prompt, through the chat template when `chat`."""
   template = loaded.tokenizer_config.get('chat_template')
   if chat and template:
-    special = {k: v for k, v in loaded.tokenizer_config.items()
-               if k.endswith('_token') and isinstance(v, str)}
-    text = chat_template.render(template,
-                                [{'role': 'user', 'content': prompt}],
-                                add_generation_prompt=True, **special)
+    special = {
+        k: v
+        for k, v in loaded.tokenizer_config.items()
+        if k.endswith('_token') and isinstance(v, str)
+    }
+    text = chat_template.render(
+        template,
+        [{'role': 'user', 'content': prompt}],
+        add_generation_prompt=True,
+        **special,
+    )
     # The template writes the special tokens itself, as transformers'
     # apply_chat_template assumes.
     return loaded.tokenizer.encode(text, add_special_tokens=False).ids
   return loaded.tokenizer.encode(prompt).ids
 
 
-def complete(loaded: LoadedModel, prompts: Sequence[str], *,
-             max_new_tokens: int = 64, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             batch_size: int = 8, chat: bool = True) -> list[dict]:
+def complete(
+    loaded: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    chat: bool = True,
+) -> list[dict]:
   """Continues each prompt; one dict per prompt (see the module doc)."""
   results = []
   stops = loaded.stop_tokens
   for start in range(0, len(prompts), batch_size):
-    batch = prompts[start:start + batch_size]
+    batch = prompts[start : start + batch_size]
     encoded = [prompt_ids(loaded, p, chat) for p in batch]
     if not all(encoded):
       raise ValueError('a prompt is empty after tokenization: give text')
@@ -146,19 +175,31 @@ def complete(loaded: LoadedModel, prompts: Sequence[str], *,
     ids = np.full((len(batch), length), loaded.pad_id, np.int32)
     mask = np.zeros((len(batch), length), np.int32)
     for row, tokens in enumerate(encoded):
-      ids[row, length - len(tokens):] = tokens
-      mask[row, length - len(tokens):] = 1
+      ids[row, length - len(tokens) :] = tokens
+      mask[row, length - len(tokens) :] = 1
     out = generation.generate(
-        loaded.model, loaded.params, ids, mask,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, stop_tokens=stops, pad_id=loaded.pad_id,
-        seed=seed + start)
+        loaded.model,
+        loaded.params,
+        ids,
+        mask,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_tokens=stops,
+        pad_id=loaded.pad_id,
+        seed=seed + start,
+    )
     for row, prompt in enumerate(batch):
-      new = out.tokens[row, :out.lengths[row]].tolist()
+      new = out.tokens[row, : out.lengths[row]].tolist()
       text = [t for t in new if t not in stops]
-      results.append({'prompt': prompt,
-                      'completion': loaded.tokenizer.decode(text),
-                      'new_tokens': len(new)})
+      results.append(
+          {
+              'prompt': prompt,
+              'completion': loaded.tokenizer.decode(text),
+              'new_tokens': len(new),
+          }
+      )
   return results
 
 
@@ -172,8 +213,13 @@ def _read_prompts(path: str) -> list[str]:
   return prompts
 
 
-def run(checkpoint: str, prompt: Optional[str], prompts_file: Optional[str],
-        output: Optional[str], **options) -> list[dict]:
+def run(
+    checkpoint: str,
+    prompt: Optional[str],
+    prompts_file: Optional[str],
+    output: Optional[str],
+    **options,
+) -> list[dict]:
   """The command without flags: loads, generates, prints or writes."""
   if bool(prompt) == bool(prompts_file):
     raise ValueError('give exactly one of --prompt and --prompts')
@@ -184,8 +230,7 @@ def run(checkpoint: str, prompt: Optional[str], prompts_file: Optional[str],
   if prompt and not output:
     print(results[0]['completion'])
   else:
-    lines = ''.join(json.dumps(r, ensure_ascii=False) + '\n'
-                    for r in results)
+    lines = ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in results)
     if output:
       with open(output, 'w', encoding='utf-8') as f:
         f.write(lines)
@@ -202,12 +247,24 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
   try:
     if not _CHECKPOINT.value:
-      raise ValueError('--checkpoint is required: a converted model folder '
-                       'or a .gguf file')
-    run(_CHECKPOINT.value, _PROMPT.value, _PROMPTS.value, _OUTPUT.value,
-        max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-        top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
-        batch_size=_BATCH_SIZE.value, chat=_CHAT.value, dtype=_DTYPE.value)
+      raise ValueError(
+          '--checkpoint is required: a converted model folder '
+          'or a .gguf file'
+      )
+    run(
+        _CHECKPOINT.value,
+        _PROMPT.value,
+        _PROMPTS.value,
+        _OUTPUT.value,
+        max_new_tokens=_MAX_NEW_TOKENS.value,
+        temperature=_TEMPERATURE.value,
+        top_k=_TOP_K.value,
+        top_p=_TOP_P.value,
+        seed=_SEED.value,
+        batch_size=_BATCH_SIZE.value,
+        chat=_CHAT.value,
+        dtype=_DTYPE.value,
+    )
   except ValueError as e:
     if os.environ.get('TUNING_TRACEBACK'):
       raise

@@ -70,13 +70,15 @@ class GGUFCheckpoint:
 
 def _reader(path: str):
   if not os.path.isfile(path):
-    raise ValueError(f'GGUF file not found: {path!r}; give the path of a '
-                     '.gguf file')
+    raise ValueError(
+        f'GGUF file not found: {path!r}; give the path of a ' '.gguf file'
+    )
   try:
     import gguf  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ValueError('reading GGUF files needs the gguf package: pip '
-                     'install gguf') from None
+    raise ValueError(
+        'reading GGUF files needs the gguf package: pip ' 'install gguf'
+    ) from None
   return gguf.GGUFReader(path)
 
 
@@ -91,16 +93,21 @@ def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
   Rows are output features (heads x head_dim); each head's rows were
   reordered from halves (i, i + D/2) to interleaved pairs (2i, 2i + 1).
   """
-  return (w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:])
-          .swapaxes(1, 2).reshape(w.shape))
+  return (
+      w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:])
+      .swapaxes(1, 2)
+      .reshape(w.shape)
+  )
 
 
 def hf_config_from_metadata(reader, tensor_names) -> dict[str, Any]:
   """A transformers Llama config.json dict from the `llama.*` metadata."""
   arch = _field(reader, 'general.architecture')
   if arch != 'llama':
-    raise ValueError(f'unsupported GGUF architecture {arch!r}: only '
-                     "'llama' files are read")
+    raise ValueError(
+        f'unsupported GGUF architecture {arch!r}: only '
+        "'llama' files are read"
+    )
 
   def key(name, default=None):
     return _field(reader, f'llama.{name}', default)
@@ -110,9 +117,11 @@ def hf_config_from_metadata(reader, tensor_names) -> dict[str, Any]:
   tokens = _field(reader, 'tokenizer.ggml.tokens')
   vocab = key('vocab_size') or (len(tokens) if tokens else None)
   if key('rope.scaling.type') not in (None, 'none'):
-    raise ValueError(f'unsupported GGUF rope scaling '
-                     f'{key("rope.scaling.type")!r}: only plain rotary '
-                     'embeddings are read')
+    raise ValueError(
+        f'unsupported GGUF rope scaling '
+        f'{key("rope.scaling.type")!r}: only plain rotary '
+        'embeddings are read'
+    )
   config = {
       'model_type': 'llama',
       'architectures': ['LlamaForCausalLM'],
@@ -140,24 +149,31 @@ def hf_config_from_metadata(reader, tensor_names) -> dict[str, Any]:
 def _hf_name(name: str) -> str:
   block = _BLOCK.match(name)
   if block and block.group(2) in _BLOCK_NAMES:
-    return (f'model.layers.{block.group(1)}.{_BLOCK_NAMES[block.group(2)]}.'
-            f'{block.group(3)}')
+    return (
+        f'model.layers.{block.group(1)}.{_BLOCK_NAMES[block.group(2)]}.'
+        f'{block.group(3)}'
+    )
   plain = _GLOBAL.match(name)
   if plain and plain.group(1) in _GLOBAL_NAMES:
     return f'{_GLOBAL_NAMES[plain.group(1)]}.{plain.group(2)}'
-  raise ValueError(f'unknown GGUF tensor {name!r} for a Llama model: '
-                   'this reader maps token_embd, output(_norm) and '
-                   f'blk.N.{{{",".join(_BLOCK_NAMES)}}}')
+  raise ValueError(
+      f'unknown GGUF tensor {name!r} for a Llama model: '
+      'this reader maps token_embd, output(_norm) and '
+      f'blk.N.{{{",".join(_BLOCK_NAMES)}}}'
+  )
 
 
 def _dequantize(tensor) -> np.ndarray:
   import gguf  # pylint: disable=g-import-not-at-top
+
   try:
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
   except NotImplementedError:
-    raise ValueError(f'unknown GGUF tensor type {tensor.tensor_type.name} '
-                     f'(tensor {tensor.name}): the gguf package cannot '
-                     'dequantise it; upgrade gguf') from None
+    raise ValueError(
+        f'unknown GGUF tensor type {tensor.tensor_type.name} '
+        f'(tensor {tensor.name}): the gguf package cannot '
+        'dequantise it; upgrade gguf'
+    ) from None
   # GGML lists dimensions fastest first; numpy wants them slowest first.
   shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
   return np.asarray(values, np.float32).reshape(shape)
@@ -182,42 +198,59 @@ def read(path: str) -> GGUFCheckpoint:
       value = unpermute(value, kv_heads)
     tensors[hf_name] = value
   tokenizer, tokenizer_config = gguf_tokenizer.from_gguf(reader)
-  return GGUFCheckpoint(tensors, hf_config, tokenizer, tokenizer_config,
-                        types)
+  return GGUFCheckpoint(tensors, hf_config, tokenizer, tokenizer_config, types)
 
 
 def convert(path: str, out_dir: str, verbose: bool = True) -> dict[str, Any]:
   """Converts a GGUF file into a converted folder `out_dir`; the summary."""
   checkpoint = read(path)
-  params, report = decoder_lib.convert_hf(checkpoint.tensors,
-                                          checkpoint.hf_config)
-  summary = dict(report, source=os.path.abspath(path),
-                 gguf_tensor_types=checkpoint.tensor_types,
-                 tokenizer_files=['tokenizer.json', 'tokenizer_config.json'])
-  write_folder(out_dir, params, checkpoint.hf_config, summary,
-               {'tokenizer.json': checkpoint.tokenizer.to_str(),
-                'tokenizer_config.json': json.dumps(
-                    checkpoint.tokenizer_config, indent=2)})
+  params, report = decoder_lib.convert_hf(
+      checkpoint.tensors, checkpoint.hf_config
+  )
+  summary = dict(
+      report,
+      source=os.path.abspath(path),
+      gguf_tensor_types=checkpoint.tensor_types,
+      tokenizer_files=['tokenizer.json', 'tokenizer_config.json'],
+  )
+  write_folder(
+      out_dir,
+      params,
+      checkpoint.hf_config,
+      summary,
+      {
+          'tokenizer.json': checkpoint.tokenizer.to_str(),
+          'tokenizer_config.json': json.dumps(
+              checkpoint.tokenizer_config, indent=2
+          ),
+      },
+  )
   if verbose:
-    types = ', '.join(f'{n} {t}' for t, n in sorted(checkpoint.tensor_types
-                                                    .items()))
-    print(f'Converted {report["converted"]} tensors ({types}) from {path} '
-          f'into {out_dir}.')
+    types = ', '.join(
+        f'{n} {t}' for t, n in sorted(checkpoint.tensor_types.items())
+    )
+    print(
+        f'Converted {report["converted"]} tensors ({types}) from {path} '
+        f'into {out_dir}.'
+    )
   return summary
 
 
-def write_folder(out_dir: str, params, hf_config: dict, summary: dict,
-                 files: dict[str, str]) -> None:
+def write_folder(
+    out_dir: str, params, hf_config: dict, summary: dict, files: dict[str, str]
+) -> None:
   """Writes params (orbax), config.json, `files`, then the marker.
 
   The same folder layout `tuning.hf_convert.convert` writes (which does it
   inline today); one shared writer there would serve both.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(os.path.join(out_dir, 'params')):
-    raise ValueError(f'{out_dir}/params already exists; choose a new '
-                     'output folder')
+    raise ValueError(
+        f'{out_dir}/params already exists; choose a new ' 'output folder'
+    )
   os.makedirs(out_dir, exist_ok=True)
   ocp.PyTreeCheckpointer().save(os.path.join(out_dir, 'params'), params)
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
@@ -236,13 +269,16 @@ def ensure_converted(path: str, cache_dir: str, verbose: bool = True) -> str:
   """
   path = os.path.abspath(os.fspath(path))
   if not os.path.isfile(path):
-    raise ValueError(f'GGUF file not found: {path!r}; give the path of a '
-                     '.gguf file')
+    raise ValueError(
+        f'GGUF file not found: {path!r}; give the path of a ' '.gguf file'
+    )
   stat = os.stat(path)
   key = f'{path}:{stat.st_size}:{int(stat.st_mtime)}'
   name = os.path.splitext(os.path.basename(path))[0][-50:]
-  out_dir = os.path.join(os.path.abspath(cache_dir), f'{name}-'
-                         f'{hashlib.sha1(key.encode()).hexdigest()[:10]}')
+  out_dir = os.path.join(
+      os.path.abspath(cache_dir),
+      f'{name}-' f'{hashlib.sha1(key.encode()).hexdigest()[:10]}',
+  )
   if os.path.isfile(os.path.join(out_dir, _MARKER)):
     return out_dir
   os.makedirs(cache_dir, exist_ok=True)

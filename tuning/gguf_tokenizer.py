@@ -30,9 +30,12 @@ _CONTROL, _USER_DEFINED = 3, 4
 # regex (SmolLM2's adds single digits). Others (llama-bpe, qwen2, ...) split
 # differently and are refused rather than tokenized wrongly.
 _PRE_TOKENIZERS = (None, 'default', 'gpt-2', 'gpt2', 'smollm')
-_SPECIAL_IDS = {'bos_token': 'bos_token_id', 'eos_token': 'eos_token_id',
-                'unk_token': 'unknown_token_id',
-                'pad_token': 'padding_token_id'}
+_SPECIAL_IDS = {
+    'bos_token': 'bos_token_id',
+    'eos_token': 'eos_token_id',
+    'unk_token': 'unknown_token_id',
+    'pad_token': 'padding_token_id',
+}
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -44,47 +47,69 @@ def from_gguf(reader) -> tuple[Tokenizer, dict[str, Any]]:
   """(tokenizer, tokenizer_config) from an open `gguf.GGUFReader`."""
   kind = _field(reader, 'tokenizer.ggml.model')
   if kind != 'gpt2':
-    raise ValueError(f'unsupported GGUF tokenizer model {kind!r}: only '
-                     "byte-level BPE ('gpt2') vocabularies are read")
+    raise ValueError(
+        f'unsupported GGUF tokenizer model {kind!r}: only '
+        "byte-level BPE ('gpt2') vocabularies are read"
+    )
   tokens = _field(reader, 'tokenizer.ggml.tokens')
   merges = _field(reader, 'tokenizer.ggml.merges')
   if not tokens or not merges:
-    raise ValueError('the GGUF file has no tokenizer.ggml.tokens/merges: '
-                     'give a tokenizer.json instead')
+    raise ValueError(
+        'the GGUF file has no tokenizer.ggml.tokens/merges: '
+        'give a tokenizer.json instead'
+    )
   pre = _field(reader, 'tokenizer.ggml.pre')
   if pre not in _PRE_TOKENIZERS:
-    raise ValueError(f'unsupported GGUF pre-tokenizer {pre!r}: this reader '
-                     'splits text like GPT-2 or SmolLM2 only; give a '
-                     'tokenizer.json instead')
+    raise ValueError(
+        f'unsupported GGUF pre-tokenizer {pre!r}: this reader '
+        'splits text like GPT-2 or SmolLM2 only; give a '
+        'tokenizer.json instead'
+    )
   types = _field(reader, 'tokenizer.ggml.token_type') or [1] * len(tokens)
   vocab = {token: i for i, token in enumerate(tokens)}
-  tokenizer = Tokenizer(models.BPE(
-      vocab=vocab, merges=[tuple(m.split(' ', 1)) for m in merges],
-      dropout=None, continuing_subword_prefix='', end_of_word_suffix='',
-      fuse_unk=False))
-  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                        use_regex=True)
+  tokenizer = Tokenizer(
+      models.BPE(
+          vocab=vocab,
+          merges=[tuple(m.split(' ', 1)) for m in merges],
+          dropout=None,
+          continuing_subword_prefix='',
+          end_of_word_suffix='',
+          fuse_unk=False,
+      )
+  )
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   if pre == 'smollm':
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), byte_level])
+        [pre_tokenizers.Digits(individual_digits=True), byte_level]
+    )
   else:
     tokenizer.pre_tokenizer = byte_level
   tokenizer.decoder = decoders.ByteLevel()
-  tokenizer.add_special_tokens([
-      AddedToken(t, special=True, normalized=False)
-      for t, kind in zip(tokens, types) if kind == _CONTROL])
-  tokenizer.add_tokens([
-      AddedToken(t, special=False, normalized=False)
-      for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
+  tokenizer.add_special_tokens(
+      [
+          AddedToken(t, special=True, normalized=False)
+          for t, kind in zip(tokens, types)
+          if kind == _CONTROL
+      ]
+  )
+  tokenizer.add_tokens(
+      [
+          AddedToken(t, special=False, normalized=False)
+          for t, kind in zip(tokens, types)
+          if kind == _USER_DEFINED
+      ]
+  )
 
   config: dict[str, Any] = {}
   for name, key in _SPECIAL_IDS.items():
     token_id = _field(reader, f'tokenizer.ggml.{key}')
     config[name] = tokens[token_id] if token_id is not None else None
   config['add_bos_token'] = bool(
-      _field(reader, 'tokenizer.ggml.add_bos_token', False))
+      _field(reader, 'tokenizer.ggml.add_bos_token', False)
+  )
   config['add_eos_token'] = bool(
-      _field(reader, 'tokenizer.ggml.add_eos_token', False))
+      _field(reader, 'tokenizer.ggml.add_eos_token', False)
+  )
   template = _field(reader, 'tokenizer.chat_template')
   if template:
     config['chat_template'] = template
@@ -97,5 +122,6 @@ def from_gguf(reader) -> tuple[Tokenizer, dict[str, Any]]:
     special.append((config['eos_token'], vocab[config['eos_token']]))
   if special:
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=single, special_tokens=sorted(set(special)))
+        single=single, special_tokens=sorted(set(special))
+    )
   return tokenizer, config

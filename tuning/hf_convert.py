@@ -36,10 +36,18 @@ from tuning.models.hf_config import read_hf_config
 
 # Tokenizer files copied beside the params (whichever the source has):
 # WordPiece (BERT), byte-level BPE (GPT-2), SentencePiece (T5, Marian).
-TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'tokenizer_config.json',
-                   'special_tokens_map.json', 'added_tokens.json',
-                   'vocab.json', 'merges.txt', 'spiece.model', 'source.spm',
-                   'target.spm')
+TOKENIZER_FILES = (
+    'tokenizer.json',
+    'vocab.txt',
+    'tokenizer_config.json',
+    'special_tokens_map.json',
+    'added_tokens.json',
+    'vocab.json',
+    'merges.txt',
+    'spiece.model',
+    'source.spm',
+    'target.spm',
+)
 _MARKER = 'conversion.json'
 
 
@@ -56,15 +64,18 @@ def _safetensors_files(folder: str) -> list[str]:
     with open(index, encoding='utf-8') as f:
       shards = sorted(set(json.load(f)['weight_map'].values()))
     return [os.path.join(folder, s) for s in shards]
-  pickles = [f for f in ('pytorch_model.bin', 'tf_model.h5',
-                         'flax_model.msgpack')
-             if os.path.isfile(os.path.join(folder, f))]
+  pickles = [
+      f
+      for f in ('pytorch_model.bin', 'tf_model.h5', 'flax_model.msgpack')
+      if os.path.isfile(os.path.join(folder, f))
+  ]
   if pickles:
     raise ConversionError(
         f'{folder} has {", ".join(pickles)} but no model.safetensors; we do '
         'not load pickled/non-safetensors weights. Convert it first, e.g. in '
         'PyTorch: AutoModel.from_pretrained(folder).save_pretrained(out, '
-        'safe_serialization=True).')
+        'safe_serialization=True).'
+    )
   raise ConversionError(f'No model.safetensors found in {folder}.')
 
 
@@ -81,15 +92,19 @@ def read_safetensors(folder: str) -> dict[str, np.ndarray]:
       with safe_open(file, framework='flax') as f:
         for key in f.keys():
           arr = np.asarray(f.get_tensor(key))
-          if (np.issubdtype(arr.dtype, np.floating) or
-              arr.dtype.name == 'bfloat16'):
+          if (
+              np.issubdtype(arr.dtype, np.floating)
+              or arr.dtype.name == 'bfloat16'
+          ):
             arr = arr.astype(np.float32)
           tensors[key] = arr
     except Exception as e:  # pylint: disable=broad-except
       # SafetensorError and friends: a truncated or corrupt file.
-      raise ConversionError(f'{file} is not a readable safetensors file '
-                            f'({type(e).__name__}: {e}); download it '
-                            'again') from None
+      raise ConversionError(
+          f'{file} is not a readable safetensors file '
+          f'({type(e).__name__}: {e}); download it '
+          'again'
+      ) from None
   return tensors
 
 
@@ -102,8 +117,9 @@ def _family(hf_config: dict) -> Family:
     raise ConversionError(str(e)) from None
 
 
-def convert_tensors(tensors: dict[str, np.ndarray],
-                    hf_config: dict) -> tuple[dict, dict[str, Any]]:
+def convert_tensors(
+    tensors: dict[str, np.ndarray], hf_config: dict
+) -> tuple[dict, dict[str, Any]]:
   """Maps HF-named tensors onto a params tree with the converter of the
   family that `hf_config['model_type']` names.
 
@@ -127,21 +143,28 @@ def resolve_source(source: str) -> str:
   if os.path.exists(source):
     raise ConversionError(
         f'Source {source!r} is a file; give the model folder (config.json + '
-        'model.safetensors).')
+        'model.safetensors).'
+    )
   try:
     from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
 
     return snapshot_download(
-        source, allow_patterns=['config.json', '*.safetensors',
-                                'model.safetensors.index.json',
-                                *TOKENIZER_FILES])
+        source,
+        allow_patterns=[
+            'config.json',
+            '*.safetensors',
+            'model.safetensors.index.json',
+            *TOKENIZER_FILES,
+        ],
+    )
   except Exception as e:  # noqa: BLE001 - re-raised with context
     first_line = str(e).splitlines()[0] if str(e) else ''
     raise ConversionError(
         f'{source!r} is not a local folder and downloading it from the '
         f'Hugging Face hub failed ({type(e).__name__}: {first_line}). '
         'Offline? Pass a local folder holding config.json and '
-        'model.safetensors instead.') from e
+        'model.safetensors instead.'
+    ) from e
 
 
 def convert(source: str, out_dir: str, verbose: bool = True) -> dict[str, Any]:
@@ -162,7 +185,8 @@ def convert(source: str, out_dir: str, verbose: bool = True) -> dict[str, Any]:
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(os.path.join(out_dir, 'params')):
     raise ConversionError(
-        f'{out_dir}/params already exists; choose a new --out folder.')
+        f'{out_dir}/params already exists; choose a new --out folder.'
+    )
   os.makedirs(out_dir, exist_ok=True)
   ocp.PyTreeCheckpointer().save(os.path.join(out_dir, 'params'), params)
   with open(os.path.join(out_dir, 'config.json'), 'w', encoding='utf-8') as f:
@@ -183,14 +207,21 @@ def convert(source: str, out_dir: str, verbose: bool = True) -> dict[str, Any]:
 def format_summary(summary: dict[str, Any], out_dir: str) -> str:
   """The printed account of a conversion: counts, what was left out, the
   family's notes and the tokenizer files."""
-  lines = [f'Converted {summary["converted"]} tensors from '
-           f'{summary["source"]} into {out_dir}.']
+  lines = [
+      f'Converted {summary["converted"]} tensors from '
+      f'{summary["source"]} into {out_dir}.'
+  ]
   if summary['left_out']:
-    lines.append(f'Left out {len(summary["left_out"])} tensors: ' + ', '.join(
-        f'{n} ({r})' for n, r in sorted(summary['left_out'].items())))
+    lines.append(
+        f'Left out {len(summary["left_out"])} tensors: '
+        + ', '.join(
+            f'{n} ({r})' for n, r in sorted(summary['left_out'].items())
+        )
+    )
   lines.extend(summary.get('notes', ()))
-  lines.append('Tokenizer files: ' +
-               (', '.join(summary['tokenizer_files']) or 'none'))
+  lines.append(
+      'Tokenizer files: ' + (', '.join(summary['tokenizer_files']) or 'none')
+  )
   return '\n'.join(lines)
 
 
@@ -200,8 +231,10 @@ def load_converted_params(out_dir: str) -> dict:
 
   path = os.path.join(os.path.abspath(out_dir), 'params')
   if not os.path.isdir(path):
-    raise ValueError(f'No converted params at {path}; run `python -m '
-                     'tuning.convert` first.')
+    raise ValueError(
+        f'No converted params at {path}; run `python -m '
+        'tuning.convert` first.'
+    )
   return ocp.PyTreeCheckpointer().restore(path)
 
 

@@ -59,13 +59,16 @@ def _unflat(flat: dict):
 
 def dense_modules(params) -> dict[str, tuple[int, int]]:
   """{module path: kernel shape} of every layer with a 2-D kernel."""
-  return {k[:-len('/kernel')]: tuple(np.shape(v))
-          for k, v in _flat(params).items()
-          if k.endswith('/kernel') and np.ndim(v) == 2}
+  return {
+      k[: -len('/kernel')]: tuple(np.shape(v))
+      for k, v in _flat(params).items()
+      if k.endswith('/kernel') and np.ndim(v) == 2
+  }
 
 
-def target_modules(params, lora_config,
-                   naming: naming_lib.NamingRules | None = None) -> list[str]:
+def target_modules(
+    params, lora_config, naming: naming_lib.NamingRules | None = None
+) -> list[str]:
   """The Dense module paths that get adapters; raises if none.
 
   `naming`: the run's rules (`naming_rules(config)`); without them, the
@@ -79,29 +82,35 @@ def target_modules(params, lora_config,
   if not chosen:
     examples = ', '.join(sorted(dense)[:6])
     if not targets:
-      raise ValueError('config.lora.targets is not set and this model family '
-                       'has no default LoRA targets: set it to regexes of '
-                       f'Dense module paths (here: {examples}...)')
-    raise ValueError(f'config.lora.targets={targets} matches no Dense layer '
-                     f'(module paths here: {examples}...)')
+      raise ValueError(
+          'config.lora.targets is not set and this model family '
+          'has no default LoRA targets: set it to regexes of '
+          f'Dense module paths (here: {examples}...)'
+      )
+    raise ValueError(
+        f'config.lora.targets={targets} matches no Dense layer '
+        f'(module paths here: {examples}...)'
+    )
   return chosen
 
 
-def add_adapters(params, lora_config, key,
-                 naming: naming_lib.NamingRules | None = None):
+def add_adapters(
+    params, lora_config, key, naming: naming_lib.NamingRules | None = None
+):
   """`params` plus fresh `lora_a` (uniform) / `lora_b` (zeros) per target."""
   rank = int(lora_config.rank)
   if rank < 0:
-    raise ValueError(f'config.lora.rank={rank}: use 0 (off) or a positive '
-                     'rank')
+    raise ValueError(
+        f'config.lora.rank={rank}: use 0 (off) or a positive ' 'rank'
+    )
   flat = dict(_flat(params))
   for i, module in enumerate(target_modules(params, lora_config, naming)):
     kernel = flat[f'{module}/kernel']
     fan_in, fan_out = kernel.shape
     bound = 1.0 / np.sqrt(fan_in)
     flat[f'{module}/lora_a'] = jax.random.uniform(
-        jax.random.fold_in(key, i), (fan_in, rank), jnp.float32,
-        -bound, bound)
+        jax.random.fold_in(key, i), (fan_in, rank), jnp.float32, -bound, bound
+    )
     flat[f'{module}/lora_b'] = jnp.zeros((rank, fan_out), jnp.float32)
   return _unflat(flat)
 
@@ -135,13 +144,15 @@ def merge(params, lora_config):
   for module, (a, b) in adapters.items():
     kernel = np.asarray(flat[f'{module}/kernel'], np.float32)
     flat[f'{module}/kernel'] = kernel + s * (
-        np.asarray(a, np.float32) @ np.asarray(b, np.float32))
+        np.asarray(a, np.float32) @ np.asarray(b, np.float32)
+    )
   return _unflat(flat)
 
 
 def export_merged(params, lora_config, directory: str) -> str:
   """Writes the merged, plain parameters to `directory/params` (orbax)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   merged = jax.tree.map(np.asarray, merge(params, lora_config))
   path = os.path.join(os.path.abspath(directory), 'params')
   ocp.PyTreeCheckpointer().save(path, merged, force=True)
@@ -155,8 +166,12 @@ class LoraModel:
   layers; without them, `lora_config.targets`.
   """
 
-  def __init__(self, model: nn.Module, lora_config,
-               naming: naming_lib.NamingRules | None = None):
+  def __init__(
+      self,
+      model: nn.Module,
+      lora_config,
+      naming: naming_lib.NamingRules | None = None,
+  ):
     self.model = model
     self.config = lora_config
     self.naming = naming
@@ -170,8 +185,11 @@ class LoraModel:
     variables = dict(self.model.init(rngs, *args, **kwargs))
     key = rngs['params'] if isinstance(rngs, dict) else rngs
     variables['params'] = add_adapters(
-        variables['params'], self.config, jax.random.fold_in(key, 0x10A),
-        self.naming)
+        variables['params'],
+        self.config,
+        jax.random.fold_in(key, 0x10A),
+        self.naming,
+    )
     return variables
 
   def apply(self, variables, *args, rngs=None, train: bool = False, **kwargs):
@@ -182,8 +200,9 @@ class LoraModel:
 
     def interceptor(next_fun, call_args, call_kwargs, context):
       out = next_fun(*call_args, **call_kwargs)
-      if context.method_name != '__call__' or \
-          not isinstance(context.module, nn.Dense):
+      if context.method_name != '__call__' or not isinstance(
+          context.module, nn.Dense
+      ):
         return out
       module = '/'.join(context.module.path)
       if module not in adapters:
@@ -192,24 +211,31 @@ class LoraModel:
       x = call_args[0] if call_args else call_kwargs['inputs']
       if rate > 0:
         keep = jax.random.bernoulli(
-            jax.random.fold_in(jax.random.fold_in(key, _DROPOUT_SALT),
-                               order[module]), 1.0 - rate, x.shape)
+            jax.random.fold_in(
+                jax.random.fold_in(key, _DROPOUT_SALT), order[module]
+            ),
+            1.0 - rate,
+            x.shape,
+        )
         x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
       dtype = context.module.dtype or out.dtype
       delta = (x.astype(dtype) @ a.astype(dtype)) @ b.astype(dtype)
       return out + (self.scale * delta).astype(out.dtype)
 
     with nn.intercept_methods(interceptor):
-      return self.model.apply({**variables, 'params': base}, *args,
-                              rngs=rngs, train=train, **kwargs)
+      return self.model.apply(
+          {**variables, 'params': base}, *args, rngs=rngs, train=train, **kwargs
+      )
 
 
 def describe(params, lora_config) -> str:
   """One line: rank, alpha, adapted modules, adapter parameter count."""
   _, adapters = split(params)
   count = sum(int(np.size(a)) + int(np.size(b)) for a, b in adapters.values())
-  return (f'lora: rank {int(lora_config.rank)}, alpha '
-          f'{lora_config.get("alpha", None) or lora_config.rank} (scale '
-          f'{scale(lora_config):g}), dropout {lora_config.get("dropout", 0.0)}'
-          f', {len(adapters)} adapted Dense layers, {count:,} adapter '
-          'parameters')
+  return (
+      f'lora: rank {int(lora_config.rank)}, alpha '
+      f'{lora_config.get("alpha", None) or lora_config.rank} (scale '
+      f'{scale(lora_config):g}), dropout {lora_config.get("dropout", 0.0)}'
+      f', {len(adapters)} adapted Dense layers, {count:,} adapter '
+      'parameters'
+  )

@@ -25,15 +25,18 @@ class MetricWriter:
       if self._jsonl.tell() and not _ends_with_newline(path):
         self._jsonl.write('\n')  # a killed run's half-written last line
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, split: str, scalars: dict):
     if not self.enabled:
       return
-    values = {k: float(np.asarray(v)) for k, v in scalars.items()
-              if np.ndim(v) == 0}
-    self._jsonl.write(json.dumps({'step': int(step), 'split': split,
-                                  **values}) + '\n')
+    values = {
+        k: float(np.asarray(v)) for k, v in scalars.items() if np.ndim(v) == 0
+    }
+    self._jsonl.write(
+        json.dumps({'step': int(step), 'split': split, **values}) + '\n'
+    )
     self._jsonl.flush()
     for k, v in values.items():
       self._tensorboard.add_scalar(f'{split}/{k}', v, int(step))
@@ -76,9 +79,17 @@ def validation_history(workdir: str, up_to_step: int) -> list[dict]:
   by_step = {}
   for line in read_metrics(workdir):
     step = line.get('step')
-    if line.get('split') == 'validation' and isinstance(step, int) and \
-        step <= up_to_step:
-      by_step[step] = {'step': step, **{
-          k: v for k, v in line.items()
-          if k not in ('step', 'split', 'elapsed_s')}}
+    if (
+        line.get('split') == 'validation'
+        and isinstance(step, int)
+        and step <= up_to_step
+    ):
+      by_step[step] = {
+          'step': step,
+          **{
+              k: v
+              for k, v in line.items()
+              if k not in ('step', 'split', 'elapsed_s')
+          },
+      }
   return [by_step[s] for s in sorted(by_step)]

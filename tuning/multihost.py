@@ -12,21 +12,29 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  flags.DEFINE_string('coordinator_address', None,
-                      'host:port of process 0, for multi-process runs.')
+  flags.DEFINE_string(
+      'coordinator_address',
+      None,
+      'host:port of process 0, for multi-process runs.',
+  )
   flags.DEFINE_integer('num_processes', None, 'Number of processes.')
   flags.DEFINE_integer('process_id', None, 'This process (0..n-1).')
-  flags.DEFINE_bool('distributed', False,
-                    'Call jax.distributed.initialize() with auto-detection '
-                    '(Cloud TPU VMs, SLURM).')
+  flags.DEFINE_bool(
+      'distributed',
+      False,
+      'Call jax.distributed.initialize() with auto-detection '
+      '(Cloud TPU VMs, SLURM).',
+  )
 
 
 def initialize_from_flags():
   if FLAGS.coordinator_address:
     if FLAGS.num_processes is None or FLAGS.process_id is None:
-      raise flags.ValidationError('--coordinator_address needs '
-                                  '--num_processes and --process_id')
-    jax.distributed.initialize(FLAGS.coordinator_address,
-                               FLAGS.num_processes, FLAGS.process_id)
+      raise flags.ValidationError(
+          '--coordinator_address needs ' '--num_processes and --process_id'
+      )
+    jax.distributed.initialize(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
   elif FLAGS.distributed:
     jax.distributed.initialize()

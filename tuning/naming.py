@@ -19,13 +19,15 @@ from tuning.models.family import Family
 @dataclasses.dataclass(frozen=True)
 class NamingRules:
   """Effective regexes over `/`-joined parameter (or module) paths."""
+
   head: tuple[str, ...]
   lora_targets: tuple[str, ...]
   layer_regex: str
 
 
-def resolve(model_family: Optional[Family], opt_config=None,
-            lora_config=None) -> NamingRules:
+def resolve(
+    model_family: Optional[Family], opt_config=None, lora_config=None
+) -> NamingRules:
   """The user's values in `opt_config`/`lora_config` where set (not None),
   else `model_family`'s; `model_family=None` stands for a family that
   declares nothing (the defaults in tuning/models/family.py)."""
@@ -39,17 +41,19 @@ def resolve(model_family: Optional[Family], opt_config=None,
   layer_regex = user(opt_config, 'layer_index_regex')
   return NamingRules(
       head=tuple(fallback.head_regex if head is None else head),
-      lora_targets=tuple(fallback.lora_targets if targets is None else
-                         targets),
-      layer_regex=fallback.layer_regex if layer_regex is None else
-      layer_regex)
+      lora_targets=tuple(fallback.lora_targets if targets is None else targets),
+      layer_regex=fallback.layer_regex if layer_regex is None else layer_regex,
+  )
 
 
 def naming_rules(config) -> NamingRules:
   """The effective naming rules of a run's config: the user's where set,
   else those of the family of `config.model.name`."""
-  return resolve(registry.family(config.model.name), config.get('optimizer'),
-                 config.get('lora'))
+  return resolve(
+      registry.family(config.model.name),
+      config.get('optimizer'),
+      config.get('lora'),
+  )
 
 
 # A family that declares no naming rules of its own: family.py's defaults.

@@ -34,8 +34,11 @@ import optax
 from tuning import naming as naming_lib
 
 # By default weight decay skips biases, norm scales and embeddings.
-DEFAULT_NO_DECAY = (r'.*bias$', r'.*(LayerNorm|layer_norm|norm).*',
-                    r'.*(embed|embeddings).*')
+DEFAULT_NO_DECAY = (
+    r'.*bias$',
+    r'.*(LayerNorm|layer_norm|norm).*',
+    r'.*(embed|embeddings).*',
+)
 DEFAULT_EMBEDDING_REGEX = r'.*(embed|embeddings).*'
 ADAPTER_REGEX = r'.*/lora_[ab]'
 
@@ -50,14 +53,17 @@ def path_mask(params, regexes, default=False):
   """A tree of bools: True where the path fully matches any regex."""
   compiled = [re.compile(r) for r in regexes]
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
-  mask = {k: (any(c.fullmatch(k) for c in compiled) if compiled else default)
-          for k in flat}
+  mask = {
+      k: (any(c.fullmatch(k) for c in compiled) if compiled else default)
+      for k in flat
+  }
   return flax.traverse_util.unflatten_dict(mask, sep='/')
 
 
 @dataclasses.dataclass(frozen=True)
 class ParameterSetting:
   """How the optimizer treats one parameter."""
+
   trains: bool
   lr_mult: float
   decays: bool  # weight decay applies (and the optimizer has one)
@@ -71,18 +77,23 @@ def _regexes(opt_config, name, default):
 def _lr_mult_rules(opt_config):
   rules = []
   for item in tuple(opt_config.get('lr_mults', ()) or ()):
-    if (not isinstance(item, (tuple, list)) or len(item) != 2 or
-        not isinstance(item[0], str) or
-        not isinstance(item[1], (int, float))):
+    if (
+        not isinstance(item, (tuple, list))
+        or len(item) != 2
+        or not isinstance(item[0], str)
+        or not isinstance(item[1], (int, float))
+    ):
       raise ValueError(
           f'config.optimizer.lr_mults entry {item!r} is not a (regex, '
-          "multiplier) pair: write e.g. \"(('classifier/.*', 10.0),)\"")
+          'multiplier) pair: write e.g. "((\'classifier/.*\', 10.0),)"'
+      )
     rules.append((re.compile(item[0]), float(item[1])))
   return rules
 
 
-def layer_depths(paths, layer_index_regex: str,
-                 embedding_regex=DEFAULT_EMBEDDING_REGEX) -> dict[str, int]:
+def layer_depths(
+    paths, layer_index_regex: str, embedding_regex=DEFAULT_EMBEDDING_REGEX
+) -> dict[str, int]:
   """Depth from the top of a layered encoder, for every path.
 
   With L layers (the index captured by `layer_index_regex` runs 0..L-1,
@@ -98,19 +109,31 @@ def layer_depths(paths, layer_index_regex: str,
       try:
         index[p] = int(m.group(1))
       except (IndexError, TypeError, ValueError):
-        raise ValueError('config.optimizer.layer_index_regex='
-                         f'{layer_index_regex!r} must capture'
-                         r' the layer index as its first group, e.g. '
-                         r"'.*layer_(\d+)/.*'") from None
+        raise ValueError(
+            'config.optimizer.layer_index_regex='
+            f'{layer_index_regex!r} must capture'
+            r' the layer index as its first group, e.g. '
+            r"'.*layer_(\d+)/.*'"
+        ) from None
   if not index:
-    raise ValueError(f'config.optimizer.layer_decay is set but '
-                     'config.optimizer.layer_index_regex='
-                     f'{layer_index_regex!r} matches no '
-                     'parameter path (it must capture the layer index, e.g. '
-                     r"'.*layer_(\d+)/.*')")
+    raise ValueError(
+        f'config.optimizer.layer_decay is set but '
+        'config.optimizer.layer_index_regex='
+        f'{layer_index_regex!r} matches no '
+        'parameter path (it must capture the layer index, e.g. '
+        r"'.*layer_(\d+)/.*')"
+    )
   layers = max(index.values()) + 1
-  return {p: (layers - index[p] if p in index else
-              layers + 1 if embedding.fullmatch(p) else 0) for p in paths}
+  return {
+      p: (
+          layers - index[p]
+          if p in index
+          else layers + 1
+          if embedding.fullmatch(p)
+          else 0
+      )
+      for p in paths
+  }
 
 
 def _naming(naming, opt_config, lora_config) -> naming_lib.NamingRules:
@@ -118,8 +141,10 @@ def _naming(naming, opt_config, lora_config) -> naming_lib.NamingRules:
 
 
 def parameter_settings(
-    params, opt_config, lora_config=None,
-    naming: naming_lib.NamingRules | None = None
+    params,
+    opt_config,
+    lora_config=None,
+    naming: naming_lib.NamingRules | None = None,
 ) -> dict[str, ParameterSetting]:
   """{path: ParameterSetting} from the optimizer (and LoRA) config.
 
@@ -128,34 +153,47 @@ def parameter_settings(
   naming = _naming(naming, opt_config, lora_config)
   paths = list(parameter_paths(params))
   frozen = [re.compile(r) for r in _regexes(opt_config, 'frozen', ())]
-  no_decay = [re.compile(r) for r in
-              _regexes(opt_config, 'no_decay', DEFAULT_NO_DECAY)]
+  no_decay = [
+      re.compile(r) for r in _regexes(opt_config, 'no_decay', DEFAULT_NO_DECAY)
+  ]
   head = [re.compile(r) for r in naming.head]
   adapter = re.compile(ADAPTER_REGEX)
   lora_on = bool(lora_config is not None and lora_config.get('rank'))
   linear_probing = bool(opt_config.get('linear_probing', False))
   if linear_probing and lora_on:
-    raise ValueError('config.optimizer.linear_probing and config.lora.rank '
-                     'are both set: choose one (LoRA trains the head too with '
-                     'config.lora.train_head=True)')
+    raise ValueError(
+        'config.optimizer.linear_probing and config.lora.rank '
+        'are both set: choose one (LoRA trains the head too with '
+        'config.lora.train_head=True)'
+    )
   is_head = {p: any(r.fullmatch(p) for r in head) for p in paths}
-  if (linear_probing or (lora_on and lora_config.get('train_head', True))) \
-      and not any(is_head.values()):
-    raise ValueError(f'config.optimizer.head={tuple(r.pattern for r in head)}'
-                     ' matches no parameter: give the regexes of the head')
+  if (
+      linear_probing or (lora_on and lora_config.get('train_head', True))
+  ) and not any(is_head.values()):
+    raise ValueError(
+        f'config.optimizer.head={tuple(r.pattern for r in head)}'
+        ' matches no parameter: give the regexes of the head'
+    )
   decay = opt_config.get('layer_decay', None)
-  depths = layer_depths(
-      paths, naming.layer_regex,
-      opt_config.get('embedding_regex', DEFAULT_EMBEDDING_REGEX)) \
-      if decay is not None else {}
+  depths = (
+      layer_depths(
+          paths,
+          naming.layer_regex,
+          opt_config.get('embedding_regex', DEFAULT_EMBEDDING_REGEX),
+      )
+      if decay is not None
+      else {}
+  )
   rules = _lr_mult_rules(opt_config)
-  has_decay = opt_config.name in ('adamw', 'sgd') and \
-      bool(opt_config.weight_decay)
+  has_decay = opt_config.name in ('adamw', 'sgd') and bool(
+      opt_config.weight_decay
+  )
   settings = {}
   for p in paths:
     if lora_on:
       trains = bool(adapter.fullmatch(p)) or (
-          lora_config.get('train_head', True) and is_head[p])
+          lora_config.get('train_head', True) and is_head[p]
+      )
     elif linear_probing:
       trains = is_head[p]
     else:
@@ -169,12 +207,17 @@ def parameter_settings(
     if mult == 0:
       trains = False  # a zero multiplier freezes: no state, no update
     settings[p] = ParameterSetting(
-        trains=trains, lr_mult=mult if trains else 0.0,
-        decays=has_decay and trains and
-        not any(r.fullmatch(p) for r in no_decay))
+        trains=trains,
+        lr_mult=mult if trains else 0.0,
+        decays=has_decay
+        and trains
+        and not any(r.fullmatch(p) for r in no_decay),
+    )
   if not any(s.trains for s in settings.values()):
-    raise ValueError('no parameter trains: check config.optimizer.frozen, '
-                     'lr_mults, linear_probing/head and config.lora')
+    raise ValueError(
+        'no parameter trains: check config.optimizer.frozen, '
+        'lr_mults, linear_probing/head and config.lora'
+    )
   return settings
 
 
@@ -183,8 +226,12 @@ def _tree(params, values: dict):
   return flax.traverse_util.unflatten_dict(values, sep='/')
 
 
-def trainable_mask(params, opt_config, lora_config=None,
-                   naming: naming_lib.NamingRules | None = None):
+def trainable_mask(
+    params,
+    opt_config,
+    lora_config=None,
+    naming: naming_lib.NamingRules | None = None,
+):
   """A tree of bools: True for the parameters that train."""
   settings = parameter_settings(params, opt_config, lora_config, naming)
   return _tree(params, {p: s.trains for p, s in settings.items()})
@@ -192,14 +239,18 @@ def trainable_mask(params, opt_config, lora_config=None,
 
 def scale_by_tree(multipliers) -> optax.GradientTransformation:
   """Multiplies each update by a constant from a tree (no state)."""
+
   def init(params):
     del params
     return optax.EmptyState()
 
   def update(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, m: u * m if m != 1 else u, updates,
-                        multipliers), state
+    return (
+        jax.tree.map(lambda u, m: u * m if m != 1 else u, updates, multipliers),
+        state,
+    )
+
   return optax.GradientTransformation(init, update)
 
 
@@ -209,24 +260,32 @@ def learning_rate_schedule(opt_config, total_steps: int, warmup_steps: int):
   end = peak * opt_config.end_learning_rate_factor
   decay_steps = max(total_steps - warmup_steps, 1)
   if opt_config.schedule == 'cosine':
-    decay = optax.cosine_decay_schedule(peak, decay_steps,
-                                        alpha=opt_config.end_learning_rate_factor)
+    decay = optax.cosine_decay_schedule(
+        peak, decay_steps, alpha=opt_config.end_learning_rate_factor
+    )
   elif opt_config.schedule == 'linear':
     decay = optax.linear_schedule(peak, end, decay_steps)
   elif opt_config.schedule == 'constant':
     decay = optax.constant_schedule(peak)
   else:
-    raise ValueError(f'unknown config.optimizer.schedule '
-                     f'{opt_config.schedule!r}: use cosine, linear or constant')
+    raise ValueError(
+        f'unknown config.optimizer.schedule '
+        f'{opt_config.schedule!r}: use cosine, linear or constant'
+    )
   if not warmup_steps:
     return decay
   warmup = optax.linear_schedule(0.0, peak, warmup_steps)
   return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
-def build_optimizer(opt_config, params, total_steps: int, warmup_steps: int,
-                    lora_config=None,
-                    naming: naming_lib.NamingRules | None = None):
+def build_optimizer(
+    opt_config,
+    params,
+    total_steps: int,
+    warmup_steps: int,
+    lora_config=None,
+    naming: naming_lib.NamingRules | None = None,
+):
   """Returns (optax transformation, learning-rate schedule).
 
   `total_steps`/`warmup_steps` count optimizer steps (one per global batch,
@@ -234,58 +293,90 @@ def build_optimizer(opt_config, params, total_steps: int, warmup_steps: int,
   """
   schedule = learning_rate_schedule(opt_config, total_steps, warmup_steps)
   settings = parameter_settings(params, opt_config, lora_config, naming)
-  decay_mask = jax.tree.map(lambda no: not no, path_mask(
-      params, _regexes(opt_config, 'no_decay', DEFAULT_NO_DECAY)))
+  decay_mask = jax.tree.map(
+      lambda no: not no,
+      path_mask(params, _regexes(opt_config, 'no_decay', DEFAULT_NO_DECAY)),
+  )
   name = opt_config.name
   if name == 'adamw':
-    core = optax.adamw(schedule, opt_config.b1, opt_config.b2, opt_config.eps,
-                       weight_decay=opt_config.weight_decay, mask=decay_mask)
+    core = optax.adamw(
+        schedule,
+        opt_config.b1,
+        opt_config.b2,
+        opt_config.eps,
+        weight_decay=opt_config.weight_decay,
+        mask=decay_mask,
+    )
   elif name == 'adam':
     core = optax.adam(schedule, opt_config.b1, opt_config.b2, opt_config.eps)
   elif name == 'sgd':
     core = optax.chain(
         optax.add_decayed_weights(opt_config.weight_decay, decay_mask),
-        optax.sgd(schedule, opt_config.momentum or None,
-                  nesterov=opt_config.nesterov))
+        optax.sgd(
+            schedule, opt_config.momentum or None, nesterov=opt_config.nesterov
+        ),
+    )
   else:
-    raise ValueError(f'unknown config.optimizer.name {name!r}: use adam, '
-                     'adamw or sgd')
+    raise ValueError(
+        f'unknown config.optimizer.name {name!r}: use adam, ' 'adamw or sgd'
+    )
   parts = []
   if opt_config.clip_norm:
     parts.append(optax.clip_by_global_norm(opt_config.clip_norm))
   parts.append(core)
   tx = optax.chain(*parts)
   if not all(s.trains for s in settings.values()):
-    labels = _tree(params, {p: 'trained' if s.trains else 'frozen'
-                            for p, s in settings.items()})
-    tx = optax.multi_transform({'trained': tx,
-                                'frozen': optax.set_to_zero()}, labels)
+    labels = _tree(
+        params,
+        {p: 'trained' if s.trains else 'frozen' for p, s in settings.items()},
+    )
+    tx = optax.multi_transform(
+        {'trained': tx, 'frozen': optax.set_to_zero()}, labels
+    )
   if any(s.trains and s.lr_mult != 1 for s in settings.values()):
     # After multi_transform: frozen updates are zeros, scaling them is moot.
-    tx = optax.chain(tx, scale_by_tree(_tree(
-        params, {p: s.lr_mult if s.trains else 1.0
-                 for p, s in settings.items()})))
+    tx = optax.chain(
+        tx,
+        scale_by_tree(
+            _tree(
+                params,
+                {
+                    p: s.lr_mult if s.trains else 1.0
+                    for p, s in settings.items()
+                },
+            )
+        ),
+    )
   return tx, schedule
 
 
 def describe_parameters(
-    params, opt_config, lora_config=None,
-    naming: naming_lib.NamingRules | None = None) -> list[str]:
+    params,
+    opt_config,
+    lora_config=None,
+    naming: naming_lib.NamingRules | None = None,
+) -> list[str]:
   """Lines of a table: each parameter, its size, trained?, LR multiplier,
   weight decay?, then the trainable/frozen totals."""
   settings = parameter_settings(params, opt_config, lora_config, naming)
-  rows = [f'  {"parameter":<52} {"shape":<14} {"size":>10}  {"status":<6}  '
-          f'{"lr_mult":>7}  wd']
+  rows = [
+      f'  {"parameter":<52} {"shape":<14} {"size":>10}  {"status":<6}  '
+      f'{"lr_mult":>7}  wd'
+  ]
   totals = {'trained': 0, 'frozen': 0}
   for path, shape in parameter_paths(params).items():
     s = settings[path]
     size = int(np.prod(shape))
     totals['trained' if s.trains else 'frozen'] += size
-    rows.append(f'  {path:<52} {str(shape):<14} {size:>10,}  '
-                f'{"train" if s.trains else "FROZEN":<6}  '
-                f'{s.lr_mult:>7.3g}  {"yes" if s.decays else "no"}')
+    rows.append(
+        f'  {path:<52} {str(shape):<14} {size:>10,}  '
+        f'{"train" if s.trains else "FROZEN":<6}  '
+        f'{s.lr_mult:>7.3g}  {"yes" if s.decays else "no"}'
+    )
   total = totals['trained'] + totals['frozen']
-  rows.append(f'  trainable {totals["trained"]:,} / frozen '
-              f'{totals["frozen"]:,} parameters ('
-              f'{100 * totals["trained"] / max(total, 1):.2f}% trainable)')
+  rows.append(
+      f'  trainable {totals["trained"]:,} / frozen '
+      f'{totals["frozen"]:,} parameters ('
+      f'{100 * totals["trained"] / max(total, 1):.2f}% trainable)'
+  )
   return rows

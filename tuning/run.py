@@ -48,32 +48,40 @@ class Run:
       data_checks.check(data, config)
     self.data = data
     self.task = task_kind(config, data)
-    self.model = build_model(config.model, config.dtype,
-                             **self.task.model_dims())
+    self.model = build_model(
+        config.model, config.dtype, **self.task.model_dims()
+    )
     # Head, LoRA-target and layer-index regexes: the user's or the family's.
     self.naming = naming_rules(config)
-    self.lora = config.get('lora') if lora_lib.enabled(config.get('lora')) \
-        else None
+    self.lora = (
+        config.get('lora') if lora_lib.enabled(config.get('lora')) else None
+    )
     if self.lora:
-      self.model = lora_lib.LoraModel(self.model, self.lora,
-                                      naming=self.naming)
+      self.model = lora_lib.LoraModel(self.model, self.lora, naming=self.naming)
     self.buckets = tuple(config.data.length_buckets)
-    self.best_metric = (config.checkpoint.get('best_metric') or
-                        self.task.best_metric)
+    self.best_metric = (
+        config.checkpoint.get('best_metric') or self.task.best_metric
+    )
     self.best_mode = config.checkpoint.get('best_mode') or self.task.best_mode
     self.checkpoints = RunCheckpoints(
-        os.path.join(workdir, 'checkpoints'), self.best_metric,
-        self.best_mode)
-    self.eval_totals = self.layout.compile_eval_totals(eval_totals_fn(
-        self.model, self.task, self.layout.sum_over_devices,
-        self.layout.gather_rows))
+        os.path.join(workdir, 'checkpoints'), self.best_metric, self.best_mode
+    )
+    self.eval_totals = self.layout.compile_eval_totals(
+        eval_totals_fn(
+            self.model,
+            self.task,
+            self.layout.sum_over_devices,
+            self.layout.gather_rows,
+        )
+    )
     self._eval_step = None  # compiled on the first `predict`
 
   def init_params(self):
     example = features_of(self.data.first_train_example())
     key = jax.random.fold_in(jax.random.key(self.config.seed), 2**31 - 1)
-    variables = jax.jit(lambda k: self.model.init(
-        {'params': k}, **example, train=False))(key)
+    variables = jax.jit(
+        lambda k: self.model.init({'params': k}, **example, train=False)
+    )(key)
     return jax.tree.map(np.asarray, variables['params'])
 
   def _placed(self, params):
@@ -86,9 +94,14 @@ class Run:
     """This process's eval batches of `table`; `progress` names a long
     pass whose progress is printed."""
     n, done, shown = len(table['label']), 0, time.time()
-    for batch in eval_batches(table, self.config.training.eval_batch_size,
-                              jax.device_count(), self.buckets,
-                              jax.process_index(), jax.process_count()):
+    for batch in eval_batches(
+        table,
+        self.config.training.eval_batch_size,
+        jax.device_count(),
+        self.buckets,
+        jax.process_index(),
+        jax.process_count(),
+    ):
       done += len(batch['label']) * jax.process_count()
       if progress and time.time() - shown > 30:
         console.info(f'{progress}: {min(done, n)}/{n} examples')
@@ -107,9 +120,12 @@ class Run:
     for batch in self._batches(self.data.split(split)):
       batch = self.layout.place_batch(batch)
       if totals is None:
-        totals = self.layout.place_totals(jax.tree.map(
-            lambda s: np.zeros(s.shape, s.dtype),
-            jax.eval_shape(self.eval_totals, params, batch)))
+        totals = self.layout.place_totals(
+            jax.tree.map(
+                lambda s: np.zeros(s.shape, s.dtype),
+                jax.eval_shape(self.eval_totals, params, batch),
+            )
+        )
       totals = self.eval_totals(params, batch, totals)
     return self.task.metrics(jax.tree.map(self.layout.fetch, totals))
 
@@ -122,8 +138,7 @@ class Run:
     table = self.data.split(split) if isinstance(split, str) else split
     outputs, labels = [], []
     for batch in self._batches(table, progress):
-      out = local_rows(self._eval_step(params,
-                                       self.layout.place_batch(batch)))
+      out = local_rows(self._eval_step(params, self.layout.place_batch(batch)))
       if self.layout.name == 'pmap':  # [devices, rows, ...] -> [rows, ...]
         out = out.reshape((-1,) + out.shape[2:])
       keep = batch['weight'] > 0
@@ -139,13 +154,17 @@ class Run:
     if self.checkpoints.latest_step() is None:
       raise FileNotFoundError(
           f'no checkpoint in {self.checkpoints.directory}: train first, or '
-          'point --workdir at a finished run')
+          'point --workdir at a finished run'
+      )
     params, report = load_pretrained_params(
-        self.checkpoints.directory, self.init_params(),
-        step=self.checkpoints.verified_step(which))
+        self.checkpoints.directory,
+        self.init_params(),
+        step=self.checkpoints.verified_step(which),
+    )
     if self.config.training.get('evaluate_ema', False):
-      params = ema_lib.load_ema_params(self.checkpoints.directory,
-                                       report['step'], params)
+      params = ema_lib.load_ema_params(
+          self.checkpoints.directory, report['step'], params
+      )
     return params, report['step']
 
   def num_parameters(self, params) -> int:
@@ -155,6 +174,7 @@ class Run:
 def _all_examples(outputs: np.ndarray, labels: np.ndarray):
   """Gathers every process's evaluated rows (sizes may differ by padding)."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   counts = multihost_utils.process_allgather(np.array([len(labels)]))
   width = int(counts.max())
   pad = width - len(labels)
@@ -163,5 +183,7 @@ def _all_examples(outputs: np.ndarray, labels: np.ndarray):
   all_outputs = multihost_utils.process_allgather(outputs)
   all_labels = multihost_utils.process_allgather(labels)
   n = counts.reshape(-1)
-  return (np.concatenate([o[:c] for o, c in zip(all_outputs, n)]),
-          np.concatenate([l[:c] for l, c in zip(all_labels, n)]))
+  return (
+      np.concatenate([o[:c] for o, c in zip(all_outputs, n)]),
+      np.concatenate([l[:c] for l, c in zip(all_labels, n)]),
+  )

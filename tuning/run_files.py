@@ -14,8 +14,7 @@ def write_config(config, workdir: str):
   """Writes WORKDIR/config.json, the resolved config (process 0)."""
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w',
-              encoding='utf-8') as f:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
 
 

@@ -60,8 +60,11 @@ def _mib(nbytes: float) -> str:
 
 def _per_device_bytes(tree) -> int:
   """Bytes of a placed tree on this process's first device."""
-  return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree)
-             if hasattr(x, 'addressable_shards'))
+  return sum(
+      x.addressable_shards[0].data.nbytes
+      for x in jax.tree.leaves(tree)
+      if hasattr(x, 'addressable_shards')
+  )
 
 
 class PmapLayout:
@@ -81,8 +84,9 @@ class PmapLayout:
   place_params = place_state
 
   def place_batch(self, batch: dict) -> dict:
-    return {k: v.reshape((self.devices, -1) + v.shape[1:])
-            for k, v in batch.items()}
+    return {
+        k: v.reshape((self.devices, -1) + v.shape[1:]) for k, v in batch.items()
+    }
 
   def fetch(self, x) -> np.ndarray:
     """Host copy of a value every device holds (a metric, the step)."""
@@ -122,8 +126,10 @@ class PmapLayout:
     return jax.lax.all_gather(x, AXIS, tiled=True)
 
   def describe(self, state) -> str:
-    return (f'layout: pmap over {self.devices} local device(s), train state '
-            f'replicated ({_mib(_per_device_bytes(state))} per device)')
+    return (
+        f'layout: pmap over {self.devices} local device(s), train state '
+        f'replicated ({_mib(_per_device_bytes(state))} per device)'
+    )
 
 
 def mesh_shape(mesh_config, device_count: int) -> dict[str, int]:
@@ -132,23 +138,31 @@ def mesh_shape(mesh_config, device_count: int) -> dict[str, int]:
   for axis in MESH_AXES:
     size = mesh_config.get(axis, 1)
     if not isinstance(size, int) or (size < 1 and size != -1):
-      raise ValueError(f'config.mesh.{axis}={size!r}: use a positive '
-                       'number of devices, or -1 for the rest')
+      raise ValueError(
+          f'config.mesh.{axis}={size!r}: use a positive '
+          'number of devices, or -1 for the rest'
+      )
     sizes[axis] = size
   rest = [a for a, s in sizes.items() if s == -1]
   if len(rest) > 1:
-    raise ValueError('config.mesh: only one axis can be -1 (the rest of the '
-                     f'devices); got {" and ".join(rest)}')
+    raise ValueError(
+        'config.mesh: only one axis can be -1 (the rest of the '
+        f'devices); got {" and ".join(rest)}'
+    )
   known = math.prod(s for s in sizes.values() if s != -1)
   if rest:
     if device_count % known:
-      raise ValueError(f'config.mesh: {device_count} devices do not split '
-                       f'into {_shape_text(sizes)}')
+      raise ValueError(
+          f'config.mesh: {device_count} devices do not split '
+          f'into {_shape_text(sizes)}'
+      )
     sizes[rest[0]] = device_count // known
   if math.prod(sizes.values()) != device_count:
-    raise ValueError(f'config.mesh: {_shape_text(sizes)} = '
-                     f'{math.prod(sizes.values())} devices, but there are '
-                     f'{device_count} (set one axis to -1 for the rest)')
+    raise ValueError(
+        f'config.mesh: {_shape_text(sizes)} = '
+        f'{math.prod(sizes.values())} devices, but there are '
+        f'{device_count} (set one axis to -1 for the rest)'
+    )
   return sizes
 
 
@@ -159,8 +173,9 @@ def _shape_text(sizes: dict) -> str:
 def partition_spec(shape, fsdp: int) -> P:
   """'fsdp' on the largest dimension divisible by `fsdp`; else replicated."""
   if fsdp > 1:
-    candidates = [(size, -i) for i, size in enumerate(shape)
-                  if size % fsdp == 0]
+    candidates = [
+        (size, -i) for i, size in enumerate(shape) if size % fsdp == 0
+    ]
     if candidates:
       _, neg_dim = max(candidates)
       spec = [None] * len(shape)
@@ -176,12 +191,17 @@ class MeshLayout:
 
   def __init__(self, mesh_config):
     self.sizes = mesh_shape(mesh_config, jax.device_count())
-    self.mesh = jax.make_mesh(tuple(self.sizes.values()), MESH_AXES,
-                              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    self.mesh = jax.make_mesh(
+        tuple(self.sizes.values()),
+        MESH_AXES,
+        axis_types=(AxisType.Auto,) * len(MESH_AXES),
+    )
     self.devices = jax.local_device_count()
     self.batch_shards = jax.device_count()
-    self.devices_text = (f'the mesh\'s {_shape_text(self.sizes)} = '
-                         f'{jax.device_count()} device(s)')
+    self.devices_text = (
+        f"the mesh's {_shape_text(self.sizes)} = "
+        f'{jax.device_count()} device(s)'
+    )
     self.fsdp = self.sizes['fsdp']
     self.replicated = NamedSharding(self.mesh, P())
     self.rows = NamedSharding(self.mesh, P(MESH_AXES))
@@ -194,8 +214,9 @@ class MeshLayout:
       return x  # e.g. restored from a checkpoint against this layout
     x = np.asarray(x)
     # Works with several processes too: each fills its own shards.
-    return jax.make_array_from_callback(x.shape, self.sharding(x.shape),
-                                        lambda index: x[index])
+    return jax.make_array_from_callback(
+        x.shape, self.sharding(x.shape), lambda index: x[index]
+    )
 
   def place_state(self, state):
     return jax.tree.map(self._put, state)
@@ -204,12 +225,17 @@ class MeshLayout:
 
   def place_batch(self, batch: dict) -> dict:
     """This process's rows -> global arrays with rows over all devices."""
-    return {k: jax.make_array_from_process_local_data(self.rows, v)
-            for k, v in batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(self.rows, v)
+        for k, v in batch.items()
+    }
 
   def fetch(self, x) -> np.ndarray:
-    return np.asarray(x.addressable_data(0)) if hasattr(
-        x, 'addressable_data') else np.asarray(x)
+    return (
+        np.asarray(x.addressable_data(0))
+        if hasattr(x, 'addressable_data')
+        else np.asarray(x)
+    )
 
   def checkpoint_state(self, state):
     """The sharded arrays themselves: orbax writes each process's shards."""
@@ -217,14 +243,19 @@ class MeshLayout:
 
   def restore_target(self, host_state):
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
-                                       sharding=self.sharding(np.shape(x))),
-        host_state)
+        lambda x: jax.ShapeDtypeStruct(
+            np.shape(x),
+            np.asarray(x).dtype,
+            sharding=self.sharding(np.shape(x)),
+        ),
+        host_state,
+    )
 
   def compile_train_step(self, step_fn, state):
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    return jax.jit(step_fn, out_shardings=(shardings, self.replicated),
-                   donate_argnums=(0,))
+    return jax.jit(
+        step_fn, out_shardings=(shardings, self.replicated), donate_argnums=(0,)
+    )
 
   def compile_eval_step(self, eval_fn):
     return jax.jit(eval_fn, out_shardings=self.rows)
@@ -248,14 +279,16 @@ class MeshLayout:
     params = jax.tree.leaves(state.params)
     sharded = [p for p in params if 'fsdp' in p.sharding.spec]
     full = sum(x.nbytes for x in jax.tree.leaves(state))
-    return (f'layout: mesh {_shape_text(self.sizes)} over '
-            f'{jax.device_count()} device(s); {len(sharded)} of {len(params)}'
-            f' parameter arrays sharded over fsdp '
-            f'({sum(p.size for p in sharded)} of '
-            f'{sum(p.size for p in params)} values), '
-            f'{len(params) - len(sharded)} replicated; train state '
-            f'{_mib(_per_device_bytes(state))} per device '
-            f'(replicated: {_mib(full)})')
+    return (
+        f'layout: mesh {_shape_text(self.sizes)} over '
+        f'{jax.device_count()} device(s); {len(sharded)} of {len(params)}'
+        f' parameter arrays sharded over fsdp '
+        f'({sum(p.size for p in sharded)} of '
+        f'{sum(p.size for p in params)} values), '
+        f'{len(params) - len(sharded)} replicated; train state '
+        f'{_mib(_per_device_bytes(state))} per device '
+        f'(replicated: {_mib(full)})'
+    )
 
 
 def make_layout(config):
@@ -265,5 +298,7 @@ def make_layout(config):
     return PmapLayout()
   if parallelism == 'mesh':
     return MeshLayout(config.get('mesh') or {})
-  raise ValueError(f'config.parallelism={parallelism!r}: use one of '
-                   f'{", ".join(PARALLELISMS)}')
+  raise ValueError(
+      f'config.parallelism={parallelism!r}: use one of '
+      f'{", ".join(PARALLELISMS)}'
+  )

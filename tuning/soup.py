@@ -40,8 +40,11 @@ METHODS = ('greedy', 'uniform')
 def average(trees: list) -> dict:
   """The element-wise mean of parameter trees (accumulated in float64)."""
   return jax.tree.map(
-      lambda *xs: (np.sum([np.asarray(x, np.float64) for x in xs], axis=0) /
-                   len(xs)).astype(np.asarray(xs[0]).dtype), *trees)
+      lambda *xs: (
+          np.sum([np.asarray(x, np.float64) for x in xs], axis=0) / len(xs)
+      ).astype(np.asarray(xs[0]).dtype),
+      *trees,
+  )
 
 
 def check_same_architecture(names: list[str], trees: list):
@@ -55,7 +58,8 @@ def check_same_architecture(names: list[str], trees: list):
             f'soup members must share an architecture: parameter {path} is '
             f'{reference.get(path) or "absent"} in {names[0]} but '
             f'{paths.get(path) or "absent"} in {name} (average runs '
-            'fine-tuned from the same model, or use mode=ensemble)')
+            'fine-tuned from the same model, or use mode=ensemble)'
+        )
 
 
 def greedy_order(accuracies: list[float]) -> list[int]:
@@ -67,12 +71,16 @@ def make_soup(config, workdir: str) -> dict:
   """`mode='soup'`: averages the members and writes the chosen soup."""
   start = time.time()
   if config.soup.method not in METHODS:
-    raise ValueError(f'config.soup.method={config.soup.method!r}: use '
-                     f'{" or ".join(METHODS)}')
+    raise ValueError(
+        f'config.soup.method={config.soup.method!r}: use '
+        f'{" or ".join(METHODS)}'
+    )
   workdir = os.path.abspath(workdir)
   if workdir in [os.path.abspath(m) for m in config.soup.members]:
-    raise ValueError(f'the soup work directory {workdir} is one of its '
-                     'members: give the soup a directory of its own')
+    raise ValueError(
+        f'the soup work directory {workdir} is one of its '
+        'members: give the soup a directory of its own'
+    )
   members = Members(tuple(config.soup.members), config.soup.checkpoint)
   check_same_architecture(members.names, members.params)
   for name, run in zip(members.names, members.runs):
@@ -80,7 +88,8 @@ def make_soup(config, workdir: str) -> dict:
       raise EnsembleError(
           f'member {name} trained LoRA adapters: averaging A and B factors '
           'is not averaging the weights; soup runs without LoRA (or '
-          'fine-tune from their merged checkpoints first)')
+          'fine-tune from their merged checkpoints first)'
+      )
   run = members.runs[0]
   metric, sign = run.best_metric, 1.0 if run.best_mode == 'max' else -1.0
 
@@ -100,38 +109,62 @@ def make_soup(config, workdir: str) -> dict:
     if accuracy >= greedy_accuracy:
       chosen.append(i)
       greedy, greedy_accuracy = candidate, accuracy
-  console.info('soup: greedy kept ' + ', '.join(
-      f'{members.names[i]} (val {metric} {sign * accuracies[i]:.4f})'
-      for i in chosen) +
-               f' of {len(members.names)} members')
+  console.info(
+      'soup: greedy kept '
+      + ', '.join(
+          f'{members.names[i]} (val {metric} {sign * accuracies[i]:.4f})'
+          for i in chosen
+      )
+      + f' of {len(members.names)} members'
+  )
 
-  results = {'members': {}, 'soups': {}, 'greedy_members':
-             [members.names[i] for i in chosen], 'method': config.soup.method}
-  for name, params, val, step in zip(members.names, members.params,
-                                     member_val, members.steps):
-    results['members'][name] = {'step': step, 'validation': val,
-                                'test': metrics(params, 'test')}
+  results = {
+      'members': {},
+      'soups': {},
+      'greedy_members': [members.names[i] for i in chosen],
+      'method': config.soup.method,
+  }
+  for name, params, val, step in zip(
+      members.names, members.params, member_val, members.steps
+  ):
+    results['members'][name] = {
+        'step': step,
+        'validation': val,
+        'test': metrics(params, 'test'),
+    }
   for method, params in (('uniform', uniform), ('greedy', greedy)):
-    results['soups'][method] = {s: metrics(params, s)
-                                for s in ('validation', 'test')}
+    results['soups'][method] = {
+        s: metrics(params, s) for s in ('validation', 'test')
+    }
   rows = [(n, r['test']) for n, r in results['members'].items()]
   rows += [(f'soup: {m}', r['test']) for m, r in results['soups'].items()]
-  console.info(metrics_table(rows, f'test split, {len(members.names)} '
-                             'members and their weight averages:',
-                             run.task.table_columns))
+  console.info(
+      metrics_table(
+          rows,
+          f'test split, {len(members.names)} '
+          'members and their weight averages:',
+          run.task.table_columns,
+      )
+  )
 
   soup = uniform if config.soup.method == 'uniform' else greedy
-  write_checkpoint(members.runs[0], soup, workdir,
-                   results['soups'][config.soup.method]['validation'])
+  write_checkpoint(
+      members.runs[0],
+      soup,
+      workdir,
+      results['soups'][config.soup.method]['validation'],
+  )
   results.update(results['soups'][config.soup.method])  # the headline
   results.update(run.task.results())
   results['checkpoint'] = os.path.join(workdir, 'checkpoints')
   results['wall_time_s'] = time.time() - start
   write_results(workdir, results)
-  console.info(f'soup: wrote the {config.soup.method} soup to '
-               f'{results["checkpoint"]} (evaluate it with --config.mode=eval '
-               f'--workdir={workdir}, or start from it with '
-               f'--config.init.checkpoint={workdir})')
+  console.info(
+      f'soup: wrote the {config.soup.method} soup to '
+      f'{results["checkpoint"]} (evaluate it with --config.mode=eval '
+      f'--workdir={workdir}, or start from it with '
+      f'--config.init.checkpoint={workdir})'
+  )
   return results
 
 
@@ -143,17 +176,26 @@ def write_checkpoint(run, params, workdir: str, validation: dict):
   directory = os.path.join(workdir, 'checkpoints')
   if jax.process_index() == 0 and os.path.exists(directory):
     shutil.rmtree(directory)  # an earlier soup of this work directory
-  tx, _ = build_optimizer(config.optimizer, params, 1, 0, None,
-                          naming=run.naming)
+  tx, _ = build_optimizer(
+      config.optimizer, params, 1, 0, None, naming=run.naming
+  )
   state = initial_state(
-      params, tx, ema=config.training.get('ema_decay') is not None,
-      count_skipped=config.training.get('on_nonfinite') == 'skip')
-  stream = TrainStream(run.data.train, config.training.batch_size,
-                       config.seed, tuple(config.data.length_buckets))
+      params,
+      tx,
+      ema=config.training.get('ema_decay') is not None,
+      count_skipped=config.training.get('on_nonfinite') == 'skip',
+  )
+  stream = TrainStream(
+      run.data.train,
+      config.training.batch_size,
+      config.seed,
+      tuple(config.data.length_buckets),
+  )
   checkpoints = RunCheckpoints(directory, run.best_metric, run.best_mode)
   try:
-    checkpoints.save(0, state, stream.get_state(),
-                     metrics=run.task.scalars(validation))
+    checkpoints.save(
+        0, state, stream.get_state(), metrics=run.task.scalars(validation)
+    )
     checkpoints.wait()
   finally:
     checkpoints.close()

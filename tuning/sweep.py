@@ -85,8 +85,11 @@ MAIN = os.path.join(REPO, 'main.py')
 HOST = socket.gethostname()
 LOCK = '.sweep.lock'
 DEVICES = ('auto', 'cpu', 'cuda', 'none')
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-            optuna.trial.TrialState.FAIL)
+FINISHED = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.PRUNED,
+    optuna.trial.TrialState.FAIL,
+)
 
 
 class TrialFailed(Exception):
@@ -104,6 +107,7 @@ class _SameTrial(Exception):
 @dataclasses.dataclass
 class Sweep:
   """A sweep's definition: what every trial runs, and where."""
+
   config: str  # 'experiments/x.py[:arg]', the path absolute
   workdir: str  # absolute
   spec: dict  # sweep_space.normalize()d
@@ -113,14 +117,25 @@ class Sweep:
   main: str = MAIN
 
   def command(self, trial_dir: str, values: dict) -> list[str]:
-    return ([sys.executable, self.main, f'--config={self.config}',
-             f'--workdir={trial_dir}'] + self.overrides +
-            [f'--config.{k}={v}' for k, v in values.items()])
+    return (
+        [
+            sys.executable,
+            self.main,
+            f'--config={self.config}',
+            f'--workdir={trial_dir}',
+        ]
+        + self.overrides
+        + [f'--config.{k}={v}' for k, v in values.items()]
+    )
 
   def identity(self) -> dict:
     """What must match for a rerun to continue an existing study."""
-    return {'config': self.config, 'overrides': self.overrides,
-            'spec': sweep_space.to_json(self.spec), 'main': self.main}
+    return {
+        'config': self.config,
+        'overrides': self.overrides,
+        'spec': sweep_space.to_json(self.spec),
+        'main': self.main,
+    }
 
 
 def load_spec(config_spec: str):
@@ -134,14 +149,21 @@ def load_spec(config_spec: str):
   try:
     return module.get_sweep(arg) if arg else module.get_sweep()
   except Exception as e:  # the user's function rejecting its argument
-    raise SweepError(f'{path}: get_sweep({arg!r}) failed: '
-                     f'{type(e).__name__}: {e}') from None
+    raise SweepError(
+        f'{path}: get_sweep({arg!r}) failed: ' f'{type(e).__name__}: {e}'
+    ) from None
 
 
-def prepare(config: str, workdir: str, spec: dict | None = None,
-            overrides=(), storage: str | None = None,
-            study_name: str | None = None, main: str = MAIN,
-            **changes) -> Sweep:
+def prepare(
+    config: str,
+    workdir: str,
+    spec: dict | None = None,
+    overrides=(),
+    storage: str | None = None,
+    study_name: str | None = None,
+    main: str = MAIN,
+    **changes,
+) -> Sweep:
   """Loads and checks everything a sweep needs; runs nothing.
 
   `spec` None: the config file's get_sweep. `overrides`: 'k=v' or
@@ -154,8 +176,10 @@ def prepare(config: str, workdir: str, spec: dict | None = None,
   if spec is None:
     spec = load_spec(config)
     if spec is None:
-      raise SweepError(f'{path} has no get_sweep(arg=None); define one or '
-                       "pass --sweep='key=v1,v2;key2=...'")
+      raise SweepError(
+          f'{path} has no get_sweep(arg=None); define one or '
+          "pass --sweep='key=v1,v2;key2=...'"
+      )
   spec = dict(spec, **{k: v for k, v in changes.items() if v is not None})
   spec = sweep_space.normalize(spec, loaded)
   flags = []
@@ -166,14 +190,20 @@ def prepare(config: str, workdir: str, spec: dict | None = None,
       raise SweepError(f'override {text!r}: use --config.key=value')
     sweep_space.check_key(loaded, key)
     if key in sweep_space.swept_keys(spec):
-      raise SweepError(f'--config.{key} is swept; leave it out of the '
-                       'overrides')
+      raise SweepError(
+          f'--config.{key} is swept; leave it out of the ' 'overrides'
+      )
     flags.append(f'--config.{text}')
   workdir = os.path.abspath(workdir)
-  return Sweep(config=config, workdir=workdir, spec=spec, overrides=flags,
-               storage=storage or default_storage(workdir),
-               study_name=study_name or os.path.basename(workdir),
-               main=os.path.abspath(main))
+  return Sweep(
+      config=config,
+      workdir=workdir,
+      spec=spec,
+      overrides=flags,
+      storage=storage or default_storage(workdir),
+      study_name=study_name or os.path.basename(workdir),
+      main=os.path.abspath(main),
+  )
 
 
 def default_storage(workdir: str) -> str:
@@ -185,16 +215,17 @@ def _storage(url: str):
   try:
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
   except Exception as e:  # a bad URL, a missing driver, no server
-    raise SweepError(f'cannot open the study storage {_printable(url)}: '
-                     f'{type(e).__name__}: {e}') from None
+    raise SweepError(
+        f'cannot open the study storage {_printable(url)}: '
+        f'{type(e).__name__}: {e}'
+    ) from None
 
 
 def _study_exists(sweep: Sweep) -> bool:
   if sweep.storage == default_storage(sweep.workdir):
     if not os.path.exists(os.path.join(sweep.workdir, 'study.db')):
       return False
-  return sweep.study_name in optuna.get_all_study_names(
-      _storage(sweep.storage))
+  return sweep.study_name in optuna.get_all_study_names(_storage(sweep.storage))
 
 
 class _GridSampler(optuna.samplers.GridSampler):
@@ -211,41 +242,51 @@ def open_study(sweep: Sweep) -> optuna.Study:
   optuna.logging.set_verbosity(optuna.logging.ERROR)
   spec = sweep.spec
   if spec['sampler'] == 'grid':
-    sampler = _GridSampler(sweep_space.grid_search_space(spec),
-                           seed=spec['seed'])
+    sampler = _GridSampler(
+        sweep_space.grid_search_space(spec), seed=spec['seed']
+    )
   elif spec['sampler'] == 'random':
     sampler = optuna.samplers.RandomSampler(seed=spec['seed'])
   else:
     sampler = optuna.samplers.TPESampler(seed=spec['seed'])
-  pruner = (optuna.pruners.MedianPruner(**spec['pruner_args'])
-            if spec['pruner'] == 'median' else optuna.pruners.NopPruner())
+  pruner = (
+      optuna.pruners.MedianPruner(**spec['pruner_args'])
+      if spec['pruner'] == 'median'
+      else optuna.pruners.NopPruner()
+  )
   if sweep.storage == default_storage(sweep.workdir):
     os.makedirs(sweep.workdir, exist_ok=True)
   study = optuna.create_study(
-      storage=_storage(sweep.storage), sampler=sampler, pruner=pruner,
-      study_name=sweep.study_name, direction=spec['direction'],
-      load_if_exists=True)
+      storage=_storage(sweep.storage),
+      sampler=sampler,
+      pruner=pruner,
+      study_name=sweep.study_name,
+      direction=spec['direction'],
+      load_if_exists=True,
+  )
   identity = sweep.identity()
   stored = study.user_attrs.get('sweep')
   if stored is None:
     study.set_user_attr('sweep', identity)
   elif stored != identity:
     differs = ', '.join(k for k in identity if stored.get(k) != identity[k])
-    raise SweepError(f'study {sweep.study_name!r} holds another sweep '
-                     f'(different {differs}); use a new --workdir or '
-                     '--study_name')
+    raise SweepError(
+        f'study {sweep.study_name!r} holds another sweep '
+        f'(different {differs}); use a new --workdir or '
+        '--study_name'
+    )
   return study
 
 
 def _frozen(study, number: int):
-  return next(t for t in study.get_trials(deepcopy=False)
-              if t.number == number)
+  return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
 
 
 def _trial_id(study, number: int) -> int:
   storage = study._storage  # pylint: disable=protected-access
   return storage.get_trial_id_from_study_id_trial_number(
-      storage.get_study_id_from_name(study.study_name), number)
+      storage.get_study_id_from_name(study.study_name), number
+  )
 
 
 def _enqueue_retry(study, frozen, wall_time_s: float | None):
@@ -255,14 +296,19 @@ def _enqueue_retry(study, frozen, wall_time_s: float | None):
     if key in frozen.system_attrs:
       system[key] = frozen.system_attrs[key]
   previous = (frozen.user_attrs.get('previous_wall_time_s') or 0) + (
-      wall_time_s or 0)
+      wall_time_s or 0
+  )
   user = {'retry_of': frozen.number, 'previous_wall_time_s': previous}
   for key in ('trial_dir', 'overrides'):
     if key in frozen.user_attrs:
       user[key] = frozen.user_attrs[key]
-  study.add_trial(optuna.trial.create_trial(
-      state=optuna.trial.TrialState.WAITING, system_attrs=system,
-      user_attrs=user))
+  study.add_trial(
+      optuna.trial.create_trial(
+          state=optuna.trial.TrialState.WAITING,
+          system_attrs=system,
+          user_attrs=user,
+      )
+  )
 
 
 def _lock(trial_dir: str, number: int | None = None):
@@ -296,8 +342,9 @@ def _lock_owner(trial_dir: str) -> int | None:
 def recover(study, sweep: Sweep) -> list[int]:
   """Re-queues trials left running by a sweep on this host that died."""
   retried = []
-  for t in study.get_trials(deepcopy=False,
-                            states=(optuna.trial.TrialState.RUNNING,)):
+  for t in study.get_trials(
+      deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)
+  ):
     name = t.user_attrs.get('trial_dir')
     if name is not None:
       if t.user_attrs.get('host') != HOST:
@@ -327,8 +374,11 @@ def recover(study, sweep: Sweep) -> list[int]:
 
 def remaining(study, sweep: Sweep) -> int:
   """How many trials this worker starts: waiting ones + the unspent budget."""
-  trials = [t for t in study.get_trials(deepcopy=False)
-            if not t.user_attrs.get('interrupted')]
+  trials = [
+      t
+      for t in study.get_trials(deepcopy=False)
+      if not t.user_attrs.get('interrupted')
+  ]
   waiting = sum(t.state == optuna.trial.TrialState.WAITING for t in trials)
   return waiting + max(0, sweep.spec['trials'] - len(trials))
 
@@ -338,22 +388,32 @@ def slot_settings(devices: str, parallel: int) -> list[tuple[dict, list]]:
   if devices not in DEVICES:
     raise SweepError(f'unknown --devices={devices} (use: {", ".join(DEVICES)})')
   gpus = os.environ.get('CUDA_VISIBLE_DEVICES')
-  gpus = gpus.split(',') if gpus else sorted(
-      (p[len('/dev/nvidia'):] for p in glob.glob('/dev/nvidia[0-9]*')),
-      key=int)
+  gpus = (
+      gpus.split(',')
+      if gpus
+      else sorted(
+          (p[len('/dev/nvidia') :] for p in glob.glob('/dev/nvidia[0-9]*')),
+          key=int,
+      )
+  )
   if devices == 'auto':
     devices = 'none' if parallel == 1 else ('cuda' if gpus else 'cpu')
   if devices == 'none':
     return [({}, [])] * parallel
   if devices == 'cuda':
     if parallel > len(gpus):
-      raise SweepError(f'--parallel={parallel} with --devices=cuda needs '
-                       f'{parallel} GPUs; found {len(gpus)} (--devices=none '
-                       'shares them)')
+      raise SweepError(
+          f'--parallel={parallel} with --devices=cuda needs '
+          f'{parallel} GPUs; found {len(gpus)} (--devices=none '
+          'shares them)'
+      )
     return [({'CUDA_VISIBLE_DEVICES': gpus[i]}, []) for i in range(parallel)]
   cores = sorted(os.sched_getaffinity(0))
-  shares = [cores[i * len(cores) // parallel:(i + 1) * len(cores) // parallel]
-            or [cores[i % len(cores)]] for i in range(parallel)]
+  shares = [
+      cores[i * len(cores) // parallel : (i + 1) * len(cores) // parallel]
+      or [cores[i % len(cores)]]
+      for i in range(parallel)
+  ]
   return [({'JAX_PLATFORMS': 'cpu'}, share) for share in shares]
 
 
@@ -396,8 +456,9 @@ def _last_error(log_path: str, offset: int) -> str:
 class Runner:
   """Runs a sweep's trials, N at a time, each a main.py subprocess."""
 
-  def __init__(self, sweep: Sweep, study, parallel: int, devices: str,
-               out=print):
+  def __init__(
+      self, sweep: Sweep, study, parallel: int, devices: str, out=print
+  ):
     self.sweep, self.study, self.out = sweep, study, out
     self.settings = slot_settings(devices, parallel)
     self.stop = threading.Event()
@@ -409,8 +470,10 @@ class Runner:
 
   def run(self, todo: int):
     """Runs the trials left (`todo` now), a worker thread per slot."""
-    threads = [threading.Thread(target=self._work, args=setting, daemon=True)
-               for setting in self.settings[:todo]]
+    threads = [
+        threading.Thread(target=self._work, args=setting, daemon=True)
+        for setting in self.settings[:todo]
+    ]
     for thread in threads:
       thread.start()
     for thread in threads:
@@ -480,8 +543,10 @@ class Runner:
     if self.stop.is_set():
       self._retry_later(trial, None)
     name = trial.user_attrs.get('trial_dir') or (
-        sweep_space.grid_trial_name(values) if spec['sampler'] == 'grid'
-        else sweep_space.space_trial_name(trial.number))
+        sweep_space.grid_trial_name(values)
+        if spec['sampler'] == 'grid'
+        else sweep_space.space_trial_name(trial.number)
+    )
     trial_dir = os.path.join(self.sweep.workdir, name)
     os.makedirs(trial_dir, exist_ok=True)
     lock = _lock(trial_dir, trial.number)
@@ -491,8 +556,10 @@ class Runner:
       raise _SameTrial()
     if lock is None:  # a duplicate (workers racing for the last grid point)
       trial.set_user_attr('trial_dir', name)
-      trial.set_user_attr('error', 'duplicate: another worker is running '
-                          'this trial directory')
+      trial.set_user_attr(
+          'error',
+          'duplicate: another worker is running ' 'this trial directory',
+      )
       raise TrialFailed(trial.user_attrs['error'])
     with self._lock:
       self._trial_locks[trial.number] = lock
@@ -501,14 +568,16 @@ class Runner:
     trial.set_user_attr('trial_dir', name)  # recover() looks for this
     start, proc = time.time(), None
     try:
-      proc, offset = self._start(trial, trial_dir, values, lock,
-                                 env_changes, cores)
+      proc, offset = self._start(
+          trial, trial_dir, values, lock, env_changes, cores
+      )
       pruned = self._watch(trial, proc, trial_dir)
     finally:
       with self._lock:
         self._children.discard(proc)
-    return self._outcome(trial, trial_dir, proc.returncode, pruned, start,
-                         offset)
+    return self._outcome(
+        trial, trial_dir, proc.returncode, pruned, start, offset
+    )
 
   def _start(self, trial, trial_dir, values, lock, env_changes, cores):
     """Starts main.py for the trial; returns it and its log's offset."""
@@ -516,30 +585,48 @@ class Runner:
     trial.set_user_attr('command', shlex.join(command))
     log_path = os.path.join(trial_dir, 'log.txt')
     with open(log_path, 'a', encoding='utf-8') as log:
-      log.write(f'=== trial {trial.number} on {HOST} at '
-                f'{time.strftime("%Y-%m-%d %H:%M:%S")}: '
-                f'{shlex.join(command)}\n')
+      log.write(
+          f'=== trial {trial.number} on {HOST} at '
+          f'{time.strftime("%Y-%m-%d %H:%M:%S")}: '
+          f'{shlex.join(command)}\n'
+      )
       log.flush()
       offset = log.tell()
       # The run inherits the lock (held while it lives, even if this process
       # dies) and gets its own session: Ctrl-C reaches it via interrupt().
       proc = subprocess.Popen(  # pylint: disable=consider-using-with
-          command, stdout=log, stderr=subprocess.STDOUT,
-          env={**os.environ, **env_changes}, pass_fds=(lock,),
-          start_new_session=True)
+          command,
+          stdout=log,
+          stderr=subprocess.STDOUT,
+          env={**os.environ, **env_changes},
+          pass_fds=(lock,),
+          start_new_session=True,
+      )
     if cores:
       os.sched_setaffinity(proc.pid, cores)
     with self._lock:
       self._children.add(proc)
-    with open(os.path.join(trial_dir, 'trial.json'), 'w',
-              encoding='utf-8') as f:
-      json.dump({'trial': trial.number, 'study': self.sweep.study_name,
-                 'host': HOST, 'pid': proc.pid, 'overrides': values,
-                 'command': command}, f, indent=2)
+    with open(
+        os.path.join(trial_dir, 'trial.json'), 'w', encoding='utf-8'
+    ) as f:
+      json.dump(
+          {
+              'trial': trial.number,
+              'study': self.sweep.study_name,
+              'host': HOST,
+              'pid': proc.pid,
+              'overrides': values,
+              'command': command,
+          },
+          f,
+          indent=2,
+      )
     resumes = trial.user_attrs.get('retry_of')
-    self.say(f'[trial {trial.number}] {os.path.basename(trial_dir)}: started'
-             + (f' (resuming trial {resumes})' if resumes is not None else '')
-             + f'; log {log_path}')
+    self.say(
+        f'[trial {trial.number}] {os.path.basename(trial_dir)}: started'
+        + (f' (resuming trial {resumes})' if resumes is not None else '')
+        + f'; log {log_path}'
+    )
     if self.stop.is_set():  # a signal came before it was registered
       proc.send_signal(signal.SIGTERM)
     return proc, offset
@@ -549,8 +636,10 @@ class Runner:
     spec, metric = self.sweep.spec, self.sweep.spec['metric']
     name, say = os.path.basename(trial_dir), self.say
     wall = time.time() - start
-    trial.set_user_attr('wall_time_s', round(
-        wall + (trial.user_attrs.get('previous_wall_time_s') or 0), 2))
+    trial.set_user_attr(
+        'wall_time_s',
+        round(wall + (trial.user_attrs.get('previous_wall_time_s') or 0), 2),
+    )
     history = _validation(trial_dir)
     if history:
       trial.set_user_attr('steps', max(h['step'] for h in history))
@@ -560,26 +649,34 @@ class Runner:
       with open(results_path, encoding='utf-8') as f:
         results = json.load(f)
     if pruned:
-      say(f'[trial {trial.number}] {name}: pruned at step '
-          f'{trial.user_attrs.get("steps")}')
+      say(
+          f'[trial {trial.number}] {name}: pruned at step '
+          f'{trial.user_attrs.get("steps")}'
+      )
       raise optuna.TrialPruned()
     if self.stop.is_set() or 'preempted_at_step' in results:
-      say(f'[trial {trial.number}] {name}: stopped; rerun the sweep to '
-          'resume it from its checkpoint')
+      say(
+          f'[trial {trial.number}] {name}: stopped; rerun the sweep to '
+          'resume it from its checkpoint'
+      )
       self._retry_later(trial, wall)
     if returncode != 0:
       error = _last_error(os.path.join(trial_dir, 'log.txt'), offset)
       trial.set_user_attr('error', error)
-      say(f'[trial {trial.number}] {name}: FAILED (exit {returncode}): '
-          f'{error}')
+      say(
+          f'[trial {trial.number}] {name}: FAILED (exit {returncode}): '
+          f'{error}'
+      )
       raise TrialFailed(error)
     if 'test' not in results:
       trial.set_user_attr('error', 'main.py wrote no results.json')
       raise TrialFailed(trial.user_attrs['error'])
-    trial.set_user_attr('steps', results.get('steps', trial.user_attrs.get(
-        'steps')))
-    trial.set_user_attr('test', {k: results['test'].get(k)
-                                 for k in sweep_space.METRICS})
+    trial.set_user_attr(
+        'steps', results.get('steps', trial.user_attrs.get('steps'))
+    )
+    trial.set_user_attr(
+        'test', {k: results['test'].get(k) for k in sweep_space.METRICS}
+    )
     if history:
       pick = max if spec['direction'] == 'maximize' else min
       best = pick(history, key=lambda h: h[metric])
@@ -587,9 +684,11 @@ class Runner:
     else:
       value, step = results['validation'][metric], results.get('steps')
     trial.set_user_attr('best_step', step)
-    say(f'[trial {trial.number}] {name}: done in {wall:.1f} s; best '
+    say(
+        f'[trial {trial.number}] {name}: done in {wall:.1f} s; best '
         f'validation {metric} {value:.4f} (step {step}), test '
-        f'{results["test"][metric]:.4f}')
+        f'{results["test"][metric]:.4f}'
+    )
     return value
 
   def _watch(self, trial, proc, trial_dir: str) -> bool:
@@ -606,8 +705,13 @@ class Runner:
       if done:
         return False
       last = _total_steps(trial_dir)  # pruning at the last step saves nothing
-      if prune and new and not self.stop.is_set() and (
-          last is None or max(reported) < last) and trial.should_prune():
+      if (
+          prune
+          and new
+          and not self.stop.is_set()
+          and (last is None or max(reported) < last)
+          and trial.should_prune()
+      ):
         proc.send_signal(signal.SIGTERM)  # main.py checkpoints, then exits
         try:
           proc.wait(timeout=120)
@@ -618,23 +722,32 @@ class Runner:
       time.sleep(0.5)
 
 
-def run(sweep: Sweep, parallel: int = 1, devices: str = 'auto',
-        out=print) -> optuna.Study:
+def run(
+    sweep: Sweep, parallel: int = 1, devices: str = 'auto', out=print
+) -> optuna.Study:
   """Runs (or resumes) the sweep, then writes its report."""
   if parallel < 1:
     raise SweepError(f'--parallel={parallel}: use 1 or more')
   study = open_study(sweep)
   runner = Runner(sweep, study, parallel, devices, out)
   for number in recover(study, sweep):
-    out(f'trial {number} was left running by a stopped sweep: it will be '
-        'resumed from its checkpoint')
+    out(
+        f'trial {number} was left running by a stopped sweep: it will be '
+        'resumed from its checkpoint'
+    )
   todo = remaining(study, sweep)
   spec = sweep.spec
-  out(f'sweep {sweep.study_name}: {spec["trials"]} trials ({spec["sampler"]}'
+  out(
+      f'sweep {sweep.study_name}: {spec["trials"]} trials ({spec["sampler"]}'
       f' sampler, {spec["direction"]} validation {spec["metric"]}), '
-      + (f'{todo} to run, {min(parallel, todo)} at a time' if todo else
-         'none left to run') + f'; study in '
-      f'{_printable(sweep.storage)}')
+      + (
+          f'{todo} to run, {min(parallel, todo)} at a time'
+          if todo
+          else 'none left to run'
+      )
+      + f'; study in '
+      f'{_printable(sweep.storage)}'
+  )
   handlers = {}
   if threading.current_thread() is threading.main_thread():
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -664,34 +777,43 @@ def report(study, workdir: str) -> str:
   counts = {}
   for row in rows:
     counts[row['state']] = counts.get(row['state'], 0) + 1
-  lines = [f'{spec["direction"]} best validation {spec["metric"]}; trials: ' +
-           ', '.join(f'{n} {state}' for state, n in counts.items()), text]
+  lines = [
+      f'{spec["direction"]} best validation {spec["metric"]}; trials: '
+      + ', '.join(f'{n} {state}' for state, n in counts.items()),
+      text,
+  ]
   if rows and rows[0]['best_validation'] is not None:
     best = _frozen(study, rows[0]['trial'])
     lines.append(f'best: {rows[0]["name"]}: {best.user_attrs.get("command")}')
-  lines.append(f'wrote {os.path.join(workdir, "report.md")}, report.csv, '
-               'report.png')
+  lines.append(
+      f'wrote {os.path.join(workdir, "report.md")}, report.csv, ' 'report.png'
+  )
   return '\n'.join(lines)
 
 
-def load_study(workdir: str, storage: str | None = None,
-               study_name: str | None = None) -> optuna.Study:
+def load_study(
+    workdir: str, storage: str | None = None, study_name: str | None = None
+) -> optuna.Study:
   """The study of a sweep directory, for `report`."""
   optuna.logging.set_verbosity(optuna.logging.ERROR)
   workdir = os.path.abspath(workdir)
   if storage is None:
     storage = default_storage(workdir)
     if not os.path.exists(os.path.join(workdir, 'study.db')):
-      raise SweepError(f'no sweep in {workdir} (no study.db; pass --storage '
-                       'for a shared study)')
+      raise SweepError(
+          f'no sweep in {workdir} (no study.db; pass --storage '
+          'for a shared study)'
+      )
   names = optuna.get_all_study_names(_storage(storage))
   name = study_name or os.path.basename(workdir)
   if name not in names:
     if study_name is None and len(names) == 1:
       name = names[0]
     else:
-      raise SweepError(f'no study {name!r} in {_printable(storage)} (have: '
-                       f'{", ".join(names) or "none"}); pass --study_name')
+      raise SweepError(
+          f'no study {name!r} in {_printable(storage)} (have: '
+          f'{", ".join(names) or "none"}); pass --study_name'
+      )
   study = optuna.load_study(study_name=name, storage=_storage(storage))
   if 'sweep' not in study.user_attrs:
     raise SweepError(f'study {name!r} was not made by tuning.sweep')
@@ -703,70 +825,102 @@ def dry_run(sweep: Sweep, worker_command: list[str] | None = None) -> str:
   spec = sweep.spec
   if spec['sampler'] != 'grid':
     command = worker_command or [
-        sys.executable, '-m', 'tuning.sweep', f'--config={sweep.config}',
-        f'--workdir={sweep.workdir}', *sweep.overrides]
-    return '\n'.join([
-        f'# {spec["sampler"]} sampler, {spec["trials"]} trials: values are '
-        'chosen as trials finish, so run this worker (on each machine; they '
-        'share the study through --storage):',
-        f'cd {shlex.quote(REPO)} && {shlex.join(command)}'])
+        sys.executable,
+        '-m',
+        'tuning.sweep',
+        f'--config={sweep.config}',
+        f'--workdir={sweep.workdir}',
+        *sweep.overrides,
+    ]
+    return '\n'.join(
+        [
+            f'# {spec["sampler"]} sampler, {spec["trials"]} trials: values are '
+            'chosen as trials finish, so run this worker (on each machine; they '
+            'share the study through --storage):',
+            f'cd {shlex.quote(REPO)} && {shlex.join(command)}',
+        ]
+    )
   finished = set()
   if _study_exists(sweep):
-    study = optuna.load_study(study_name=sweep.study_name,
-                              storage=_storage(sweep.storage))
-    finished = {t.user_attrs.get('trial_dir') for t in study.get_trials(
-        deepcopy=False, states=FINISHED)
-                if not t.user_attrs.get('interrupted')}
+    study = optuna.load_study(
+        study_name=sweep.study_name, storage=_storage(sweep.storage)
+    )
+    finished = {
+        t.user_attrs.get('trial_dir')
+        for t in study.get_trials(deepcopy=False, states=FINISHED)
+        if not t.user_attrs.get('interrupted')
+    }
   points = sweep_space.grid_points(spec)
-  lines = [f'# {len(points)} trials, {len(points) - len(finished)} not yet '
-           'finished in the study; one main.py run each (running '
-           '`python -m tuning.sweep` with the same flags afterwards records '
-           'them from their checkpoints):']
+  lines = [
+      f'# {len(points)} trials, {len(points) - len(finished)} not yet '
+      'finished in the study; one main.py run each (running '
+      '`python -m tuning.sweep` with the same flags afterwards records '
+      'them from their checkpoints):'
+  ]
   for values in points:
     name = sweep_space.grid_trial_name(values)
     if name not in finished:
-      lines.append(shlex.join(sweep.command(
-          os.path.join(sweep.workdir, name), values)))
+      lines.append(
+          shlex.join(sweep.command(os.path.join(sweep.workdir, name), values))
+      )
   return '\n'.join(lines)
 
 
 # ------------------------------------------------------------------ command line
 
+
 class _Parser(argparse.ArgumentParser):
 
   def error(self, message):
-    print(f'error: {message} (see python -m tuning.sweep --help)',
-          file=sys.stderr)
+    print(
+        f'error: {message} (see python -m tuning.sweep --help)', file=sys.stderr
+    )
     sys.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog='python -m tuning.sweep', description=(
-      'Runs a hyperparameter sweep (every trial a main.py run); '
-      '`report` rewrites its report.'), usage=(
+  parser = _Parser(
+      prog='python -m tuning.sweep',
+      description=(
+          'Runs a hyperparameter sweep (every trial a main.py run); '
+          '`report` rewrites its report.'
+      ),
+      usage=(
           'python -m tuning.sweep [report] --config=experiments/x.py[:arg] '
           '--workdir=DIR [--sweep=...] [--parallel=N] [--dry_run] '
-          '[--config.k=v ...]'))
-  parser.add_argument('command', nargs='?', default='run',
-                      choices=('run', 'report'))
+          '[--config.k=v ...]'
+      ),
+  )
+  parser.add_argument(
+      'command', nargs='?', default='run', choices=('run', 'report')
+  )
   parser.add_argument('--config', help='experiment config file[:arg]')
   parser.add_argument('--workdir', required=True, help='sweep directory')
-  parser.add_argument('--sweep', help="grid/space: 'k=v1,v2;k2=loguniform(a,b)'")
+  parser.add_argument(
+      '--sweep', help="grid/space: 'k=v1,v2;k2=loguniform(a,b)'"
+  )
   parser.add_argument('--zip', help="lists varying together: 'k=v1,v2;k2=..'")
   parser.add_argument('--trials', type=int, help='trial budget (spaces)')
   parser.add_argument('--sampler', choices=sweep_space.SAMPLERS)
   parser.add_argument('--metric', choices=sweep_space.METRICS)
   parser.add_argument('--direction', choices=('maximize', 'minimize'))
   parser.add_argument('--pruner', choices=('median', 'none'))
-  parser.add_argument('--parallel', type=int, default=1,
-                      help='trials at a time (default 1)')
-  parser.add_argument('--devices', default='auto', choices=DEVICES,
-                      help='what each parallel trial gets (default auto)')
-  parser.add_argument('--storage', help='Optuna storage URL (default '
-                      'sqlite:///DIR/study.db)')
+  parser.add_argument(
+      '--parallel', type=int, default=1, help='trials at a time (default 1)'
+  )
+  parser.add_argument(
+      '--devices',
+      default='auto',
+      choices=DEVICES,
+      help='what each parallel trial gets (default auto)',
+  )
+  parser.add_argument(
+      '--storage', help='Optuna storage URL (default ' 'sqlite:///DIR/study.db)'
+  )
   parser.add_argument('--study_name', help='default: the basename of DIR')
-  parser.add_argument('--dry_run', action='store_true',
-                      help='print the commands; run nothing')
+  parser.add_argument(
+      '--dry_run', action='store_true', help='print the commands; run nothing'
+  )
   return parser
 
 
@@ -786,17 +940,40 @@ def main(argv: list[str]) -> int:
     spec = None
     if args.sweep or args.zip:
       spec = sweep_space.parse_cli(args.sweep, args.zip)
-    sweep = prepare(args.config, args.workdir, spec, overrides, args.storage,
-                    args.study_name, trials=args.trials, sampler=args.sampler,
-                    metric=args.metric, direction=args.direction,
-                    pruner=args.pruner)
+    sweep = prepare(
+        args.config,
+        args.workdir,
+        spec,
+        overrides,
+        args.storage,
+        args.study_name,
+        trials=args.trials,
+        sampler=args.sampler,
+        metric=args.metric,
+        direction=args.direction,
+        pruner=args.pruner,
+    )
     if args.dry_run:
-      worker = [sys.executable, '-m', 'tuning.sweep',
-                f'--config={sweep.config}', f'--workdir={sweep.workdir}',
-                f'--storage={sweep.storage}',
-                f'--study_name={sweep.study_name}']
-      for flag in ('sweep', 'zip', 'trials', 'sampler', 'metric', 'direction',
-                   'pruner', 'parallel', 'devices'):
+      worker = [
+          sys.executable,
+          '-m',
+          'tuning.sweep',
+          f'--config={sweep.config}',
+          f'--workdir={sweep.workdir}',
+          f'--storage={sweep.storage}',
+          f'--study_name={sweep.study_name}',
+      ]
+      for flag in (
+          'sweep',
+          'zip',
+          'trials',
+          'sampler',
+          'metric',
+          'direction',
+          'pruner',
+          'parallel',
+          'devices',
+      ):
         if getattr(args, flag) != _parser().get_default(flag):
           worker.append(f'--{flag}={getattr(args, flag)}')
       print(dry_run(sweep, worker + sweep.overrides))

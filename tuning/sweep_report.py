@@ -36,28 +36,32 @@ def trial_rows(study, spec: dict) -> list[dict]:
     best, best_step = None, attrs.get('best_step')
     if t.intermediate_values:
       pick = max if maximize else min
-      best_step, best = pick(t.intermediate_values.items(),
-                             key=lambda item: item[1])
+      best_step, best = pick(
+          t.intermediate_values.items(), key=lambda item: item[1]
+      )
     if t.state == optuna.trial.TrialState.COMPLETE:
       best = t.value
-    rows.append({
-        'trial': t.number,
-        'name': attrs.get('trial_dir', ''),
-        'state': STATES.get(t.state, str(t.state)),
-        'overrides': attrs.get('overrides', {}),
-        'best_validation': best,
-        'best_step': best_step,
-        'test': (attrs.get('test') or {}).get(spec['metric']),
-        'steps': attrs.get('steps'),
-        'wall_time_s': attrs.get('wall_time_s'),
-        'error': attrs.get('error', ''),
-    })
+    rows.append(
+        {
+            'trial': t.number,
+            'name': attrs.get('trial_dir', ''),
+            'state': STATES.get(t.state, str(t.state)),
+            'overrides': attrs.get('overrides', {}),
+            'best_validation': best,
+            'best_step': best_step,
+            'test': (attrs.get('test') or {}).get(spec['metric']),
+            'steps': attrs.get('steps'),
+            'wall_time_s': attrs.get('wall_time_s'),
+            'error': attrs.get('error', ''),
+        }
+    )
 
   def order(row):
     value = row['best_validation']
     if value is None or math.isnan(value):
       return (1, 0, row['trial'])
     return (0, -value if maximize else value, row['trial'])
+
   return sorted(rows, key=order)
 
 
@@ -72,8 +76,11 @@ def _number(value, digits=4) -> str:
 def _value(text: str) -> str:
   """A swept value for the table: floats to 4 significant digits."""
   number = _as_float(text)
-  return f'{number:.4g}' if number is not None and any(
-      c in text for c in '.eE') else str(text)
+  return (
+      f'{number:.4g}'
+      if number is not None and any(c in text for c in '.eE')
+      else str(text)
+  )
 
 
 def table(rows: list[dict], spec: dict) -> tuple[list[str], list[list[str]]]:
@@ -81,26 +88,46 @@ def table(rows: list[dict], spec: dict) -> tuple[list[str], list[list[str]]]:
   keys = sweep_space.swept_keys(spec)
   names = sweep_space.short_names(keys)
   metric = spec['metric']
-  header = (['rank', 'trial', 'state'] + [names[k] for k in keys] +
-            [f'best val {metric}', 'at step', f'test {metric}', 'steps',
-             'wall time (s)', 'error'])
+  header = (
+      ['rank', 'trial', 'state']
+      + [names[k] for k in keys]
+      + [
+          f'best val {metric}',
+          'at step',
+          f'test {metric}',
+          'steps',
+          'wall time (s)',
+          'error',
+      ]
+  )
   cells = []
   for rank, row in enumerate(rows, start=1):
     cells.append(
-        [str(rank), row['name'] or f'#{row["trial"]}', row['state']] +
-        [_value(row['overrides'].get(k, '')) for k in keys] +
-        [_number(row['best_validation']), _number(row['best_step']),
-         _number(row['test']), _number(row['steps']),
-         _number(row['wall_time_s'], 1), row['error'].replace('|', '/')])
+        [str(rank), row['name'] or f'#{row["trial"]}', row['state']]
+        + [_value(row['overrides'].get(k, '')) for k in keys]
+        + [
+            _number(row['best_validation']),
+            _number(row['best_step']),
+            _number(row['test']),
+            _number(row['steps']),
+            _number(row['wall_time_s'], 1),
+            row['error'].replace('|', '/'),
+        ]
+    )
   return header, cells
 
 
 def markdown(header: list[str], cells: list[list[str]]) -> str:
   widths = [max(len(c) for c in column) for column in zip(header, *cells)]
-  line = lambda row: '| ' + ' | '.join(
-      c.ljust(w) for c, w in zip(row, widths)) + ' |'
-  return '\n'.join([line(header), line(['-' * w for w in widths])] +
-                   [line(row) for row in cells])
+  line = (
+      lambda row: '| '
+      + ' | '.join(c.ljust(w) for c, w in zip(row, widths))
+      + ' |'
+  )
+  return '\n'.join(
+      [line(header), line(['-' * w for w in widths])]
+      + [line(row) for row in cells]
+  )
 
 
 def write(study, spec: dict, workdir: str) -> str:
@@ -109,20 +136,40 @@ def write(study, spec: dict, workdir: str) -> str:
   header, cells = table(rows, spec)
   text = markdown(header, cells)
   with open(os.path.join(workdir, 'report.md'), 'w', encoding='utf-8') as f:
-    f.write(f'# Sweep {study.study_name}: {spec["direction"]} best validation'
-            f' {spec["metric"]}\n\n{text}\n')
+    f.write(
+        f'# Sweep {study.study_name}: {spec["direction"]} best validation'
+        f' {spec["metric"]}\n\n{text}\n'
+    )
   keys = sweep_space.swept_keys(spec)
-  with open(os.path.join(workdir, 'report.csv'), 'w', newline='',
-            encoding='utf-8') as f:
+  with open(
+      os.path.join(workdir, 'report.csv'), 'w', newline='', encoding='utf-8'
+  ) as f:
     writer = csv.writer(f)
-    writer.writerow(['rank', 'trial', 'number', 'state'] + keys + [
-        f'best_validation_{spec["metric"]}', 'best_step',
-        f'test_{spec["metric"]}', 'steps', 'wall_time_s', 'error'])
+    writer.writerow(
+        ['rank', 'trial', 'number', 'state']
+        + keys
+        + [
+            f'best_validation_{spec["metric"]}',
+            'best_step',
+            f'test_{spec["metric"]}',
+            'steps',
+            'wall_time_s',
+            'error',
+        ]
+    )
     for rank, row in enumerate(rows, start=1):
-      writer.writerow([rank, row['name'], row['trial'], row['state']] +
-                      [row['overrides'].get(k, '') for k in keys] +
-                      [row['best_validation'], row['best_step'], row['test'],
-                       row['steps'], row['wall_time_s'], row['error']])
+      writer.writerow(
+          [rank, row['name'], row['trial'], row['state']]
+          + [row['overrides'].get(k, '') for k in keys]
+          + [
+              row['best_validation'],
+              row['best_step'],
+              row['test'],
+              row['steps'],
+              row['wall_time_s'],
+              row['error'],
+          ]
+      )
   plot(rows, spec, os.path.join(workdir, 'report.png'))
   return text
 
@@ -137,14 +184,19 @@ def _as_float(text):
 def plot(rows: list[dict], spec: dict, path: str):
   """The best validation metric against each swept hyperparameter."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
   keys = sweep_space.swept_keys(spec)
-  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5),
-                           squeeze=False)
-  styles = {'complete': dict(marker='o', color='C0', label='complete'),
-            'pruned': dict(marker='x', color='C1', label='pruned'),
-            'running': dict(marker='.', color='C2', label='running')}
+  fig, axes = plt.subplots(
+      1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False
+  )
+  styles = {
+      'complete': dict(marker='o', color='C0', label='complete'),
+      'pruned': dict(marker='x', color='C1', label='pruned'),
+      'running': dict(marker='.', color='C2', label='running'),
+  }
   for ax, key in zip(axes[0], keys):
     texts = [row['overrides'].get(key) for row in rows]
     numbers = [_as_float(t) for t in texts]
@@ -155,8 +207,10 @@ def plot(rows: list[dict], spec: dict, path: str):
       # Log axis for log-uniform spaces and for positive grids spanning
       # a factor of 10 or more.
       if kind == 'loguniform' or (
-          kind not in ('uniform', 'int') and min(present) > 0 and
-          max(present) / min(present) >= 10):
+          kind not in ('uniform', 'int')
+          and min(present) > 0
+          and max(present) / min(present) >= 10
+      ):
         ax.set_xscale('log')
     elif not present:
       ax.text(0.5, 0.5, 'no values yet', ha='center', transform=ax.transAxes)
@@ -168,9 +222,13 @@ def plot(rows: list[dict], spec: dict, path: str):
       ax.set_xticklabels(categories, rotation=30, ha='right')
       ax.set_xlim(-0.5, len(categories) - 0.5)
     for state, style in styles.items():
-      points = [(x, row['best_validation']) for x, row in zip(xs, rows)
-                if row['state'] == state and x is not None and
-                row['best_validation'] is not None]
+      points = [
+          (x, row['best_validation'])
+          for x, row in zip(xs, rows)
+          if row['state'] == state
+          and x is not None
+          and row['best_validation'] is not None
+      ]
       if points:
         ax.scatter(*zip(*points), **style)
     ax.set_xlabel(key)

@@ -42,8 +42,18 @@ from tuning import config_loading
 METRICS = ('accuracy', 'macro_f1', 'loss')
 SAMPLERS = ('grid', 'random', 'tpe')
 KINDS = ('uniform', 'loguniform', 'int', 'choice')
-KEYS = ('grid', 'zip', 'space', 'trials', 'sampler', 'metric', 'direction',
-        'pruner', 'pruner_args', 'seed')
+KEYS = (
+    'grid',
+    'zip',
+    'space',
+    'trials',
+    'sampler',
+    'metric',
+    'direction',
+    'pruner',
+    'pruner_args',
+    'seed',
+)
 ZIP_PARAM = '_zip_row'  # the Optuna parameter holding the row of `zip`
 
 
@@ -57,47 +67,61 @@ def normalize(spec: dict, config=None) -> dict:
     raise SweepError(f'a sweep spec is a dict, got {type(spec).__name__}')
   unknown = sorted(set(spec) - set(KEYS))
   if unknown:
-    raise SweepError(f'unknown sweep spec key(s) {", ".join(unknown)} (use: '
-                     f'{", ".join(KEYS)})')
+    raise SweepError(
+        f'unknown sweep spec key(s) {", ".join(unknown)} (use: '
+        f'{", ".join(KEYS)})'
+    )
   grid = {k: _values(k, v, 'grid') for k, v in (spec.get('grid') or {}).items()}
   zipped = {k: _values(k, v, 'zip') for k, v in (spec.get('zip') or {}).items()}
   space = {k: _dimension(k, v) for k, v in (spec.get('space') or {}).items()}
   if space and (grid or zipped):
-    raise SweepError('a sweep has either a grid/zip or a search space, not '
-                     'both')
+    raise SweepError(
+        'a sweep has either a grid/zip or a search space, not ' 'both'
+    )
   if not (space or grid or zipped):
     raise SweepError('the sweep varies nothing: give grid, zip or space')
   if len({len(v) for v in zipped.values()}) > 1:
-    raise SweepError('zip lists vary together, so they need one length; got '
-                     + ', '.join(f'{k}: {len(v)}' for k, v in zipped.items()))
+    raise SweepError(
+        'zip lists vary together, so they need one length; got '
+        + ', '.join(f'{k}: {len(v)}' for k, v in zipped.items())
+    )
   both = sorted(set(grid) & set(zipped))
   if both:
     raise SweepError(f'{", ".join(both)} is both in grid and in zip')
   sampler = spec.get('sampler') or ('tpe' if space else 'grid')
   if sampler not in SAMPLERS:
-    raise SweepError(f'unknown sampler {sampler!r} (use: '
-                     f'{", ".join(SAMPLERS)})')
+    raise SweepError(
+        f'unknown sampler {sampler!r} (use: ' f'{", ".join(SAMPLERS)})'
+    )
   if space and sampler == 'grid':
-    raise SweepError('a search space needs sampler random or tpe; a grid '
-                     'sampler takes grid/zip values')
+    raise SweepError(
+        'a search space needs sampler random or tpe; a grid '
+        'sampler takes grid/zip values'
+    )
   if not space and sampler != 'grid':
-    raise SweepError(f'sampler {sampler!r} needs a search space (space: ...);'
-                     ' grid/zip values are run by the grid sampler')
+    raise SweepError(
+        f'sampler {sampler!r} needs a search space (space: ...);'
+        ' grid/zip values are run by the grid sampler'
+    )
   trials = spec.get('trials')
   if space and (not isinstance(trials, int) or trials < 1):
-    raise SweepError('a search space needs a trial budget: trials=<positive '
-                     'int>')
+    raise SweepError(
+        'a search space needs a trial budget: trials=<positive ' 'int>'
+    )
   if not space:
     points = len(grid_points({'grid': grid, 'zip': zipped}))
     if trials not in (None, points):
-      raise SweepError(f'the grid has {points} trials; trials={trials} is '
-                       'for search spaces')
+      raise SweepError(
+          f'the grid has {points} trials; trials={trials} is '
+          'for search spaces'
+      )
     trials = points
   metric = spec.get('metric') or 'accuracy'
   if metric not in METRICS:
     raise SweepError(f'unknown metric {metric!r} (use: {", ".join(METRICS)})')
   direction = spec.get('direction') or (
-      'minimize' if metric == 'loss' else 'maximize')
+      'minimize' if metric == 'loss' else 'maximize'
+  )
   if direction not in ('maximize', 'minimize'):
     raise SweepError(f'direction is maximize or minimize, not {direction!r}')
   pruner = spec.get('pruner', 'median' if space else None)
@@ -105,10 +129,18 @@ def normalize(spec: dict, config=None) -> dict:
     pruner = None
   if pruner not in ('median', None):
     raise SweepError(f'unknown pruner {pruner!r} (use: median, none)')
-  result = {'grid': grid, 'zip': zipped, 'space': space, 'trials': trials,
-            'sampler': sampler, 'metric': metric, 'direction': direction,
-            'pruner': pruner, 'pruner_args': dict(spec.get('pruner_args') or {}),
-            'seed': int(spec.get('seed') or 0)}
+  result = {
+      'grid': grid,
+      'zip': zipped,
+      'space': space,
+      'trials': trials,
+      'sampler': sampler,
+      'metric': metric,
+      'direction': direction,
+      'pruner': pruner,
+      'pruner_args': dict(spec.get('pruner_args') or {}),
+      'seed': int(spec.get('seed') or 0),
+  }
   if config is not None:
     for key in swept_keys(result):
       check_key(config, key)
@@ -124,8 +156,9 @@ def check_key(config, key: str):
 
 def _values(key, values, where) -> tuple:
   if isinstance(values, (str, bytes)) or not isinstance(values, (tuple, list)):
-    raise SweepError(f'{where} values of {key} are a tuple or list, got '
-                     f'{values!r}')
+    raise SweepError(
+        f'{where} values of {key} are a tuple or list, got ' f'{values!r}'
+    )
   if not values:
     raise SweepError(f'{where} values of {key} are empty')
   return tuple(values)
@@ -133,17 +166,24 @@ def _values(key, values, where) -> tuple:
 
 def _dimension(key, dim) -> tuple:
   if not isinstance(dim, (tuple, list)) or not dim or dim[0] not in KINDS:
-    raise SweepError(f'space entry {key}={dim!r}: use (kind, ...) with kind '
-                     f'one of {", ".join(KINDS)}')
+    raise SweepError(
+        f'space entry {key}={dim!r}: use (kind, ...) with kind '
+        f'one of {", ".join(KINDS)}'
+    )
   kind = dim[0]
   if kind == 'choice':
     if len(dim) != 2:
-      raise SweepError(f'space entry {key}: use (\'choice\', (v1, v2, ...))')
+      raise SweepError(f"space entry {key}: use ('choice', (v1, v2, ...))")
     return ('choice', _values(key, dim[1], 'choice'))
-  if len(dim) != 3 or not all(isinstance(x, (int, float)) for x in dim[1:]) \
-      or not dim[1] < dim[2]:
-    raise SweepError(f'space entry {key}={tuple(dim)!r}: use ({kind!r}, low, '
-                     'high) with low < high')
+  if (
+      len(dim) != 3
+      or not all(isinstance(x, (int, float)) for x in dim[1:])
+      or not dim[1] < dim[2]
+  ):
+    raise SweepError(
+        f'space entry {key}={tuple(dim)!r}: use ({kind!r}, low, '
+        'high) with low < high'
+    )
   if kind == 'loguniform' and dim[1] <= 0:
     raise SweepError(f'space entry {key}: loguniform needs low > 0')
   if kind == 'int' and not all(isinstance(x, int) for x in dim[1:]):
@@ -161,6 +201,7 @@ def to_json(spec: dict) -> str:
 
 
 # ------------------------------------------------------------------ values
+
 
 def encode(value):
   """A value as Optuna stores it: numbers and strings as they are, others
@@ -215,13 +256,15 @@ def suggest(trial, spec: dict) -> dict:
     elif kind == 'int':
       value = trial.suggest_int(key, dim[1], dim[2])
     else:
-      value = trial.suggest_float(key, float(dim[1]), float(dim[2]),
-                                  log=kind == 'loguniform')
+      value = trial.suggest_float(
+          key, float(dim[1]), float(dim[2]), log=kind == 'loguniform'
+      )
     overrides[key] = override_text(value)
   return overrides
 
 
 # ------------------------------------------------------------------ names
+
 
 def short_names(keys) -> dict:
   """Each key's last component, or the whole key where two would clash."""
@@ -281,15 +324,19 @@ def parse_cli(sweep: str | None, zipped: str | None = None) -> dict:
       key, eq, rhs = entry.partition('=')
       key = key.strip().removeprefix('config.')
       if not eq or not key or not rhs.strip():
-        raise SweepError(f'--{where} entry {entry!r}: use key=v1,v2 (entries '
-                         'separated by ;)')
+        raise SweepError(
+            f'--{where} entry {entry!r}: use key=v1,v2 (entries '
+            'separated by ;)'
+        )
       match = _SPACE.match(rhs.strip())
       if match and where == 'sweep':
         kind, args = match.groups()
         values = parse_values(args)
-        spec['space'][key] = (kind, tuple(values)) if kind == 'choice' else (
-            kind, *values)
+        spec['space'][key] = (
+            (kind, tuple(values)) if kind == 'choice' else (kind, *values)
+        )
       else:
         spec['grid' if where == 'sweep' else 'zip'][key] = tuple(
-            parse_values(rhs.strip()))
+            parse_values(rhs.strip())
+        )
   return {k: v for k, v in spec.items() if v}

@@ -35,8 +35,11 @@ from tuning.durations import resolve_steps
 from tuning.early_stopping import EarlyStopping
 from tuning.evaluation import final_evaluation
 from tuning.metric_writer import MetricWriter, validation_history
-from tuning.optimizers import (build_optimizer, describe_parameters,
-                               trainable_mask)
+from tuning.optimizers import (
+    build_optimizer,
+    describe_parameters,
+    trainable_mask,
+)
 from tuning.run import Run
 from tuning.run_files import write_results
 from tuning.train_step import initial_state, train_step_fn
@@ -51,12 +54,13 @@ def _resolve_schedule(config, steps_per_epoch: float):
   total = resolve_steps(training, 'total', steps_per_epoch)
   if total is None:
     raise ValueError('set config.training.total_steps or total_epochs')
-  eval_every = resolve_steps(training, 'eval_every', steps_per_epoch,
-                             default=max(1, total // 10))
-  checkpoint_every = resolve_steps(training, 'checkpoint_every',
-                                   steps_per_epoch, default=eval_every)
-  warmup = resolve_steps(config.optimizer, 'warmup', steps_per_epoch,
-                         default=0)
+  eval_every = resolve_steps(
+      training, 'eval_every', steps_per_epoch, default=max(1, total // 10)
+  )
+  checkpoint_every = resolve_steps(
+      training, 'checkpoint_every', steps_per_epoch, default=eval_every
+  )
+  warmup = resolve_steps(config.optimizer, 'warmup', steps_per_epoch, default=0)
   return total, eval_every, checkpoint_every, warmup
 
 
@@ -82,6 +86,7 @@ class _Preemption:
 @dataclasses.dataclass
 class _Training:
   """What `_setup` prepares for the loop."""
+
   stream: TrainStream
   total: int
   eval_every: int
@@ -119,41 +124,64 @@ def _setup(run: Run) -> _Training:
   batch_size = config.training.batch_size
   where = run.layout.devices_text
   if batch_size % jax.device_count():
-    raise ValueError(f'config.training.batch_size={batch_size} must be '
-                     f'divisible by {where}')
+    raise ValueError(
+        f'config.training.batch_size={batch_size} must be '
+        f'divisible by {where}'
+    )
   accumulation = int(config.training.get('accumulation_steps', 1) or 1)
   if accumulation < 1 or batch_size % (jax.device_count() * accumulation):
-    raise ValueError(f'config.training.batch_size={batch_size} must be '
-                     f'divisible by {where} x '
-                     f'config.training.accumulation_steps={accumulation}')
+    raise ValueError(
+        f'config.training.batch_size={batch_size} must be '
+        f'divisible by {where} x '
+        f'config.training.accumulation_steps={accumulation}'
+    )
   ema_lib.check_config(config.training)
   teacher, train_table = None, run.data.train
   if distillation.enabled(config.get('distill')):
     if run.task.name != 'classification':
-      raise ValueError(f'distillation teaches class probabilities; '
-                       f'config.task={run.task.name!r} (unset '
-                       'config.distill.teacher)')
+      raise ValueError(
+          f'distillation teaches class probabilities; '
+          f'config.task={run.task.name!r} (unset '
+          'config.distill.teacher)'
+      )
     teacher = distillation.Teacher(config.distill)
     train_table, log = distillation.student_training_table(
-        config, run.data, teacher, run.workdir)
+        config, run.data, teacher, run.workdir
+    )
     for line in log:
       console.info(line)
   # Each process reads only its rows of every global batch.
-  stream = TrainStream(train_table, batch_size, config.seed, run.buckets,
-                       jax.process_index(), jax.process_count())
+  stream = TrainStream(
+      train_table,
+      batch_size,
+      config.seed,
+      run.buckets,
+      jax.process_index(),
+      jax.process_count(),
+  )
   total, eval_every, checkpoint_every, warmup = _resolve_schedule(
-      config, stream.steps_per_epoch)
+      config, stream.steps_per_epoch
+  )
   params = run.init_params()
-  tx, schedule = build_optimizer(config.optimizer, params, total, warmup,
-                                 run.lora, naming=run.naming)
-  console.info('parameters:\n' + '\n'.join(
-      describe_parameters(params, config.optimizer, run.lora,
-                          naming=run.naming)))
+  tx, schedule = build_optimizer(
+      config.optimizer, params, total, warmup, run.lora, naming=run.naming
+  )
+  console.info(
+      'parameters:\n'
+      + '\n'.join(
+          describe_parameters(
+              params, config.optimizer, run.lora, naming=run.naming
+          )
+      )
+  )
   if run.lora:
     console.info(lora_lib.describe(params, run.lora))
   new_state = lambda p: initial_state(  # pylint: disable=unnecessary-lambda-assignment
-      p, tx, ema=config.training.get('ema_decay') is not None,
-      count_skipped=config.training.get('on_nonfinite') == 'skip')
+      p,
+      tx,
+      ema=config.training.get('ema_decay') is not None,
+      count_skipped=config.training.get('on_nonfinite') == 'skip',
+  )
   latest = run.checkpoints.latest_step()
   if latest is not None:
     target = run.layout.restore_target(new_state(params))
@@ -163,9 +191,19 @@ def _setup(run: Run) -> _Training:
     console.info(f'resumed from {run.checkpoints.directory} at step {latest}')
   else:
     state = new_state(_pretrained(run, params))
-  return _Training(stream, total, eval_every, checkpoint_every, batch_size,
-                   accumulation, params, tx, schedule,
-                   run.layout.place_state(state), teacher)
+  return _Training(
+      stream,
+      total,
+      eval_every,
+      checkpoint_every,
+      batch_size,
+      accumulation,
+      params,
+      tx,
+      schedule,
+      run.layout.place_state(state),
+      teacher,
+  )
 
 
 def _pretrained(run: Run, params):
@@ -173,17 +211,24 @@ def _pretrained(run: Run, params):
   init = run.config.init
   if not init.checkpoint:
     return params
-  source = resolve_init_source(init.checkpoint,
-                               os.path.join(run.workdir, 'pretrained'))
+  source = resolve_init_source(
+      init.checkpoint, os.path.join(run.workdir, 'pretrained')
+  )
   params, adapters = lora_lib.split(params)
-  params, report = load_pretrained_params(source, params, tuple(init.reinit),
-                                          init.step)
-  console.info(f'init: loaded {len(report["loaded"])} parameters from '
-               f'{report["source"]}')
-  console.info('init: re-initialised: ' +
-               (', '.join(report['reinitialised']) or 'none'))
-  console.info('init: left out (in the checkpoint, not in the model): ' +
-               (', '.join(report['left_out']) or 'none'))
+  params, report = load_pretrained_params(
+      source, params, tuple(init.reinit), init.step
+  )
+  console.info(
+      f'init: loaded {len(report["loaded"])} parameters from '
+      f'{report["source"]}'
+  )
+  console.info(
+      'init: re-initialised: ' + (', '.join(report['reinitialised']) or 'none')
+  )
+  console.info(
+      'init: left out (in the checkpoint, not in the model): '
+      + (', '.join(report['left_out']) or 'none')
+  )
   return lora_lib.join(params, adapters)
 
 
@@ -192,42 +237,66 @@ def _compile_step(run: Run, training: _Training):
   distillation teacher's parameters)."""
   config, teacher = run.config, training.teacher
   in_step_teacher = teacher and config.distill.teacher_logits == 'step'
-  train_step = run.layout.compile_train_step(train_step_fn(
-      run.model, training.tx, training.schedule, config.seed,
-      trainable=trainable_mask(training.params, config.optimizer, run.lora,
-                               naming=run.naming),
-      accumulation_steps=training.accumulation,
-      on_nonfinite=config.training.get('on_nonfinite', 'stop'),
-      ema_decay=config.training.get('ema_decay'),
-      prng_impl=config.training.get('prng_impl', 'threefry2x32'),
-      sum_over_devices=run.layout.sum_over_devices,
-      batch_shards=run.layout.batch_shards,
-      loss_fn=(distillation.make_loss_fn(config.distill) if teacher else
-               run.task.loss),
-      loss_weight=run.task.loss_weight,
-      teacher_model=teacher.members.runs[0].model if in_step_teacher
-      else None), training.state)
-  step_args = ((run.layout.place_params(teacher.members.params[0]),)
-               if in_step_teacher else ())
+  train_step = run.layout.compile_train_step(
+      train_step_fn(
+          run.model,
+          training.tx,
+          training.schedule,
+          config.seed,
+          trainable=trainable_mask(
+              training.params, config.optimizer, run.lora, naming=run.naming
+          ),
+          accumulation_steps=training.accumulation,
+          on_nonfinite=config.training.get('on_nonfinite', 'stop'),
+          ema_decay=config.training.get('ema_decay'),
+          prng_impl=config.training.get('prng_impl', 'threefry2x32'),
+          sum_over_devices=run.layout.sum_over_devices,
+          batch_shards=run.layout.batch_shards,
+          loss_fn=(
+              distillation.make_loss_fn(config.distill)
+              if teacher
+              else run.task.loss
+          ),
+          loss_weight=run.task.loss_weight,
+          teacher_model=teacher.members.runs[0].model
+          if in_step_teacher
+          else None,
+      ),
+      training.state,
+  )
+  step_args = (
+      (run.layout.place_params(teacher.members.params[0]),)
+      if in_step_teacher
+      else ()
+  )
   console.info(run.layout.describe(training.state))
-  console.info(_methods_line(config, training.accumulation,
-                             training.batch_size, run.best_metric))
+  console.info(
+      _methods_line(
+          config, training.accumulation, training.batch_size, run.best_metric
+      )
+  )
   return train_step, step_args
 
 
-def _loop(run: Run, training: _Training, train_step, step_args,
-          start_time: float) -> dict:
+def _loop(
+    run: Run, training: _Training, train_step, step_args, start_time: float
+) -> dict:
   """Trains to `training.total` steps (or early stopping, or SIGTERM)."""
   config, stream, total = run.config, training.stream, training.total
   patience = config.training.get('early_stopping_patience')
-  stopper = EarlyStopping(patience, run.best_metric,
-                          run.best_mode) if patience else None
+  stopper = (
+      EarlyStopping(patience, run.best_metric, run.best_mode)
+      if patience
+      else None
+  )
   state = training.state
   first_step = int(run.layout.fetch(state.step))
-  console.info(f'training steps {first_step}..{total} on {run.devices} '
-               f'device(s) x {jax.process_count()} process(es), global batch '
-               f'{training.batch_size} '
-               f'({stream.steps_per_epoch:.1f} steps/epoch)')
+  console.info(
+      f'training steps {first_step}..{total} on {run.devices} '
+      f'device(s) x {jax.process_count()} process(es), global batch '
+      f'{training.batch_size} '
+      f'({stream.steps_per_epoch:.1f} steps/epoch)'
+  )
   writer = MetricWriter(run.workdir, enabled=jax.process_index() == 0)
   preemption = _Preemption()
   tick, tick_step = time.time(), first_step
@@ -237,8 +306,9 @@ def _loop(run: Run, training: _Training, train_step, step_args,
   try:
     for step in range(first_step, total):
       batch = next(stream)
-      state, metrics = train_step(state, run.layout.place_batch(batch),
-                                  *step_args)
+      state, metrics = train_step(
+          state, run.layout.place_batch(batch), *step_args
+      )
       # Fetch every step: keeps CPU collectives in lock-step, and lets a
       # non-finite loss stop the run at the step where it appeared.
       metrics = {k: float(run.layout.fetch(v)) for k, v in metrics.items()}
@@ -251,27 +321,43 @@ def _loop(run: Run, training: _Training, train_step, step_args,
         console.info(
             f'step {done}/{total}  loss {metrics["loss"]:.4f}  lr '
             f'{metrics["learning_rate"]:.2e}  {rate:.1f} steps/s  '
-            f'{rate * training.batch_size:.0f} examples/s  ETA {_hms(eta)}')
+            f'{rate * training.batch_size:.0f} examples/s  ETA {_hms(eta)}'
+        )
         writer.write(done, 'train', {**metrics, 'steps_per_second': rate})
         tick, tick_step = time.time(), done
       evaluate_now = done % training.eval_every == 0 or done == total
       if evaluate_now:
-        val = run.evaluate(state.ema_params if config.training.get(
-            'evaluate_ema') else state.params, 'validation')
+        val = run.evaluate(
+            state.ema_params
+            if config.training.get('evaluate_ema')
+            else state.params,
+            'validation',
+        )
         scalars = run.task.scalars(val)
-        writer.write(done, 'validation',
-                     {**scalars, 'elapsed_s': time.time() - start_time})
+        writer.write(
+            done,
+            'validation',
+            {**scalars, 'elapsed_s': time.time() - start_time},
+        )
         history.append({'step': done, **scalars})
         console.info(f'validation at step {done}: {run.task.summary(val)}')
-      if (evaluate_now or done % training.checkpoint_every == 0 or
-          preemption.requested):
-        run.checkpoints.save(done, run.layout.checkpoint_state(state),
-                             stream.get_state(),
-                             metrics=scalars if evaluate_now else None)
+      if (
+          evaluate_now
+          or done % training.checkpoint_every == 0
+          or preemption.requested
+      ):
+        run.checkpoints.save(
+            done,
+            run.layout.checkpoint_state(state),
+            stream.get_state(),
+            metrics=scalars if evaluate_now else None,
+        )
       if preemption.requested:
         run.checkpoints.wait()
-        console.info(f'SIGTERM: saved a checkpoint at step {done}; exiting '
-                     '(rerun the same command to resume)')
+        console.info(
+            f'SIGTERM: saved a checkpoint at step {done}; exiting '
+            '(rerun the same command to resume)'
+        )
         return {'preempted_at_step': done}
       if evaluate_now and stopper and stopper.update(done, scalars):
         console.info(stopper.message(done))
@@ -287,29 +373,46 @@ def _loop(run: Run, training: _Training, train_step, step_args,
 def _check_finite(run: Run, metrics: dict, done: int):
   """Says a skipped step, or stops the run on a non-finite loss."""
   if metrics['nonfinite'] and run.config.training.on_nonfinite == 'skip':
-    console.info(f'step {done}: non-finite loss or gradients; update '
-                 f'skipped ({int(metrics["skipped"])} skipped so far)')
+    console.info(
+        f'step {done}: non-finite loss or gradients; update '
+        f'skipped ({int(metrics["skipped"])} skipped so far)'
+    )
   elif metrics['nonfinite'] or not math.isfinite(metrics['loss']):
     raise TrainingError(
         f'non-finite loss {metrics["loss"]} or gradients at step {done}; '
         'the run stops, the last good'
         f' checkpoint is step {run.checkpoints.latest_step()} (lower the '
-        'learning rate or enable clipping: config.optimizer.clip_norm)')
+        'learning rate or enable clipping: config.optimizer.clip_norm)'
+    )
 
 
-def _finish(run: Run, training: _Training, outcome: dict,
-            start_time: float) -> dict:
+def _finish(
+    run: Run, training: _Training, outcome: dict, start_time: float
+) -> dict:
   """The final evaluation and `results.json`."""
   config, params = run.config, training.params
   results = final_evaluation(run)
-  results.update({'steps': training.total,
-                  'wall_time_s': time.time() - start_time,
-                  'validation_history': validation_history(
-                      run.workdir, outcome['stopped_at'] or training.total)})
+  results.update(
+      {
+          'steps': training.total,
+          'wall_time_s': time.time() - start_time,
+          'validation_history': validation_history(
+              run.workdir, outcome['stopped_at'] or training.total
+          ),
+      }
+  )
   results['trainable_parameters'] = sum(
-      int(np.size(p)) for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(
-          trainable_mask(params, config.optimizer, run.lora,
-                         naming=run.naming))) if t)
+      int(np.size(p))
+      for p, t in zip(
+          jax.tree.leaves(params),
+          jax.tree.leaves(
+              trainable_mask(
+                  params, config.optimizer, run.lora, naming=run.naming
+              )
+          ),
+      )
+      if t
+  )
   if outcome['stopped_at'] is not None:
     results['early_stopped_at_step'] = outcome['stopped_at']
   state = outcome['state']
@@ -321,26 +424,33 @@ def _finish(run: Run, training: _Training, outcome: dict,
   return results
 
 
-def _methods_line(config, accumulation: int, batch_size: int,
-                  best_metric: str) -> str:
+def _methods_line(
+    config, accumulation: int, batch_size: int, best_metric: str
+) -> str:
   """One line saying which fine-tuning methods this run uses."""
   training = config.training
-  parts = [f'compute dtype {config.dtype} (params and optimizer state '
-           'float32)']
+  parts = [
+      f'compute dtype {config.dtype} (params and optimizer state ' 'float32)'
+  ]
   if accumulation > 1:
-    parts.append(f'gradient accumulation {accumulation} x '
-                 f'{batch_size // accumulation} examples per optimizer step')
+    parts.append(
+        f'gradient accumulation {accumulation} x '
+        f'{batch_size // accumulation} examples per optimizer step'
+    )
   parts.append(f'non-finite loss/gradients: {training.get("on_nonfinite")}')
   if training.get('ema_decay') is not None:
-    parts.append(f'EMA decay {training.ema_decay} (evaluated: '
-                 f'{"EMA" if training.get("evaluate_ema") else "raw"} params)')
+    parts.append(
+        f'EMA decay {training.ema_decay} (evaluated: '
+        f'{"EMA" if training.get("evaluate_ema") else "raw"} params)'
+    )
   if training.get('early_stopping_patience'):
-    parts.append(f'early stopping after {training.early_stopping_patience} '
-                 f'evaluations without a better {best_metric}')
+    parts.append(
+        f'early stopping after {training.early_stopping_patience} '
+        f'evaluations without a better {best_metric}'
+    )
   return 'fine-tuning: ' + '; '.join(parts)
 
 
 def _hms(seconds: float) -> str:
   seconds = int(seconds)
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
-

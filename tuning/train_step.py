@@ -57,13 +57,19 @@ class TrainState:
 
 
 def features_of(batch: dict) -> dict:
-  return {k: v for k, v in batch.items()
-          if k not in NON_FEATURES and not k.startswith(TEACHER_PREFIX)}
+  return {
+      k: v
+      for k, v in batch.items()
+      if k not in NON_FEATURES and not k.startswith(TEACHER_PREFIX)
+  }
 
 
 def teacher_features_of(batch: dict) -> dict:
-  return {k[len(TEACHER_PREFIX):]: v for k, v in batch.items()
-          if k.startswith(TEACHER_PREFIX)}
+  return {
+      k[len(TEACHER_PREFIX) :]: v
+      for k, v in batch.items()
+      if k.startswith(TEACHER_PREFIX)
+  }
 
 
 def micro_batches(batch: dict, count: int, shards: int = 1) -> dict:
@@ -73,20 +79,27 @@ def micro_batches(batch: dict, count: int, shards: int = 1) -> dict:
   the j-th part of every device's rows, so that cutting moves no data and
   the micro-batches equal pmap's (where each device cuts its own rows).
   """
+
   def cut(v):
     v = v.reshape((shards, count, -1) + v.shape[1:]).swapaxes(0, 1)
     return v.reshape((count, -1) + v.shape[3:])
+
   return {k: cut(v) for k, v in batch.items()}
 
 
 def per_example_logits(model, params, features, index, rng, train: bool):
   """Applies `model` example by example (vmap) with per-example dropout."""
+
   def one(feat, i):
     rngs = {'dropout': jax.random.fold_in(rng, i)} if train else {}
-    out = model.apply({'params': params},
-                      **{k: v[None] for k, v in feat.items()},
-                      train=train, rngs=rngs)
+    out = model.apply(
+        {'params': params},
+        **{k: v[None] for k, v in feat.items()},
+        train=train,
+        rngs=rngs,
+    )
     return out[0]
+
   return jax.vmap(one)(features, index)
 
 
@@ -96,15 +109,24 @@ def ema_decay_at(decay: float, step):
   return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
 
 
-def train_step_fn(model, tx, schedule, seed: int, *, trainable=None,
-                  accumulation_steps: int = 1, on_nonfinite: str = 'stop',
-                  ema_decay: float | None = None,
-                  prng_impl: str = 'threefry2x32',
-                  loss_fn=classification.loss,
-                  loss_weight=classification.rows_weight,
-                  inputs_of=None,
-                  sum_over_devices=lambda x: x, batch_shards: int = 1,
-                  teacher_model=None):
+def train_step_fn(
+    model,
+    tx,
+    schedule,
+    seed: int,
+    *,
+    trainable=None,
+    accumulation_steps: int = 1,
+    on_nonfinite: str = 'stop',
+    ema_decay: float | None = None,
+    prng_impl: str = 'threefry2x32',
+    loss_fn=classification.loss,
+    loss_weight=classification.rows_weight,
+    inputs_of=None,
+    sum_over_devices=lambda x: x,
+    batch_shards: int = 1,
+    teacher_model=None,
+):
   """Returns the uncompiled `(state, batch) -> (state, metrics)`, or with
   a `teacher_model`, `(state, batch, teacher_params) -> ...`: the teacher's
   logits of the batch's `teacher/*` columns become its `teacher_logits`
@@ -129,25 +151,36 @@ def train_step_fn(model, tx, schedule, seed: int, *, trainable=None,
   like the params (None: all train).
   """
   if on_nonfinite not in NONFINITE_MODES:
-    raise ValueError(f'config.training.on_nonfinite={on_nonfinite!r}: use '
-                     "'stop' or 'skip'")
+    raise ValueError(
+        f'config.training.on_nonfinite={on_nonfinite!r}: use '
+        "'stop' or 'skip'"
+    )
   accumulation_steps = int(accumulation_steps)
-  flat_trainable = None if trainable is None else \
-      flax.traverse_util.flatten_dict(trainable)
+  flat_trainable = (
+      None if trainable is None else flax.traverse_util.flatten_dict(trainable)
+  )
   inputs_of = inputs_of or features_of
 
   def step(state: TrainState, batch, teacher_params=None):
     if teacher_model is not None:
-      batch = dict(batch, teacher_logits=jax.lax.stop_gradient(
-          teacher_model.apply({'params': teacher_params},
-                              **teacher_features_of(batch), train=False)))
-    rng = jax.random.fold_in(jax.random.key(seed, impl=prng_impl),
-                             state.step)
+      batch = dict(
+          batch,
+          teacher_logits=jax.lax.stop_gradient(
+              teacher_model.apply(
+                  {'params': teacher_params},
+                  **teacher_features_of(batch),
+                  train=False,
+              )
+          ),
+      )
+    rng = jax.random.fold_in(jax.random.key(seed, impl=prng_impl), state.step)
     flat = flax.traverse_util.flatten_dict(state.params)
-    trains = {k: flat_trainable is None or bool(flat_trainable[k])
-              for k in flat}
-    frozen = {k: jax.lax.stop_gradient(v) for k, v in flat.items()
-              if not trains[k]}
+    trains = {
+        k: flat_trainable is None or bool(flat_trainable[k]) for k in flat
+    }
+    frozen = {
+        k: jax.lax.stop_gradient(v) for k, v in flat.items() if not trains[k]
+    }
     trained = {k: v for k, v in flat.items() if trains[k]}
 
     # Every sum is divided by the weight of the whole global batch.
@@ -155,8 +188,9 @@ def train_step_fn(model, tx, schedule, seed: int, *, trainable=None,
 
     def objective(trained_params, micro):
       params = flax.traverse_util.unflatten_dict({**frozen, **trained_params})
-      outputs = per_example_logits(model, params, inputs_of(micro),
-                                   micro['index'], rng, train=True)
+      outputs = per_example_logits(
+          model, params, inputs_of(micro), micro['index'], rng, train=True
+      )
       loss_sum, sums = loss_fn(outputs, micro)
       return loss_sum / total_weight, sums
 
@@ -164,23 +198,25 @@ def train_step_fn(model, tx, schedule, seed: int, *, trainable=None,
     if accumulation_steps == 1:
       (loss, sums), grads = grad_fn(trained, batch)
     else:
+
       def accumulate(carry, micro_batch):
-        return jax.tree.map(jnp.add, carry,
-                            grad_fn(trained, micro_batch)), None
+        return jax.tree.map(jnp.add, carry, grad_fn(trained, micro_batch)), None
 
       micro = micro_batches(batch, accumulation_steps, batch_shards)
       zeros = jax.tree.map(
           lambda x: jnp.zeros(x.shape, x.dtype),
-          jax.eval_shape(grad_fn, trained,
-                         jax.tree.map(lambda v: v[0], micro)))
+          jax.eval_shape(grad_fn, trained, jax.tree.map(lambda v: v[0], micro)),
+      )
       ((loss, sums), grads), _ = jax.lax.scan(accumulate, zeros, micro)
     grads = sum_over_devices(grads)
     loss = sum_over_devices(loss)
     sums = {k: sum_over_devices(v) / total_weight for k, v in sums.items()}
-    finite = jnp.isfinite(loss) & jnp.all(jnp.array(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    finite = jnp.isfinite(loss) & jnp.all(
+        jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
     full_grads = flax.traverse_util.unflatten_dict(
-        {**grads, **{k: jnp.zeros_like(v) for k, v in frozen.items()}})
+        {**grads, **{k: jnp.zeros_like(v) for k, v in frozen.items()}}
+    )
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     skipped = state.skipped
@@ -192,8 +228,9 @@ def train_step_fn(model, tx, schedule, seed: int, *, trainable=None,
     ema_params = state.ema_params
     if ema_decay is not None:
       d = ema_decay_at(ema_decay, state.step)
-      ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p,
-                                state.ema_params, params)
+      ema_params = jax.tree.map(
+          lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params
+      )
     metrics = {
         'loss': loss,
         **sums,
@@ -204,8 +241,10 @@ def train_step_fn(model, tx, schedule, seed: int, *, trainable=None,
     }
     if skipped is not None:
       metrics['skipped'] = skipped
-    return TrainState(state.step + 1, params, opt_state, ema_params,
-                      skipped), metrics
+    return (
+        TrainState(state.step + 1, params, opt_state, ema_params, skipped),
+        metrics,
+    )
 
   return step
 
@@ -214,21 +253,33 @@ def make_train_step(model, tx, schedule, seed: int, **options):
   """The pmapped train step: `batch` arrays have a leading device axis;
   gradients are summed over devices with `psum`. `options`: those of
   `train_step_fn`."""
-  step = train_step_fn(model, tx, schedule, seed,
-                       sum_over_devices=lambda x: jax.lax.psum(x, AXIS),
-                       **options)
+  step = train_step_fn(
+      model,
+      tx,
+      schedule,
+      seed,
+      sum_over_devices=lambda x: jax.lax.psum(x, AXIS),
+      **options,
+  )
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
 
 
 def eval_fn(model, inputs_of=features_of):
   """Returns the uncompiled `(params, batch) -> outputs` (e.g. logits)."""
+
   def step(params, batch):
     return model.apply({'params': params}, **inputs_of(batch), train=False)
+
   return step
 
 
-def eval_totals_fn(model, task, sum_over_devices=lambda x: x,
-                   gather_rows=lambda x: x, inputs_of=features_of):
+def eval_totals_fn(
+    model,
+    task,
+    sum_over_devices=lambda x: x,
+    gather_rows=lambda x: x,
+    inputs_of=features_of,
+):
   """Returns the uncompiled `(params, batch, running) -> totals`: the
   task's evaluation totals of a batch, added to the running totals of the
   earlier batches (so that one compiled step does all the work of a pass;
@@ -241,13 +292,17 @@ def eval_totals_fn(model, task, sum_over_devices=lambda x: x,
 
   def step(params, batch, running=None):
     outputs = outputs_of(params, batch)
-    totals = {k: gather_rows(v).sum(axis=0)
-              for k, v in task.eval_rows(outputs, batch).items()}
-    totals.update(jax.tree.map(sum_over_devices,
-                               task.eval_counts(outputs, batch)))
+    totals = {
+        k: gather_rows(v).sum(axis=0)
+        for k, v in task.eval_rows(outputs, batch).items()
+    }
+    totals.update(
+        jax.tree.map(sum_over_devices, task.eval_counts(outputs, batch))
+    )
     if running is None:
       return totals
     return jax.tree.map(jnp.add, running, totals)
+
   return step
 
 
@@ -258,6 +313,10 @@ def make_eval_step(model):
 
 def initial_state(params, tx, ema: bool = False, count_skipped: bool = False):
   """A step-0 TrainState (EMA = the params; skipped count 0 when asked)."""
-  return TrainState(np.zeros((), np.int32), params, tx.init(params),
-                    jax.tree.map(np.array, params) if ema else None,
-                    np.zeros((), np.int32) if count_skipped else None)
+  return TrainState(
+      np.zeros((), np.int32),
+      params,
+      tx.init(params),
+      jax.tree.map(np.array, params) if ema else None,
+      np.zeros((), np.int32) if count_skipped else None,
+  )

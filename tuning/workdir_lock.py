@@ -34,20 +34,28 @@ class WorkdirError(RuntimeError):
 def _prepare(workdir: str):
   """Creates `workdir`; one-line errors for a file or a read-only path."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise WorkdirError(f'--workdir={workdir} is a file, not a directory: '
-                       'give a directory (a new one, or a run\'s to resume '
-                       'it)')
+    raise WorkdirError(
+        f'--workdir={workdir} is a file, not a directory: '
+        "give a directory (a new one, or a run's to resume "
+        'it)'
+    )
   try:
     os.makedirs(workdir, exist_ok=True)
   except FileExistsError:  # a path component is a file
-    raise WorkdirError(f'--workdir={workdir}: a part of the path is a file, '
-                       'not a directory: give another --workdir') from None
+    raise WorkdirError(
+        f'--workdir={workdir}: a part of the path is a file, '
+        'not a directory: give another --workdir'
+    ) from None
   except OSError as e:
-    raise WorkdirError(f'cannot create --workdir={workdir}: {e.strerror} '
-                       '(choose a writable --workdir)') from None
+    raise WorkdirError(
+        f'cannot create --workdir={workdir}: {e.strerror} '
+        '(choose a writable --workdir)'
+    ) from None
   if not os.access(workdir, os.W_OK | os.X_OK):
-    raise WorkdirError(f'--workdir={workdir} is not writable (read-only file '
-                       'system or permissions): choose a writable --workdir')
+    raise WorkdirError(
+        f'--workdir={workdir} is not writable (read-only file '
+        'system or permissions): choose a writable --workdir'
+    )
 
 
 def _owner_text(path: str) -> tuple[str, dict]:
@@ -57,10 +65,15 @@ def _owner_text(path: str) -> tuple[str, dict]:
   except (OSError, ValueError):
     return 'another process', {}
   started = owner.get('started')
-  since = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started)) \
-      if isinstance(started, (int, float)) else '?'
-  return (f'pid {owner.get("pid")} on {owner.get("host")}, started '
-          f'{since}', owner)
+  since = (
+      time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))
+      if isinstance(started, (int, float))
+      else '?'
+  )
+  return (
+      f'pid {owner.get("pid")} on {owner.get("host")}, started ' f'{since}',
+      owner,
+  )
 
 
 def _pid_alive(pid) -> bool:
@@ -97,7 +110,8 @@ class WorkdirLock:
       raise WorkdirError(
           f'--workdir={self.workdir} is in use by another run ({owner}; lock '
           f'file {self.path}): wait for that run to finish or stop it, or '
-          'choose another --workdir') from None
+          'choose another --workdir'
+      ) from None
     except OSError as e:
       os.close(fd)
       if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
@@ -123,21 +137,34 @@ class WorkdirLock:
           self.taken_over = text
           os.remove(self.path)
           continue
-        how = '' if same_host else (' (a run on another host: if it is '
-                                    f'gone, remove {self.path})')
+        how = (
+            ''
+            if same_host
+            else (
+                ' (a run on another host: if it is '
+                f'gone, remove {self.path})'
+            )
+        )
         raise WorkdirError(
             f'--workdir={self.workdir} is in use by another run ({text}; '
             f'lock file {self.path}){how}: wait for that run to finish or '
-            'stop it, or choose another --workdir') from None
+            'stop it, or choose another --workdir'
+        ) from None
       self._write_owner(fd)
       self._fd = fd
       return self
-    raise WorkdirError(f'cannot take the lock {self.path}: remove it if no '
-                       'run uses this --workdir')
+    raise WorkdirError(
+        f'cannot take the lock {self.path}: remove it if no '
+        'run uses this --workdir'
+    )
 
   def _write_owner(self, fd: int):
-    owner = {'pid': os.getpid(), 'host': socket.gethostname(),
-             'started': time.time(), 'command': sys.argv}
+    owner = {
+        'pid': os.getpid(),
+        'host': socket.gethostname(),
+        'started': time.time(),
+        'command': sys.argv,
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(owner) + '\n').encode(), 0)
 
@@ -160,10 +187,12 @@ class WorkdirLock:
   def __enter__(self):
     self.acquire()
     if self.taken_over:
-      print(f'lock: took over {self.path} from a run that is gone '
-            f'({self.taken_over})', flush=True)
+      print(
+          f'lock: took over {self.path} from a run that is gone '
+          f'({self.taken_over})',
+          flush=True,
+      )
     return self
 
   def __exit__(self, *exc):
     self.release()
-

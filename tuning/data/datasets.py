@@ -51,6 +51,7 @@ class Datasets:
   split is a `records.RecordSplit` (read by index from disk; `take(indices)`
   gives a table's rows) and validation/test are tables in memory.
   """
+
   train: Table  # or records.RecordSplit
   validation: Table
   test: Table
@@ -84,8 +85,13 @@ class Datasets:
       return data_config.vocab_size
     if self.streamed_vocab_size is not None:
       return self.streamed_vocab_size
-    return max(int(t['input_ids'].max()) for t in
-               (self.train, self.validation, self.test)) + 1
+    return (
+        max(
+            int(t['input_ids'].max())
+            for t in (self.train, self.validation, self.test)
+        )
+        + 1
+    )
 
 
 def build_datasets(data_config, labels: str | None = 'classes') -> Datasets:
@@ -110,13 +116,18 @@ def build_datasets(data_config, labels: str | None = 'classes') -> Datasets:
   train, counts = _carve(train, tables, data_config, labels, log)
   encoder, ids = None, None  # ids: class index of every training row
   if labels == 'classes':
-    encoder, train, ids = _encode_labels(train, tables, counts, data_config,
-                                         log)
-  for name, size in (('train', len(train)), *(
-      (n, num_rows(tables[n])) for n in ('validation', 'test'))):
+    encoder, train, ids = _encode_labels(
+        train, tables, counts, data_config, log
+    )
+  for name, size in (
+      ('train', len(train)),
+      *((n, num_rows(tables[n])) for n in ('validation', 'test')),
+  ):
     if not size:
-      raise DataError(f'the {name} split is empty after preprocessing '
-                      '(check config.data.classes and the data files)')
+      raise DataError(
+          f'the {name} split is empty after preprocessing '
+          '(check config.data.classes and the data files)'
+      )
   if data_config.examples_per_class or data_config.max_train_examples:
     if data_config.examples_per_class and ids is None:
       ids = encoder.ids(train.raw_labels())
@@ -125,17 +136,26 @@ def build_datasets(data_config, labels: str | None = 'classes') -> Datasets:
       what = 'labelled examples' if labels else 'examples'
       log.append(f'train: kept {len(order)} of {len(train)} {what}')
       train = train.select(order)
-  tables['validation'] = _limit_validation(tables['validation'],
-                                           data_config, log)
+  tables['validation'] = _limit_validation(
+      tables['validation'], data_config, log
+  )
   _report_overlap(train, tables, log)
 
   data = source.finish(train, tables, encoder, labels, data_config)
   data.labels = labels
-  sizes = ', '.join(f'{n} {s}' for n, s in (
-      ('train', len(train)), ('validation', num_rows(data.validation)),
-      ('test', num_rows(data.test))))
-  what = {'classes': f'{data.num_classes} classes',
-          'values': 'regression values', None: 'no labels'}[labels]
+  sizes = ', '.join(
+      f'{n} {s}'
+      for n, s in (
+          ('train', len(train)),
+          ('validation', num_rows(data.validation)),
+          ('test', num_rows(data.test)),
+      )
+  )
+  what = {
+      'classes': f'{data.num_classes} classes',
+      'values': 'regression values',
+      None: 'no labels',
+  }[labels]
   log.append(f'examples: {sizes}; {what}')
   return data
 
@@ -147,15 +167,19 @@ def _carve(train, tables: dict[str, Table], data_config, labels, log):
   """
   counts = train.label_counts() if labels == 'classes' else None
   rng = np.random.default_rng(_SPLIT_SEED)
-  for name, fraction in (('test', data_config.test_fraction),
-                         ('validation', data_config.validation_fraction)):
+  for name, fraction in (
+      ('test', data_config.test_fraction),
+      ('validation', data_config.validation_fraction),
+  ):
     if name in tables:
       continue
     n = len(train)
     count = int(round(n * fraction))
     if not 0 < count < n:
-      raise DataError(f'cannot carve a {name} split of fraction {fraction} '
-                      f'from {n} training rows (config.data.{name}_fraction)')
+      raise DataError(
+          f'cannot carve a {name} split of fraction {fraction} '
+          f'from {n} training rows (config.data.{name}_fraction)'
+      )
     order = rng.permutation(n)
     tables[name] = train.raw_table(np.sort(order[:count]))
     train = train.select(np.sort(order[count:]))
@@ -164,13 +188,15 @@ def _carve(train, tables: dict[str, Table], data_config, labels, log):
         counts[preprocessing.label_key(label)] -= 1
     if labels is None:
       tables[name].pop('label', None)  # records converted with labels
-    log.append(f'{name}: carved {count} of {n} training rows '
-               f'(fraction {fraction})')
+    log.append(
+        f'{name}: carved {count} of {n} training rows ' f'(fraction {fraction})'
+    )
   return train, counts
 
 
-def _encode_labels(train, tables: dict[str, Table], counts: dict[str, int],
-                   data_config, log):
+def _encode_labels(
+    train, tables: dict[str, Table], counts: dict[str, int], data_config, log
+):
   """Fits class labels on train; keeps only `classes`; encodes dev labels.
 
   Returns the encoder, the training rows kept and their class indices
@@ -178,20 +204,27 @@ def _encode_labels(train, tables: dict[str, Table], counts: dict[str, int],
   """
   encoder = preprocessing.LabelEncoder.fit(
       np.array([k for k, v in counts.items() if v > 0], dtype=object),
-      data_config.classes, data_config.class_names)
+      data_config.classes,
+      data_config.class_names,
+  )
   ids = None
   if data_config.classes:
     ids = encoder.ids(train.raw_labels())
     keep = np.flatnonzero(ids >= 0)
     if len(keep) < len(train):
-      log.append(f'train: dropped {len(train) - len(keep)} rows (label not '
-                 'in config.data.classes)')
+      log.append(
+          f'train: dropped {len(train) - len(keep)} rows (label not '
+          'in config.data.classes)'
+      )
       train, ids = train.select(keep), ids[keep]
   for name in ('validation', 'test'):
     tables[name], dropped = encoder.transform(tables[name])
     if dropped:
-      why = ('label not in config.data.classes' if data_config.classes
-             else 'label not seen in training')
+      why = (
+          'label not in config.data.classes'
+          if data_config.classes
+          else 'label not seen in training'
+      )
       log.append(f'{name}: dropped {dropped} rows ({why})')
   return encoder, train, ids
 
@@ -204,7 +237,8 @@ def _check_labels(data_config, labels):
       if data_config.get(field):
         raise DataError(
             f'config.data.{field} needs class labels, but this task reads '
-            f'{"regression values" if labels else "no labels"}; unset it')
+            f'{"regression values" if labels else "no labels"}; unset it'
+        )
 
 
 def _check_given(table: Table, name: str, data_config, log) -> Table:
@@ -216,15 +250,24 @@ def _check_given(table: Table, name: str, data_config, log) -> Table:
   reasons = {}
   checks = []
   if 'label' in table:
-    checks.append(('missing label', np.array(
-        [is_missing(v) for v in table['label']], bool)))
+    checks.append(
+        (
+            'missing label',
+            np.array([is_missing(v) for v in table['label']], bool),
+        )
+    )
   if 'x' in table:
-    checks.append(('missing/NaN feature',
-                   ~np.isfinite(table['x'].reshape(n, -1)).all(axis=1)))
+    checks.append(
+        (
+            'missing/NaN feature',
+            ~np.isfinite(table['x'].reshape(n, -1)).all(axis=1),
+        )
+    )
   for key in ('text', 'text_pair'):
     if key in table:
-      checks.append((f'missing {key}', np.array(
-          [v is None for v in table[key]], bool)))
+      checks.append(
+          (f'missing {key}', np.array([v is None for v in table[key]], bool))
+      )
   for reason, rows_bad in checks:
     new = rows_bad & ~bad
     if new.any():
@@ -234,10 +277,12 @@ def _check_given(table: Table, name: str, data_config, log) -> Table:
     return table
   if data_config.on_bad_rows != 'drop':
     reason, (count, first) = next(iter(reasons.items()))
-    raise DataError(f'the {name} split has {count} rows with a {reason} '
-                    f'(first: row {first}); {name} rows are used as given, '
-                    "never cleaned: fix the data, or set "
-                    "config.data.on_bad_rows='drop' to drop and count them")
+    raise DataError(
+        f'the {name} split has {count} rows with a {reason} '
+        f'(first: row {first}); {name} rows are used as given, '
+        'never cleaned: fix the data, or set '
+        "config.data.on_bad_rows='drop' to drop and count them"
+    )
   for reason, (count, _) in reasons.items():
     log.append(f'{name}: dropped {count} rows ({reason})')
   return preprocessing.take(table, np.flatnonzero(~bad))
@@ -254,8 +299,7 @@ def _limit_validation(validation: Table, data_config, log) -> Table:
   return preprocessing.take(validation, keep)
 
 
-def _subsample_order(ids: np.ndarray | None, n: int,
-                     data_config) -> np.ndarray:
+def _subsample_order(ids: np.ndarray | None, n: int, data_config) -> np.ndarray:
   """The training rows to keep, sorted: the first `examples_per_class` of
   each class (`ids`: class index of every row), then `max_train_examples`,
   in a fixed random order."""
@@ -270,7 +314,7 @@ def _subsample_order(ids: np.ndarray | None, n: int,
         chosen.append(i)
     order = np.array(chosen, np.int64)
   if data_config.max_train_examples:
-    order = order[:data_config.max_train_examples]
+    order = order[: data_config.max_train_examples]
   return np.sort(order)
 
 
@@ -280,8 +324,9 @@ def _input_keys(table: Table) -> list[tuple]:
   for key in sorted(k for k in table if k != 'label'):
     column = table[key]
     if column.dtype == object:
-      parts.append([v.tobytes() if isinstance(v, np.ndarray) else str(v)
-                    for v in column])
+      parts.append(
+          [v.tobytes() if isinstance(v, np.ndarray) else str(v) for v in column]
+      )
     else:
       parts.append([r.tobytes() for r in column.reshape(len(column), -1)])
   return list(zip(*parts))
@@ -299,8 +344,9 @@ def _report_overlap(train, tables: dict[str, Table], log: list[str]):
     found.update(k for k in _input_keys(chunk) if k in keys)
   for name, split_keys in wanted.items():
     count = sum(k in found for k in split_keys)
-    log.append(f'{count} of {len(split_keys)} {name} rows also occur in '
-               'train')
+    log.append(
+        f'{count} of {len(split_keys)} {name} rows also occur in ' 'train'
+    )
 
 
 def _finish_labels(table: Table, labels: str | None) -> Table:
@@ -315,13 +361,19 @@ def _fit_tokenizer(chunks, data_config):
   """The whitespace vocabulary of the training text (text and pairs), or a
   pretrained tokenizer."""
   if data_config.tokenizer == 'whitespace':
-    texts = (t for chunk in chunks
-             for key in ('text', 'text_pair') if key in chunk
-             for t in chunk[key])
+    texts = (
+        t
+        for chunk in chunks
+        for key in ('text', 'text_pair')
+        if key in chunk
+        for t in chunk[key]
+    )
     return preprocessing.WhitespaceVocabulary.fit(
-        texts, data_config.vocab_size, data_config.max_length)
-  return preprocessing.PretrainedTokenizer(data_config.tokenizer,
-                                           data_config.max_length)
+        texts, data_config.vocab_size, data_config.max_length
+    )
+  return preprocessing.PretrainedTokenizer(
+      data_config.tokenizer, data_config.max_length
+  )
 
 
 class _MemorySource:
@@ -333,10 +385,12 @@ class _MemorySource:
     for name in SPLITS:
       prefix = '' if name == 'train' else f'{name}: '
       for reason, count in reports[name].dropped.items():
-        self.log.append(f'{prefix}dropped {count} rows while reading: '
-                        f'{reason}')
+        self.log.append(
+            f'{prefix}dropped {count} rows while reading: ' f'{reason}'
+        )
     train, counts = preprocessing.clean(
-        tables.pop('train'), drop_duplicates=data_config.drop_duplicates)
+        tables.pop('train'), drop_duplicates=data_config.drop_duplicates
+    )
     for reason, count in counts.items():
       self.log.append(f'train: dropped {count} rows ({reason})')
     self.train = sources.MemoryRows(train)
@@ -348,13 +402,21 @@ class _MemorySource:
     tables = {'train': train.table, **tables}
     if encoder is not None:
       tables['train'], _ = encoder.transform(tables['train'])
-    raw = {name: {k: tables[name][k] for k in ('x', 'text', 'text_pair')
-                  if k in tables[name]} for name in SPLITS}
+    raw = {
+        name: {
+            k: tables[name][k]
+            for k in ('x', 'text', 'text_pair')
+            if k in tables[name]
+        }
+        for name in SPLITS
+    }
     encode = None
     if 'x' in tables['train']:
       transform = preprocessing.FeatureTransform.fit(
-          tables['train']['x'], data_config.normalize,
-          data_config.pca_components)
+          tables['train']['x'],
+          data_config.normalize,
+          data_config.pca_components,
+      )
 
       def encode(raw_table):
         x = transform.transform(raw_table['x'])
@@ -365,9 +427,11 @@ class _MemorySource:
       for name in SPLITS:
         tables[name].update(encode({'x': tables[name].pop('x')}))
       if data_config.normalize or data_config.pca_components:
-        log.append('features: fitted on train: '
-                   f'normalize={data_config.normalize}, '
-                   f'pca_components={data_config.pca_components}')
+        log.append(
+            'features: fitted on train: '
+            f'normalize={data_config.normalize}, '
+            f'pca_components={data_config.pca_components}'
+        )
     if 'text' in tables['train']:
       tokenizer = _fit_tokenizer([tables['train']], data_config)
 
@@ -378,17 +442,34 @@ class _MemorySource:
 
       for name in SPLITS:
         table = tables[name]
-        table.update(encode({'text': table.pop('text'),
-                             **({'text_pair': table.pop('text_pair')}
-                                if 'text_pair' in table else {})}))
-      log.append(f'text: tokenizer {data_config.tokenizer!r}, max_length '
-                 f'{data_config.max_length}')
+        table.update(
+            encode(
+                {
+                    'text': table.pop('text'),
+                    **(
+                        {'text_pair': table.pop('text_pair')}
+                        if 'text_pair' in table
+                        else {}
+                    ),
+                }
+            )
+        )
+      log.append(
+          f'text: tokenizer {data_config.tokenizer!r}, max_length '
+          f'{data_config.max_length}'
+      )
     for name in SPLITS:
       _finish_labels(tables[name], labels)
-    return Datasets(tables['train'], tables['validation'], tables['test'],
-                    encoder and encoder.num_classes,
-                    encoder and encoder.classes, log, raw=raw,
-                    encode=encode)
+    return Datasets(
+        tables['train'],
+        tables['validation'],
+        tables['test'],
+        encoder and encoder.num_classes,
+        encoder and encoder.classes,
+        log,
+        raw=raw,
+        encode=encode,
+    )
 
 
 class _RecordsSource:
@@ -405,36 +486,49 @@ class _RecordsSource:
     metadata = records.read_metadata(directory)
     if 'train' not in metadata['splits']:
       records.split_paths(directory, 'train', metadata)  # raises
-    if (str(data_config.normalize).lower() not in ('none', '')
-        or data_config.pca_components):
-      raise DataError('config.data.normalize / pca_components need a pass '
-                      "over the whole training set: not supported with source "
-                      "'array_record'; normalize the features before "
-                      'converting')
+    if (
+        str(data_config.normalize).lower() not in ('none', '')
+        or data_config.pca_components
+    ):
+      raise DataError(
+          'config.data.normalize / pca_components need a pass '
+          'over the whole training set: not supported with source '
+          "'array_record'; normalize the features before "
+          'converting'
+      )
     kind = metadata.get('labels', 'classes')
     if labels is not None and kind != labels:
-      raise DataError(f'records directory {directory} holds labels as '
-                      f'{kind}, not {labels}; convert it again with '
-                      f'--labels={labels}')
+      raise DataError(
+          f'records directory {directory} holds labels as '
+          f'{kind}, not {labels}; convert it again with '
+          f'--labels={labels}'
+      )
     _check_records_tokenizer(data_config, metadata, directory)
     train = metadata['splits']['train']
-    self.log = [f'records: {directory} (train {train["num_examples"]}'
-                ' examples, read by index from '
-                f'{len(train["shards"])} shard(s))']
+    self.log = [
+        f'records: {directory} (train {train["num_examples"]}'
+        ' examples, read by index from '
+        f'{len(train["shards"])} shard(s))'
+    ]
     for name, entry in sorted(metadata['splits'].items()):
       for reason, count in entry['dropped'].items():
-        self.log.append(f'{name}: dropped {count} rows at conversion '
-                        f'({reason})')
+        self.log.append(
+            f'{name}: dropped {count} rows at conversion ' f'({reason})'
+        )
     if data_config.drop_duplicates and not train.get('drop_duplicates'):
-      self.log.append('train: duplicates kept (drop them at conversion with '
-                      '--drop_duplicates)')
+      self.log.append(
+          'train: duplicates kept (drop them at conversion with '
+          '--drop_duplicates)'
+      )
     self.metadata = metadata
-    self.train = records.RecordSplit(directory, 'train', metadata,
-                                     image_shape=data_config.image_shape)
-    self.given = {name: records.RecordSplit(directory, name,
-                                            metadata).raw_table()
-                  for name in ('validation', 'test')
-                  if name in metadata['splits']}
+    self.train = records.RecordSplit(
+        directory, 'train', metadata, image_shape=data_config.image_shape
+    )
+    self.given = {
+        name: records.RecordSplit(directory, name, metadata).raw_table()
+        for name in ('validation', 'test')
+        if name in metadata['splits']
+    }
 
   def finish(self, train, tables, encoder, labels, data_config) -> Datasets:
     """Sets how the training split encodes what it reads; encodes dev."""
@@ -447,29 +541,49 @@ class _RecordsSource:
       train.tokenizer = _fit_tokenizer(train.raw_chunks(), data_config)
       if data_config.tokenizer != 'whitespace':
         vocab = int(train.tokenizer._tokenizer.get_vocab_size())  # pylint: disable=protected-access
-      log.append(f'text: tokenizer {data_config.tokenizer!r}, max_length '
-                 f'{data_config.max_length}, tokenized on the fly')
+      log.append(
+          f'text: tokenizer {data_config.tokenizer!r}, max_length '
+          f'{data_config.max_length}, tokenized on the fly'
+      )
     elif 'input_ids' in metadata['fields']:
       info = metadata['tokenizer']
-      vocab = max(e.get('max_input_id', -1)
-                  for e in metadata['splits'].values()) + 1
-      log.append(f'text: tokenized at conversion ({info["path"]}, max_length '
-                 f'{info["max_length"]})')
+      vocab = (
+          max(e.get('max_input_id', -1) for e in metadata['splits'].values())
+          + 1
+      )
+      log.append(
+          f'text: tokenized at conversion ({info["path"]}, max_length '
+          f'{info["max_length"]})'
+      )
     for name in ('validation', 'test'):  # labels are class indices already
       tables[name] = _finish_labels(
-          train.finish(tables[name], encode_labels=False), labels)
+          train.finish(tables[name], encode_labels=False), labels
+      )
     if vocab is not None and 'input_ids' in tables['validation']:
-      vocab = max([vocab] + [int(tables[n]['input_ids'].max()) + 1
-                             for n in ('validation', 'test')])
-    return Datasets(train, tables['validation'], tables['test'],
-                    encoder and encoder.num_classes,
-                    encoder and encoder.classes, log, vocab)
+      vocab = max(
+          [vocab]
+          + [
+              int(tables[n]['input_ids'].max()) + 1
+              for n in ('validation', 'test')
+          ]
+      )
+    return Datasets(
+        train,
+        tables['validation'],
+        tables['test'],
+        encoder and encoder.num_classes,
+        encoder and encoder.classes,
+        log,
+        vocab,
+    )
 
 
 def _as_images(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   if int(np.prod(shape)) != x[0].size:
-    raise DataError(f'config.data.image_shape={shape} does not fit features '
-                    f'of size {x[0].size}')
+    raise DataError(
+        f'config.data.image_shape={shape} does not fit features '
+        f'of size {x[0].size}'
+    )
   return x.reshape((len(x),) + shape)
 
 
@@ -480,14 +594,22 @@ def _check_records_tokenizer(data_config, metadata: dict, directory: str):
     return
   where = f'records directory {directory} was tokenized at conversion with '
   if data_config.tokenizer == 'whitespace':
-    raise DataError(where + f'{info["path"]}; set config.data.tokenizer to '
-                    'that tokenizer, or convert raw text (no --tokenizer)')
-  if records.tokenizer_fingerprint(data_config.tokenizer) != \
-      info['fingerprint']:
-    raise DataError(where + f'{info["path"]}, not config.data.tokenizer='
-                    f'{data_config.tokenizer}; convert again with '
-                    f'--tokenizer={data_config.tokenizer}')
+    raise DataError(
+        where + f'{info["path"]}; set config.data.tokenizer to '
+        'that tokenizer, or convert raw text (no --tokenizer)'
+    )
+  if (
+      records.tokenizer_fingerprint(data_config.tokenizer)
+      != info['fingerprint']
+  ):
+    raise DataError(
+        where + f'{info["path"]}, not config.data.tokenizer='
+        f'{data_config.tokenizer}; convert again with '
+        f'--tokenizer={data_config.tokenizer}'
+    )
   if int(data_config.max_length) != int(info['max_length']):
-    raise DataError(where + f'max_length {info["max_length"]}, not '
-                    f'config.data.max_length={data_config.max_length}; set '
-                    'it, or convert again with --max_length')
+    raise DataError(
+        where + f'max_length {info["max_length"]}, not '
+        f'config.data.max_length={data_config.max_length}; set '
+        'it, or convert again with --max_length'
+    )

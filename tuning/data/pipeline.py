@@ -38,8 +38,9 @@ def trim_to_bucket(batch: Table, buckets) -> Table:
   longest = int(batch['attention_mask'].sum(axis=1).max(initial=1))
   fits = [b for b in sorted(buckets) if b >= longest] or [width]
   length = min(fits[0], width)
-  return {k: (v[:, :length] if k in TOKEN_COLUMNS else v)
-          for k, v in batch.items()}
+  return {
+      k: (v[:, :length] if k in TOKEN_COLUMNS else v) for k, v in batch.items()
+  }
 
 
 class TrainStream:
@@ -49,9 +50,16 @@ class TrainStream:
   `process_index::` of a contiguous split), for multi-host training.
   """
 
-  def __init__(self, table, batch_size: int, seed: int, buckets=(),
-               process_index: int = 0, process_count: int = 1,
-               read_threads: int | None = None):
+  def __init__(
+      self,
+      table,
+      batch_size: int,
+      seed: int,
+      buckets=(),
+      process_index: int = 0,
+      process_count: int = 1,
+      read_threads: int | None = None,
+  ):
     """`table`: a Table, or anything with __len__ and take(indices).
 
     `read_threads` build batches ahead in parallel (default: the table's
@@ -60,11 +68,15 @@ class TrainStream:
     read_threads = read_threads or getattr(table, 'read_threads', 1)
     n = num_rows(table) if isinstance(table, dict) else len(table)
     if batch_size > n:
-      raise DataError(f'config.training.batch_size={batch_size} is larger '
-                      f'than the training set ({n} examples)')
+      raise DataError(
+          f'config.training.batch_size={batch_size} is larger '
+          f'than the training set ({n} examples)'
+      )
     if batch_size % process_count:
-      raise DataError(f'batch size {batch_size} does not split over '
-                      f'{process_count} processes')
+      raise DataError(
+          f'batch size {batch_size} does not split over '
+          f'{process_count} processes'
+      )
     self.table = table
     self.batch_size = batch_size
     self.steps_per_epoch = n / batch_size
@@ -73,11 +85,18 @@ class TrainStream:
     self._rows = slice(lo, lo + per_process)
     self._buckets = buckets
     # range(n) is lazy: no index array as large as the data set.
-    dataset = (grain.MapDataset.range(n).shuffle(seed=seed)
-               .repeat(None).batch(batch_size, drop_remainder=True)
-               .map(self._gather))
-    self._dataset = dataset.to_iter_dataset(grain.ReadOptions(
-        num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
+    dataset = (
+        grain.MapDataset.range(n)
+        .shuffle(seed=seed)
+        .repeat(None)
+        .batch(batch_size, drop_remainder=True)
+        .map(self._gather)
+    )
+    self._dataset = dataset.to_iter_dataset(
+        grain.ReadOptions(
+            num_threads=read_threads, prefetch_buffer_size=2 * read_threads
+        )
+    )
     self._iterator = iter(self._dataset)
 
   def _gather(self, indices: np.ndarray) -> Table:
@@ -103,9 +122,14 @@ class TrainStream:
     self._iterator.set_state(state)
 
 
-def eval_batches(table: Table, batch_size: int, multiple_of: int = 1,
-                 buckets=(), process_index: int = 0,
-                 process_count: int = 1) -> Iterator[Table]:
+def eval_batches(
+    table: Table,
+    batch_size: int,
+    multiple_of: int = 1,
+    buckets=(),
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Table]:
   """One ordered pass; the last batch is padded with weight-0 rows.
 
   Batch sizes are rounded up to a multiple of `multiple_of` (devices) so
@@ -113,11 +137,14 @@ def eval_batches(table: Table, batch_size: int, multiple_of: int = 1,
   """
   n = num_rows(table)
   batch_size = int(math.ceil(batch_size / multiple_of) * multiple_of)
-  per_process = batch_size // process_count if batch_size % process_count == 0 \
-      else None
+  per_process = (
+      batch_size // process_count if batch_size % process_count == 0 else None
+  )
   if per_process is None:
-    raise DataError(f'eval batch size {batch_size} does not split over '
-                    f'{process_count} processes')
+    raise DataError(
+        f'eval batch size {batch_size} does not split over '
+        f'{process_count} processes'
+    )
   for start in range(0, n, batch_size):
     index = np.arange(start, start + batch_size)
     weight = (index < n).astype(np.float32)

@@ -43,16 +43,21 @@ def clean(table: Table, drop_duplicates: bool) -> tuple[Table, dict[str, int]]:
     seen = set()
     dup = 0
     for i in np.flatnonzero(keep):
-      key = tuple(str(table[c][i]) if table[c].dtype == object
-                  else table[c][i].tobytes() for c in sorted(table))
+      key = tuple(
+          str(table[c][i])
+          if table[c].dtype == object
+          else table[c][i].tobytes()
+          for c in sorted(table)
+      )
       if key in seen:
         keep[i] = False
         dup += 1
       else:
         seen.add(key)
     counts['exact duplicate'] = dup
-  return take(table, np.flatnonzero(keep)), {k: v for k, v in counts.items()
-                                              if v}
+  return take(table, np.flatnonzero(keep)), {
+      k: v for k, v in counts.items() if v
+  }
 
 
 @dataclasses.dataclass
@@ -63,34 +68,40 @@ class LabelEncoder:
   labels merged into one class (e.g. ((0, 2, 4, 6, 8), (1, 3, 5, 7, 9)) for
   even/odd digits). Rows with other labels are dropped (and counted).
   """
+
   classes: list[str]  # a readable name of each class index
   index: dict[str, int]  # raw label (as text) -> class index
 
   @classmethod
-  def fit(cls, train_labels: np.ndarray, classes=None,
-          class_names=None) -> LabelEncoder:
+  def fit(
+      cls, train_labels: np.ndarray, classes=None, class_names=None
+  ) -> LabelEncoder:
     if classes:
       index, names = {}, []
       for i, entry in enumerate(classes):
         members = entry if isinstance(entry, (tuple, list)) else (entry,)
         for m in members:
           if label_key(m) in index:
-            raise DataError(f'label {m!r} appears twice in '
-                            'config.data.classes')
+            raise DataError(
+                f'label {m!r} appears twice in ' 'config.data.classes'
+            )
           index[label_key(m)] = i
         names.append('+'.join(label_key(m) for m in members))
     else:
-      names = sorted({label_key(v) for v in train_labels},
-                     key=lambda k: (not _is_int(k),
-                                    int(k) if _is_int(k) else 0, k))
+      names = sorted(
+          {label_key(v) for v in train_labels},
+          key=lambda k: (not _is_int(k), int(k) if _is_int(k) else 0, k),
+      )
       if names and all(_is_int(k) and int(k) >= 0 for k in names):
         # Integer labels keep their meaning: class i is label i.
         names = [str(i) for i in range(max(int(k) for k in names) + 1)]
       index = {k: i for i, k in enumerate(names)}
     if class_names:
       if len(class_names) != len(names):
-        raise DataError(f'config.data.class_names has {len(class_names)} '
-                        f'names for {len(names)} classes')
+        raise DataError(
+            f'config.data.class_names has {len(class_names)} '
+            f'names for {len(names)} classes'
+        )
       names = [str(n) for n in class_names]
     return cls(names, index)
 
@@ -100,8 +111,11 @@ class LabelEncoder:
 
   def ids(self, labels) -> np.ndarray:
     """The class index of each raw label (-1: not a class)."""
-    return np.fromiter((self.index.get(label_key(v), -1) for v in labels),
-                       np.int32, len(labels))
+    return np.fromiter(
+        (self.index.get(label_key(v), -1) for v in labels),
+        np.int32,
+        len(labels),
+    )
 
   def transform(self, table: Table) -> tuple[Table, int]:
     """Encodes labels; rows whose label is not a class are dropped."""
@@ -134,6 +148,7 @@ def _is_int(text: str) -> bool:
 @dataclasses.dataclass
 class FeatureTransform:
   """Normalization ('standard' or 'minmax') then optional PCA."""
+
   shift: np.ndarray | None = None
   scale: np.ndarray | None = None
   components: np.ndarray | None = None  # [D, k]
@@ -154,13 +169,17 @@ class FeatureTransform:
       span = x.max(axis=0) - t.shift
       t.scale = np.where(span > 0, span, 1.0)
     elif normalize:
-      raise DataError(f'unknown config.data.normalize {normalize!r}: use '
-                      "'standard' or 'minmax'")
+      raise DataError(
+          f'unknown config.data.normalize {normalize!r}: use '
+          "'standard' or 'minmax'"
+      )
     if pca_components:
       z = t._normalize(x)
       if not 0 < pca_components <= min(z.shape):
-        raise DataError(f'config.data.pca_components={pca_components} must be'
-                        f' between 1 and {min(z.shape)} for this data')
+        raise DataError(
+            f'config.data.pca_components={pca_components} must be'
+            f' between 1 and {min(z.shape)} for this data'
+        )
       t.pca_mean = z.mean(axis=0)
       _, _, vt = np.linalg.svd(z - t.pca_mean, full_matrices=False)
       # Fix each component's sign so that results do not depend on LAPACK.
@@ -178,51 +197,60 @@ class FeatureTransform:
     return flat.reshape(x.shape).astype(np.float32)
 
 
-_TOKEN = re.compile(r"\w+|[^\w\s]")
+_TOKEN = re.compile(r'\w+|[^\w\s]')
 
 
 @dataclasses.dataclass
 class WhitespaceVocabulary:
   """Words by frequency on the training split; 0 is padding, 1 unknown."""
+
   words: list[str]
   max_length: int
 
   @classmethod
   def fit(cls, texts, vocab_size: int, max_length: int):
     counts = collections.Counter(
-        w for t in texts for w in _TOKEN.findall(t.lower()))
+        w for t in texts for w in _TOKEN.findall(t.lower())
+    )
     top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    return cls(['[PAD]', '[UNK]'] + [w for w, _ in top[:vocab_size - 2]],
-               max_length)
+    return cls(
+        ['[PAD]', '[UNK]'] + [w for w, _ in top[: vocab_size - 2]], max_length
+    )
 
   def encode(self, texts) -> dict[str, np.ndarray]:
     index = {w: i for i, w in enumerate(self.words)}
     ids = np.zeros((len(texts), self.max_length), np.int32)
     for row, text in enumerate(texts):
       tokens = [index.get(w, 1) for w in _TOKEN.findall(text.lower())]
-      tokens = tokens[:self.max_length] or [1]
-      ids[row, :len(tokens)] = tokens
+      tokens = tokens[: self.max_length] or [1]
+      ids[row, : len(tokens)] = tokens
     return {'input_ids': ids, 'attention_mask': (ids > 0).astype(np.int32)}
 
 
 @dataclasses.dataclass
 class PretrainedTokenizer:
   """A Hugging Face tokenizer (tokenizer.json or vocab.txt)."""
+
   path: str
   max_length: int
 
   def __post_init__(self):
     from tuning import tokenization  # pylint: disable=g-import-not-at-top
+
     self._tokenization = tokenization
     self._tokenizer = tokenization.load_tokenizer(self.path)
 
   def encode(self, texts, texts_pair=None) -> dict[str, np.ndarray]:
     enc = self._tokenization.encode_texts(
-        self._tokenizer, list(texts),
+        self._tokenizer,
+        list(texts),
         None if texts_pair is None else list(texts_pair),
-        max_length=self.max_length)
+        max_length=self.max_length,
+    )
     # Padded to max_length here; batches are cut to their length bucket.
     padded = self._tokenization.pad_batch(
-        enc, buckets=(self.max_length,),
-        pad_id=self._tokenization.pad_token_id(self._tokenizer))
+        enc,
+        buckets=(self.max_length,),
+        pad_id=self._tokenization.pad_token_id(self._tokenizer),
+    )
     return {k: np.asarray(v, np.int32) for k, v in padded.items()}

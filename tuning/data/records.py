@@ -53,8 +53,9 @@ VERSION = 1
 # (27 MiB more for 10x SST-2, measured) and the files are 2.5x larger, while
 # groups of 8 short examples read as fast (benchmarks/input_pipeline.py).
 DEFAULT_GROUP_SIZE = 8
-_SHARD = re.compile(r'^(?P<split>[A-Za-z0-9_]+)-(?P<i>\d{5})-of-(?P<n>\d{5})'
-                    r'\.array_record$')
+_SHARD = re.compile(
+    r'^(?P<split>[A-Za-z0-9_]+)-(?P<i>\d{5})-of-(?P<n>\d{5})' r'\.array_record$'
+)
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -71,8 +72,10 @@ def tokenizer_file(path: str) -> str:
   for name in ('tokenizer.json', 'vocab.txt'):
     if os.path.isfile(os.path.join(path, name)):
       return os.path.join(path, name)
-  raise DataError(f'no tokenizer at {path!r}: expected tokenizer.json or '
-                  'vocab.txt (or the folder holding them)')
+  raise DataError(
+      f'no tokenizer at {path!r}: expected tokenizer.json or '
+      'vocab.txt (or the folder holding them)'
+  )
 
 
 def tokenizer_fingerprint(path: str) -> str:
@@ -80,8 +83,11 @@ def tokenizer_fingerprint(path: str) -> str:
   main = tokenizer_file(path)
   digest = hashlib.sha256()
   folder = os.path.dirname(main)
-  for name in (os.path.basename(main), 'tokenizer_config.json',
-               'special_tokens_map.json'):
+  for name in (
+      os.path.basename(main),
+      'tokenizer_config.json',
+      'special_tokens_map.json',
+  ):
     file = os.path.join(folder, name)
     if os.path.isfile(file):
       with open(file, 'rb') as f:
@@ -99,9 +105,15 @@ class _Progress:
     self._bar = None
     if enabled:
       import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm.tqdm(total=sum(os.path.getsize(p) for p in paths),
-                            unit='B', unit_scale=True, unit_divisor=1024,
-                            desc='converting', dynamic_ncols=True)
+
+      self._bar = tqdm.tqdm(
+          total=sum(os.path.getsize(p) for p in paths),
+          unit='B',
+          unit_scale=True,
+          unit_divisor=1024,
+          desc='converting',
+          dynamic_ncols=True,
+      )
 
   def update(self, nbytes: int):
     if self._bar is not None:
@@ -119,9 +131,11 @@ class _Progress:
 class _ShardWriter:
   """Writes records into numbered shards of at most `shard_size` records."""
 
-  def __init__(self, out_dir: str, split: str, shard_size: int,
-               group_size: int):
+  def __init__(
+      self, out_dir: str, split: str, shard_size: int, group_size: int
+  ):
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
     self._module = array_record_module
     self._dir, self._split, self._size = out_dir, split, shard_size
     self._options = f'group_size:{group_size}'
@@ -132,8 +146,9 @@ class _ShardWriter:
   def write(self, record: bytes):
     if self._writer is None or self.count % self._size == 0:
       self._close_writer()
-      path = os.path.join(self._dir,
-                          f'.{self._split}-{len(self.temporary):05d}.tmp')
+      path = os.path.join(
+          self._dir, f'.{self._split}-{len(self.temporary):05d}.tmp'
+      )
       self.temporary.append(path)
       self._writer = self._module.ArrayRecordWriter(path, self._options)
     self._writer.write(record)
@@ -147,8 +162,9 @@ class _ShardWriter:
   def finish(self) -> list[str]:
     """Closes the last shard; renames shards to their final names."""
     self._close_writer()
-    for old in glob.glob(os.path.join(self._dir, f'{self._split}-*-of-*'
-                                      '.array_record')):
+    for old in glob.glob(
+        os.path.join(self._dir, f'{self._split}-*-of-*' '.array_record')
+    ):
       os.remove(old)  # a previous conversion of this split
     names = []
     for i, path in enumerate(self.temporary):
@@ -164,14 +180,23 @@ class _ShardWriter:
         os.remove(path)
 
 
-def convert(inputs: Sequence[str], fmt: str, out_dir: str,
-            split: str = 'train', columns: Columns | None = None,
-            tokenizer: str | None = None, max_length: int = 128,
-            shard_size: int = 100_000, on_bad_rows: str = 'error',
-            drop_duplicates: bool = False, progress: bool = True,
-            group_size: int = DEFAULT_GROUP_SIZE,
-            labels: str | None = 'classes', encoding: str = 'utf-8',
-            column_names: Sequence[str] | None = None) -> dict:
+def convert(
+    inputs: Sequence[str],
+    fmt: str,
+    out_dir: str,
+    split: str = 'train',
+    columns: Columns | None = None,
+    tokenizer: str | None = None,
+    max_length: int = 128,
+    shard_size: int = 100_000,
+    on_bad_rows: str = 'error',
+    drop_duplicates: bool = False,
+    progress: bool = True,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    labels: str | None = 'classes',
+    encoding: str = 'utf-8',
+    column_names: Sequence[str] | None = None,
+) -> dict:
   """Converts input files into one split of a records directory.
 
   `labels`: 'classes' (labels as read), 'values' (float regression targets)
@@ -180,21 +205,30 @@ def convert(inputs: Sequence[str], fmt: str, out_dir: str,
   Returns the split's metadata entry (also written to metadata.json).
   """
   if fmt not in rows.FORMATS:
-    raise DataError(f'unsupported format {fmt!r}: use one of '
-                    f'{", ".join(rows.FORMATS)} (--format)')
+    raise DataError(
+        f'unsupported format {fmt!r}: use one of '
+        f'{", ".join(rows.FORMATS)} (--format)'
+    )
   if not re.fullmatch(r'[A-Za-z0-9_]+', split):
     raise DataError(f'split name {split!r}: use letters, digits and _')
   if labels not in rows.LABEL_KINDS:
-    raise DataError(f"--labels={labels!r}: use classes, values or none")
+    raise DataError(f'--labels={labels!r}: use classes, values or none')
   if shard_size < 1 or group_size < 1:
-    raise DataError(f'--shard_size={shard_size} and --group_size='
-                    f'{group_size} must be at least 1')
+    raise DataError(
+        f'--shard_size={shard_size} and --group_size='
+        f'{group_size} must be at least 1'
+    )
   if drop_duplicates and split != 'train':
-    raise DataError(f'--drop_duplicates cleans the train split only; '
-                    f'{split} rows are kept as given (drop the flag)')
+    raise DataError(
+        f'--drop_duplicates cleans the train split only; '
+        f'{split} rows are kept as given (drop the flag)'
+    )
   options = rows.ReadOptions(
-      encoding, tuple(column_names) if column_names else None, on_bad_rows,
-      flags=True)
+      encoding,
+      tuple(column_names) if column_names else None,
+      on_bad_rows,
+      flags=True,
+  )
   if not inputs:
     raise DataError('no input files (--input=FILE[,FILE])')
   for path in inputs:
@@ -206,18 +240,23 @@ def convert(inputs: Sequence[str], fmt: str, out_dir: str,
   tok_info, tok = None, None
   if tokenizer:
     if tokenizer == 'whitespace':
-      raise DataError("--tokenizer=whitespace: the whitespace vocabulary is "
-                      'fitted on the training split when training; convert '
-                      'raw text (no --tokenizer) instead')
+      raise DataError(
+          '--tokenizer=whitespace: the whitespace vocabulary is '
+          'fitted on the training split when training; convert '
+          'raw text (no --tokenizer) instead'
+      )
     if not columns.text:
       raise DataError('--tokenizer needs text: set --text_column')
     from tuning import tokenization  # pylint: disable=g-import-not-at-top
+
     tok = tokenization.load_tokenizer(tokenizer_file(tokenizer))
-    tok_info = {'path': os.path.abspath(tokenizer),
-                'fingerprint': tokenizer_fingerprint(tokenizer),
-                'max_length': int(max_length),
-                'pad_id': int(tokenization.pad_token_id(tok)),
-                'vocab_size': int(tok.get_vocab_size())}
+    tok_info = {
+        'path': os.path.abspath(tokenizer),
+        'fingerprint': tokenizer_fingerprint(tokenizer),
+        'max_length': int(max_length),
+        'pad_id': int(tokenization.pad_token_id(tok)),
+        'vocab_size': int(tok.get_vocab_size()),
+    }
   os.makedirs(out_dir, exist_ok=True)
   metadata = read_metadata(out_dir, must_exist=False)
   fields = {}
@@ -232,16 +271,23 @@ def convert(inputs: Sequence[str], fmt: str, out_dir: str,
       fields['input_ids'] = 'int32[]'
       if columns.text_pair:
         fields['token_type_ids'] = 'int32[]'
-  common = {'version': VERSION, 'label_column': columns.label,
-            'text_column': columns.text, 'text_pair_column': columns.text_pair,
-            'tokenizer': tok_info, 'labels': labels}
+  common = {
+      'version': VERSION,
+      'label_column': columns.label,
+      'text_column': columns.text,
+      'text_pair_column': columns.text_pair,
+      'tokenizer': tok_info,
+      'labels': labels,
+  }
   if metadata:
     for key, value in common.items():
       old = metadata.get(key, 'classes' if key == 'labels' else None)
       if old != value:
-        raise DataError(f'{out_dir}: already holds splits converted with '
-                        f'{key}={old!r}, not {value!r}; convert every split '
-                        'alike, or use a new --out directory')
+        raise DataError(
+            f'{out_dir}: already holds splits converted with '
+            f'{key}={old!r}, not {value!r}; convert every split '
+            'alike, or use a new --out directory'
+        )
 
   parser = rows.RowParser(columns, labels, options)
   if metadata.get('features') and not columns.features:
@@ -259,12 +305,16 @@ def convert(inputs: Sequence[str], fmt: str, out_dir: str,
     nonlocal max_id
     if tok is not None and pending:
       from tuning import tokenization  # pylint: disable=g-import-not-at-top
+
       enc = tokenization.encode_texts(
-          tok, [r.pop('text') for r in pending],
+          tok,
+          [r.pop('text') for r in pending],
           [r.pop('text_pair') for r in pending] if columns.text_pair else None,
-          max_length=max_length)
-      for r, ids, types in zip(pending, enc['input_ids'],
-                               enc['token_type_ids']):
+          max_length=max_length,
+      )
+      for r, ids, types in zip(
+          pending, enc['input_ids'], enc['token_type_ids']
+      ):
         r['input_ids'] = ids.astype('<i4').tobytes()
         if columns.text_pair:
           r['token_type_ids'] = types.astype('<i4').tobytes()
@@ -275,8 +325,9 @@ def convert(inputs: Sequence[str], fmt: str, out_dir: str,
 
   try:
     for path in inputs:
-      for _, record in rows.read_examples(path, fmt, parser, report, split,
-                                          bar.update):
+      for _, record in rows.read_examples(
+          path, fmt, parser, report, split, bar.update
+      ):
         if split == 'train':
           reason = parser.incomplete(record)
           if reason:
@@ -304,17 +355,24 @@ def convert(inputs: Sequence[str], fmt: str, out_dir: str,
   bar.close()
   if not writer.count:
     writer.abort()
-    raise DataError(f'{", ".join(inputs)}: no usable rows (dropped: '
-                    f'{report.dropped or "none"})')
+    raise DataError(
+        f'{", ".join(inputs)}: no usable rows (dropped: '
+        f'{report.dropped or "none"})'
+    )
   features = parser.features
   if features:
     fields['x'] = f'float64[{len(features)}]'
   shards = writer.finish()
-  entry = {'num_examples': writer.count, 'shards': shards,
-           'inputs': [os.path.abspath(p) for p in inputs], 'format': fmt,
-           'dropped': report.dropped, 'label_counts': dict(label_counts),
-           'drop_duplicates': bool(drop_duplicates),
-           'group_size': int(group_size)}
+  entry = {
+      'num_examples': writer.count,
+      'shards': shards,
+      'inputs': [os.path.abspath(p) for p in inputs],
+      'format': fmt,
+      'dropped': report.dropped,
+      'label_counts': dict(label_counts),
+      'drop_duplicates': bool(drop_duplicates),
+      'group_size': int(group_size),
+  }
   if tok is not None:
     entry['max_input_id'] = max_id
   metadata = metadata or dict(common, splits={})
@@ -336,23 +394,32 @@ def convert(inputs: Sequence[str], fmt: str, out_dir: str,
 def read_metadata(directory: str | None, must_exist: bool = True) -> dict:
   """The directory's metadata.json ({} if absent and not must_exist)."""
   if not directory:
-    raise DataError("config.data.records_dir is required for source "
-                    "'array_record' (convert files with python -m "
-                    'tuning.data.to_records)')
+    raise DataError(
+        'config.data.records_dir is required for source '
+        "'array_record' (convert files with python -m "
+        'tuning.data.to_records)'
+    )
   path = os.path.join(directory, METADATA)
   if not os.path.isfile(path):
     if not must_exist:
       return {}
-    what = ('directory not found' if not os.path.isdir(directory) else
-            f'no {METADATA}')
-    raise DataError(f'records directory {directory}: {what} (convert files '
-                    'into it with python -m tuning.data.to_records, or fix '
-                    'config.data.records_dir)')
+    what = (
+        'directory not found'
+        if not os.path.isdir(directory)
+        else f'no {METADATA}'
+    )
+    raise DataError(
+        f'records directory {directory}: {what} (convert files '
+        'into it with python -m tuning.data.to_records, or fix '
+        'config.data.records_dir)'
+    )
   with open(path, encoding='utf-8') as f:
     metadata = json.load(f)
   if metadata.get('version') != VERSION:
-    raise DataError(f'{path}: format version {metadata.get("version")!r}, '
-                    f'this code reads {VERSION}; convert the data again')
+    raise DataError(
+        f'{path}: format version {metadata.get("version")!r}, '
+        f'this code reads {VERSION}; convert the data again'
+    )
   return metadata
 
 
@@ -360,15 +427,19 @@ def split_paths(directory: str, split: str, metadata: dict) -> list[str]:
   """The split's shard files, checked against the metadata."""
   entry = metadata['splits'].get(split)
   if entry is None:
-    raise DataError(f'records directory {directory} has no {split!r} split '
-                    f'(it has: {", ".join(sorted(metadata["splits"]))}); '
-                    f'convert it with --split={split}')
+    raise DataError(
+        f'records directory {directory} has no {split!r} split '
+        f'(it has: {", ".join(sorted(metadata["splits"]))}); '
+        f'convert it with --split={split}'
+    )
   paths = [os.path.join(directory, n) for n in entry['shards']]
   missing = [p for p in paths if not os.path.isfile(p)]
   if missing or not paths:
-    raise DataError(f'records directory {directory}: no shards for split '
-                    f'{split!r} (missing {missing[:2] or entry["shards"]}); '
-                    'convert the split again')
+    raise DataError(
+        f'records directory {directory}: no shards for split '
+        f'{split!r} (missing {missing[:2] or entry["shards"]}); '
+        'convert the split again'
+    )
   return paths
 
 
@@ -393,12 +464,19 @@ class RecordSplit:
   raw_chunks, label_counts).
   """
 
-  def __init__(self, directory: str, split: str, metadata: dict,
-               label_index: dict[str, int] | None = None,
-               tokenizer=None, index: np.ndarray | None = None,
-               image_shape: tuple[int, ...] | None = None):
+  def __init__(
+      self,
+      directory: str,
+      split: str,
+      metadata: dict,
+      label_index: dict[str, int] | None = None,
+      tokenizer=None,
+      index: np.ndarray | None = None,
+      image_shape: tuple[int, ...] | None = None,
+  ):
     import grain  # pylint: disable=g-import-not-at-top
     from absl import logging  # pylint: disable=g-import-not-at-top
+
     if _FILTER not in logging.get_absl_logger().filters:
       logging.get_absl_logger().addFilter(_FILTER)
     self.directory, self.name, self.metadata = directory, split, metadata
@@ -406,9 +484,11 @@ class RecordSplit:
     self._source = grain.sources.ArrayRecordDataSource(self.paths)
     expected = metadata['splits'][split]['num_examples']
     if len(self._source) != expected:
-      raise DataError(f'records directory {directory}: split {split!r} has '
-                      f'{len(self._source)} records, metadata.json says '
-                      f'{expected}; convert the split again')
+      raise DataError(
+          f'records directory {directory}: split {split!r} has '
+          f'{len(self._source)} records, metadata.json says '
+          f'{expected}; convert the split again'
+      )
     self.label_index = label_index
     # What take() gives as 'label': class indices ('classes', through
     # label_index), float32 values ('values'), or no label (None).
@@ -427,8 +507,9 @@ class RecordSplit:
     """The examples at `index` (positions in this split) as a split."""
     out = RecordSplit.__new__(RecordSplit)
     out.__dict__.update(self.__dict__)
-    out.index = np.asarray(index if self.index is None else
-                           self.index[index], np.int64)
+    out.index = np.asarray(
+        index if self.index is None else self.index[index], np.int64
+    )
     return out
 
   def select(self, index: np.ndarray) -> RecordSplit:
@@ -448,16 +529,21 @@ class RecordSplit:
     """Examples per raw label: from the metadata for the whole split."""
     if self.index is None:
       return dict(self.metadata['splits'][self.name]['label_counts'])
-    return dict(collections.Counter(
-        preprocessing.label_key(v) for v in self.raw_labels()))
+    return dict(
+        collections.Counter(
+            preprocessing.label_key(v) for v in self.raw_labels()
+        )
+    )
 
   def records(self, indices) -> list[dict[str, Any]]:
     """Decoded records (raw label, text or token ids) at `indices`."""
     keys = np.asarray(indices, np.int64)
     if self.index is not None:
       keys = self.index[keys]
-    return [self._unpack(b) for b in
-            self._source.__getitems__([int(k) for k in keys])]
+    return [
+        self._unpack(b)
+        for b in self._source.__getitems__([int(k) for k in keys])
+    ]
 
   def iter_records(self, chunk: int = 4096) -> Iterator[dict[str, Any]]:
     """Every record in order, read a chunk at a time."""
@@ -466,8 +552,11 @@ class RecordSplit:
 
   def raw_table(self, indices=None) -> Table:
     """Columns as `sources` reads them (raw labels, text, float64 x)."""
-    records = (self.records(indices) if indices is not None
-               else list(self.iter_records()))
+    records = (
+        self.records(indices)
+        if indices is not None
+        else list(self.iter_records())
+    )
     return records_to_table(records, self.metadata)
 
   def take(self, indices) -> Table:
@@ -482,27 +571,37 @@ class RecordSplit:
     elif self.labels == 'values':
       table['label'] = np.asarray(table['label'], np.float32)
     elif encode_labels and self.label_index is not None:
-      table['label'] = np.array([
-          self.label_index[preprocessing.label_key(v)]
-          for v in table['label']], np.int32)
+      table['label'] = np.array(
+          [
+              self.label_index[preprocessing.label_key(v)]
+              for v in table['label']
+          ],
+          np.int32,
+      )
     if 'text' in table:
       text = table.pop('text')
       pair = table.pop('text_pair', None)
       tokenizer = self._thread_tokenizer()
       # As build_datasets: the whitespace vocabulary reads the text only.
-      table.update(tokenizer.encode(text, pair)
-                   if pair is not None and hasattr(tokenizer, 'path')
-                   else tokenizer.encode(text))
+      table.update(
+          tokenizer.encode(text, pair)
+          if pair is not None and hasattr(tokenizer, 'path')
+          else tokenizer.encode(text)
+      )
     elif 'input_ids' in table:
       from tuning import tokenization  # pylint: disable=g-import-not-at-top
+
       info = self.metadata['tokenizer']
       ids = table.pop('input_ids')
       types = table.pop('token_type_ids', None)
       features = {'input_ids': list(ids)}
       if types is not None:
         features['token_type_ids'] = list(types)
-      table.update(tokenization.pad_batch(
-          features, buckets=(info['max_length'],), pad_id=info['pad_id']))
+      table.update(
+          tokenization.pad_batch(
+              features, buckets=(info['max_length'],), pad_id=info['pad_id']
+          )
+      )
     if 'x' in table:
       x = table['x'].astype(np.float32)
       if self.image_shape:
@@ -517,8 +616,9 @@ class RecordSplit:
       return self.tokenizer  # the whitespace vocabulary keeps no state
     if getattr(self._local, 'owner', None) is not self.tokenizer:
       self._local.owner = self.tokenizer
-      self._local.tokenizer = type(self.tokenizer)(self.tokenizer.path,
-                                                   self.tokenizer.max_length)
+      self._local.tokenizer = type(self.tokenizer)(
+          self.tokenizer.path, self.tokenizer.max_length
+      )
     return self._local.tokenizer
 
 
@@ -540,6 +640,7 @@ def records_to_table(records: list[dict[str, Any]], metadata: dict) -> Table:
       table[key] = column
   if 'x' in fields:
     width = len(metadata['features'])
-    table['x'] = np.frombuffer(b''.join(r['x'] for r in records),
-                               '<f8').reshape(len(records), width)
+    table['x'] = np.frombuffer(
+        b''.join(r['x'] for r in records), '<f8'
+    ).reshape(len(records), width)
   return table

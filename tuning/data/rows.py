@@ -43,6 +43,7 @@ LABEL_KINDS = ('classes', 'values', None)
 @dataclasses.dataclass
 class Columns:
   """Which input columns make an example (names as in the input files)."""
+
   label: str | None = 'label'  # None: no label column
   text: str | None = None
   text_pair: str | None = None
@@ -60,6 +61,7 @@ class Columns:
 @dataclasses.dataclass
 class ReadOptions:
   """How files are read, and how their errors name the fix."""
+
   encoding: str = 'utf-8'
   column_names: tuple[str, ...] | None = None  # headerless CSV/TSV
   on_bad_rows: str = 'error'  # error | drop
@@ -70,11 +72,15 @@ class ReadOptions:
     try:
       codecs.lookup(self.encoding)
     except LookupError:
-      raise DataError(f'unknown encoding {self.encoding!r} (set '
-                      f"{self.setting('encoding', 'latin-1')}, say)") from None
+      raise DataError(
+          f'unknown encoding {self.encoding!r} (set '
+          f"{self.setting('encoding', 'latin-1')}, say)"
+      ) from None
     if self.on_bad_rows not in ('error', 'drop'):
-      raise DataError(f'{self.name("on_bad_rows")}={self.on_bad_rows!r}: '
-                      "use 'error' or 'drop'")
+      raise DataError(
+          f'{self.name("on_bad_rows")}={self.on_bad_rows!r}: '
+          "use 'error' or 'drop'"
+      )
     if self.column_names is not None:
       self.column_names = tuple(str(c).strip() for c in self.column_names)
 
@@ -96,8 +102,9 @@ class ReadOptions:
     return f"set {self.setting('on_bad_rows', 'drop')}"
 
 
-def _lines(path: str, options: ReadOptions,
-           progress: Callable[[int], None] | None) -> Iterator[str]:
+def _lines(
+    path: str, options: ReadOptions, progress: Callable[[int], None] | None
+) -> Iterator[str]:
   """The decoded lines of a file; a line that does not decode is an error."""
   with open(path, 'rb') as f:
     for number, raw in enumerate(f, start=1):
@@ -110,7 +117,8 @@ def _lines(path: str, options: ReadOptions,
             f'{path}:{number}: not valid {options.encoding} (byte '
             f'{raw[e.start:e.start + 1]!r} at column {e.start + 1}); set '
             f"{options.setting('encoding', 'latin-1')} or the file's own "
-            'encoding, or convert the file to UTF-8') from None
+            'encoding, or convert the file to UTF-8'
+        ) from None
 
 
 class RowFile:
@@ -120,19 +128,27 @@ class RowFile:
   text, whose rows name their own columns).
   """
 
-  def __init__(self, path: str, fmt: str, options: ReadOptions,
-               report: SourceReport,
-               progress: Callable[[int], None] | None = None):
+  def __init__(
+      self,
+      path: str,
+      fmt: str,
+      options: ReadOptions,
+      report: SourceReport,
+      progress: Callable[[int], None] | None = None,
+  ):
     if fmt not in FORMATS:
-      raise DataError(f'unsupported format {fmt!r}: use one of '
-                      f'{", ".join(FORMATS)}')
+      raise DataError(
+          f'unsupported format {fmt!r}: use one of ' f'{", ".join(FORMATS)}'
+      )
     if not os.path.exists(path):
       where = '--input' if options.flags else 'config.data.path and friends'
       raise DataError(f'data file not found: {path} (check {where})')
     if options.column_names and fmt not in ('csv', 'tsv'):
-      raise DataError(f'{options.name("column_names")} names the columns of '
-                      f'headerless CSV/TSV files, not {fmt} ({path}); unset '
-                      'it')
+      raise DataError(
+          f'{options.name("column_names")} names the columns of '
+          f'headerless CSV/TSV files, not {fmt} ({path}); unset '
+          'it'
+      )
     self.path, self.fmt = path, fmt
     self._options, self._report = options, report
     self._lines = _lines(path, options, progress)
@@ -141,8 +157,10 @@ class RowFile:
     if fmt in ('csv', 'tsv'):
       # QUOTE_NONE for TSV: GLUE files contain bare quotes inside sentences.
       self._reader = csv.reader(
-          self._lines, delimiter='\t' if fmt == 'tsv' else ',',
-          quoting=csv.QUOTE_NONE if fmt == 'tsv' else csv.QUOTE_MINIMAL)
+          self._lines,
+          delimiter='\t' if fmt == 'tsv' else ',',
+          quoting=csv.QUOTE_NONE if fmt == 'tsv' else csv.QUOTE_MINIMAL,
+      )
       if options.column_names:
         self.header = list(options.column_names)
       else:
@@ -150,9 +168,10 @@ class RowFile:
           self.header = [h.strip() for h in next(self._reader)]
         except StopIteration:
           names = options.setting('column_names', ('text', 'label'))
-          raise DataError(f'{path}: the file is empty (a header row is '
-                          f'required, or name the columns with {names})'
-                          ) from None
+          raise DataError(
+              f'{path}: the file is empty (a header row is '
+              f'required, or name the columns with {names})'
+          ) from None
 
   def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
     if self._reader is not None:
@@ -168,20 +187,26 @@ class RowFile:
       line = self._reader.line_num
       if not fields or (len(fields) == 1 and not fields[0].strip()):
         continue  # blank line
-      if first and options.column_names and [
-          f.strip() for f in fields] == header:
+      if (
+          first
+          and options.column_names
+          and [f.strip() for f in fields] == header
+      ):
         raise DataError(
             f'{self.path}:{line}: the first line repeats '
             f'{options.name("column_names")}: the file has a header row, so '
-            'unset column_names')
+            'unset column_names'
+        )
       first = False
       if len(fields) != len(header):
         if options.drop:
           self._report.drop('malformed row')
           continue
-        raise DataError(f'{self.path}:{line}: expected {len(header)} fields '
-                        f'({", ".join(header)}), found {len(fields)} (fix '
-                        f'the row, or {options.or_drop()})')
+        raise DataError(
+            f'{self.path}:{line}: expected {len(header)} fields '
+            f'({", ".join(header)}), found {len(fields)} (fix '
+            f'the row, or {options.or_drop()})'
+        )
       yield line, dict(zip(header, fields))
 
   def _jsonl(self):
@@ -196,8 +221,10 @@ class RowFile:
         if self._options.drop:
           self._report.drop('malformed row')
           continue
-        raise DataError(f'{self.path}:{line}: not a JSON object ({e}); fix '
-                        f'the line, or {self._options.or_drop()}') from None
+        raise DataError(
+            f'{self.path}:{line}: not a JSON object ({e}); fix '
+            f'the line, or {self._options.or_drop()}'
+        ) from None
       yield line, row
 
   def _text(self):
@@ -210,7 +237,7 @@ class RowFile:
         continue
       label = stem
       if text.startswith('__label__'):
-        label, _, text = text[len('__label__'):].partition(' ')
+        label, _, text = text[len('__label__') :].partition(' ')
       yield line, {'label': label, 'text': text}
 
 
@@ -224,8 +251,10 @@ def _number(value, path: str, line: int, what: str, fix: str) -> float:
   try:
     return float(text)
   except ValueError:
-    raise DataError(f'{path}:{line}: {what} is not a number: {text[:40]!r} '
-                    f'(fix the row, or {fix})') from None
+    raise DataError(
+        f'{path}:{line}: {what} is not a number: {text[:40]!r} '
+        f'(fix the row, or {fix})'
+    ) from None
 
 
 class RowParser:
@@ -235,8 +264,9 @@ class RowParser:
   first row), so every split has the same features.
   """
 
-  def __init__(self, columns: Columns, labels: str | None,
-               options: ReadOptions):
+  def __init__(
+      self, columns: Columns, labels: str | None, options: ReadOptions
+  ):
     if labels not in LABEL_KINDS:
       raise DataError(f"labels={labels!r}: use 'classes', 'values' or None")
     self.columns, self.labels, self.options = columns, labels, options
@@ -253,17 +283,23 @@ class RowParser:
       self.features = self.columns.resolve_features(names)
     o = self.options
     if self.labels is not None and self.columns.label not in names:
-      raise DataError(f'{path}: no label column {self.columns.label!r} among '
-                      f'{names} (set {o.name("label_column")})')
+      raise DataError(
+          f'{path}: no label column {self.columns.label!r} among '
+          f'{names} (set {o.name("label_column")})'
+      )
     for c in self._texts:
       if c not in names:
-        raise DataError(f'{path}: no text column {c!r} among {names} (set '
-                        f'{o.name("text_column")} / '
-                        f'{o.name("text_pair_column")})')
+        raise DataError(
+            f'{path}: no text column {c!r} among {names} (set '
+            f'{o.name("text_column")} / '
+            f'{o.name("text_pair_column")})'
+        )
     missing = [c for c in self.features if c not in names]
     if missing:
-      raise DataError(f'{path}: feature columns {missing} not found among '
-                      f'{names} ({o.name("feature_columns")})')
+      raise DataError(
+          f'{path}: feature columns {missing} not found among '
+          f'{names} ({o.name("feature_columns")})'
+      )
 
   def parse(self, path: str, line: int, row: dict[str, Any]) -> dict:
     """The example of one row; a malformed row raises DataError."""
@@ -272,20 +308,31 @@ class RowParser:
     fix = self.options.or_drop()
     absent = [c for c in self._needed() if c not in row]
     if absent:
-      raise DataError(f'{path}:{line}: row has no value for {absent} (fix '
-                      f'the row, check {self.options.name("label_column")}/'
-                      f'{self.options.name("text_column")}, or {fix})')
+      raise DataError(
+          f'{path}:{line}: row has no value for {absent} (fix '
+          f'the row, check {self.options.name("label_column")}/'
+          f'{self.options.name("text_column")}, or {fix})'
+      )
     example = {}
     if self.labels == 'values':
-      example['label'] = _number(row[self.columns.label], path, line,
-                                 f'label {self.columns.label!r}', fix)
+      example['label'] = _number(
+          row[self.columns.label],
+          path,
+          line,
+          f'label {self.columns.label!r}',
+          fix,
+      )
     elif self.labels == 'classes':
       example['label'] = row[self.columns.label]
     if self.features:
-      example['x'] = [_number(row[c], path, line, f'column {c!r}', fix)
-                      for c in self.features]
-    for key, c in (('text', self.columns.text),
-                   ('text_pair', self.columns.text_pair)):
+      example['x'] = [
+          _number(row[c], path, line, f'column {c!r}', fix)
+          for c in self.features
+      ]
+    for key, c in (
+        ('text', self.columns.text),
+        ('text_pair', self.columns.text_pair),
+    ):
       if c:
         example[key] = None if row[c] is None else str(row[c])
     return example
@@ -313,9 +360,12 @@ class RowParser:
       table['label'] = np.array([e['label'] for e in examples], dtype=object)
     if self.features:
       table['x'] = np.array([e['x'] for e in examples], np.float64).reshape(
-          len(examples), len(self.features))
-    for key, c in (('text', self.columns.text),
-                   ('text_pair', self.columns.text_pair)):
+          len(examples), len(self.features)
+      )
+    for key, c in (
+        ('text', self.columns.text),
+        ('text_pair', self.columns.text_pair),
+    ):
       if c:
         table[key] = np.array([e[key] for e in examples], dtype=object)
     return table
@@ -333,10 +383,14 @@ def _lacks(example: dict, missing_text) -> str | None:
   return None
 
 
-def read_examples(path: str, fmt: str, parser: RowParser,
-                  report: SourceReport, split: str = 'train',
-                  progress: Callable[[int], None] | None = None
-                  ) -> Iterator[tuple[int, dict]]:
+def read_examples(
+    path: str,
+    fmt: str,
+    parser: RowParser,
+    report: SourceReport,
+    split: str = 'train',
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[tuple[int, dict]]:
   """(line, example) for each usable row of a file, read lazily.
 
   Malformed rows raise DataError naming file:line, or are dropped and
@@ -362,7 +416,9 @@ def read_examples(path: str, fmt: str, parser: RowParser,
         if options.drop:
           report.drop(reason)
           continue
-        raise DataError(f'{path}:{line}: {reason} in a {split} row ({split} '
-                        'rows are used as given, never cleaned: fix the row, '
-                        f'or {options.or_drop()} to drop and count it)')
+        raise DataError(
+            f'{path}:{line}: {reason} in a {split} row ({split} '
+            'rows are used as given, never cleaned: fix the row, '
+            f'or {options.or_drop()} to drop and count it)'
+        )
     yield line, example

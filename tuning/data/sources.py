@@ -23,11 +23,23 @@ import numpy as np
 
 from tuning.data import preprocessing
 from tuning.data import rows
-from tuning.data.tables import (DataError, SourceReport, Table, is_missing,
-                                 num_rows, take)
+from tuning.data.tables import (
+    DataError,
+    SourceReport,
+    Table,
+    is_missing,
+    num_rows,
+    take,
+)
 
-__all__ = ['DataError', 'MemoryRows', 'SourceReport', 'Table',
-           'read_options', 'read_split_files']
+__all__ = [
+    'DataError',
+    'MemoryRows',
+    'SourceReport',
+    'Table',
+    'read_options',
+    'read_split_files',
+]
 
 SPLITS = ('train', 'validation', 'test')
 
@@ -54,8 +66,11 @@ class MemoryRows:
     yield self.table
 
   def label_counts(self) -> dict[str, int]:
-    return dict(collections.Counter(
-        preprocessing.label_key(v) for v in self.table['label']))
+    return dict(
+        collections.Counter(
+            preprocessing.label_key(v) for v in self.table['label']
+        )
+    )
 
 
 def read_options(data_config, flags: bool = False) -> rows.ReadOptions:
@@ -64,11 +79,14 @@ def read_options(data_config, flags: bool = False) -> rows.ReadOptions:
   return rows.ReadOptions(
       encoding=data_config.get('encoding') or 'utf-8',
       column_names=tuple(names) if names else None,
-      on_bad_rows=data_config.on_bad_rows, flags=flags)
+      on_bad_rows=data_config.on_bad_rows,
+      flags=flags,
+  )
 
 
-def read_split_files(data_config, labels: str | None = 'classes'
-                     ) -> tuple[dict[str, Table], dict[str, SourceReport]]:
+def read_split_files(
+    data_config, labels: str | None = 'classes'
+) -> tuple[dict[str, Table], dict[str, SourceReport]]:
   """Reads the splits a config names: {split: table}, {split: report}.
 
   Splits that the source lacks are absent from the result (they are carved
@@ -78,39 +96,53 @@ def read_split_files(data_config, labels: str | None = 'classes'
   source = data_config.source
   reports = {name: SourceReport() for name in SPLITS}
   if source not in ('digits', 'tfds', 'csv', 'tsv', 'jsonl', 'npz'):
-    raise DataError(f'unknown data source {source!r}: use one of digits, '
-                    'csv, tsv, jsonl, npz, tfds (config.data.source)')
+    raise DataError(
+        f'unknown data source {source!r}: use one of digits, '
+        'csv, tsv, jsonl, npz, tfds (config.data.source)'
+    )
   if data_config.get('column_names') and source not in ('csv', 'tsv'):
-    raise DataError('config.data.column_names names the columns of headerless'
-                    f' CSV/TSV files, not source {source!r}; unset it')
+    raise DataError(
+        'config.data.column_names names the columns of headerless'
+        f' CSV/TSV files, not source {source!r}; unset it'
+    )
   if source == 'digits':
     return {'train': _with_labels(_read_digits(), labels, 'digits')}, reports
   if source == 'tfds':
-    return {name: _with_labels(table, labels, f'TFDS {name} split')
-            for name, table in _read_tfds(data_config, labels).items()
-            }, reports
+    return {
+        name: _with_labels(table, labels, f'TFDS {name} split')
+        for name, table in _read_tfds(data_config, labels).items()
+    }, reports
   if not data_config.path:
     raise DataError(f'config.data.path is required for source {source!r}')
   parser = None
   if source != 'npz':
     parser = rows.RowParser(
-        rows.Columns(data_config.label_column, data_config.text_column,
-                     data_config.text_pair_column,
-                     tuple(data_config.feature_columns or ()) or None),
-        labels, read_options(data_config))
+        rows.Columns(
+            data_config.label_column,
+            data_config.text_column,
+            data_config.text_pair_column,
+            tuple(data_config.feature_columns or ()) or None,
+        ),
+        labels,
+        read_options(data_config),
+    )
   tables = {}
-  for split, path in (('train', data_config.path),
-                      ('validation', data_config.validation_path),
-                      ('test', data_config.test_path)):
+  for split, path in (
+      ('train', data_config.path),
+      ('validation', data_config.validation_path),
+      ('test', data_config.test_path),
+  ):
     if not path:
       continue
     _check_exists(path)
     if source == 'npz':
-      tables[split] = _with_labels(_read_npz(path, data_config, labels),
-                                   labels, path)
+      tables[split] = _with_labels(
+          _read_npz(path, data_config, labels), labels, path
+      )
     else:
-      tables[split] = _read_file(path, split, _format(path, source), parser,
-                                 reports[split])
+      tables[split] = _read_file(
+          path, split, _format(path, source), parser, reports[split]
+      )
   return tables, reports
 
 
@@ -123,10 +155,16 @@ def _format(path: str, source: str) -> str:
   return 'csv'
 
 
-def _read_file(path: str, split: str, fmt: str, parser: rows.RowParser,
-               report: SourceReport) -> Table:
-  examples = [e for _, e in rows.read_examples(path, fmt, parser, report,
-                                               split)]
+def _read_file(
+    path: str,
+    split: str,
+    fmt: str,
+    parser: rows.RowParser,
+    report: SourceReport,
+) -> Table:
+  examples = [
+      e for _, e in rows.read_examples(path, fmt, parser, report, split)
+  ]
   if not examples:
     dropped = f' (dropped: {report.dropped})' if report.dropped else ''
     raise DataError(f'{path}: no rows{dropped}')
@@ -143,9 +181,10 @@ def _with_labels(table: Table, labels: str | None, where: str) -> Table:
       try:
         values[i] = np.nan if is_missing(v) else float(v)
       except (TypeError, ValueError):
-        raise DataError(f'{where}: label {v!r} of row {i} is not a number '
-                        "(labels='values' reads regression targets)"
-                        ) from None
+        raise DataError(
+            f'{where}: label {v!r} of row {i} is not a number '
+            "(labels='values' reads regression targets)"
+        ) from None
     table['label'] = values
   return table
 
@@ -153,14 +192,16 @@ def _with_labels(table: Table, labels: str | None, where: str) -> Table:
 def _read_digits() -> Table:
   """scikit-learn's 1,797 real 8x8 handwritten digits (ships offline)."""
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
   digits = datasets.load_digits()
   return {'x': digits.data.astype(np.float64), 'label': digits.target}
 
 
 def _check_exists(path: str):
   if not os.path.exists(path):
-    raise DataError(f'data file not found: {path} (check config.data.path '
-                    'and friends)')
+    raise DataError(
+        f'data file not found: {path} (check config.data.path ' 'and friends)'
+    )
 
 
 def _read_npz(path: str, data_config, labels: str | None) -> Table:
@@ -172,15 +213,20 @@ def _read_npz(path: str, data_config, labels: str | None) -> Table:
   label = data_config.label_column
   names = list(arrays.keys())
   if labels is not None and label not in arrays:
-    raise DataError(f'{path}: no array {label!r} among {names} '
-                    '(set config.data.label_column)')
+    raise DataError(
+        f'{path}: no array {label!r} among {names} '
+        '(set config.data.label_column)'
+    )
   feature_names = list(data_config.feature_columns or ())
   if not feature_names:
-    feature_names = [n for n in ('x', 'features', 'inputs', 'image')
-                     if n in arrays][:1]
+    feature_names = [
+        n for n in ('x', 'features', 'inputs', 'image') if n in arrays
+    ][:1]
   if not feature_names:
-    raise DataError(f'{path}: no feature array among {names}; name it x, or '
-                    'set config.data.feature_columns')
+    raise DataError(
+        f'{path}: no feature array among {names}; name it x, or '
+        'set config.data.feature_columns'
+    )
   x = [arrays[n].reshape(len(arrays[n]), -1) for n in feature_names]
   table = {'x': np.concatenate(x, axis=1).astype(np.float64)}
   if labels is None:
@@ -188,8 +234,10 @@ def _read_npz(path: str, data_config, labels: str | None) -> Table:
   y = arrays[label]
   for n, v in zip(feature_names, x):
     if len(v) != len(y):
-      raise DataError(f'{path}: array {n!r} has {len(v)} rows but {label!r} '
-                      f'has {len(y)}')
+      raise DataError(
+          f'{path}: array {n!r} has {len(v)} rows but {label!r} '
+          f'has {len(y)}'
+      )
   table['label'] = y.astype(object) if y.dtype.kind in 'OUS' else y
   return table
 
@@ -197,10 +245,13 @@ def _read_npz(path: str, data_config, labels: str | None) -> Table:
 def _read_tfds(data_config, labels: str | None) -> dict[str, Table]:
   """A prepared TFDS dataset by name, read with tfds.data_source (no TF)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   name = data_config.tfds_name
   if not name:
-    raise DataError("config.data.tfds_name is required for source 'tfds' "
-                    "(e.g. 'mnist' or 'glue/sst2')")
+    raise DataError(
+        "config.data.tfds_name is required for source 'tfds' "
+        "(e.g. 'mnist' or 'glue/sst2')"
+    )
   splits = {'train': data_config.train_split}
   if data_config.validation_split:
     splits['validation'] = data_config.validation_split
@@ -209,40 +260,55 @@ def _read_tfds(data_config, labels: str | None) -> dict[str, Table]:
   tables = {}
   for split, tfds_split in splits.items():
     try:
-      source = tfds.data_source(name, split=tfds_split,
-                                data_dir=data_config.tfds_data_dir,
-                                download=False)
+      source = tfds.data_source(
+          name,
+          split=tfds_split,
+          data_dir=data_config.tfds_data_dir,
+          download=False,
+      )
     except Exception as e:  # TFDS raises many types; all mean "not here".
-      raise DataError(f'TFDS dataset {name!r} split {tfds_split!r} is not '
-                      f'prepared in {data_config.tfds_data_dir or "~/tensorflow_datasets"} '
-                      f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
-                      'prepare it with `tfds build` where internet exists, '
-                      'or point config.data.tfds_data_dir at it') from None
+      raise DataError(
+          f'TFDS dataset {name!r} split {tfds_split!r} is not '
+          f'prepared in {data_config.tfds_data_dir or "~/tensorflow_datasets"} '
+          f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
+          'prepare it with `tfds build` where internet exists, '
+          'or point config.data.tfds_data_dir at it'
+      ) from None
     records = [source[i] for i in range(len(source))]
     tables[split] = _records_to_table(records, data_config, labels)
   return tables
 
 
-def _records_to_table(records: list[dict[str, Any]], data_config,
-                      labels: str | None) -> Table:
+def _records_to_table(
+    records: list[dict[str, Any]], data_config, labels: str | None
+) -> Table:
   label = data_config.label_column
   table = {}
   if labels is not None:
     table['label'] = np.array([r[label] for r in records])
   if data_config.text_column:
     table['text'] = np.array(
-        [_as_text(r[data_config.text_column]) for r in records], dtype=object)
+        [_as_text(r[data_config.text_column]) for r in records], dtype=object
+    )
     if data_config.text_pair_column:
       table['text_pair'] = np.array(
           [_as_text(r[data_config.text_pair_column]) for r in records],
-          dtype=object)
+          dtype=object,
+      )
     return table
   names = list(data_config.feature_columns or ()) or [
-      k for k in records[0] if k != label and
-      np.asarray(records[0][k]).dtype.kind in 'iuf']
-  table['x'] = np.stack([
-      np.concatenate([np.asarray(r[n], np.float64).reshape(-1)
-                      for n in names]) for r in records])
+      k
+      for k in records[0]
+      if k != label and np.asarray(records[0][k]).dtype.kind in 'iuf'
+  ]
+  table['x'] = np.stack(
+      [
+          np.concatenate(
+              [np.asarray(r[n], np.float64).reshape(-1) for n in names]
+          )
+          for r in records
+      ]
+  )
   return table
 
 

@@ -26,6 +26,7 @@ class DataError(ValueError):
 @dataclasses.dataclass
 class SourceReport:
   """What reading a source dropped, by reason (for the run's log)."""
+
   dropped: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def drop(self, reason: str):
@@ -70,4 +71,9 @@ def is_missing(value) -> bool:
   if isinstance(value, float) and math.isnan(value):
     return True
   return isinstance(value, str) and value.strip().lower() in (
-      '', 'nan', 'na', 'null', 'none')
+      '',
+      'nan',
+      'na',
+      'null',
+      'none',
+  )

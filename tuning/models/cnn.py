@@ -12,6 +12,7 @@ class CNN(nn.Module):
   """3x3 conv-ReLU blocks with a 2x2 max-pool after each, then flatten,
   dropout and a Dense head. Input: [batch, height, width, channels].
   """
+
   num_outputs: int
   channels: Sequence[int] = (32, 64)
   dropout: float = 0.5
@@ -20,8 +21,10 @@ class CNN(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     if x.ndim != 4:
-      raise ValueError(f'the cnn model needs images [batch, h, w, c], got '
-                       f'shape {x.shape}: set config.data.image_shape')
+      raise ValueError(
+          f'the cnn model needs images [batch, h, w, c], got '
+          f'shape {x.shape}: set config.data.image_shape'
+      )
     x = x.astype(self.dtype)
     for i, width in enumerate(self.channels):
       x = nn.Conv(width, (3, 3), dtype=self.dtype, name=f'conv_{i}')(x)
@@ -34,12 +37,18 @@ class CNN(nn.Module):
     return logits.astype(jnp.float32)
 
 
-def build(model_config, dtype, *, num_outputs: int | None,
-          vocab_size: int | None = None) -> CNN:
+def build(
+    model_config,
+    dtype,
+    *,
+    num_outputs: int | None,
+    vocab_size: int | None = None,
+) -> CNN:
   """The registry's builder: a `CNN` from `config.model`."""
   del vocab_size
-  return CNN(num_outputs, tuple(model_config.channels), model_config.dropout,
-             dtype)
+  return CNN(
+      num_outputs, tuple(model_config.channels), model_config.dropout, dtype
+  )
 
 
 # Parameters: conv_<i>/{kernel,bias} and head/{kernel,bias}, which the

@@ -102,8 +102,10 @@ def _rope_theta(hf: dict) -> float:
   rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
   rope_type = rope.get('rope_type', rope.get('type', 'default'))
   if rope_type != 'default':
-    raise ValueError(f'unsupported rope_type={rope_type!r} in the Llama '
-                     "config: only 'default' rotary embeddings are built")
+    raise ValueError(
+        f'unsupported rope_type={rope_type!r} in the Llama '
+        "config: only 'default' rotary embeddings are built"
+    )
   return float(rope.get('rope_theta', hf.get('rope_theta', 10000.0)))
 
 
@@ -115,30 +117,44 @@ def config_from_hf(hf: dict) -> DecoderConfig:
       initializer_range=float(hf.get('initializer_range', 0.02)),
       bos_token_id=hf.get('bos_token_id'),
       eos_token_ids=_ids(hf.get('eos_token_id')),
-      pad_token_id=hf.get('pad_token_id'))
+      pad_token_id=hf.get('pad_token_id'),
+  )
   if model_type == 'gpt2':
     hidden, heads = int(hf['n_embd']), int(hf['n_head'])
     act = hf.get('activation_function', 'gelu_new')
     config = DecoderConfig(
-        kind='gpt2', hidden_size=hidden, num_layers=int(hf['n_layer']),
-        num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+        kind='gpt2',
+        hidden_size=hidden,
+        num_layers=int(hf['n_layer']),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
         intermediate_size=int(hf.get('n_inner') or 4 * hidden),
-        max_positions=int(hf.get('n_positions', 1024)), activation=act,
+        max_positions=int(hf.get('n_positions', 1024)),
+        activation=act,
         norm_eps=float(hf.get('layer_norm_epsilon', 1e-5)),
         tie_embeddings=bool(hf.get('tie_word_embeddings', True)),
-        attention_bias=True, mlp_bias=True,
+        attention_bias=True,
+        mlp_bias=True,
         dropout=float(hf.get('resid_pdrop', 0.1)),
         attention_dropout=float(hf.get('attn_pdrop', 0.1)),
         scale_by_inverse_layer=bool(
-            hf.get('scale_attn_by_inverse_layer_idx', False)), **common)
+            hf.get('scale_attn_by_inverse_layer_idx', False)
+        ),
+        **common,
+    )
     if not hf.get('scale_attn_weights', True):
-      raise ValueError('unsupported GPT-2 config scale_attn_weights=false: '
-                       'only scaled attention is built')
+      raise ValueError(
+          'unsupported GPT-2 config scale_attn_weights=false: '
+          'only scaled attention is built'
+      )
   elif model_type == 'llama':
     hidden, heads = int(hf['hidden_size']), int(hf['num_attention_heads'])
     config = DecoderConfig(
-        kind='llama', hidden_size=hidden,
-        num_layers=int(hf['num_hidden_layers']), num_heads=heads,
+        kind='llama',
+        hidden_size=hidden,
+        num_layers=int(hf['num_hidden_layers']),
+        num_heads=heads,
         num_kv_heads=int(hf.get('num_key_value_heads') or heads),
         head_dim=int(hf.get('head_dim') or hidden // heads),
         intermediate_size=int(hf['intermediate_size']),
@@ -148,20 +164,31 @@ def config_from_hf(hf: dict) -> DecoderConfig:
         rope_theta=_rope_theta(hf),
         tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
         attention_bias=bool(hf.get('attention_bias', False)),
-        mlp_bias=bool(hf.get('mlp_bias', False)), dropout=0.0,
-        attention_dropout=float(hf.get('attention_dropout', 0.0)), **common)
+        mlp_bias=bool(hf.get('mlp_bias', False)),
+        dropout=0.0,
+        attention_dropout=float(hf.get('attention_dropout', 0.0)),
+        **common,
+    )
     if int(hf.get('pretraining_tp', 1)) != 1:
-      raise ValueError('unsupported Llama config pretraining_tp != 1: save '
-                       'the checkpoint with pretraining_tp=1')
+      raise ValueError(
+          'unsupported Llama config pretraining_tp != 1: save '
+          'the checkpoint with pretraining_tp=1'
+      )
   else:
-    raise ValueError(f'unknown decoder model_type={model_type!r}: this '
-                     f'family reads {", ".join(HF_MODEL_TYPES)}')
+    raise ValueError(
+        f'unknown decoder model_type={model_type!r}: this '
+        f'family reads {", ".join(HF_MODEL_TYPES)}'
+    )
   if config.activation not in _ACTIVATIONS:
-    raise ValueError(f'unsupported activation {config.activation!r}: use '
-                     f'one of {", ".join(sorted(_ACTIVATIONS))}')
+    raise ValueError(
+        f'unsupported activation {config.activation!r}: use '
+        f'one of {", ".join(sorted(_ACTIVATIONS))}'
+    )
   if config.num_heads % config.num_kv_heads:
-    raise ValueError(f'num_attention_heads={config.num_heads} is not a '
-                     f'multiple of num_key_value_heads={config.num_kv_heads}')
+    raise ValueError(
+        f'num_attention_heads={config.num_heads} is not a '
+        f'multiple of num_key_value_heads={config.num_kv_heads}'
+    )
   return config
 
 
@@ -210,48 +237,72 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
 
   def _dense(self, features, name):
-    return nn.Dense(features, use_bias=self.use_bias, dtype=self.dtype,
-                    param_dtype=jnp.float32, name=name,
-                    kernel_init=nn.initializers.normal(self.initializer_range))
+    return nn.Dense(
+        features,
+        use_bias=self.use_bias,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name=name,
+        kernel_init=nn.initializers.normal(self.initializer_range),
+    )
 
   @nn.compact
-  def __call__(self, x, attention_mask, positions, *, decode: bool = False,
-               train: bool = False):
+  def __call__(
+      self,
+      x,
+      attention_mask,
+      positions,
+      *,
+      decode: bool = False,
+      train: bool = False,
+  ):
     batch, length, _ = x.shape
     heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
     q = self._dense(heads * dim, 'query')(x).reshape(batch, length, heads, dim)
     k = self._dense(kv_heads * dim, 'key')(x).reshape(
-        batch, length, kv_heads, dim)
+        batch, length, kv_heads, dim
+    )
     v = self._dense(kv_heads * dim, 'value')(x).reshape(
-        batch, length, kv_heads, dim)
+        batch, length, kv_heads, dim
+    )
     if self.rope_theta is not None:
       q = rotary(q, positions, self.rope_theta)
       k = rotary(k, positions, self.rope_theta)
     offset = 0
     if decode:
       initialized = self.has_variable('cache', 'cached_key')
-      cached_key = self.variable('cache', 'cached_key', jnp.zeros, k.shape,
-                                 k.dtype)
-      cached_value = self.variable('cache', 'cached_value', jnp.zeros,
-                                   v.shape, v.dtype)
-      index = self.variable('cache', 'cache_index',
-                            lambda: jnp.array(0, jnp.int32))
+      cached_key = self.variable(
+          'cache', 'cached_key', jnp.zeros, k.shape, k.dtype
+      )
+      cached_value = self.variable(
+          'cache', 'cached_value', jnp.zeros, v.shape, v.dtype
+      )
+      index = self.variable(
+          'cache', 'cache_index', lambda: jnp.array(0, jnp.int32)
+      )
       if initialized:
         offset = index.value
         start = (0, offset, 0, 0)
         k = jax.lax.dynamic_update_slice(
-            cached_key.value, k.astype(cached_key.value.dtype), start)
+            cached_key.value, k.astype(cached_key.value.dtype), start
+        )
         v = jax.lax.dynamic_update_slice(
-            cached_value.value, v.astype(cached_value.value.dtype), start)
+            cached_value.value, v.astype(cached_value.value.dtype), start
+        )
         cached_key.value, cached_value.value = k, v
         index.value = offset + length
     if attention_mask.shape[-1] != k.shape[1]:
-      raise ValueError(f'attention_mask covers {attention_mask.shape[-1]} '
-                       f'keys but there are {k.shape[1]}: when decoding, '
-                       'give a mask over every cache slot')
+      raise ValueError(
+          f'attention_mask covers {attention_mask.shape[-1]} '
+          f'keys but there are {k.shape[1]}: when decoding, '
+          'give a mask over every cache slot'
+      )
     query_slots = offset + jnp.arange(length)
-    allowed = ((jnp.arange(k.shape[1])[None, :] <= query_slots[:, None])
-               [None, :, :] & (attention_mask[:, None, :] > 0))  # [B, L, S]
+    allowed = (jnp.arange(k.shape[1])[None, :] <= query_slots[:, None])[
+        None, :, :
+    ] & (
+        attention_mask[:, None, :] > 0
+    )  # [B, L, S]
     bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
     groups = heads // kv_heads
     q = q.reshape(batch, length, kv_heads, groups, dim)
@@ -260,8 +311,9 @@ class Attention(nn.Module):
     scores = scores + bias[:, None, None, :, :]
     probs = jax.nn.softmax(scores, axis=-1)
     probs = nn.Dropout(self.dropout, deterministic=not train)(probs)
-    context = jnp.einsum('bhgls,bshd->blhgd', probs.astype(self.dtype),
-                         v.astype(self.dtype))
+    context = jnp.einsum(
+        'bhgls,bshd->blhgd', probs.astype(self.dtype), v.astype(self.dtype)
+    )
     context = context.reshape(batch, length, heads * dim)
     return self._dense(x.shape[-1], 'out')(context)
 
@@ -277,15 +329,20 @@ class MLP(nn.Module):
     cfg = self.config
 
     def dense(features, name):
-      return nn.Dense(features, use_bias=cfg.mlp_bias, dtype=self.dtype,
-                      param_dtype=jnp.float32, name=name,
-                      kernel_init=nn.initializers.normal(
-                          cfg.initializer_range))
+      return nn.Dense(
+          features,
+          use_bias=cfg.mlp_bias,
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          name=name,
+          kernel_init=nn.initializers.normal(cfg.initializer_range),
+      )
 
     act = _ACTIVATIONS[cfg.activation]
     if cfg.kind == 'llama':
       h = act(dense(cfg.intermediate_size, 'gate')(x)) * dense(
-          cfg.intermediate_size, 'up')(x)
+          cfg.intermediate_size, 'up'
+      )(x)
     else:
       h = act(dense(cfg.intermediate_size, 'up')(x))
     return dense(cfg.hidden_size, 'down')(h)
@@ -293,10 +350,18 @@ class MLP(nn.Module):
 
 def _norm(cfg: DecoderConfig, name: str) -> nn.Module:
   if cfg.kind == 'llama':
-    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32,
-                      param_dtype=jnp.float32, name=name)
-  return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=jnp.float32,
-                      param_dtype=jnp.float32, name=name)
+    return nn.RMSNorm(
+        epsilon=cfg.norm_eps,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+  return nn.LayerNorm(
+      epsilon=cfg.norm_eps,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      name=name,
+  )
 
 
 class Block(nn.Module):
@@ -312,12 +377,17 @@ class Block(nn.Module):
     drop = nn.Dropout(cfg.dropout, deterministic=not train)
     h = _norm(cfg, 'attention_norm')(x).astype(self.dtype)
     h = Attention(
-        cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.attention_bias,
         cfg.rope_theta if cfg.kind == 'llama' else None,
         cfg.attention_dropout,
         1.0 / (self.layer + 1) if cfg.scale_by_inverse_layer else 1.0,
-        cfg.initializer_range, self.dtype, name='attention')(
-            h, attention_mask, positions, decode=decode, train=train)
+        cfg.initializer_range,
+        self.dtype,
+        name='attention',
+    )(h, attention_mask, positions, decode=decode, train=train)
     x = x + drop(h)
     h = _norm(cfg, 'mlp_norm')(x).astype(self.dtype)
     return x + drop(MLP(cfg, self.dtype, name='mlp')(h))
@@ -332,14 +402,25 @@ class Decoder(nn.Module):
   def setup(self):
     cfg = self.config
     init = nn.initializers.normal(cfg.initializer_range)
-    self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
-                          param_dtype=jnp.float32, embedding_init=init)
+    self.embed = nn.Embed(
+        cfg.vocab_size,
+        cfg.hidden_size,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        embedding_init=init,
+    )
     if cfg.kind == 'gpt2':
       self.position_embed = nn.Embed(
-          cfg.max_positions, cfg.hidden_size, dtype=self.dtype,
-          param_dtype=jnp.float32, embedding_init=init)
-    self.layers = [Block(cfg, i, self.dtype, name=f'layer_{i}')
-                   for i in range(cfg.num_layers)]
+          cfg.max_positions,
+          cfg.hidden_size,
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          embedding_init=init,
+      )
+    self.layers = [
+        Block(cfg, i, self.dtype, name=f'layer_{i}')
+        for i in range(cfg.num_layers)
+    ]
     self.final_norm = _norm(cfg, 'final_norm')
     self.embed_dropout = nn.Dropout(cfg.dropout)
 
@@ -371,9 +452,16 @@ class DecoderLM(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, positions=None, *,
-               train: bool = False, decode: bool = False,
-               last_only: bool = False):
+  def __call__(
+      self,
+      input_ids,
+      attention_mask=None,
+      positions=None,
+      *,
+      train: bool = False,
+      decode: bool = False,
+      last_only: bool = False,
+  ):
     cfg = self.config
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
@@ -381,22 +469,32 @@ class DecoderLM(nn.Module):
       if decode and attention_mask.shape[-1] != input_ids.shape[-1]:
         raise ValueError('decoding with a cache needs explicit positions')
       positions = mask_positions(attention_mask)
-    if cfg.kind == 'gpt2' and not decode and (
-        input_ids.shape[-1] > cfg.max_positions):
-      raise ValueError(f'sequence length {input_ids.shape[-1]} exceeds '
-                       f'n_positions={cfg.max_positions}')
+    if (
+        cfg.kind == 'gpt2'
+        and not decode
+        and (input_ids.shape[-1] > cfg.max_positions)
+    ):
+      raise ValueError(
+          f'sequence length {input_ids.shape[-1]} exceeds '
+          f'n_positions={cfg.max_positions}'
+      )
     decoder = Decoder(cfg, self.dtype, name='decoder')
-    hidden = decoder(input_ids, attention_mask, positions, decode=decode,
-                     train=train)
+    hidden = decoder(
+        input_ids, attention_mask, positions, decode=decode, train=train
+    )
     if last_only:  # a prefill needs the next-token logits only
       hidden = hidden[:, -1:]
     if cfg.tie_embeddings:
       logits = decoder.attend(hidden)
     else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
-                        param_dtype=jnp.float32, name='lm_head',
-                        kernel_init=nn.initializers.normal(
-                            cfg.initializer_range))(hidden)
+      logits = nn.Dense(
+          cfg.vocab_size,
+          use_bias=False,
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          name='lm_head',
+          kernel_init=nn.initializers.normal(cfg.initializer_range),
+      )(hidden)
     return logits.astype(jnp.float32)
 
 
@@ -404,18 +502,20 @@ def init_cache(model: DecoderLM, batch_size: int, max_length: int):
   """An empty key/value cache for `batch_size` sequences of `max_length`."""
   ids = jnp.zeros((batch_size, max_length), jnp.int32)
   shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), ids, decode=True))['cache']
-  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                shapes)
+      lambda: model.init(jax.random.PRNGKey(0), ids, decode=True)
+  )['cache']
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def from_hf_config(hf_config, dtype=jnp.float32,
-                   dropout: Optional[float] = None) -> DecoderLM:
+def from_hf_config(
+    hf_config, dtype=jnp.float32, dropout: Optional[float] = None
+) -> DecoderLM:
   """A `DecoderLM` for a config dict, config.json or folder holding one."""
   config = config_from_hf(read_hf_config(hf_config))
   if dropout is not None:
-    config = dataclasses.replace(config, dropout=float(dropout),
-                                 attention_dropout=float(dropout))
+    config = dataclasses.replace(
+        config, dropout=float(dropout), attention_dropout=float(dropout)
+    )
   return DecoderLM(config, jnp.dtype(dtype))
 
 
@@ -428,13 +528,17 @@ def build(model_config, dtype, *, num_outputs=None, vocab_size=None):
   del vocab_size  # the model embeds its own pretrained vocabulary
   hf_path = model_config.get('hf_config')
   if not hf_path:
-    raise ValueError('model.hf_config is not set: give a Hugging Face '
-                     'config.json or a folder holding one')
+    raise ValueError(
+        'model.hf_config is not set: give a Hugging Face '
+        'config.json or a folder holding one'
+    )
   model = from_hf_config(hf_path, dtype, model_config.get('dropout', None))
   if num_outputs not in (None, model.config.vocab_size):
-    raise ValueError(f'a decoder predicts its vocabulary '
-                     f'({model.config.vocab_size} tokens), not '
-                     f'{num_outputs} outputs: use the causal_lm task')
+    raise ValueError(
+        f'a decoder predicts its vocabulary '
+        f'({model.config.vocab_size} tokens), not '
+        f'{num_outputs} outputs: use the causal_lm task'
+    )
   return model
 
 
@@ -457,31 +561,48 @@ def _hf_names(cfg: DecoderConfig) -> dict[str, tuple[str, Callable]]:
         names[f'{hf}.{norm}.weight'] = (f'{fx}/{name}/scale', same)
         names[f'{hf}.{norm}.bias'] = (f'{fx}/{name}/bias', same)
       # Conv1D weights are [in, out]: Flax kernels as they are.
-      for part, conv in (('attention/out', 'attn.c_proj'),
-                         ('mlp/up', 'mlp.c_fc'), ('mlp/down', 'mlp.c_proj')):
+      for part, conv in (
+          ('attention/out', 'attn.c_proj'),
+          ('mlp/up', 'mlp.c_fc'),
+          ('mlp/down', 'mlp.c_proj'),
+      ):
         names[f'{hf}.{conv}.weight'] = (f'{fx}/{part}/kernel', same)
         names[f'{hf}.{conv}.bias'] = (f'{fx}/{part}/bias', same)
       for j, part in enumerate(('query', 'key', 'value')):
         names[f'{hf}.attn.c_attn.weight#{j}'] = (
             f'{fx}/attention/{part}/kernel',
-            lambda w, j=j: np.split(w, 3, axis=-1)[j])
+            lambda w, j=j: np.split(w, 3, axis=-1)[j],
+        )
         names[f'{hf}.attn.c_attn.bias#{j}'] = (
             f'{fx}/attention/{part}/bias',
-            lambda w, j=j: np.split(w, 3, axis=-1)[j])
+            lambda w, j=j: np.split(w, 3, axis=-1)[j],
+        )
   else:
     names['model.embed_tokens.weight'] = ('decoder/embed/embedding', same)
     names['model.norm.weight'] = ('decoder/final_norm/scale', same)
     for i in range(cfg.num_layers):
       hf, fx = f'model.layers.{i}', f'decoder/layer_{i}'
       names[f'{hf}.input_layernorm.weight'] = (
-          f'{fx}/attention_norm/scale', same)
+          f'{fx}/attention_norm/scale',
+          same,
+      )
       names[f'{hf}.post_attention_layernorm.weight'] = (
-          f'{fx}/mlp_norm/scale', same)
-      linears = [(f'self_attn.{p}_proj', f'attention/{n}', cfg.attention_bias)
-                 for p, n in (('q', 'query'), ('k', 'key'), ('v', 'value'),
-                              ('o', 'out'))]
-      linears += [(f'mlp.{p}_proj', f'mlp/{p}', cfg.mlp_bias)
-                  for p in ('gate', 'up', 'down')]
+          f'{fx}/mlp_norm/scale',
+          same,
+      )
+      linears = [
+          (f'self_attn.{p}_proj', f'attention/{n}', cfg.attention_bias)
+          for p, n in (
+              ('q', 'query'),
+              ('k', 'key'),
+              ('v', 'value'),
+              ('o', 'out'),
+          )
+      ]
+      linears += [
+          (f'mlp.{p}_proj', f'mlp/{p}', cfg.mlp_bias)
+          for p in ('gate', 'up', 'down')
+      ]
       for hf_part, part, bias in linears:
         names[f'{hf}.{hf_part}.weight'] = (f'{fx}/{part}/kernel', transpose)
         if bias:
@@ -500,12 +621,13 @@ _IGNORED = (
 
 def _canonical(name: str, kind: str) -> str:
   if kind == 'gpt2' and name.startswith('transformer.'):
-    return name[len('transformer.'):]
+    return name[len('transformer.') :]
   return name
 
 
-def convert_hf(tensors: dict[str, np.ndarray],
-               hf_config: dict) -> tuple[dict, dict[str, Any]]:
+def convert_hf(
+    tensors: dict[str, np.ndarray], hf_config: dict
+) -> tuple[dict, dict[str, Any]]:
   """Maps HF GPT-2 / Llama safetensors onto the `DecoderLM` params tree.
 
   Returns `(params, report)`; the report has `converted` (tensor count),
@@ -532,7 +654,8 @@ def convert_hf(tensors: dict[str, np.ndarray],
     for target in targets:
       path, transform = names[target]
       params[path] = np.ascontiguousarray(
-          transform(np.asarray(value, np.float32)))
+          transform(np.asarray(value, np.float32))
+      )
       used.add(target)
   missing = [n.split('#')[0] for n in names if n not in used]
   problems = []
@@ -541,8 +664,9 @@ def convert_hf(tensors: dict[str, np.ndarray],
   if unexpected:
     problems.append('unexpected tensors: ' + ', '.join(sorted(unexpected)))
   if problems:
-    raise ValueError(f'cannot convert the {cfg.kind} checkpoint: '
-                     + '; '.join(problems))
+    raise ValueError(
+        f'cannot convert the {cfg.kind} checkpoint: ' + '; '.join(problems)
+    )
   _check_shapes(params, cfg)
   tree: dict = {}
   for path, value in params.items():
@@ -551,26 +675,38 @@ def convert_hf(tensors: dict[str, np.ndarray],
     for key in parents:
       node = node.setdefault(key, {})
     node[leaf] = value
-  report = {'converted': len({n.split('#')[0] for n in used}),
-            'left_out': left_out, 'tied_embeddings': cfg.tie_embeddings,
-            'notes': [f'{cfg.kind} decoder: {cfg.num_layers} layers, '
-                      f'{"tied" if cfg.tie_embeddings else "untied"} '
-                      'embeddings.']}
+  report = {
+      'converted': len({n.split('#')[0] for n in used}),
+      'left_out': left_out,
+      'tied_embeddings': cfg.tie_embeddings,
+      'notes': [
+          f'{cfg.kind} decoder: {cfg.num_layers} layers, '
+          f'{"tied" if cfg.tie_embeddings else "untied"} '
+          'embeddings.'
+      ],
+  }
   return tree, report
 
 
 def _check_shapes(params: dict[str, np.ndarray], cfg: DecoderConfig):
   model = DecoderLM(cfg)
   ids = jnp.zeros((1, 2), jnp.int32)
-  expected = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), ids))['params']
-  flat = {'/'.join(k.key for k in path): v.shape for path, v
-          in jax.tree_util.tree_flatten_with_path(expected)[0]}
-  bad = [f'{n}: checkpoint {v.shape} vs config {flat.get(n)}'
-         for n, v in params.items() if flat.get(n) != v.shape]
+  expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))[
+      'params'
+  ]
+  flat = {
+      '/'.join(k.key for k in path): v.shape
+      for path, v in jax.tree_util.tree_flatten_with_path(expected)[0]
+  }
+  bad = [
+      f'{n}: checkpoint {v.shape} vs config {flat.get(n)}'
+      for n, v in params.items()
+      if flat.get(n) != v.shape
+  ]
   if bad:
-    raise ValueError('checkpoint shapes do not match its config: '
-                     + '; '.join(bad))
+    raise ValueError(
+        'checkpoint shapes do not match its config: ' + '; '.join(bad)
+    )
 
 
 FAMILY = Family(
@@ -581,7 +717,9 @@ FAMILY = Family(
     # The untied output projection and the final norm (a tied model's
     # output projection is the token embedding).
     head_regex=(r'lm_head/.*', r'decoder/final_norm/.*'),
-    lora_targets=(r'.*attention/(query|key|value|out)',
-                  r'.*mlp/(gate|up|down)'),
+    lora_targets=(
+        r'.*attention/(query|key|value|out)',
+        r'.*mlp/(gate|up|down)',
+    ),
     layer_regex=r'.*layer_(\d+)/.*',
 )

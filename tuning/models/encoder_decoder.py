@@ -106,27 +106,40 @@ class Config:
 
   def __post_init__(self):
     if self.shape not in SHAPES:
-      raise ValueError(f'encoder-decoder shape={self.shape!r}: use one of '
-                       f'{SHAPES}')
+      raise ValueError(
+          f'encoder-decoder shape={self.shape!r}: use one of ' f'{SHAPES}'
+      )
     if self.positions not in POSITIONS:
-      raise ValueError(f'encoder-decoder positions={self.positions!r}: use '
-                       f'one of {POSITIONS}')
+      raise ValueError(
+          f'encoder-decoder positions={self.positions!r}: use '
+          f'one of {POSITIONS}'
+      )
     if (self.positions == 'relative') != (self.shape == 't5'):
-      raise ValueError(f'positions={self.positions!r} does not fit shape='
-                       f'{self.shape!r}: t5 uses relative positions, marian '
-                       'sinusoidal or learned ones')
+      raise ValueError(
+          f'positions={self.positions!r} does not fit shape='
+          f'{self.shape!r}: t5 uses relative positions, marian '
+          'sinusoidal or learned ones'
+      )
     if self.activation not in _ACTIVATIONS:
-      raise ValueError(f'activation={self.activation!r}: use one of '
-                       f'{sorted(_ACTIVATIONS)}')
+      raise ValueError(
+          f'activation={self.activation!r}: use one of '
+          f'{sorted(_ACTIVATIONS)}'
+      )
     if self.head_dim is None and self.d_model % self.heads:
-      raise ValueError(f'd_model={self.d_model} is not divisible by heads='
-                       f'{self.heads}: change one of them')
+      raise ValueError(
+          f'd_model={self.d_model} is not divisible by heads='
+          f'{self.heads}: change one of them'
+      )
     if self.shape == 't5' and not self.share_embeddings:
       raise ValueError('t5 shares its embeddings: set share_embeddings')
     if self.share_embeddings and self.target_vocab_size not in (
-        None, self.vocab_size):
-      raise ValueError('shared embeddings need one vocabulary: drop '
-                       'target_vocab_size or set share_embeddings=False')
+        None,
+        self.vocab_size,
+    ):
+      raise ValueError(
+          'shared embeddings need one vocabulary: drop '
+          'target_vocab_size or set share_embeddings=False'
+      )
 
   @property
   def dim_per_head(self) -> int:
@@ -159,28 +172,39 @@ def config_from_hf(hf_config: dict, dropout: Optional[float] = None) -> Config:
   elif model_type == 't5':
     config = _t5_config(hf_config)
   else:
-    raise ValueError(f'model_type={model_type!r} is not an encoder-decoder '
-                     "this module reads: use a 'marian' or 't5' config.json")
+    raise ValueError(
+        f'model_type={model_type!r} is not an encoder-decoder '
+        "this module reads: use a 'marian' or 't5' config.json"
+    )
   if dropout is not None:
-    config = dataclasses.replace(config, dropout=float(dropout),
-                                 attention_dropout=float(dropout),
-                                 activation_dropout=float(dropout))
+    config = dataclasses.replace(
+        config,
+        dropout=float(dropout),
+        attention_dropout=float(dropout),
+        activation_dropout=float(dropout),
+    )
   return config
 
 
 def _marian_config(c: dict) -> Config:
-  if c.get('encoder_attention_heads', 16) != c.get('decoder_attention_heads',
-                                                    16):
-    raise ValueError('encoder_attention_heads != decoder_attention_heads is '
-                     'not supported: use a config with equal head counts')
+  if c.get('encoder_attention_heads', 16) != c.get(
+      'decoder_attention_heads', 16
+  ):
+    raise ValueError(
+        'encoder_attention_heads != decoder_attention_heads is '
+        'not supported: use a config with equal head counts'
+    )
   if c.get('encoder_ffn_dim', 4096) != c.get('decoder_ffn_dim', 4096):
-    raise ValueError('encoder_ffn_dim != decoder_ffn_dim is not supported: '
-                     'use a config with equal feed-forward widths')
+    raise ValueError(
+        'encoder_ffn_dim != decoder_ffn_dim is not supported: '
+        'use a config with equal feed-forward widths'
+    )
   vocab = c.get('vocab_size', 58101)
   tie = c.get('tie_word_embeddings', True)
   shared_vocab = c.get('share_encoder_decoder_embeddings', True)
-  target_vocab = vocab if shared_vocab else (c.get('decoder_vocab_size')
-                                             or vocab)
+  target_vocab = (
+      vocab if shared_vocab else (c.get('decoder_vocab_size') or vocab)
+  )
   # transformers 5 ties the encoder, decoder and output embeddings only
   # when tie_word_embeddings is true (the output layer to the decoder's
   # embedding when share_encoder_decoder_embeddings is false).
@@ -190,22 +214,31 @@ def _marian_config(c: dict) -> Config:
   eos = eos[0] if isinstance(eos, (list, tuple)) else eos
   start = c.get('decoder_start_token_id', 58100)
   return Config(
-      vocab_size=vocab, shape='marian', d_model=c.get('d_model', 1024),
+      vocab_size=vocab,
+      shape='marian',
+      d_model=c.get('d_model', 1024),
       encoder_layers=c.get('encoder_layers', 12),
       decoder_layers=c.get('decoder_layers', 12),
       heads=c.get('encoder_attention_heads', 16),
       ffn_dim=c.get('encoder_ffn_dim', 4096),
-      activation=c.get('activation_function', 'gelu'), positions='sinusoidal',
+      activation=c.get('activation_function', 'gelu'),
+      positions='sinusoidal',
       max_positions=c.get('max_position_embeddings', 1024),
       dropout=c.get('dropout', 0.1),
       attention_dropout=c.get('attention_dropout', 0.0),
-      activation_dropout=c.get('activation_dropout', 0.0), norm_eps=1e-5,
+      activation_dropout=c.get('activation_dropout', 0.0),
+      norm_eps=1e-5,
       share_embeddings=share,
       target_vocab_size=None if share else target_vocab,
       tie_output=tie,
-      scale_embedding=c.get('scale_embedding', False), scale_output=False,
-      final_logits_bias=True, init_std=c.get('init_std', 0.02),
-      pad_id=pad, eos_id=eos, decoder_start_id=start)
+      scale_embedding=c.get('scale_embedding', False),
+      scale_output=False,
+      final_logits_bias=True,
+      init_std=c.get('init_std', 0.02),
+      pad_id=pad,
+      eos_id=eos,
+      decoder_start_id=start,
+  )
 
 
 def _t5_config(c: dict) -> Config:
@@ -213,8 +246,10 @@ def _t5_config(c: dict) -> Config:
   parts = projection.split('-')
   gated = parts[0] == 'gated'
   if len(parts) > 2 or (len(parts) == 2 and not gated):
-    raise ValueError(f'feed_forward_proj={projection!r}: use ACT or '
-                     'gated-ACT, e.g. relu or gated-gelu')
+    raise ValueError(
+        f'feed_forward_proj={projection!r}: use ACT or '
+        'gated-ACT, e.g. relu or gated-gelu'
+    )
   activation = 'gelu_new' if projection == 'gated-gelu' else parts[-1]
   tie = c.get('tie_word_embeddings', True)
   # transformers 5 always ties the output layer and saves
@@ -227,22 +262,33 @@ def _t5_config(c: dict) -> Config:
   pad = c.get('pad_token_id', 0)
   start = c.get('decoder_start_token_id')
   return Config(
-      vocab_size=c.get('vocab_size', 32128), shape='t5',
-      d_model=c.get('d_model', 512), encoder_layers=layers,
+      vocab_size=c.get('vocab_size', 32128),
+      shape='t5',
+      d_model=c.get('d_model', 512),
+      encoder_layers=layers,
       decoder_layers=c.get('num_decoder_layers') or layers,
-      heads=c.get('num_heads', 8), head_dim=c.get('d_kv', 64),
-      ffn_dim=c.get('d_ff', 2048), activation=activation, gated=gated,
+      heads=c.get('num_heads', 8),
+      head_dim=c.get('d_kv', 64),
+      ffn_dim=c.get('d_ff', 2048),
+      activation=activation,
+      gated=gated,
       positions='relative',
       relative_buckets=c.get('relative_attention_num_buckets', 32),
       relative_max_distance=c.get('relative_attention_max_distance', 128),
       dropout=c.get('dropout_rate', 0.1),
       attention_dropout=c.get('dropout_rate', 0.1),
       activation_dropout=c.get('dropout_rate', 0.1),
-      norm_eps=c.get('layer_norm_epsilon', 1e-6), share_embeddings=True,
-      tie_output=tie, scale_embedding=False, scale_output=bool(scale),
+      norm_eps=c.get('layer_norm_epsilon', 1e-6),
+      share_embeddings=True,
+      tie_output=tie,
+      scale_embedding=False,
+      scale_output=bool(scale),
       final_logits_bias=False,
-      init_std=c.get('initializer_factor', 1.0), pad_id=pad, eos_id=eos,
-      decoder_start_id=pad if start is None else start)
+      init_std=c.get('initializer_factor', 1.0),
+      pad_id=pad,
+      eos_id=eos,
+      decoder_start_id=pad if start is None else start,
+  )
 
 
 def config_from_fields(model_config, vocab_size: int) -> Config:
@@ -265,26 +311,33 @@ def config_from_fields(model_config, vocab_size: int) -> Config:
   dropout = 0.1 if dropout is None else float(dropout)
   attention_dropout = get('attention_dropout', None)
   return Config(
-      vocab_size=int(vocab_size), shape=shape, d_model=get('width', 512),
+      vocab_size=int(vocab_size),
+      shape=shape,
+      d_model=get('width', 512),
       encoder_layers=get('encoder_layers', None) or layers,
       decoder_layers=get('decoder_layers', None) or layers,
-      heads=get('heads', 8), ffn_dim=get('ffn_width', 2048),
+      heads=get('heads', 8),
+      ffn_dim=get('ffn_width', 2048),
       activation=get('activation', None) or 'relu',
       gated=bool(get('gated', False)),
-      positions='relative' if t5 else (get('positions', None)
-                                       or 'sinusoidal'),
+      positions='relative' if t5 else (get('positions', None) or 'sinusoidal'),
       max_positions=get('max_positions', 512) or 512,
       dropout=dropout,
-      attention_dropout=(dropout if attention_dropout is None
-                         else float(attention_dropout)),
+      attention_dropout=(
+          dropout if attention_dropout is None else float(attention_dropout)
+      ),
       activation_dropout=0.0 if not t5 else dropout,
-      norm_eps=1e-6 if t5 else 1e-5, share_embeddings=True,
+      norm_eps=1e-6 if t5 else 1e-5,
+      share_embeddings=True,
       tie_output=bool(get('tie_embeddings', True)),
       scale_embedding=not t5,
       scale_output=t5 and bool(get('tie_embeddings', True)),
-      final_logits_bias=not t5, init_std=1.0 if t5 else 0.02, pad_id=pad,
-      eos_id=get('eos_id', 1), decoder_start_id=pad if start is None else
-      start)
+      final_logits_bias=not t5,
+      init_std=1.0 if t5 else 0.02,
+      pad_id=pad,
+      eos_id=get('eos_id', 1),
+      decoder_start_id=pad if start is None else start,
+  )
 
 
 # ------------------------------------------------------------ building blocks
@@ -295,8 +348,10 @@ def sinusoidal_table(positions: int, dim: int) -> np.ndarray:
   """Marian's table: sin features in the first half, cos in the second
   (computed in float64 like transformers, then rounded; do not modify)."""
   j = np.arange(dim)
-  angles = (np.arange(positions)[:, None]
-            / np.power(10000, 2 * (j // 2) / dim)[None, :])
+  angles = (
+      np.arange(positions)[:, None]
+      / np.power(10000, 2 * (j // 2) / dim)[None, :]
+  )
   half = dim // 2 if dim % 2 == 0 else dim // 2 + 1
   table = np.empty((positions, dim), np.float32)
   table[:, :half] = np.sin(angles[:, 0::2])
@@ -304,14 +359,16 @@ def sinusoidal_table(positions: int, dim: int) -> np.ndarray:
   return table
 
 
-def relative_buckets(relative_position, bidirectional: bool, num_buckets: int,
-                     max_distance: int):
+def relative_buckets(
+    relative_position, bidirectional: bool, num_buckets: int, max_distance: int
+):
   """T5's bucket of each (key - query) offset, as in mesh-tensorflow."""
   buckets = jnp.zeros_like(relative_position)
   if bidirectional:
     num_buckets //= 2
     buckets += (relative_position > 0).astype(relative_position.dtype) * (
-        num_buckets)
+        num_buckets
+    )
     relative_position = jnp.abs(relative_position)
   else:
     relative_position = -jnp.minimum(relative_position, 0)
@@ -320,7 +377,8 @@ def relative_buckets(relative_position, bidirectional: bool, num_buckets: int,
   ratio = jnp.float32(math.log(max_distance / max_exact))
   large = jnp.log(relative_position.astype(jnp.float32) / max_exact)
   large = max_exact + (large / ratio * (num_buckets - max_exact)).astype(
-      relative_position.dtype)
+      relative_position.dtype
+  )
   large = jnp.minimum(large, num_buckets - 1)
   return buckets + jnp.where(is_small, relative_position, large)
 
@@ -329,25 +387,35 @@ def _kernel_init(config: Config, fan_in: int, query: bool = False):
   if config.shape == 'marian':
     return nn.initializers.normal(config.init_std)
   # T5's scheme (scores are not scaled, so queries start smaller).
-  scale = config.init_std * fan_in ** -0.5
+  scale = config.init_std * fan_in**-0.5
   if query:
-    scale /= config.dim_per_head ** 0.5
+    scale /= config.dim_per_head**0.5
   return nn.initializers.normal(scale)
 
 
-def _dense(config: Config, features: int, fan_in: int, dtype,
-           query: bool = False) -> nn.Dense:
-  return nn.Dense(features, use_bias=config.use_bias, dtype=dtype,
-                  param_dtype=jnp.float32,
-                  kernel_init=_kernel_init(config, fan_in, query))
+def _dense(
+    config: Config, features: int, fan_in: int, dtype, query: bool = False
+) -> nn.Dense:
+  return nn.Dense(
+      features,
+      use_bias=config.use_bias,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=_kernel_init(config, fan_in, query),
+  )
 
 
 def _norm(config: Config) -> nn.Module:
   if config.shape == 't5':
-    return nn.RMSNorm(epsilon=config.norm_eps, dtype=jnp.float32,
-                      param_dtype=jnp.float32)
-  return nn.LayerNorm(epsilon=config.norm_eps, dtype=jnp.float32,
-                      param_dtype=jnp.float32, use_fast_variance=False)
+    return nn.RMSNorm(
+        epsilon=config.norm_eps, dtype=jnp.float32, param_dtype=jnp.float32
+    )
+  return nn.LayerNorm(
+      epsilon=config.norm_eps,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      use_fast_variance=False,
+  )
 
 
 class Attention(nn.Module):
@@ -366,8 +434,9 @@ class Attention(nn.Module):
     self.dropout = nn.Dropout(c.attention_dropout)
 
   def _split(self, y):
-    return y.reshape(y.shape[:-1] + (self.config.heads,
-                                     self.config.dim_per_head))
+    return y.reshape(
+        y.shape[:-1] + (self.config.heads, self.config.dim_per_head)
+    )
 
   def keys_values(self, x):
     """[B, L, heads, head_dim] keys and values of `x` [B, L, d_model]."""
@@ -379,7 +448,7 @@ class Attention(nn.Module):
     q = self._split(self.query(x))
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, keys).astype(jnp.float32)
     if c.shape == 'marian':
-      scores = scores * (c.dim_per_head ** -0.5)
+      scores = scores * (c.dim_per_head**-0.5)
     probs = jax.nn.softmax(scores + bias, axis=-1)
     probs = self.dropout(probs, deterministic=not train)
     ctx = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(self.dtype), values)
@@ -435,13 +504,21 @@ class EncoderLayer(nn.Module):
 
   def __call__(self, x, bias, *, train: bool):
     def attend(h):
-      return self.attention(h, *self.attention.keys_values(h), bias,
-                            train=train)
-    x = _residual(self.config, x, self.attention_norm, attend, self.dropout,
-                  train)
-    return _residual(self.config, x, self.mlp_norm,
-                     functools.partial(self.mlp, train=train), self.dropout,
-                     train)
+      return self.attention(
+          h, *self.attention.keys_values(h), bias, train=train
+      )
+
+    x = _residual(
+        self.config, x, self.attention_norm, attend, self.dropout, train
+    )
+    return _residual(
+        self.config,
+        x,
+        self.mlp_norm,
+        functools.partial(self.mlp, train=train),
+        self.dropout,
+        train,
+    )
 
 
 class DecoderLayer(nn.Module):
@@ -459,8 +536,9 @@ class DecoderLayer(nn.Module):
     self.mlp_norm = _norm(self.config)
     self.dropout = nn.Dropout(self.config.dropout)
 
-  def __call__(self, x, self_bias, cross_kv, cross_bias, cache, index, *,
-               train: bool):
+  def __call__(
+      self, x, self_bias, cross_kv, cross_bias, cache, index, *, train: bool
+  ):
     """`cache`: None, or this layer's {'key', 'value'} [B, L, heads, dim]
     written at `index`; returns (x, the updated cache or None)."""
     new_cache = None
@@ -470,10 +548,13 @@ class DecoderLayer(nn.Module):
       keys, values = self.self_attention.keys_values(h)
       if cache is not None:
         keys = jax.lax.dynamic_update_slice(
-            cache['key'], keys.astype(cache['key'].dtype), (0, index, 0, 0))
+            cache['key'], keys.astype(cache['key'].dtype), (0, index, 0, 0)
+        )
         values = jax.lax.dynamic_update_slice(
-            cache['value'], values.astype(cache['value'].dtype),
-            (0, index, 0, 0))
+            cache['value'],
+            values.astype(cache['value'].dtype),
+            (0, index, 0, 0),
+        )
         new_cache = {'key': keys, 'value': values}
       return self.self_attention(h, keys, values, self_bias, train=train)
 
@@ -481,13 +562,20 @@ class DecoderLayer(nn.Module):
       return self.cross_attention(h, *cross_kv, cross_bias, train=train)
 
     c = self.config
-    x = _residual(c, x, self.self_attention_norm, attend_self, self.dropout,
-                  train)
-    x = _residual(c, x, self.cross_attention_norm, attend_cross,
-                  self.dropout, train)
-    x = _residual(c, x, self.mlp_norm,
-                  functools.partial(self.mlp, train=train), self.dropout,
-                  train)
+    x = _residual(
+        c, x, self.self_attention_norm, attend_self, self.dropout, train
+    )
+    x = _residual(
+        c, x, self.cross_attention_norm, attend_cross, self.dropout, train
+    )
+    x = _residual(
+        c,
+        x,
+        self.mlp_norm,
+        functools.partial(self.mlp, train=train),
+        self.dropout,
+        train,
+    )
     return x, new_cache
 
 
@@ -499,19 +587,25 @@ class _Stack(nn.Module):
 
   def _setup_common(self, layer_cls):
     c = self.config
-    self.num_layers = (c.encoder_layers if layer_cls is EncoderLayer
-                       else c.decoder_layers)
+    self.num_layers = (
+        c.encoder_layers if layer_cls is EncoderLayer else c.decoder_layers
+    )
     for i in range(self.num_layers):
       setattr(self, f'layer_{i}', layer_cls(c, self.dtype))
     if c.positions == 'learned':
       self.position_embedding = nn.Embed(
-          c.max_positions, c.d_model, param_dtype=jnp.float32,
-          embedding_init=nn.initializers.normal(c.init_std))
+          c.max_positions,
+          c.d_model,
+          param_dtype=jnp.float32,
+          embedding_init=nn.initializers.normal(c.init_std),
+      )
     if c.positions == 'relative':
       self.relative_attention_bias = nn.Embed(
-          c.relative_buckets, c.heads, param_dtype=jnp.float32,
-          embedding_init=nn.initializers.normal(
-              c.init_std * c.d_model ** -0.5))
+          c.relative_buckets,
+          c.heads,
+          param_dtype=jnp.float32,
+          embedding_init=nn.initializers.normal(c.init_std * c.d_model**-0.5),
+      )
     if c.pre_norm:
       self.final_norm = _norm(c)
     self.dropout = nn.Dropout(c.dropout)
@@ -525,9 +619,11 @@ class _Stack(nn.Module):
     length = x.shape[1]
     if c.positions != 'relative':
       if isinstance(start, int) and start + length > c.max_positions:
-        raise ValueError(f'sequence length {start + length} exceeds the '
-                         f'{c.max_positions} positions: shorten it or raise '
-                         'max_positions')
+        raise ValueError(
+            f'sequence length {start + length} exceeds the '
+            f'{c.max_positions} positions: shorten it or raise '
+            'max_positions'
+        )
       positions = start + jnp.arange(length)
       if c.positions == 'sinusoidal':
         table = jnp.asarray(sinusoidal_table(c.max_positions, c.d_model))
@@ -536,16 +632,18 @@ class _Stack(nn.Module):
         x = x + self.position_embedding(positions)[None]
     return self.dropout(x, deterministic=not train).astype(self.dtype)
 
-  def _relative_bias(self, query_start, query_length, key_length,
-                     bidirectional):
+  def _relative_bias(
+      self, query_start, query_length, key_length, bidirectional
+  ):
     """[1, heads, Q, K] float32 T5 bias, or 0.0 for absolute positions."""
     c = self.config
     if c.positions != 'relative':
       return 0.0
     query = query_start + jnp.arange(query_length)[:, None]
     key = jnp.arange(key_length)[None, :]
-    buckets = relative_buckets(key - query, bidirectional,
-                               c.relative_buckets, c.relative_max_distance)
+    buckets = relative_buckets(
+        key - query, bidirectional, c.relative_buckets, c.relative_max_distance
+    )
     values = self.relative_attention_bias(buckets).astype(jnp.float32)
     return values.transpose(2, 0, 1)[None]
 
@@ -583,11 +681,13 @@ class Decoder(_Stack):
     self._setup_common(DecoderLayer)
 
   def cross_keys_values(self, encoded):
-    return tuple(layer.cross_attention.keys_values(encoded)
-                 for layer in self.layers())
+    return tuple(
+        layer.cross_attention.keys_values(encoded) for layer in self.layers()
+    )
 
-  def __call__(self, embedded, mask, cross_kv, source_mask, cache=None, *,
-               train: bool):
+  def __call__(
+      self, embedded, mask, cross_kv, source_mask, cache=None, *, train: bool
+  ):
     length = embedded.shape[1]
     cross_bias = _padding_bias(source_mask)
     if cache is None:
@@ -599,16 +699,24 @@ class Decoder(_Stack):
     else:
       index = cache['index']
       keys = cache['layer_0']['key'].shape[1]
-      allowed = (jnp.arange(keys)[None, :]
-                 <= index + jnp.arange(length)[:, None])[None, None]
-    self_bias = (jnp.where(allowed, 0.0, _NEG).astype(jnp.float32)
-                 + self._relative_bias(index, length, keys, False))
+      allowed = (
+          jnp.arange(keys)[None, :] <= index + jnp.arange(length)[:, None]
+      )[None, None]
+    self_bias = jnp.where(allowed, 0.0, _NEG).astype(
+        jnp.float32
+    ) + self._relative_bias(index, length, keys, False)
     x = self._embed(embedded, index, train=train)
     new_cache = {'index': index + length} if cache is not None else None
     for i, layer in enumerate(self.layers()):
       x, layer_cache = layer(
-          x, self_bias, cross_kv[i], cross_bias,
-          None if cache is None else cache[f'layer_{i}'], index, train=train)
+          x,
+          self_bias,
+          cross_kv[i],
+          cross_bias,
+          None if cache is None else cache[f'layer_{i}'],
+          index,
+          train=train,
+      )
       if cache is not None:
         new_cache[f'layer_{i}'] = layer_cache
     return self._finish(x, train=train), new_cache
@@ -626,8 +734,10 @@ class EncoderDecoder(nn.Module):
     init = nn.initializers.normal(c.init_std)
 
     def embed(vocab):
-      return nn.Embed(vocab, c.d_model, param_dtype=jnp.float32,
-                      embedding_init=init)
+      return nn.Embed(
+          vocab, c.d_model, param_dtype=jnp.float32, embedding_init=init
+      )
+
     if c.share_embeddings:
       self.shared = embed(c.vocab_size)
     else:
@@ -636,18 +746,28 @@ class EncoderDecoder(nn.Module):
     self.encoder = Encoder(c, self.dtype)
     self.decoder = Decoder(c, self.dtype)
     if not c.tie_output:
-      self.lm_head = nn.Dense(c.target_vocab, use_bias=False, dtype=self.dtype,
-                              param_dtype=jnp.float32,
-                              kernel_init=_kernel_init(c, c.d_model))
+      self.lm_head = nn.Dense(
+          c.target_vocab,
+          use_bias=False,
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          kernel_init=_kernel_init(c, c.d_model),
+      )
     if c.final_logits_bias:
       self.final_logits_bias = self.param(
-          'final_logits_bias', nn.initializers.zeros, (c.target_vocab,),
-          jnp.float32)
+          'final_logits_bias',
+          nn.initializers.zeros,
+          (c.target_vocab,),
+          jnp.float32,
+      )
 
   def _tokens(self, ids, target: bool):
     c = self.config
-    table = self.shared if c.share_embeddings else (
-        self.target_embedding if target else self.source_embedding)
+    table = (
+        self.shared
+        if c.share_embeddings
+        else (self.target_embedding if target else self.source_embedding)
+    )
     x = jnp.take(table.embedding, ids, axis=0)
     if c.scale_embedding:
       x = x * math.sqrt(c.d_model)
@@ -656,11 +776,14 @@ class EncoderDecoder(nn.Module):
   def _logits(self, x):
     c = self.config
     if c.scale_output:
-      x = x * (c.d_model ** -0.5)
+      x = x * (c.d_model**-0.5)
     if c.tie_output:
       table = self.shared if c.share_embeddings else self.target_embedding
-      logits = jnp.einsum('btd,vd->btv', x.astype(self.dtype),
-                          table.embedding.astype(self.dtype))
+      logits = jnp.einsum(
+          'btd,vd->btv',
+          x.astype(self.dtype),
+          table.embedding.astype(self.dtype),
+      )
     else:
       logits = self.lm_head(x)
     logits = logits.astype(jnp.float32)
@@ -672,16 +795,24 @@ class EncoderDecoder(nn.Module):
     """Encoder hidden states [B, S, d_model] in `dtype`."""
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
-    return self.encoder(self._tokens(input_ids, False), attention_mask,
-                        train=train)
+    return self.encoder(
+        self._tokens(input_ids, False), attention_mask, train=train
+    )
 
   def cross_keys_values(self, encoded):
     """Each decoder layer's cross-attention (keys, values) of `encoded`."""
     return self.decoder.cross_keys_values(encoded)
 
-  def decode(self, decoder_input_ids, encoded, attention_mask,
-             decoder_attention_mask=None, *, cache=None,
-             train: bool = False):
+  def decode(
+      self,
+      decoder_input_ids,
+      encoded,
+      attention_mask,
+      decoder_attention_mask=None,
+      *,
+      cache=None,
+      train: bool = False,
+  ):
     """Decoder logits [B, T, vocab] float32.
 
     `encoded`: the encoder output [B, S, d_model], or its
@@ -696,30 +827,51 @@ class EncoderDecoder(nn.Module):
       encoded = self.cross_keys_values(encoded)
     if attention_mask is None:
       attention_mask = jnp.ones(encoded[0][0].shape[:2], jnp.int32)
-    x, new_cache = self.decoder(self._tokens(decoder_input_ids, True),
-                                decoder_attention_mask, encoded,
-                                attention_mask, cache, train=train)
+    x, new_cache = self.decoder(
+        self._tokens(decoder_input_ids, True),
+        decoder_attention_mask,
+        encoded,
+        attention_mask,
+        cache,
+        train=train,
+    )
     logits = self._logits(x)
     return logits if cache is None else (logits, new_cache)
 
-  def __call__(self, input_ids, attention_mask, decoder_input_ids,
-               decoder_attention_mask=None, *, train: bool = False):
+  def __call__(
+      self,
+      input_ids,
+      attention_mask,
+      decoder_input_ids,
+      decoder_attention_mask=None,
+      *,
+      train: bool = False,
+  ):
     encoded = self.encode(input_ids, attention_mask, train=train)
-    return self.decode(decoder_input_ids, encoded, attention_mask,
-                       decoder_attention_mask, train=train)
+    return self.decode(
+        decoder_input_ids,
+        encoded,
+        attention_mask,
+        decoder_attention_mask,
+        train=train,
+    )
 
 
 def init_cache(model: EncoderDecoder, batch_size: int, max_length: int):
   """An empty self-attention cache for `max_length` target positions."""
   c = model.config
   if c.positions != 'relative' and max_length > c.max_positions:
-    raise ValueError(f'max_length={max_length} exceeds the model\'s '
-                     f'{c.max_positions} positions: decode fewer tokens')
+    raise ValueError(
+        f"max_length={max_length} exceeds the model's "
+        f'{c.max_positions} positions: decode fewer tokens'
+    )
   shape = (batch_size, max_length, c.heads, c.dim_per_head)
   cache = {'index': jnp.zeros((), jnp.int32)}
   for i in range(c.decoder_layers):
-    cache[f'layer_{i}'] = {'key': jnp.zeros(shape, model.dtype),
-                           'value': jnp.zeros(shape, model.dtype)}
+    cache[f'layer_{i}'] = {
+        'key': jnp.zeros(shape, model.dtype),
+        'value': jnp.zeros(shape, model.dtype),
+    }
   return cache
 
 
@@ -727,18 +879,32 @@ def init_cache(model: EncoderDecoder, batch_size: int, max_length: int):
 
 
 @functools.partial(
-    jax.jit, static_argnames=('model', 'beam_size', 'max_length',
-                              'penalty_rule'))
-def _generate(model, params, input_ids, attention_mask, *, beam_size,
-              max_length, length_penalty, penalty_rule, early_stopping,
-              length_ratio, length_offset):
+    jax.jit,
+    static_argnames=('model', 'beam_size', 'max_length', 'penalty_rule'),
+)
+def _generate(
+    model,
+    params,
+    input_ids,
+    attention_mask,
+    *,
+    beam_size,
+    max_length,
+    length_penalty,
+    penalty_rule,
+    early_stopping,
+    length_ratio,
+    length_offset,
+):
   c = model.config
   batch = input_ids.shape[0]
   variables = {'params': params}
-  encoded = model.apply(variables, input_ids, attention_mask,
-                        method=EncoderDecoder.encode)
-  cross = model.apply(variables, encoded,
-                      method=EncoderDecoder.cross_keys_values)
+  encoded = model.apply(
+      variables, input_ids, attention_mask, method=EncoderDecoder.encode
+  )
+  cross = model.apply(
+      variables, encoded, method=EncoderDecoder.cross_keys_values
+  )
   tile = lambda x: jnp.repeat(x, beam_size, axis=0)  # noqa: E731
   cross = jax.tree_util.tree_map(tile, cross)
   source_mask = tile(attention_mask)
@@ -748,23 +914,45 @@ def _generate(model, params, input_ids, attention_mask, *, beam_size,
 
   def step(tokens, cache, index):
     del index  # the cache holds it
-    logits, cache = model.apply(variables, tokens[:, None], cross,
-                                source_mask, cache=cache,
-                                method=EncoderDecoder.decode)
+    logits, cache = model.apply(
+        variables,
+        tokens[:, None],
+        cross,
+        source_mask,
+        cache=cache,
+        method=EncoderDecoder.decode,
+    )
     return logits[:, 0], cache
 
   return beam_search_lib.beam_search(
-      step, init_cache(model, batch * beam_size, max_length),
-      batch_size=batch, beam_size=beam_size, max_length=max_length,
-      start_id=c.decoder_start_id, eos_id=c.eos_id, pad_id=c.pad_id,
-      length_penalty=length_penalty, penalty_rule=penalty_rule,
-      early_stopping=early_stopping, limits=limits)
+      step,
+      init_cache(model, batch * beam_size, max_length),
+      batch_size=batch,
+      beam_size=beam_size,
+      max_length=max_length,
+      start_id=c.decoder_start_id,
+      eos_id=c.eos_id,
+      pad_id=c.pad_id,
+      length_penalty=length_penalty,
+      penalty_rule=penalty_rule,
+      early_stopping=early_stopping,
+      limits=limits,
+  )
 
 
-def generate(model: EncoderDecoder, params, input_ids, attention_mask=None,
-             *, beam_size: int = 4, max_new_tokens: int = 64,
-             length_ratio: float = 0.0, length_penalty: float = 1.0,
-             penalty_rule: str = 'transformers', early_stopping=False):
+def generate(
+    model: EncoderDecoder,
+    params,
+    input_ids,
+    attention_mask=None,
+    *,
+    beam_size: int = 4,
+    max_new_tokens: int = 64,
+    length_ratio: float = 0.0,
+    length_penalty: float = 1.0,
+    penalty_rule: str = 'transformers',
+    early_stopping=False,
+):
   """Translates a batch on the device: beam search, greedy for beam_size=1.
 
   Each source may produce up to floor(max_new_tokens + length_ratio *
@@ -777,21 +965,31 @@ def generate(model: EncoderDecoder, params, input_ids, attention_mask=None,
   """
   if attention_mask is None:
     attention_mask = jnp.ones_like(input_ids)
-  max_length = int(math.floor(max_new_tokens
-                              + length_ratio * input_ids.shape[1]))
+  max_length = int(
+      math.floor(max_new_tokens + length_ratio * input_ids.shape[1])
+  )
   if model.config.positions != 'relative':
     max_length = min(max_length, model.config.max_positions)
   if max_length < 1:
-    raise ValueError(f'max_new_tokens={max_new_tokens} and length_ratio='
-                     f'{length_ratio} allow no token: raise them')
-  return _generate(model, params, jnp.asarray(input_ids),
-                   jnp.asarray(attention_mask), beam_size=beam_size,
-                   max_length=max_length, length_penalty=float(length_penalty),
-                   penalty_rule=penalty_rule,
-                   early_stopping=jnp.int32(
-                       beam_search_lib.early_stopping_code(early_stopping)),
-                   length_ratio=float(length_ratio),
-                   length_offset=float(max_new_tokens))
+    raise ValueError(
+        f'max_new_tokens={max_new_tokens} and length_ratio='
+        f'{length_ratio} allow no token: raise them'
+    )
+  return _generate(
+      model,
+      params,
+      jnp.asarray(input_ids),
+      jnp.asarray(attention_mask),
+      beam_size=beam_size,
+      max_length=max_length,
+      length_penalty=float(length_penalty),
+      penalty_rule=penalty_rule,
+      early_stopping=jnp.int32(
+          beam_search_lib.early_stopping_code(early_stopping)
+      ),
+      length_ratio=float(length_ratio),
+      length_offset=float(max_new_tokens),
+  )
 
 
 # ------------------------------------------------------------ HF conversion
@@ -800,8 +998,12 @@ def generate(model: EncoderDecoder, params, input_ids, attention_mask=None,
 def _marian_names(config: Config) -> dict[str, tuple[str, bool]]:
   """HF tensor name -> (Flax path, transpose?) for MarianMTModel."""
   names: dict[str, tuple[str, bool]] = {}
-  attention = {'q_proj': 'query', 'k_proj': 'key', 'v_proj': 'value',
-               'out_proj': 'out'}
+  attention = {
+      'q_proj': 'query',
+      'k_proj': 'key',
+      'v_proj': 'value',
+      'out_proj': 'out',
+  }
 
   def linear(hf, path):
     names[f'{hf}.weight'] = (f'{path}/kernel', True)
@@ -815,16 +1017,27 @@ def _marian_names(config: Config) -> dict[str, tuple[str, bool]]:
     names['model.shared.weight'] = ('shared/embedding', False)
   else:
     names['model.encoder.embed_tokens.weight'] = (
-        'source_embedding/embedding', False)
+        'source_embedding/embedding',
+        False,
+    )
     names['model.decoder.embed_tokens.weight'] = (
-        'target_embedding/embedding', False)
-  for stack, count in (('encoder', config.encoder_layers),
-                       ('decoder', config.decoder_layers)):
+        'target_embedding/embedding',
+        False,
+    )
+  for stack, count in (
+      ('encoder', config.encoder_layers),
+      ('decoder', config.decoder_layers),
+  ):
     for i in range(count):
       hf, fx = f'model.{stack}.layers.{i}', f'{stack}/layer_{i}'
-      blocks = ((('self_attn', 'attention'),) if stack == 'encoder' else
-                (('self_attn', 'self_attention'),
-                 ('encoder_attn', 'cross_attention')))
+      blocks = (
+          (('self_attn', 'attention'),)
+          if stack == 'encoder'
+          else (
+              ('self_attn', 'self_attention'),
+              ('encoder_attn', 'cross_attention'),
+          )
+      )
       for hf_block, fx_block in blocks:
         for hf_proj, fx_proj in attention.items():
           linear(f'{hf}.{hf_block}.{hf_proj}', f'{fx}/{fx_block}/{fx_proj}')
@@ -840,32 +1053,50 @@ def _marian_names(config: Config) -> dict[str, tuple[str, bool]]:
 
 def _t5_names(config: Config) -> dict[str, tuple[str, bool]]:
   """HF tensor name -> (Flax path, transpose?) for T5 (conditional LM)."""
-  names: dict[str, tuple[str, bool]] = {'shared.weight': ('shared/embedding',
-                                                          False)}
+  names: dict[str, tuple[str, bool]] = {
+      'shared.weight': ('shared/embedding', False)
+  }
   attention = {'q': 'query', 'k': 'key', 'v': 'value', 'o': 'out'}
   mlp = ('wi_0', 'wi_1', 'wo') if config.gated else ('wi', 'wo')
-  for stack, count in (('encoder', config.encoder_layers),
-                       ('decoder', config.decoder_layers)):
-    blocks = ((('SelfAttention', 'attention'),) if stack == 'encoder' else
-              (('SelfAttention', 'self_attention'),
-               ('EncDecAttention', 'cross_attention')))
+  for stack, count in (
+      ('encoder', config.encoder_layers),
+      ('decoder', config.decoder_layers),
+  ):
+    blocks = (
+        (('SelfAttention', 'attention'),)
+        if stack == 'encoder'
+        else (
+            ('SelfAttention', 'self_attention'),
+            ('EncDecAttention', 'cross_attention'),
+        )
+    )
     for i in range(count):
       hf, fx = f'{stack}.block.{i}.layer', f'{stack}/layer_{i}'
       for j, (hf_block, fx_block) in enumerate(blocks):
         for hf_proj, fx_proj in attention.items():
           names[f'{hf}.{j}.{hf_block}.{hf_proj}.weight'] = (
-              f'{fx}/{fx_block}/{fx_proj}/kernel', True)
-        names[f'{hf}.{j}.layer_norm.weight'] = (f'{fx}/{fx_block}_norm/scale',
-                                                False)
+              f'{fx}/{fx_block}/{fx_proj}/kernel',
+              True,
+          )
+        names[f'{hf}.{j}.layer_norm.weight'] = (
+            f'{fx}/{fx_block}_norm/scale',
+            False,
+        )
       j = len(blocks)
       for proj in mlp:
         names[f'{hf}.{j}.DenseReluDense.{proj}.weight'] = (
-            f'{fx}/mlp/{proj}/kernel', True)
+            f'{fx}/mlp/{proj}/kernel',
+            True,
+        )
       names[f'{hf}.{j}.layer_norm.weight'] = (f'{fx}/mlp_norm/scale', False)
-    names[f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.'
-          'weight'] = (f'{stack}/relative_attention_bias/embedding', False)
-    names[f'{stack}.final_layer_norm.weight'] = (f'{stack}/final_norm/scale',
-                                                 False)
+    names[
+        f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.'
+        'weight'
+    ] = (f'{stack}/relative_attention_bias/embedding', False)
+    names[f'{stack}.final_layer_norm.weight'] = (
+        f'{stack}/final_norm/scale',
+        False,
+    )
   if not config.tie_output:
     names['lm_head.weight'] = ('lm_head/kernel', True)
   return names
@@ -873,19 +1104,27 @@ def _t5_names(config: Config) -> dict[str, tuple[str, bool]]:
 
 # Tensors a checkpoint may hold that the Flax tree does not need.
 _LEFT_OUT = (
-    (r'model\.(en|de)coder\.embed_positions\.weight',
-     'sinusoidal positions, computed'),
-    (r'(model\.)?(en|de)coder\.embed_tokens\.weight',
-     'copy of the shared embedding'),
+    (
+        r'model\.(en|de)coder\.embed_positions\.weight',
+        'sinusoidal positions, computed',
+    ),
+    (
+        r'(model\.)?(en|de)coder\.embed_tokens\.weight',
+        'copy of the shared embedding',
+    ),
     (r'lm_head\.weight', 'tied to the target embedding'),
     (r'model\.shared\.weight', 'unused when tie_word_embeddings is false'),
-    (r'decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias'
-     r'\.weight', 'unused by transformers too'),
+    (
+        r'decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias'
+        r'\.weight',
+        'unused by transformers too',
+    ),
 )
 
 
-def convert_hf(tensors: dict[str, np.ndarray],
-               hf_config: dict) -> tuple[dict, dict]:
+def convert_hf(
+    tensors: dict[str, np.ndarray], hf_config: dict
+) -> tuple[dict, dict]:
   """Maps Hugging Face safetensors (by name) onto the `EncoderDecoder` tree.
 
   Returns (params, report); report has `converted` (a count) and
@@ -910,8 +1149,9 @@ def convert_hf(tensors: dict[str, np.ndarray],
         value = value.reshape(-1)
       flat[path] = np.ascontiguousarray(value.T if transpose else value)
       continue
-    reason = next((r for pattern, r in _LEFT_OUT
-                   if re.fullmatch(pattern, name)), None)
+    reason = next(
+        (r for pattern, r in _LEFT_OUT if re.fullmatch(pattern, name)), None
+    )
     if reason is None:
       unexpected.append(name)
     else:
@@ -926,8 +1166,11 @@ def convert_hf(tensors: dict[str, np.ndarray],
   if unexpected:
     problems.append(f'unexpected tensors: {", ".join(sorted(unexpected))}')
   if problems:
-    raise ValueError('cannot convert the checkpoint (' + '; '.join(problems)
-                     + '): check that config.json belongs to these weights')
+    raise ValueError(
+        'cannot convert the checkpoint ('
+        + '; '.join(problems)
+        + '): check that config.json belongs to these weights'
+    )
   _check_shapes(flat, config)
   params = {}
   for path, value in flat.items():
@@ -942,25 +1185,33 @@ def convert_hf(tensors: dict[str, np.ndarray],
 def _check_shapes(flat: dict, config: Config) -> None:
   model = EncoderDecoder(config)
   ids = jnp.zeros((1, 2), jnp.int32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids,
-                                             ids))['params']
-  expected = {'/'.join(k.key for k in path): leaf.shape
-              for path, leaf in jax.tree_util.tree_flatten_with_path(
-                  shapes)[0]}
-  bad = [f'{p}: checkpoint {v.shape} vs config {expected.get(p)}'
-         for p, v in sorted(flat.items()) if expected.get(p) != v.shape]
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), ids, ids, ids)
+  )['params']
+  expected = {
+      '/'.join(k.key for k in path): leaf.shape
+      for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]
+  }
+  bad = [
+      f'{p}: checkpoint {v.shape} vs config {expected.get(p)}'
+      for p, v in sorted(flat.items())
+      if expected.get(p) != v.shape
+  ]
   missing = sorted(set(expected) - set(flat))
   if bad or missing:
-    raise ValueError('the checkpoint does not fit its config.json ('
-                     + '; '.join(bad + [f'{p}: missing' for p in missing])
-                     + '): convert it with its own config.json')
+    raise ValueError(
+        'the checkpoint does not fit its config.json ('
+        + '; '.join(bad + [f'{p}: missing' for p in missing])
+        + '): convert it with its own config.json'
+    )
 
 
 # ------------------------------------------------------------ the family
 
 
-def build(model_config, dtype, *, num_outputs=None,
-          vocab_size=None) -> EncoderDecoder:
+def build(
+    model_config, dtype, *, num_outputs=None, vocab_size=None
+) -> EncoderDecoder:
   """An `EncoderDecoder` from `model_config.hf_config` (a config.json path,
   a folder holding one, or a dict) or, without it, from config fields for
   training from scratch (see `config_from_fields`; `vocab_size` is the
@@ -969,20 +1220,25 @@ def build(model_config, dtype, *, num_outputs=None,
   if hf_config:
     if not isinstance(hf_config, dict):
       hf_config = hf_config_lib.read_hf_config(hf_config)
-    config = config_from_hf(dict(hf_config), model_config.get('dropout',
-                                                              None))
+    config = config_from_hf(dict(hf_config), model_config.get('dropout', None))
     if vocab_size is not None and vocab_size > config.vocab_size:
-      raise ValueError(f'the tokenizer has {vocab_size} tokens but the model '
-                       f'embeds {config.vocab_size}: use its own tokenizer')
+      raise ValueError(
+          f'the tokenizer has {vocab_size} tokens but the model '
+          f'embeds {config.vocab_size}: use its own tokenizer'
+      )
   else:
     if not vocab_size:
-      raise ValueError('an encoder-decoder from scratch needs the '
-                       "tokenizer's vocab_size: set config.data tokenizer "
-                       'fields or model.hf_config')
+      raise ValueError(
+          'an encoder-decoder from scratch needs the '
+          "tokenizer's vocab_size: set config.data tokenizer "
+          'fields or model.hf_config'
+      )
     config = config_from_fields(model_config, vocab_size)
   if num_outputs is not None and num_outputs != config.target_vocab:
-    raise ValueError(f'num_outputs={num_outputs} differs from the target '
-                     f'vocabulary ({config.target_vocab}): leave it None')
+    raise ValueError(
+        f'num_outputs={num_outputs} differs from the target '
+        f'vocabulary ({config.target_vocab}): leave it None'
+    )
   return EncoderDecoder(config, jnp.dtype(dtype))
 
 
@@ -992,8 +1248,10 @@ FAMILY = family_lib.Family(
     hf_model_types=('marian', 't5'),
     convert_hf=convert_hf,
     head_regex=(r'lm_head/.*', r'final_logits_bias'),
-    lora_targets=(r'.*(attention|self_attention|cross_attention)/'
-                  r'(query|key|value|out)',
-                  r'.*mlp/(wi|wi_0|wi_1|wo)'),
+    lora_targets=(
+        r'.*(attention|self_attention|cross_attention)/'
+        r'(query|key|value|out)',
+        r'.*mlp/(wi|wi_0|wi_1|wo)',
+    ),
     layer_regex=r'(?:encoder|decoder)/layer_(\d+)/.*',
 )

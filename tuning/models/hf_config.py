@@ -13,6 +13,7 @@ def read_hf_config(path: str) -> dict:
     raise ValueError(
         f'Hugging Face config not found: {file!r} (expected a config.json '
         'file, or a folder holding one, e.g. a Hugging Face model folder or '
-        'a converted checkpoint).')
+        'a converted checkpoint).'
+    )
   with open(file, encoding='utf-8') as f:
     return json.load(f)

@@ -10,6 +10,7 @@ from tuning.models.family import Family
 
 class MLP(nn.Module):
   """Dense(h) -> ReLU -> Dropout for each h in `hidden`, then a Dense head."""
+
   num_outputs: int
   hidden: Sequence[int] = (128, 128)
   dropout: float = 0.5
@@ -26,12 +27,18 @@ class MLP(nn.Module):
     return logits.astype(jnp.float32)
 
 
-def build(model_config, dtype, *, num_outputs: int | None,
-          vocab_size: int | None = None) -> MLP:
+def build(
+    model_config,
+    dtype,
+    *,
+    num_outputs: int | None,
+    vocab_size: int | None = None,
+) -> MLP:
   """The registry's builder: an `MLP` from `config.model`."""
   del vocab_size
-  return MLP(num_outputs, tuple(model_config.hidden), model_config.dropout,
-             dtype)
+  return MLP(
+      num_outputs, tuple(model_config.hidden), model_config.dropout, dtype
+  )
 
 
 # Parameters: dense_<i>/{kernel,bias} and head/{kernel,bias}, which the

@@ -12,6 +12,7 @@ class RecurrentClassifier(nn.Module):
   `attention_mask` marks real tokens; padding is excluded through the
   recurrence (`seq_lengths`) and from the pooling.
   """
+
   num_outputs: int
   vocab_size: int
   cell: str = 'lstm'  # lstm | gru
@@ -22,8 +23,14 @@ class RecurrentClassifier(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-               train: bool = False):
+  def __call__(
+      self,
+      input_ids,
+      attention_mask=None,
+      token_type_ids=None,
+      *,
+      train: bool = False,
+  ):
     del token_type_ids
     if attention_mask is None:
       attention_mask = (input_ids > 0).astype(jnp.int32)
@@ -34,8 +41,12 @@ class RecurrentClassifier(nn.Module):
     forward = nn.RNN(cell_type(self.hidden, dtype=self.dtype), name='forward')
     h = forward(x, seq_lengths=lengths)
     if self.bidirectional:
-      backward = nn.RNN(cell_type(self.hidden, dtype=self.dtype),
-                        reverse=True, keep_order=True, name='backward')
+      backward = nn.RNN(
+          cell_type(self.hidden, dtype=self.dtype),
+          reverse=True,
+          keep_order=True,
+          name='backward',
+      )
       h = jnp.concatenate([h, backward(x, seq_lengths=lengths)], axis=-1)
     mask = attention_mask[..., None] > 0
     pooled = jnp.where(mask, h, jnp.finfo(h.dtype).min).max(axis=1)
@@ -44,18 +55,26 @@ class RecurrentClassifier(nn.Module):
     return logits.astype(jnp.float32)
 
 
-def build(model_config, dtype, *, num_outputs: int | None,
-          vocab_size: int | None) -> RecurrentClassifier:
+def build(
+    model_config, dtype, *, num_outputs: int | None, vocab_size: int | None
+) -> RecurrentClassifier:
   """The registry's builder: `config.model.name` ('lstm' or 'gru') is the
   cell; `vocab_size` is the data's vocabulary."""
   cell = model_config.name
   if not vocab_size:
-    raise ValueError(f'model {cell!r} needs text data: set '
-                     'config.data.text_column')
+    raise ValueError(
+        f'model {cell!r} needs text data: set ' 'config.data.text_column'
+    )
   return RecurrentClassifier(
-      num_outputs, vocab_size, cell, model_config.embed_dim,
-      model_config.hidden[0], model_config.bidirectional,
-      model_config.dropout, dtype)
+      num_outputs,
+      vocab_size,
+      cell,
+      model_config.embed_dim,
+      model_config.hidden[0],
+      model_config.bidirectional,
+      model_config.dropout,
+      dtype,
+  )
 
 
 # Parameters: embed/embedding, forward/..., backward/..., head/{kernel,bias}

@@ -36,8 +36,10 @@ def family(model_name: str) -> Family:
   for f in FAMILIES:
     if model_name in f.names:
       return f
-  raise ValueError(f'unknown config.model.name {model_name!r}: choose one of '
-                   f'{", ".join(model_names())}')
+  raise ValueError(
+      f'unknown config.model.name {model_name!r}: choose one of '
+      f'{", ".join(model_names())}'
+  )
 
 
 def family_for_hf_model_type(model_type: str) -> Family:
@@ -45,16 +47,23 @@ def family_for_hf_model_type(model_type: str) -> Family:
   for f in FAMILIES:
     if model_type in f.hf_model_types and f.convert_hf is not None:
       return f
-  supported = sorted(t for f in FAMILIES if f.convert_hf is not None
-                     for t in f.hf_model_types)
-  raise ValueError(f'unsupported Hugging Face model_type={model_type!r} (in '
-                   f'config.json): supported model types are '
-                   f'{", ".join(repr(t) for t in supported)}')
+  supported = sorted(
+      t for f in FAMILIES if f.convert_hf is not None for t in f.hf_model_types
+  )
+  raise ValueError(
+      f'unsupported Hugging Face model_type={model_type!r} (in '
+      f'config.json): supported model types are '
+      f'{", ".join(repr(t) for t in supported)}'
+  )
 
 
-def build_model(model_config, dtype: str = 'float32', *,
-                num_outputs: int | None = None,
-                vocab_size: int | None = None) -> nn.Module:
+def build_model(
+    model_config,
+    dtype: str = 'float32',
+    *,
+    num_outputs: int | None = None,
+    vocab_size: int | None = None,
+) -> nn.Module:
   """Builds the Flax module named by `model_config.name`.
 
   `num_outputs`: the task's output width (classes for classification);
@@ -63,5 +72,9 @@ def build_model(model_config, dtype: str = 'float32', *,
   model_family = family(model_config.name)
   if dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"config.dtype={dtype!r}: use 'float32' or 'bfloat16'")
-  return model_family.build(model_config, jnp.dtype(dtype),
-                            num_outputs=num_outputs, vocab_size=vocab_size)
+  return model_family.build(
+      model_config,
+      jnp.dtype(dtype),
+      num_outputs=num_outputs,
+      vocab_size=vocab_size,
+  )

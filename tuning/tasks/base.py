@@ -42,8 +42,7 @@ class Task:
   # Stage-table columns: (header, metric key, width, format spec); the
   # validation column likewise.
   table_columns: tuple[tuple[str, str, int, str], ...] = ()
-  validation_column: tuple[str, str, int, str] = ('val loss', 'loss', 8,
-                                                  '.4f')
+  validation_column: tuple[str, str, int, str] = ('val loss', 'loss', 8, '.4f')
 
   def __init__(self, config, data):
     self.config = config

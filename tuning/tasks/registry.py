@@ -13,6 +13,8 @@ TASKS: dict[str, type[Task]] = {
 def task_class(name: str) -> type[Task]:
   """The task class `config.task` names (one-line error if unknown)."""
   if name not in TASKS:
-    raise ValueError(f'unknown config.task {name!r}: choose one of '
-                     f'{", ".join(sorted(TASKS))}')
+    raise ValueError(
+        f'unknown config.task {name!r}: choose one of '
+        f'{", ".join(sorted(TASKS))}'
+    )
   return TASKS[name]

@@ -13,8 +13,16 @@ import jax.numpy as jnp
 
 from tuning.tasks import base
 
-_SUMS = ('squared_error', 'absolute_error', 'y', 'y2', 'p', 'p2', 'yp',
-         'examples')
+_SUMS = (
+    'squared_error',
+    'absolute_error',
+    'y',
+    'y2',
+    'p',
+    'p2',
+    'yp',
+    'examples',
+)
 
 
 def _predictions(outputs):
@@ -28,14 +36,19 @@ class Regression(base.Task):
   labels = 'values'
   best_metric = 'loss'
   best_mode = 'min'
-  table_columns = (('rmse', 'rmse', 9, '.4f'), ('mae', 'mae', 9, '.4f'),
-                   ('loss', 'loss', 8, '.4f'), ('examples', 'examples', 9,
-                                                'd'))
+  table_columns = (
+      ('rmse', 'rmse', 9, '.4f'),
+      ('mae', 'mae', 9, '.4f'),
+      ('loss', 'loss', 8, '.4f'),
+      ('examples', 'examples', 9, 'd'),
+  )
   validation_column = ('val loss', 'loss', 8, '.4f')
 
   def model_dims(self):
-    return {'num_outputs': 1,
-            'vocab_size': self.data.vocab_size(self.config.data)}
+    return {
+        'num_outputs': 1,
+        'vocab_size': self.data.vocab_size(self.config.data),
+    }
 
   @staticmethod
   def loss(outputs, batch):
@@ -50,9 +63,16 @@ class Regression(base.Task):
     w = batch['weight'].astype(jnp.float32)
     p = _predictions(outputs)
     y = batch['label'].astype(jnp.float32)
-    values = {'squared_error': jnp.square(p - y), 'absolute_error':
-              jnp.abs(p - y), 'y': y, 'y2': y * y, 'p': p, 'p2': p * p,
-              'yp': y * p, 'examples': jnp.ones_like(y)}
+    values = {
+        'squared_error': jnp.square(p - y),
+        'absolute_error': jnp.abs(p - y),
+        'y': y,
+        'y2': y * y,
+        'p': p,
+        'p2': p * p,
+        'yp': y * p,
+        'examples': jnp.ones_like(y),
+    }
     return {k: v * w for k, v in values.items()}
 
   def metrics(self, totals):
@@ -68,8 +88,7 @@ class Regression(base.Task):
         'rmse': math.sqrt(mse),
         'mae': t['absolute_error'] / n,
         'r2': 1.0 - mse / var_y if var_y > 0 else 0.0,
-        'pearson': cov / math.sqrt(var_y * var_p) if var_y * var_p > 0
-                   else 0.0,
+        'pearson': cov / math.sqrt(var_y * var_p) if var_y * var_p > 0 else 0.0,
         'examples': int(round(t['examples'])),
     }
 
@@ -77,9 +96,11 @@ class Regression(base.Task):
     return {k: metrics[k] for k in ('loss', 'rmse', 'mae', 'r2', 'pearson')}
 
   def summary(self, metrics):
-    return (f'mse {metrics["mse"]:.4f}  rmse {metrics["rmse"]:.4f}  mae '
-            f'{metrics["mae"]:.4f}  r2 {metrics["r2"]:.4f}  pearson '
-            f'{metrics["pearson"]:.4f}')
+    return (
+        f'mse {metrics["mse"]:.4f}  rmse {metrics["rmse"]:.4f}  mae '
+        f'{metrics["mae"]:.4f}  r2 {metrics["r2"]:.4f}  pearson '
+        f'{metrics["pearson"]:.4f}'
+    )
 
 
 TASK = Regression
