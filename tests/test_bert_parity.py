@@ -226,14 +226,19 @@ def test_error_pickle_only(tmp_path):
 
 
 def test_error_unknown_architecture(tmp_path):
+  # No family converts model_type 'mamba'; BERT's config reader refuses a
+  # GPT-2 (a model type another family converts).
+  config = dict(
+      SMALL_CONFIG, model_type='mamba', architectures=['MambaForCausalLM']
+  )
+  src = _write_hf_folder(
+      tmp_path / 'mamba', {'wte.weight': np.zeros((4, 4), np.float32)}, config
+  )
+  with pytest.raises(ValueError, match="model_type='mamba'"):
+    hf_convert.convert(src, str(tmp_path / 'out'), verbose=False)
   config = dict(
       SMALL_CONFIG, model_type='gpt2', architectures=['GPT2LMHeadModel']
   )
-  src = _write_hf_folder(
-      tmp_path / 'gpt2', {'wte.weight': np.zeros((4, 4), np.float32)}, config
-  )
-  with pytest.raises(ValueError, match="model_type='gpt2'"):
-    hf_convert.convert(src, str(tmp_path / 'out'), verbose=False)
   with pytest.raises(ValueError, match='GPT2LMHeadModel'):
     bert_lib.bert_config_from_hf(config)
 

@@ -23,20 +23,17 @@ does for safetensors sources: `params` (orbax), `config.json`,
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 
 from tuning import gguf_tokenizer
+from tuning import hf_convert
 from tuning.models import decoder as decoder_lib
 
-_MARKER = 'conversion.json'  # as tuning.hf_convert: marks a complete folder
 _GLOBAL_NAMES = {
     'token_embd': 'model.embed_tokens',
     'output_norm': 'model.norm',
@@ -213,7 +210,7 @@ def convert(path: str, out_dir: str, verbose: bool = True) -> dict[str, Any]:
       gguf_tensor_types=checkpoint.tensor_types,
       tokenizer_files=['tokenizer.json', 'tokenizer_config.json'],
   )
-  write_folder(
+  hf_convert.write_folder(
       out_dir,
       params,
       checkpoint.hf_config,
@@ -236,32 +233,6 @@ def convert(path: str, out_dir: str, verbose: bool = True) -> dict[str, Any]:
   return summary
 
 
-def write_folder(
-    out_dir: str, params, hf_config: dict, summary: dict, files: dict[str, str]
-) -> None:
-  """Writes params (orbax), config.json, `files`, then the marker.
-
-  The same folder layout `tuning.hf_convert.convert` writes (which does it
-  inline today); one shared writer there would serve both.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(os.path.join(out_dir, 'params')):
-    raise ValueError(
-        f'{out_dir}/params already exists; choose a new ' 'output folder'
-    )
-  os.makedirs(out_dir, exist_ok=True)
-  ocp.PyTreeCheckpointer().save(os.path.join(out_dir, 'params'), params)
-  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(hf_config, f, indent=2)
-  for name, text in files.items():
-    with open(os.path.join(out_dir, name), 'w') as f:
-      f.write(text)
-  with open(os.path.join(out_dir, _MARKER), 'w') as f:
-    json.dump(summary, f, indent=2)
-
-
 def ensure_converted(path: str, cache_dir: str, verbose: bool = True) -> str:
   """A converted folder for the GGUF file `path`, converted only once.
 
@@ -275,19 +246,6 @@ def ensure_converted(path: str, cache_dir: str, verbose: bool = True) -> str:
   stat = os.stat(path)
   key = f'{path}:{stat.st_size}:{int(stat.st_mtime)}'
   name = os.path.splitext(os.path.basename(path))[0][-50:]
-  out_dir = os.path.join(
-      os.path.abspath(cache_dir),
-      f'{name}-' f'{hashlib.sha1(key.encode()).hexdigest()[:10]}',
+  return hf_convert.convert_once(
+      key, name, cache_dir, lambda out: convert(path, out, verbose=verbose)
   )
-  if os.path.isfile(os.path.join(out_dir, _MARKER)):
-    return out_dir
-  os.makedirs(cache_dir, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.converting-', dir=cache_dir)
-  try:
-    convert(path, os.path.join(tmp, 'out'), verbose=verbose)
-    if os.path.exists(out_dir):  # an incomplete earlier attempt
-      shutil.rmtree(out_dir)
-    os.replace(os.path.join(tmp, 'out'), out_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return out_dir

@@ -180,6 +180,33 @@ def convert(source: str, out_dir: str, verbose: bool = True) -> dict[str, Any]:
   _family(hf_config)  # an unsupported model type fails before reading weights
   params, summary = convert_tensors(read_safetensors(folder), hf_config)
 
+  copied = [
+      n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, n))
+  ]
+  summary = dict(summary, source=str(source), tokenizer_files=copied)
+  write_folder(
+      out_dir,
+      params,
+      hf_config,
+      summary,
+      copies={n: os.path.join(folder, n) for n in copied},
+  )
+  if verbose:
+    print(format_summary(summary, out_dir))
+  return summary
+
+
+def write_folder(
+    out_dir: str,
+    params,
+    hf_config: dict,
+    summary: dict,
+    files: dict[str, str] | None = None,
+    copies: dict[str, str] | None = None,
+) -> None:
+  """Writes a converted folder: params (orbax), config.json, `files`
+  ({name: text}) and `copies` ({name: source path}), then the marker
+  `conversion.json` (`summary`), last, which marks it complete."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   out_dir = os.path.abspath(out_dir)
@@ -191,17 +218,33 @@ def convert(source: str, out_dir: str, verbose: bool = True) -> dict[str, Any]:
   ocp.PyTreeCheckpointer().save(os.path.join(out_dir, 'params'), params)
   with open(os.path.join(out_dir, 'config.json'), 'w', encoding='utf-8') as f:
     json.dump(hf_config, f, indent=2)
-  copied = []
-  for name in TOKENIZER_FILES:
-    if os.path.isfile(os.path.join(folder, name)):
-      shutil.copyfile(os.path.join(folder, name), os.path.join(out_dir, name))
-      copied.append(name)
-  summary = dict(summary, source=str(source), tokenizer_files=copied)
+  for name, text in (files or {}).items():
+    with open(os.path.join(out_dir, name), 'w', encoding='utf-8') as f:
+      f.write(text)
+  for name, path in (copies or {}).items():
+    shutil.copyfile(path, os.path.join(out_dir, name))
   with open(os.path.join(out_dir, _MARKER), 'w', encoding='utf-8') as f:
     json.dump(summary, f, indent=2)
-  if verbose:
-    print(format_summary(summary, out_dir))
-  return summary
+
+
+def convert_once(key: str, name: str, cache_dir: str, convert_into) -> str:
+  """`cache_dir/<name>-<hash of key>`, made by `convert_into(out_dir)`
+  unless a complete one is there: converted into a temporary folder and
+  moved into place, so an interrupted conversion is never taken for one."""
+  digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+  out_dir = os.path.join(os.path.abspath(cache_dir), f'{name}-{digest}')
+  if os.path.isfile(os.path.join(out_dir, _MARKER)):
+    return out_dir
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.converting-', dir=cache_dir)
+  try:
+    convert_into(os.path.join(tmp, 'out'))
+    if os.path.exists(out_dir):  # an incomplete earlier attempt
+      shutil.rmtree(out_dir)
+    os.replace(os.path.join(tmp, 'out'), out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir
 
 
 def format_summary(summary: dict[str, Any], out_dir: str) -> str:
@@ -250,19 +293,12 @@ def ensure_converted(source: str, cache_dir: str, verbose: bool = True) -> str:
     return source
   key = os.path.abspath(source) if os.path.isdir(source) else source
   slug = re.sub(r'[^A-Za-z0-9._-]+', '_', key.strip('/'))[-60:]
-  digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-  out_dir = os.path.join(os.path.abspath(cache_dir), f'{slug}-{digest}')
-  if os.path.isfile(os.path.join(out_dir, _MARKER)):
-    if verbose:
-      print(f'Using converted checkpoint {out_dir} for {source}.')
-    return out_dir
-  os.makedirs(cache_dir, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.converting-', dir=cache_dir)
-  try:
-    convert(source, os.path.join(tmp, 'out'), verbose=verbose)
-    if os.path.exists(out_dir):  # an incomplete earlier attempt
-      shutil.rmtree(out_dir)
-    os.replace(os.path.join(tmp, 'out'), out_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return out_dir
+  cached = os.path.join(
+      os.path.abspath(cache_dir),
+      f'{slug}-{hashlib.sha1(key.encode()).hexdigest()[:10]}',
+  )
+  if verbose and os.path.isfile(os.path.join(cached, _MARKER)):
+    print(f'Using converted checkpoint {cached} for {source}.')
+  return convert_once(
+      key, slug, cache_dir, lambda out: convert(source, out, verbose=verbose)
+  )
