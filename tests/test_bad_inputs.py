@@ -94,11 +94,11 @@ def files(tmp_path_factory):
       ('hf_no_weights', bert),
       ('hf_corrupt', bert),
       (
-          'hf_gpt2',
+          'hf_mamba',
           {
-              'model_type': 'gpt2',
-              'architectures': ['GPT2LMHeadModel'],
-              'n_embd': 8,
+              'model_type': 'mamba',
+              'architectures': ['MambaForCausalLM'],
+              'hidden_size': 8,
           },
       ),
   ):
@@ -395,9 +395,9 @@ CASES = [
     ),
     (
         'hf_unknown_architecture',
-        [NEW, '--config.init.checkpoint={hf_gpt2}'],
+        [NEW, '--config.init.checkpoint={hf_mamba}'],
         1,
-        ['gpt2'],
+        ['mamba'],
     ),
     (
         'tokenizer_missing',
