@@ -154,7 +154,7 @@ def check(config):
         'leaves nothing to train on: make their sum less than 1'
     )
   _choice(config, 'data.on_bad_rows', ('error', 'drop'), optional=True)
-  _choice(config, 'data.normalize', (None, 'standard', 'minmax'))
+  _choice(config, 'data.normalize', (None, 'none', 'standard', 'minmax'))
   for field in (
       'pca_components',
       'examples_per_class',
