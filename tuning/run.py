@@ -75,6 +75,7 @@ class Run:
         )
     )
     self._eval_step = None  # compiled on the first `predict`
+    self._zero_totals = None  # placed on the first `evaluate`
 
   def init_params(self):
     example = features_of(self.data.first_train_example())
@@ -119,14 +120,18 @@ class Run:
     totals = None
     for batch in self._batches(self.data.split(split)):
       batch = self.layout.place_batch(batch)
-      if totals is None:
-        totals = self.layout.place_totals(
+      if (
+          self._zero_totals is None
+      ):  # totals' shapes: the task's, not the batch's
+        self._zero_totals = self.layout.place_totals(
             jax.tree.map(
                 lambda s: np.zeros(s.shape, s.dtype),
                 jax.eval_shape(self.eval_totals, params, batch),
             )
         )
-      totals = self.eval_totals(params, batch, totals)
+      totals = self.eval_totals(
+          params, batch, self._zero_totals if totals is None else totals
+      )
     return self.task.metrics(jax.tree.map(self.layout.fetch, totals))
 
   def predict(self, params, split, progress: str = ''):
