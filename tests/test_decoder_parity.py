@@ -159,10 +159,10 @@ def test_cached_equals_uncached_and_transformers(converted):
   np.testing.assert_array_equal(result.tokens, theirs, err_msg=name)
 
 
+# One family is enough for the sampling paths.
+@pytest.mark.parametrize('converted', ['llama'], indirect=True)
 def test_stop_tokens_and_sampling(converted):
-  name, _, model, params = converted
-  if name != 'llama':
-    pytest.skip('one family is enough for the sampling paths')
+  _, _, model, params = converted
   ids, mask = _batch()
   # 8 new tokens greedily: the compilation of the test above is reused.
   greedy = generation.generate(model, params, ids, mask, max_new_tokens=8)
