@@ -13,6 +13,7 @@ import pytest
 
 from tuning import generate as generate_cli
 from tuning import gguf_checkpoint
+from tuning import hf_convert
 from tuning.models import decoder as decoder_lib
 
 gguf = pytest.importorskip('gguf')
@@ -215,6 +216,27 @@ def test_convert_folder_and_generate_command(tiny, tmp_path):
   assert missing.returncode == 1
   assert 'must be a converted model folder' in missing.stderr
   assert 'Traceback' not in missing.stderr
+
+
+def test_convert_command_and_init_checkpoint_take_a_gguf_file(tiny, tmp_path):
+  _, _, path = tiny
+  from tuning import checkpoints  # pylint: disable=g-import-not-at-top
+  from tuning import convert  # pylint: disable=g-import-not-at-top
+
+  assert convert.main([f'--source={path}', f'--out={tmp_path / "out"}']) == 0
+  converted = checkpoints.resolve_init_source(str(path), str(tmp_path / 'c'))
+  assert checkpoints.resolve_init_source(str(path), str(tmp_path / 'c')) == (
+      converted
+  )
+  for folder in (str(tmp_path / 'out'), converted):
+    with open(os.path.join(folder, 'conversion.json')) as f:
+      assert json.load(f)['source'] == os.path.abspath(path)
+  expected = gguf_checkpoint.read(path).tensors
+  params = hf_convert.load_converted_params(converted)
+  np.testing.assert_array_equal(
+      params['decoder']['embed']['embedding'],
+      expected['model.embed_tokens.weight'],
+  )
 
 
 def test_one_line_errors(tiny, tmp_path):

@@ -330,7 +330,12 @@ def is_hugging_face_source(path: str) -> bool:
 
 
 def resolve_init_source(path: str, cache_dir: str) -> str:
-  """Converts a Hugging Face source once (cached in `cache_dir`)."""
+  """Converts a Hugging Face source or a .gguf file once (cached in
+  `cache_dir`); other paths are returned as they are."""
+  if str(path).lower().endswith('.gguf'):
+    from tuning import gguf_checkpoint  # pylint: disable=g-import-not-at-top
+
+    return gguf_checkpoint.ensure_converted(path, cache_dir)
   if not is_hugging_face_source(path):
     return path
   from tuning import hf_convert  # pylint: disable=g-import-not-at-top

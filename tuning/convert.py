@@ -1,14 +1,17 @@
-"""Convert a Hugging Face checkpoint into this project's Flax/orbax format.
+"""Convert a Hugging Face or GGUF checkpoint into this project's Flax/orbax
+format.
 
-The supported model types are those of the model families that convert
-(tuning/models/registry.py; today BERT).
+The supported Hugging Face model types are those of the model families that
+convert (tuning/models/registry.py: bert, gpt2, llama, marian, t5); a .gguf
+file (llama.cpp) is dequantised by tuning/gguf_checkpoint.py.
 
-    python -m tuning.convert --source=<HF folder or hub id> --out=<dir>
+    python -m tuning.convert --source=<HF folder, hub id or .gguf file> --out=<dir>
 """
 
 import argparse
 import sys
 
+from tuning import gguf_checkpoint
 from tuning import hf_convert
 
 
@@ -19,7 +22,10 @@ def main(argv=None) -> int:
   parser.add_argument(
       '--source',
       required=True,
-      help='HF model folder (config.json + model.safetensors) or hub id.',
+      help=(
+          'HF model folder (config.json + model.safetensors), hub id, or '
+          'a .gguf file.'
+      ),
   )
   parser.add_argument(
       '--out',
@@ -28,7 +34,10 @@ def main(argv=None) -> int:
   )
   args = parser.parse_args(argv)
   try:
-    hf_convert.convert(args.source, args.out)
+    if gguf_checkpoint.is_gguf_file(args.source):
+      gguf_checkpoint.convert(args.source, args.out)
+    else:
+      hf_convert.convert(args.source, args.out)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -233,6 +233,11 @@ def convert(path: str, out_dir: str, verbose: bool = True) -> dict[str, Any]:
   return summary
 
 
+def is_gguf_file(path: str) -> bool:
+  """A path that names a GGUF file (by its extension)."""
+  return str(path).lower().endswith('.gguf')
+
+
 def ensure_converted(path: str, cache_dir: str, verbose: bool = True) -> str:
   """A converted folder for the GGUF file `path`, converted only once.
 
