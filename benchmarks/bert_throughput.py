@@ -96,7 +96,8 @@ def jax_steps(
 
 def step_flops(model, params, tx, batch: int, length: int):
   """XLA's FLOP count of one train step and one eval step (one device)."""
-  from tuning.train_step import cross_entropy, per_example_logits
+  from tuning.tasks.classification import cross_entropy
+  from tuning.train_step import per_example_logits
 
   ids = jnp.zeros((batch, length), jnp.int32)
   feats = {
