@@ -74,6 +74,15 @@ def check_config(distill_config):
     )
 
 
+def check_student_task(task):
+  """Distillation teaches class probabilities: a classification student."""
+  if task.name != 'classification':
+    raise ValueError(
+        'distillation teaches class probabilities; '
+        f'config.task={task.name!r} (unset config.distill.teacher)'
+    )
+
+
 def distillation_loss(
     student_logits,
     teacher_logits,

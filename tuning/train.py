@@ -138,12 +138,7 @@ def _setup(run: Run) -> _Training:
   ema_lib.check_config(config.training)
   teacher, train_table = None, run.data.train
   if distillation.enabled(config.get('distill')):
-    if run.task.name != 'classification':
-      raise ValueError(
-          f'distillation teaches class probabilities; '
-          f'config.task={run.task.name!r} (unset '
-          'config.distill.teacher)'
-      )
+    distillation.check_student_task(run.task)
     teacher = distillation.Teacher(config.distill)
     train_table, log = distillation.student_training_table(
         config, run.data, teacher, run.workdir
