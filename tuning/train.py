@@ -258,6 +258,7 @@ def _compile_step(run: Run, training: _Training):
               else run.task.loss
           ),
           loss_weight=run.task.loss_weight,
+          inputs_of=run.task.inputs,
           teacher_model=teacher.members.runs[0].model
           if in_step_teacher
           else None,

@@ -17,6 +17,7 @@ A task (chosen by `config.task`) tells the rest of the code:
   `eval_counts(outputs, batch)` gives integer totals of the batch (exact in
   any order), summed over devices; `metrics(totals)` turns the host copy
   of both into final metrics;
+- optionally which batch columns the model takes (`inputs`);
 - the default `checkpoint.best_metric`/`best_mode`, the validation scalars
   that are logged and compared, the printed report, the columns of the
   stage table and its part of `results.json`.
@@ -47,6 +48,10 @@ class Task:
   def __init__(self, config, data):
     self.config = config
     self.data = data
+
+  # The model's inputs from a batch: a function `batch -> {name: array}`
+  # (None: every column but labels, weights and indices).
+  inputs = None
 
   # What the model builder receives.
   def model_dims(self) -> dict[str, Any]:

@@ -1,0 +1,103 @@
+"""Causal language modelling: next-token cross-entropy on plain text.
+
+A decoder (`config.model.name=llama|gpt2|decoder`) reads `input_ids` and
+`attention_mask` (right padding) and predicts each next token; the loss is
+the float32 cross-entropy summed over the tokens that have a next real
+token (`attention_mask[t + 1] == 1`), divided by their count over the whole
+global batch (so rows weigh by their tokens, across micro-batches and
+devices). Evaluation adds up, on the device, each row's loss sum, its
+predicted tokens and its correctly predicted tokens: per-token loss,
+perplexity = exp(loss) and token accuracy come from those sums. The text
+is one document a row (`data.text_column` of a CSV/JSONL file), tokenized
+by the pretrained tokenizer `data.tokenizer`; no label column is read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import optax
+
+from tuning.tasks import base
+
+# The columns a decoder takes (others, e.g. token_type_ids, are dropped).
+_INPUTS = ('input_ids', 'attention_mask')
+
+
+def _token_terms(logits, batch):
+  """(per-token loss, correct, mask) [rows, length - 1], float32."""
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = batch['input_ids'][:, 1:]
+  mask = batch['attention_mask'][:, 1:].astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return losses * mask, correct * mask, mask
+
+
+class CausalLM(base.Task):
+  """Next-token prediction; the decoder's vocabulary is the output."""
+
+  name = 'causal_lm'
+  labels = None
+  best_metric = 'loss'
+  best_mode = 'min'
+  table_columns = (
+      ('ppl', 'perplexity', 10, '.3f'),
+      ('tok acc', 'token_accuracy', 8, '.4f'),
+      ('loss', 'loss', 8, '.4f'),
+      ('tokens', 'tokens', 9, 'd'),
+  )
+  validation_column = ('val ppl', 'perplexity', 10, '.3f')
+
+  def model_dims(self):
+    return {'num_outputs': None, 'vocab_size': None}
+
+  @staticmethod
+  def inputs(batch):
+    return {k: batch[k] for k in _INPUTS}
+
+  @staticmethod
+  def loss(outputs, batch):
+    losses, correct, _ = _token_terms(outputs, batch)
+    return losses.sum(), {'token_accuracy': correct.sum()}
+
+  @staticmethod
+  def loss_weight(batch):
+    return batch['attention_mask'][:, 1:].astype(jnp.float32).sum()
+
+  def eval_rows(self, outputs, batch):
+    w = batch['weight'].astype(jnp.float32)
+    losses, correct, mask = _token_terms(outputs, batch)
+    values = {
+        'loss_sum': losses.sum(axis=1),
+        'tokens': mask.sum(axis=1),
+        'correct': correct.sum(axis=1),
+        'examples': jnp.ones_like(w),
+    }
+    return {k: v * w for k, v in values.items()}
+
+  def metrics(self, totals):
+    tokens = float(totals['tokens'])
+    loss = float(totals['loss_sum']) / max(tokens, 1.0)
+    return {
+        'loss': loss,
+        'perplexity': math.exp(min(loss, 700.0)),
+        'token_accuracy': float(totals['correct']) / max(tokens, 1.0),
+        'tokens': int(round(tokens)),
+        'examples': int(round(float(totals['examples']))),
+    }
+
+  def scalars(self, metrics):
+    return {k: metrics[k] for k in ('loss', 'perplexity', 'token_accuracy')}
+
+  def report(self, metrics, title):
+    return (
+        f'{title}: loss {metrics["loss"]:.4f}  perplexity '
+        f'{metrics["perplexity"]:.3f}  token accuracy '
+        f'{metrics["token_accuracy"]:.4f}  ({metrics["tokens"]} tokens, '
+        f'{metrics["examples"]} examples)'
+    )
+
+
+TASK = CausalLM
