@@ -12,6 +12,7 @@ import pytest
 
 from tuning import experiment
 from tuning.checkpoints import RunCheckpoints
+from tuning.data.preprocessing import PretrainedTokenizer
 from tuning.tasks import causal_lm
 from tuning.tasks.registry import task_class
 import tiny_config
@@ -131,6 +132,19 @@ def test_loss_is_token_weighted_next_token_cross_entropy():
   half = dict(batch, weight=np.array([1.0, 0.0]))
   rows = task(None, None).eval_rows(jnp.asarray(logits), half)
   assert float(rows['tokens'].sum()) == 4
+
+
+def test_documents_end_with_eos_unless_cut(files):
+  folder, _ = files
+  enc = PretrainedTokenizer(folder, 6, append_eos=True).encode(
+      ['the cat sat', 'the dog ran to the park the end']
+  )
+  np.testing.assert_array_equal(
+      enc['input_ids'], [[4, 5, 6, 2, 0, 0], [4, 9, 10, 11, 4, 12]]
+  )
+  np.testing.assert_array_equal(enc['attention_mask'][0], [1, 1, 1, 1, 0, 0])
+  plain = PretrainedTokenizer(folder, 6).encode(['the cat sat'])
+  np.testing.assert_array_equal(plain['input_ids'][0], [4, 5, 6, 0, 0, 0])
 
 
 def test_training_lowers_validation_perplexity(uninterrupted):

@@ -42,7 +42,11 @@ class Run:
     self.layout = make_layout(config)
     self.devices = self.layout.devices
     if data is None:
-      data = build_datasets(config.data, labels=task_kind.labels)
+      data = build_datasets(
+          config.data,
+          labels=task_kind.labels,
+          append_eos=task_kind.append_eos,
+      )
       for line in data.log:
         console.info(f'data: {line}')
       data_checks.check(data, config)

@@ -94,19 +94,24 @@ class Datasets:
     )
 
 
-def build_datasets(data_config, labels: str | None = 'classes') -> Datasets:
+def build_datasets(
+    data_config, labels: str | None = 'classes', *, append_eos: bool = False
+) -> Datasets:
   """Builds the three splits described by `config.data`.
 
   `labels`: 'classes' (class labels: encoded to 0..num_classes-1, with
   `classes`, `class_names` and `examples_per_class`), 'values' (float32
   regression targets; a label that is not a number is an error naming
   file:line), or None (no label column is read: text-only data).
+  `append_eos`: end each text with its pretrained tokenizer's end-of-text
+  token (language modelling; see `preprocessing.PretrainedTokenizer`).
   """
   _check_labels(data_config, labels)
   if data_config.source == 'array_record':
     source = _RecordsSource(data_config, labels)
   else:
     source = _MemorySource(data_config, labels)
+  source.append_eos = append_eos
   log = source.log
   train, tables = source.train, dict(source.given)
   for name in tables:
@@ -357,9 +362,14 @@ def _finish_labels(table: Table, labels: str | None) -> Table:
   return table
 
 
-def _fit_tokenizer(chunks, data_config):
+def _fit_tokenizer(chunks, data_config, append_eos: bool = False):
   """The whitespace vocabulary of the training text (text and pairs), or a
   pretrained tokenizer."""
+  if append_eos and data_config.tokenizer == 'whitespace':
+    raise DataError(
+        "this task predicts the pretrained model's tokens: set "
+        'config.data.tokenizer to its folder or tokenizer.json'
+    )
   if data_config.tokenizer == 'whitespace':
     texts = (
         t
@@ -372,12 +382,14 @@ def _fit_tokenizer(chunks, data_config):
         texts, data_config.vocab_size, data_config.max_length
     )
   return preprocessing.PretrainedTokenizer(
-      data_config.tokenizer, data_config.max_length
+      data_config.tokenizer, data_config.max_length, append_eos
   )
 
 
 class _MemorySource:
   """Files, NPZ, TFDS or digits read whole into tables; train cleaned."""
+
+  append_eos = False
 
   def __init__(self, data_config, labels: str | None):
     tables, reports = sources.read_split_files(data_config, labels)
@@ -433,7 +445,9 @@ class _MemorySource:
             f'pca_components={data_config.pca_components}'
         )
     if 'text' in tables['train']:
-      tokenizer = _fit_tokenizer([tables['train']], data_config)
+      tokenizer = _fit_tokenizer(
+          [tables['train']], data_config, self.append_eos
+      )
 
       def encode(raw_table):
         if 'text_pair' in raw_table and hasattr(tokenizer, 'path'):
@@ -480,6 +494,8 @@ class _RecordsSource:
   and examples_per_class read every label once); otherwise training reads
   the shards by position. The labels' counts come from the metadata.
   """
+
+  append_eos = False
 
   def __init__(self, data_config, labels: str | None):
     directory = data_config.get('records_dir')
@@ -538,7 +554,9 @@ class _RecordsSource:
     train.read_threads = int(data_config.get('read_threads') or 1)
     vocab = None
     if 'text' in metadata['fields']:
-      train.tokenizer = _fit_tokenizer(train.raw_chunks(), data_config)
+      train.tokenizer = _fit_tokenizer(
+          train.raw_chunks(), data_config, self.append_eos
+      )
       if data_config.tokenizer != 'whitespace':
         vocab = int(train.tokenizer._tokenizer.get_vocab_size())  # pylint: disable=protected-access
       log.append(

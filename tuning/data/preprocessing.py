@@ -229,16 +229,28 @@ class WhitespaceVocabulary:
 
 @dataclasses.dataclass
 class PretrainedTokenizer:
-  """A Hugging Face tokenizer (tokenizer.json or vocab.txt)."""
+  """A Hugging Face tokenizer (tokenizer.json or vocab.txt).
+
+  `append_eos` (for language modelling) ends each document that fits in
+  `max_length` with the end-of-text token its model folder names
+  (tokenizer_config.json's `eos_token` or config.json's `eos_token_id`;
+  none named: nothing is added); a document cut at `max_length` gets none.
+  """
 
   path: str
   max_length: int
+  append_eos: bool = False
 
   def __post_init__(self):
     from tuning import tokenization  # pylint: disable=g-import-not-at-top
 
     self._tokenization = tokenization
     self._tokenizer = tokenization.load_tokenizer(self.path)
+    self.eos_id = (
+        tokenization.eos_token_id(self.path, self._tokenizer)
+        if self.append_eos
+        else None
+    )
 
   def encode(self, texts, texts_pair=None) -> dict[str, np.ndarray]:
     enc = self._tokenization.encode_texts(
@@ -247,6 +259,17 @@ class PretrainedTokenizer:
         None if texts_pair is None else list(texts_pair),
         max_length=self.max_length,
     )
+    if self.eos_id is not None:
+      enc = {k: list(v) for k, v in enc.items()}
+      for i, ids in enumerate(enc['input_ids']):
+        if len(ids) < self.max_length and (
+            not len(ids) or ids[-1] != self.eos_id
+        ):
+          enc['input_ids'][i] = np.append(ids, self.eos_id).astype(np.int32)
+          types = enc['token_type_ids'][i]
+          enc['token_type_ids'][i] = np.append(
+              types, types[-1] if len(types) else 0
+          ).astype(np.int32)
     # Padded to max_length here; batches are cut to their length bucket.
     padded = self._tokenization.pad_batch(
         enc,

@@ -38,6 +38,8 @@ class Task:
   # The label column the data pipeline reads: 'classes' (encoded class
   # ids), 'values' (float targets) or None (no label column).
   labels: str | None = 'classes'
+  # Whether each text ends with its tokenizer's end-of-text token.
+  append_eos = False
   best_metric = 'loss'
   best_mode = 'min'
   # Stage-table columns: (header, metric key, width, format spec); the

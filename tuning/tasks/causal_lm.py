@@ -9,7 +9,9 @@ devices). Evaluation adds up, on the device, each row's loss sum, its
 predicted tokens and its correctly predicted tokens: per-token loss,
 perplexity = exp(loss) and token accuracy come from those sums. The text
 is one document a row (`data.text_column` of a CSV/JSONL file), tokenized
-by the pretrained tokenizer `data.tokenizer`; no label column is read.
+by the pretrained tokenizer `data.tokenizer` (each document that fits in
+`data.max_length` ends with the end-of-text token the model folder names)
+and right-padded; no label column is read.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class CausalLM(base.Task):
 
   name = 'causal_lm'
   labels = None
+  append_eos = True
   best_metric = 'loss'
   best_mode = 'min'
   table_columns = (
