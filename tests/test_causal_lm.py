@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import TINY, final_params, flat, read_json, run_main
 from tuning import experiment
 from tuning.checkpoints import RunCheckpoints
 from tuning.data.preprocessing import PretrainedTokenizer
+from tuning.run import Run
 from tuning.tasks import causal_lm
 from tuning.tasks.registry import task_class
 import tiny_config
@@ -178,3 +180,70 @@ def test_causal_lm_resumes_exactly(files, uninterrupted, tmp_path, monkeypatch):
   expected = uninterrupted[1]
   assert results['test'] == expected['test']
   assert results['validation'] == expected['validation']
+
+
+def test_lora_on_the_decoder_trains_adapters_and_head_only(files, tmp_path):
+  config = causal_config(*files, steps=10)
+  config.lora.rank = 4
+  workdir = str(tmp_path / 'lora')
+  results = experiment.run(config, workdir)
+  run = Run(config, str(tmp_path / 'init'))
+  start = flat(run.init_params())
+  run.checkpoints.close()
+  end = flat(final_params(workdir)[1])
+  assert set(start) == set(end)
+  changed = {k for k in start if not np.array_equal(start[k], end[k])}
+  frozen = set(start) - changed
+  # lora_b starts at zero and lora_a moves with it; the family's head
+  # (lm_head, final norm) trains; every pretrained weight stays.
+  assert changed, 'nothing trained'
+  for name in changed:
+    assert '/lora_' in name or name.startswith(
+        ('lm_head/', 'decoder/final_norm/')
+    ), name
+  assert any(k.endswith('query/lora_b') for k in changed)
+  assert 'lm_head/kernel' in changed
+  assert {k for k in start if '/lora_' not in k} - {
+      'lm_head/kernel',
+      'decoder/final_norm/scale',
+  } <= frozen
+  adapters = sum(v.size for k, v in start.items() if '/lora_' in k)
+  # Rank 4 on q, k, v, out, gate, up, down of 2 layers (hidden 32, kv 16,
+  # intermediate 48), plus lm_head 32x24 and the final norm's 32.
+  assert adapters == 2 * (256 + 192 + 192 + 256 + 3 * 320)
+  assert results['trainable_parameters'] == adapters + 32 * 24 + 32
+
+
+def test_causal_lm_under_the_mesh_equals_pmap(files, uninterrupted, tmp_path):
+  folder, csv = files
+  workdir = str(tmp_path / 'mesh')
+  run_main(
+      f'--config={TINY}',
+      f'--workdir={workdir}',
+      '--config.task=causal_lm',
+      '--config.data.source=csv',
+      f'--config.data.path={csv}',
+      '--config.data.text_column=text',
+      f'--config.data.tokenizer={folder}',
+      '--config.data.max_length=24',
+      '--config.data.length_buckets=(24,)',
+      '--config.model.name=llama',
+      f'--config.model.hf_config={folder}',
+      '--config.model.dropout=0.0',
+      '--config.optimizer.learning_rate=1e-2',
+      '--config.training.batch_size=16',
+      '--config.training.total_steps=40',
+      '--config.training.eval_every_steps=10',
+      '--config.training.checkpoint_every_steps=10',
+      '--config.parallelism=mesh',
+      '--config.mesh.fsdp=2',
+      devices=4,
+  )
+  results = read_json(os.path.join(workdir, 'results.json'))
+  expected = uninterrupted[1]
+  assert results['task'] == 'causal_lm'
+  assert results['test']['tokens'] == expected['test']['tokens']
+  for key in ('loss', 'perplexity', 'token_accuracy'):
+    np.testing.assert_allclose(
+        results['test'][key], expected['test'][key], rtol=1e-4
+    )
