@@ -13,7 +13,9 @@ import pytest
 from conftest import TINY, final_params, flat, read_json, run_main
 from tuning import experiment
 from tuning.checkpoints import RunCheckpoints
+from tuning.data.datasets import build_datasets
 from tuning.data.preprocessing import PretrainedTokenizer
+from tuning.data.tables import DataError
 from tuning.run import Run
 from tuning.tasks import causal_lm
 from tuning.tasks.registry import task_class
@@ -247,3 +249,26 @@ def test_causal_lm_under_the_mesh_equals_pmap(files, uninterrupted, tmp_path):
     np.testing.assert_allclose(
         results['test'][key], expected['test'][key], rtol=1e-4
     )
+
+
+def test_packing_fills_rows_with_documents_and_their_ends(files):
+  folder, csv = files
+  config = causal_config(folder, csv)
+  plain = build_datasets(config.data, labels=None, append_eos=True)
+  config.data.pack = True
+  packed = build_datasets(config.data, labels=None, append_eos=True)
+  assert any('packed documents into rows of 24 tokens' in l for l in packed.log)
+  rows = len(packed.train['input_ids'])
+  assert rows < len(plain.train['input_ids'])
+  assert any(l.startswith(f'examples: train {rows},') for l in packed.log)
+  for name in ('train', 'validation', 'test'):
+    before, after = plain.split(name), packed.split(name)
+    stream = before['input_ids'][before['attention_mask'] > 0]
+    np.testing.assert_array_equal(
+        after['input_ids'][after['attention_mask'] > 0], stream
+    )
+    assert after['attention_mask'][:-1].all()  # all full but the last row
+    assert set(after) == {'input_ids', 'attention_mask'}
+  config.task = 'classification'
+  with pytest.raises(DataError, match='config.data.pack packs unlabelled'):
+    build_datasets(config.data, labels='classes')

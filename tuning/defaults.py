@@ -87,6 +87,10 @@ def base_config() -> config_dict.ConfigDict:
   c.data.vocab_size = 20000
   c.data.max_length = 64
   c.data.length_buckets = (16, 32, 64)
+  # Language modelling (task=causal_lm): concatenate each split's documents
+  # (each ending with the end-of-text token) and cut them into full rows of
+  # max_length tokens; attention crosses document boundaries.
+  c.data.pack = False
 
   # ---------------------------------------------------------------- model
   c.model = config_dict.ConfigDict()

@@ -151,7 +151,12 @@ def build_datasets(
   sizes = ', '.join(
       f'{n} {s}'
       for n, s in (
-          ('train', len(train)),
+          (
+              'train',
+              num_rows(data.train)
+              if isinstance(data.train, dict)
+              else len(data.train),
+          ),
           ('validation', num_rows(data.validation)),
           ('test', num_rows(data.test)),
       )
@@ -235,6 +240,11 @@ def _encode_labels(
 
 
 def _check_labels(data_config, labels):
+  if data_config.get('pack', False) and labels is not None:
+    raise DataError(
+        'config.data.pack packs unlabelled text for language modelling: use '
+        'it with config.task=causal_lm, or unset it'
+    )
   if labels not in rows.LABEL_KINDS:
     raise DataError(f"labels={labels!r}: use 'classes', 'values' or None")
   if labels != 'classes':
@@ -386,6 +396,24 @@ def _fit_tokenizer(chunks, data_config, append_eos: bool = False):
   )
 
 
+def _pack_splits(tables, data_config, labels, log):
+  """config.data.pack: each split's documents packed into full rows."""
+  if 'input_ids' not in tables['train']:
+    raise DataError(
+        'config.data.pack packs tokenized text: set config.data.text_column '
+        'and a pretrained config.data.tokenizer, or unset it'
+    )
+  counts = []
+  for name in SPLITS:
+    before = len(tables[name]['input_ids'])
+    tables[name] = preprocessing.pack(tables[name], data_config.max_length)
+    counts.append(f'{name} {before} -> {len(tables[name]["input_ids"])}')
+  log.append(
+      f'packed documents into rows of {data_config.max_length} tokens '
+      f'(attention crosses documents): {", ".join(counts)}'
+  )
+
+
 class _MemorySource:
   """Files, NPZ, TFDS or digits read whole into tables; train cleaned."""
 
@@ -472,6 +500,8 @@ class _MemorySource:
           f'text: tokenizer {data_config.tokenizer!r}, max_length '
           f'{data_config.max_length}'
       )
+    if data_config.get('pack', False):
+      _pack_splits(tables, data_config, labels, log)
     for name in SPLITS:
       _finish_labels(tables[name], labels)
     return Datasets(
@@ -548,6 +578,11 @@ class _RecordsSource:
 
   def finish(self, train, tables, encoder, labels, data_config) -> Datasets:
     """Sets how the training split encodes what it reads; encodes dev."""
+    if data_config.get('pack', False):
+      raise DataError(
+          'config.data.pack needs the documents in memory: use a csv/jsonl '
+          'source, not array_record, or unset it'
+      )
     log, metadata = self.log, self.metadata
     train.label_index = encoder and encoder.index
     train.labels = labels

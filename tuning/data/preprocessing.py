@@ -277,3 +277,25 @@ class PretrainedTokenizer:
         pad_id=self._tokenization.pad_token_id(self._tokenizer),
     )
     return {k: np.asarray(v, np.int32) for k, v in padded.items()}
+
+
+def pack(table: Table, max_length: int) -> Table:
+  """Concatenates the rows' real tokens, in order, into full rows.
+
+  `table`: right-padded `input_ids` and `attention_mask` [N, L]. Returns
+  rows of `max_length` tokens, all real but the last row's tail (padding,
+  mask 0). Documents are not separated in attention: a row may hold the
+  end of one document (and its end-of-text token) and the start of the
+  next, and positions count on across the boundary.
+  """
+  ids = np.asarray(table['input_ids'])
+  stream = ids[np.asarray(table['attention_mask']) > 0]
+  rows = max(-(-len(stream) // max_length), 1)
+  packed = np.zeros(rows * max_length, np.int32)
+  packed[: len(stream)] = stream
+  mask = np.zeros(rows * max_length, np.int32)
+  mask[: len(stream)] = 1
+  return {
+      'input_ids': packed.reshape(rows, max_length),
+      'attention_mask': mask.reshape(rows, max_length),
+  }
