@@ -272,3 +272,10 @@ def test_packing_fills_rows_with_documents_and_their_ends(files):
   config.task = 'classification'
   with pytest.raises(DataError, match='config.data.pack packs unlabelled'):
     build_datasets(config.data, labels='classes')
+
+
+def test_causal_lm_needs_a_decoder(files, tmp_path):
+  config = causal_config(*files)
+  config.model.name = 'lstm'
+  with pytest.raises(ValueError, match='needs a decoder, not config.model'):
+    Run(config, str(tmp_path / 'lstm'))

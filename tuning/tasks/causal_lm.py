@@ -21,6 +21,7 @@ import math
 import jax.numpy as jnp
 import optax
 
+from tuning.models import decoder
 from tuning.tasks import base
 
 # The columns a decoder takes (others, e.g. token_type_ids, are dropped).
@@ -54,6 +55,12 @@ class CausalLM(base.Task):
   validation_column = ('val ppl', 'perplexity', 10, '.3f')
 
   def model_dims(self):
+    name = self.config.model.name
+    if name not in decoder.FAMILY.names:
+      raise ValueError(
+          f'config.task=causal_lm needs a decoder, not config.model.name='
+          f'{name!r}: use one of {", ".join(decoder.FAMILY.names)}'
+      )
     return {'num_outputs': None, 'vocab_size': None}
 
   @staticmethod
