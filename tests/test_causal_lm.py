@@ -187,8 +187,16 @@ def test_causal_lm_resumes_exactly(files, uninterrupted, tmp_path, monkeypatch):
 def test_lora_on_the_decoder_trains_adapters_and_head_only(files, tmp_path):
   config = causal_config(*files, steps=10)
   config.lora.rank = 4
+  config.training.samples = 2  # greedy samples through the merged model
   workdir = str(tmp_path / 'lora')
   results = experiment.run(config, workdir)
+  with open(os.path.join(workdir, 'samples.jsonl'), encoding='utf-8') as f:
+    lines = [json.loads(line) for line in f]
+  assert [l['step'] for l in lines] == [10, 10]
+  assert results['samples'] == [
+      {k: l[k] for k in ('prompt', 'continuation')} for l in lines
+  ]
+  assert all(l['prompt'].startswith('the ') for l in lines)
   run = Run(config, str(tmp_path / 'init'))
   start = flat(run.init_params())
   run.checkpoints.close()

@@ -153,6 +153,11 @@ def base_config() -> config_dict.ConfigDict:
   c.training.checkpoint_every_steps = placeholder(int)
   c.training.checkpoint_every_epochs = placeholder(float)
   c.training.log_every_steps = 50
+  # Language modelling (task=causal_lm): at each evaluation, greedily
+  # continue the first half of this many validation documents (0: none) by
+  # sample_tokens tokens (log, samples.jsonl and results.json).
+  c.training.samples = 0
+  c.training.sample_tokens = 16
   # Dropout randomness: threefry2x32 gives the same numbers on any device
   # count; rbg is about twice as fast for dropout on CPU, but not that.
   c.training.prng_impl = 'threefry2x32'

@@ -183,6 +183,19 @@ class Run:
       )
     return params, report['step']
 
+  def plain_model_params(self, params):
+    """(the model without adapters, its host parameters) from the loop's
+    laid-out parameters (LoRA adapters merged); None with several
+    processes, where parameters are not all on this host."""
+    if jax.process_count() > 1:
+      return None
+    if self.layout.name == 'pmap':
+      params = jax.tree.map(self.layout.fetch, params)
+    params = jax.tree.map(np.asarray, params)
+    if self.lora:
+      return self.model.model, lora_lib.merge(params, self.lora)
+    return self.model, params
+
   def num_parameters(self, params) -> int:
     return sum(int(np.size(x)) for x in jax.tree.leaves(params))
 

@@ -94,6 +94,12 @@ class Task:
     """The printed evaluation of a split (the test table)."""
     return f'{title}: {self.summary(metrics)}  ({metrics["examples"]} examples)'
 
+  def samples(self, model, params) -> list[dict[str, Any]]:
+    """What the model produces at an evaluation, for the log (e.g. text
+    continuations); `params` are plain host parameters. None: nothing."""
+    del model, params
+    return []
+
   def results(self) -> dict[str, Any]:
     """What results.json records about the task besides the metrics."""
     return {'task': self.name}

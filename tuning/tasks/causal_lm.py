@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from tuning.models import decoder
@@ -100,6 +101,51 @@ class CausalLM(base.Task):
 
   def scalars(self, metrics):
     return {k: metrics[k] for k in ('loss', 'perplexity', 'token_accuracy')}
+
+  def samples(self, model, params):
+    """Greedy continuations of the first halves of the first
+    `training.samples` validation documents (also kept for results.json)."""
+    from tuning import generation  # pylint: disable=g-import-not-at-top
+    from tuning import tokenization  # pylint: disable=g-import-not-at-top
+
+    count = int(self.config.training.get('samples', 0) or 0)
+    table = self.data.split('validation')
+    prompts = []
+    for ids, mask in zip(table['input_ids'][:count], table['attention_mask']):
+      real = ids[mask > 0]
+      prompts.append(real[: max(len(real) // 2, 1)])
+    if not prompts:
+      return []
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), np.int32)
+    mask = np.zeros_like(ids)
+    for row, prompt in enumerate(prompts):  # left padded
+      ids[row, width - len(prompt) :] = prompt
+      mask[row, width - len(prompt) :] = 1
+    eos = getattr(model.config, 'eos_token_ids', ()) or ()
+    out = generation.generate(
+        model,
+        params,
+        ids,
+        mask,
+        max_new_tokens=int(self.config.training.get('sample_tokens', 16)),
+        stop_tokens=tuple(eos),
+    )
+    tokenizer = tokenization.load_tokenizer(self.config.data.tokenizer)
+    self.last_samples = [
+        {
+            'prompt': tokenizer.decode([int(t) for t in prompt]),
+            'continuation': tokenizer.decode(
+                [int(t) for t in out.tokens[row, : out.lengths[row]]]
+            ),
+        }
+        for row, prompt in enumerate(prompts)
+    ]
+    return self.last_samples
+
+  def results(self):
+    samples = getattr(self, 'last_samples', None)
+    return {'task': self.name, **({'samples': samples} if samples else {})}
 
   def report(self, metrics, title):
     return (
