@@ -135,7 +135,7 @@ def test_tasks_own_their_defaults():
   with pytest.raises(
       ValueError,
       match="unknown config.task 'ranking': "
-      'choose one of classification, regression',
+      'choose one of causal_lm, classification, regression',
   ):
     task_class('ranking')
 

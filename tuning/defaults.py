@@ -87,6 +87,10 @@ def base_config() -> config_dict.ConfigDict:
   c.data.vocab_size = 20000
   c.data.max_length = 64
   c.data.length_buckets = (16, 32, 64)
+  # Language modelling (task=causal_lm): concatenate each split's documents
+  # (each ending with the end-of-text token) and cut them into full rows of
+  # max_length tokens; attention crosses document boundaries.
+  c.data.pack = False
 
   # ---------------------------------------------------------------- model
   c.model = config_dict.ConfigDict()
@@ -149,6 +153,11 @@ def base_config() -> config_dict.ConfigDict:
   c.training.checkpoint_every_steps = placeholder(int)
   c.training.checkpoint_every_epochs = placeholder(float)
   c.training.log_every_steps = 50
+  # Language modelling (task=causal_lm): at each evaluation, greedily
+  # continue the first half of this many validation documents (0: none) by
+  # sample_tokens tokens (log, samples.jsonl and results.json).
+  c.training.samples = 0
+  c.training.sample_tokens = 16
   # Dropout randomness: threefry2x32 gives the same numbers on any device
   # count; rbg is about twice as fast for dropout on CPU, but not that.
   c.training.prng_impl = 'threefry2x32'

@@ -77,7 +77,9 @@ class Members:
       key = json.dumps(config.data.to_dict(), sort_keys=True)
       if key not in data_cache:
         data_cache[key] = build_datasets(
-            config.data, labels=task_class(config.task).labels
+            config.data,
+            labels=task_class(config.task).labels,
+            append_eos=task_class(config.task).append_eos,
         )
       run = Run(config, workdir, data=data_cache[key])
       try:

@@ -42,7 +42,11 @@ class Run:
     self.layout = make_layout(config)
     self.devices = self.layout.devices
     if data is None:
-      data = build_datasets(config.data, labels=task_kind.labels)
+      data = build_datasets(
+          config.data,
+          labels=task_kind.labels,
+          append_eos=task_kind.append_eos,
+      )
       for line in data.log:
         console.info(f'data: {line}')
       data_checks.check(data, config)
@@ -72,13 +76,14 @@ class Run:
             self.task,
             self.layout.sum_over_devices,
             self.layout.gather_rows,
+            inputs_of=self.task.inputs,
         )
     )
     self._eval_step = None  # compiled on the first `predict`
     self._zero_totals = None  # placed on the first `evaluate`
 
   def init_params(self):
-    example = features_of(self.data.first_train_example())
+    example = (self.task.inputs or features_of)(self.data.first_train_example())
     key = jax.random.fold_in(jax.random.key(self.config.seed), 2**31 - 1)
     variables = jax.jit(
         lambda k: self.model.init({'params': k}, **example, train=False)
@@ -94,7 +99,11 @@ class Run:
   def _batches(self, table, progress: str = ''):
     """This process's eval batches of `table`; `progress` names a long
     pass whose progress is printed."""
-    n, done, shown = len(table['label']), 0, time.time()
+    n, done, shown = (
+        len(table['weight' if 'weight' in table else next(iter(table))]),
+        0,
+        time.time(),
+    )
     for batch in eval_batches(
         table,
         self.config.training.eval_batch_size,
@@ -103,7 +112,7 @@ class Run:
         jax.process_index(),
         jax.process_count(),
     ):
-      done += len(batch['label']) * jax.process_count()
+      done += len(batch['weight']) * jax.process_count()
       if progress and time.time() - shown > 30:
         console.info(f'{progress}: {min(done, n)}/{n} examples')
         shown = time.time()
@@ -138,7 +147,9 @@ class Run:
     """Outputs [N, ...] (e.g. logits) and labels [N] of a split (its name,
     or a table of features and labels) on the host, in order."""
     if self._eval_step is None:
-      self._eval_step = self.layout.compile_eval_step(eval_fn(self.model))
+      self._eval_step = self.layout.compile_eval_step(
+          eval_fn(self.model, self.task.inputs)
+      )
     params = self._placed(params)
     table = self.data.split(split) if isinstance(split, str) else split
     outputs, labels = [], []
@@ -171,6 +182,19 @@ class Run:
           self.checkpoints.directory, report['step'], params
       )
     return params, report['step']
+
+  def plain_model_params(self, params):
+    """(the model without adapters, its host parameters) from the loop's
+    laid-out parameters (LoRA adapters merged); None with several
+    processes, where parameters are not all on this host."""
+    if jax.process_count() > 1:
+      return None
+    if self.layout.name == 'pmap':
+      params = jax.tree.map(self.layout.fetch, params)
+    params = jax.tree.map(np.asarray, params)
+    if self.lora:
+      return self.model.model, lora_lib.merge(params, self.lora)
+    return self.model, params
 
   def num_parameters(self, params) -> int:
     return sum(int(np.size(x)) for x in jax.tree.leaves(params))

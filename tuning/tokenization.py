@@ -125,6 +125,27 @@ def pad_token_id(tokenizer: Tokenizer) -> int:
   return 0
 
 
+def eos_token_id(path: str, tokenizer: Tokenizer) -> Optional[int]:
+  """The end-of-text id that the model folder of `path` names, or None.
+
+  From tokenizer_config.json's `eos_token` (a string or {"content": ...}),
+  else config.json's `eos_token_id` (the first, if a list).
+  """
+  path = os.fspath(path)
+  folder = os.path.dirname(path) if os.path.isfile(path) else path
+  token = _read_json(os.path.join(folder, 'tokenizer_config.json')).get(
+      'eos_token'
+  )
+  if token:
+    found = tokenizer.token_to_id(_token_str(token))
+    if found is not None:
+      return int(found)
+  ids = _read_json(os.path.join(folder, 'config.json')).get('eos_token_id')
+  if isinstance(ids, list):
+    ids = ids[0] if ids else None
+  return None if ids is None else int(ids)
+
+
 def encode_texts(
     tokenizer: Tokenizer,
     texts: Sequence[str],

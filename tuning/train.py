@@ -16,6 +16,7 @@ Nothing here knows the task: its loss, metrics and report come from
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -253,6 +254,7 @@ def _compile_step(run: Run, training: _Training):
               else run.task.loss
           ),
           loss_weight=run.task.loss_weight,
+          inputs_of=run.task.inputs,
           teacher_model=teacher.members.runs[0].model
           if in_step_teacher
           else None,
@@ -336,6 +338,7 @@ def _loop(
         )
         history.append({'step': done, **scalars})
         console.info(f'validation at step {done}: {run.task.summary(val)}')
+        _log_samples(run, state.params, done)
       if (
           evaluate_now
           or done % training.checkpoint_every == 0
@@ -449,3 +452,22 @@ def _methods_line(
 def _hms(seconds: float) -> str:
   seconds = int(seconds)
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def _log_samples(run, params, step: int):
+  """The task's samples at an evaluation: printed and appended to
+  WORKDIR/samples.jsonl (only where the task makes any)."""
+  if not run.config.training.get('samples', 0):
+    return
+  plain = run.plain_model_params(params)
+  samples = plain and run.task.samples(*plain)
+  if not samples:
+    return
+  for sample in samples:
+    console.info(f'sample at step {step}: {sample}')
+  if jax.process_index() == 0:
+    with open(
+        os.path.join(run.workdir, 'samples.jsonl'), 'a', encoding='utf-8'
+    ) as f:
+      for sample in samples:
+        f.write(json.dumps({'step': step, **sample}) + '\n')

@@ -264,8 +264,9 @@ def make_train_step(model, tx, schedule, seed: int, **options):
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
 
 
-def eval_fn(model, inputs_of=features_of):
+def eval_fn(model, inputs_of=None):
   """Returns the uncompiled `(params, batch) -> outputs` (e.g. logits)."""
+  inputs_of = inputs_of or features_of
 
   def step(params, batch):
     return model.apply({'params': params}, **inputs_of(batch), train=False)
@@ -278,7 +279,7 @@ def eval_totals_fn(
     task,
     sum_over_devices=lambda x: x,
     gather_rows=lambda x: x,
-    inputs_of=features_of,
+    inputs_of=None,
 ):
   """Returns the uncompiled `(params, batch, running) -> totals`: the
   task's evaluation totals of a batch, added to the running totals of the

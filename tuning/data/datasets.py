@@ -94,19 +94,24 @@ class Datasets:
     )
 
 
-def build_datasets(data_config, labels: str | None = 'classes') -> Datasets:
+def build_datasets(
+    data_config, labels: str | None = 'classes', *, append_eos: bool = False
+) -> Datasets:
   """Builds the three splits described by `config.data`.
 
   `labels`: 'classes' (class labels: encoded to 0..num_classes-1, with
   `classes`, `class_names` and `examples_per_class`), 'values' (float32
   regression targets; a label that is not a number is an error naming
   file:line), or None (no label column is read: text-only data).
+  `append_eos`: end each text with its pretrained tokenizer's end-of-text
+  token (language modelling; see `preprocessing.PretrainedTokenizer`).
   """
   _check_labels(data_config, labels)
   if data_config.source == 'array_record':
     source = _RecordsSource(data_config, labels)
   else:
     source = _MemorySource(data_config, labels)
+  source.append_eos = append_eos
   log = source.log
   train, tables = source.train, dict(source.given)
   for name in tables:
@@ -146,7 +151,12 @@ def build_datasets(data_config, labels: str | None = 'classes') -> Datasets:
   sizes = ', '.join(
       f'{n} {s}'
       for n, s in (
-          ('train', len(train)),
+          (
+              'train',
+              num_rows(data.train)
+              if isinstance(data.train, dict)
+              else len(data.train),
+          ),
           ('validation', num_rows(data.validation)),
           ('test', num_rows(data.test)),
       )
@@ -230,6 +240,11 @@ def _encode_labels(
 
 
 def _check_labels(data_config, labels):
+  if data_config.get('pack', False) and labels is not None:
+    raise DataError(
+        'config.data.pack packs unlabelled text for language modelling: use '
+        'it with config.task=causal_lm, or unset it'
+    )
   if labels not in rows.LABEL_KINDS:
     raise DataError(f"labels={labels!r}: use 'classes', 'values' or None")
   if labels != 'classes':
@@ -357,9 +372,14 @@ def _finish_labels(table: Table, labels: str | None) -> Table:
   return table
 
 
-def _fit_tokenizer(chunks, data_config):
+def _fit_tokenizer(chunks, data_config, append_eos: bool = False):
   """The whitespace vocabulary of the training text (text and pairs), or a
   pretrained tokenizer."""
+  if append_eos and data_config.tokenizer == 'whitespace':
+    raise DataError(
+        "this task predicts the pretrained model's tokens: set "
+        'config.data.tokenizer to its folder or tokenizer.json'
+    )
   if data_config.tokenizer == 'whitespace':
     texts = (
         t
@@ -372,12 +392,32 @@ def _fit_tokenizer(chunks, data_config):
         texts, data_config.vocab_size, data_config.max_length
     )
   return preprocessing.PretrainedTokenizer(
-      data_config.tokenizer, data_config.max_length
+      data_config.tokenizer, data_config.max_length, append_eos
+  )
+
+
+def _pack_splits(tables, data_config, labels, log):
+  """config.data.pack: each split's documents packed into full rows."""
+  if 'input_ids' not in tables['train']:
+    raise DataError(
+        'config.data.pack packs tokenized text: set config.data.text_column '
+        'and a pretrained config.data.tokenizer, or unset it'
+    )
+  counts = []
+  for name in SPLITS:
+    before = len(tables[name]['input_ids'])
+    tables[name] = preprocessing.pack(tables[name], data_config.max_length)
+    counts.append(f'{name} {before} -> {len(tables[name]["input_ids"])}')
+  log.append(
+      f'packed documents into rows of {data_config.max_length} tokens '
+      f'(attention crosses documents): {", ".join(counts)}'
   )
 
 
 class _MemorySource:
   """Files, NPZ, TFDS or digits read whole into tables; train cleaned."""
+
+  append_eos = False
 
   def __init__(self, data_config, labels: str | None):
     tables, reports = sources.read_split_files(data_config, labels)
@@ -433,7 +473,9 @@ class _MemorySource:
             f'pca_components={data_config.pca_components}'
         )
     if 'text' in tables['train']:
-      tokenizer = _fit_tokenizer([tables['train']], data_config)
+      tokenizer = _fit_tokenizer(
+          [tables['train']], data_config, self.append_eos
+      )
 
       def encode(raw_table):
         if 'text_pair' in raw_table and hasattr(tokenizer, 'path'):
@@ -458,6 +500,8 @@ class _MemorySource:
           f'text: tokenizer {data_config.tokenizer!r}, max_length '
           f'{data_config.max_length}'
       )
+    if data_config.get('pack', False):
+      _pack_splits(tables, data_config, labels, log)
     for name in SPLITS:
       _finish_labels(tables[name], labels)
     return Datasets(
@@ -480,6 +524,8 @@ class _RecordsSource:
   and examples_per_class read every label once); otherwise training reads
   the shards by position. The labels' counts come from the metadata.
   """
+
+  append_eos = False
 
   def __init__(self, data_config, labels: str | None):
     directory = data_config.get('records_dir')
@@ -532,13 +578,20 @@ class _RecordsSource:
 
   def finish(self, train, tables, encoder, labels, data_config) -> Datasets:
     """Sets how the training split encodes what it reads; encodes dev."""
+    if data_config.get('pack', False):
+      raise DataError(
+          'config.data.pack needs the documents in memory: use a csv/jsonl '
+          'source, not array_record, or unset it'
+      )
     log, metadata = self.log, self.metadata
     train.label_index = encoder and encoder.index
     train.labels = labels
     train.read_threads = int(data_config.get('read_threads') or 1)
     vocab = None
     if 'text' in metadata['fields']:
-      train.tokenizer = _fit_tokenizer(train.raw_chunks(), data_config)
+      train.tokenizer = _fit_tokenizer(
+          train.raw_chunks(), data_config, self.append_eos
+      )
       if data_config.tokenizer != 'whitespace':
         vocab = int(train.tokenizer._tokenizer.get_vocab_size())  # pylint: disable=protected-access
       log.append(

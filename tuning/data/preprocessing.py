@@ -229,16 +229,28 @@ class WhitespaceVocabulary:
 
 @dataclasses.dataclass
 class PretrainedTokenizer:
-  """A Hugging Face tokenizer (tokenizer.json or vocab.txt)."""
+  """A Hugging Face tokenizer (tokenizer.json or vocab.txt).
+
+  `append_eos` (for language modelling) ends each document that fits in
+  `max_length` with the end-of-text token its model folder names
+  (tokenizer_config.json's `eos_token` or config.json's `eos_token_id`;
+  none named: nothing is added); a document cut at `max_length` gets none.
+  """
 
   path: str
   max_length: int
+  append_eos: bool = False
 
   def __post_init__(self):
     from tuning import tokenization  # pylint: disable=g-import-not-at-top
 
     self._tokenization = tokenization
     self._tokenizer = tokenization.load_tokenizer(self.path)
+    self.eos_id = (
+        tokenization.eos_token_id(self.path, self._tokenizer)
+        if self.append_eos
+        else None
+    )
 
   def encode(self, texts, texts_pair=None) -> dict[str, np.ndarray]:
     enc = self._tokenization.encode_texts(
@@ -247,6 +259,17 @@ class PretrainedTokenizer:
         None if texts_pair is None else list(texts_pair),
         max_length=self.max_length,
     )
+    if self.eos_id is not None:
+      enc = {k: list(v) for k, v in enc.items()}
+      for i, ids in enumerate(enc['input_ids']):
+        if len(ids) < self.max_length and (
+            not len(ids) or ids[-1] != self.eos_id
+        ):
+          enc['input_ids'][i] = np.append(ids, self.eos_id).astype(np.int32)
+          types = enc['token_type_ids'][i]
+          enc['token_type_ids'][i] = np.append(
+              types, types[-1] if len(types) else 0
+          ).astype(np.int32)
     # Padded to max_length here; batches are cut to their length bucket.
     padded = self._tokenization.pad_batch(
         enc,
@@ -254,3 +277,25 @@ class PretrainedTokenizer:
         pad_id=self._tokenization.pad_token_id(self._tokenizer),
     )
     return {k: np.asarray(v, np.int32) for k, v in padded.items()}
+
+
+def pack(table: Table, max_length: int) -> Table:
+  """Concatenates the rows' real tokens, in order, into full rows.
+
+  `table`: right-padded `input_ids` and `attention_mask` [N, L]. Returns
+  rows of `max_length` tokens, all real but the last row's tail (padding,
+  mask 0). Documents are not separated in attention: a row may hold the
+  end of one document (and its end-of-text token) and the start of the
+  next, and positions count on across the boundary.
+  """
+  ids = np.asarray(table['input_ids'])
+  stream = ids[np.asarray(table['attention_mask']) > 0]
+  rows = max(-(-len(stream) // max_length), 1)
+  packed = np.zeros(rows * max_length, np.int32)
+  packed[: len(stream)] = stream
+  mask = np.zeros(rows * max_length, np.int32)
+  mask[: len(stream)] = 1
+  return {
+      'input_ids': packed.reshape(rows, max_length),
+      'attention_mask': mask.reshape(rows, max_length),
+  }

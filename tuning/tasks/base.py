@@ -17,6 +17,7 @@ A task (chosen by `config.task`) tells the rest of the code:
   `eval_counts(outputs, batch)` gives integer totals of the batch (exact in
   any order), summed over devices; `metrics(totals)` turns the host copy
   of both into final metrics;
+- optionally which batch columns the model takes (`inputs`);
 - the default `checkpoint.best_metric`/`best_mode`, the validation scalars
   that are logged and compared, the printed report, the columns of the
   stage table and its part of `results.json`.
@@ -37,6 +38,8 @@ class Task:
   # The label column the data pipeline reads: 'classes' (encoded class
   # ids), 'values' (float targets) or None (no label column).
   labels: str | None = 'classes'
+  # Whether each text ends with its tokenizer's end-of-text token.
+  append_eos = False
   best_metric = 'loss'
   best_mode = 'min'
   # Stage-table columns: (header, metric key, width, format spec); the
@@ -47,6 +50,10 @@ class Task:
   def __init__(self, config, data):
     self.config = config
     self.data = data
+
+  # The model's inputs from a batch: a function `batch -> {name: array}`
+  # (None: every column but labels, weights and indices).
+  inputs = None
 
   # What the model builder receives.
   def model_dims(self) -> dict[str, Any]:
@@ -86,6 +93,12 @@ class Task:
   def report(self, metrics: dict, title: str) -> str:
     """The printed evaluation of a split (the test table)."""
     return f'{title}: {self.summary(metrics)}  ({metrics["examples"]} examples)'
+
+  def samples(self, model, params) -> list[dict[str, Any]]:
+    """What the model produces at an evaluation, for the log (e.g. text
+    continuations); `params` are plain host parameters. None: nothing."""
+    del model, params
+    return []
 
   def results(self) -> dict[str, Any]:
     """What results.json records about the task besides the metrics."""

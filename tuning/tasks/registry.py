@@ -1,10 +1,12 @@
 """Tasks by name: `config.task` selects one here (tuning/tasks/base.py)."""
 
+from tuning.tasks import causal_lm
 from tuning.tasks import classification
 from tuning.tasks import regression
 from tuning.tasks.base import Task
 
 TASKS: dict[str, type[Task]] = {
+    causal_lm.TASK.name: causal_lm.TASK,
     classification.TASK.name: classification.TASK,
     regression.TASK.name: regression.TASK,
 }

@@ -1,0 +1,289 @@
+"""The causal_lm task: next-token cross-entropy on plain text, through the
+task seam (a tiny random Llama, a word-level tokenizer, a small CSV)."""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import TINY, final_params, flat, read_json, run_main
+from tuning import experiment
+from tuning.checkpoints import RunCheckpoints
+from tuning.data.datasets import build_datasets
+from tuning.data.preprocessing import PretrainedTokenizer
+from tuning.data.tables import DataError
+from tuning.run import Run
+from tuning.tasks import causal_lm
+from tuning.tasks.registry import task_class
+import tiny_config
+
+WORDS = 'the cat sat on mat dog ran to park a bird flew over tree'.split()
+LLAMA = dict(
+    model_type='llama',
+    vocab_size=24,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rope_theta=500.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def write_model_folder(folder):
+  """config.json and a word-level tokenizer.json (<pad> 0, <s> 1, </s> 2)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+
+  vocab = {'<pad>': 0, '<s>': 1, '</s>': 2, '<unk>': 3}
+  vocab.update({w: i + 4 for i, w in enumerate(WORDS)})
+  tokenizer = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
+  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  os.makedirs(folder, exist_ok=True)
+  tokenizer.save(os.path.join(folder, 'tokenizer.json'))
+  with open(os.path.join(folder, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump(LLAMA, f)
+  return str(folder)
+
+
+def write_text_csv(path, rows=300, seed=0):
+  """Documents of 2-3 predictable sentences, one document a row: the
+  animal fixes the verb and preposition, the place is random."""
+  rng = np.random.default_rng(seed)
+  verbs = {'cat': 'sat on', 'dog': 'ran to', 'bird': 'flew over'}
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write('text\n')
+    for _ in range(rows):
+      sentences = []
+      for _ in range(rng.integers(2, 4)):
+        animal = rng.choice(list(verbs))
+        place = rng.choice(['mat', 'park', 'tree'])
+        sentences.append(f'the {animal} {verbs[animal]} the {place}')
+      f.write(' '.join(sentences) + '\n')
+  return str(path)
+
+
+def causal_config(folder, csv, steps=40):
+  c = tiny_config.get_config()
+  c.task = 'causal_lm'
+  c.data.source = 'csv'
+  c.data.path = csv
+  c.data.text_column = 'text'
+  c.data.tokenizer = folder
+  c.data.max_length = 24
+  c.data.length_buckets = (24,)
+  c.model.name = 'llama'
+  c.model.hf_config = folder
+  c.model.dropout = 0.0
+  c.optimizer.learning_rate = 1e-2
+  c.training.batch_size = 16
+  c.training.total_steps = steps
+  c.training.eval_every_steps = 10
+  c.training.checkpoint_every_steps = 10
+  return c
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+  root = tmp_path_factory.mktemp('causal')
+  return (
+      write_model_folder(root / 'model'),
+      write_text_csv(root / 'text.csv'),
+  )
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(files, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('runs') / 'straight')
+  return workdir, experiment.run(causal_config(*files), workdir)
+
+
+def test_loss_is_token_weighted_next_token_cross_entropy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+  ids = np.array([[1, 4, 5, 6, 2], [1, 3, 2, 0, 0]], np.int32)
+  mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int32)
+  batch = {'input_ids': ids, 'attention_mask': mask, 'weight': np.ones(2)}
+  total, count, correct = 0.0, 0, 0
+  for b in range(2):
+    for t in range(4):
+      if mask[b, t + 1]:
+        row = logits[b, t].astype(np.float64)
+        log_z = np.log(np.exp(row - row.max()).sum()) + row.max()
+        total += log_z - row[ids[b, t + 1]]
+        count += 1
+        correct += int(np.argmax(row) == ids[b, t + 1])
+  task = causal_lm.CausalLM
+  loss_sum, sums = task.loss(jnp.asarray(logits), batch)
+  assert count == 6 and float(task.loss_weight(batch)) == count
+  np.testing.assert_allclose(float(loss_sum), total, rtol=1e-6)
+  assert float(sums['token_accuracy']) == correct
+  rows = task(None, None).eval_rows(jnp.asarray(logits), batch)
+  metrics = task(None, None).metrics(
+      jax.tree.map(lambda v: np.asarray(v).sum(0), rows)
+  )
+  np.testing.assert_allclose(metrics['loss'], total / count, rtol=1e-6)
+  np.testing.assert_allclose(metrics['perplexity'], np.exp(total / count))
+  assert metrics['tokens'] == 6 and metrics['examples'] == 2
+  # Padding rows (weight 0) add nothing.
+  half = dict(batch, weight=np.array([1.0, 0.0]))
+  rows = task(None, None).eval_rows(jnp.asarray(logits), half)
+  assert float(rows['tokens'].sum()) == 4
+
+
+def test_documents_end_with_eos_unless_cut(files):
+  folder, _ = files
+  enc = PretrainedTokenizer(folder, 6, append_eos=True).encode(
+      ['the cat sat', 'the dog ran to the park the end']
+  )
+  np.testing.assert_array_equal(
+      enc['input_ids'], [[4, 5, 6, 2, 0, 0], [4, 9, 10, 11, 4, 12]]
+  )
+  np.testing.assert_array_equal(enc['attention_mask'][0], [1, 1, 1, 1, 0, 0])
+  plain = PretrainedTokenizer(folder, 6).encode(['the cat sat'])
+  np.testing.assert_array_equal(plain['input_ids'][0], [4, 5, 6, 0, 0, 0])
+
+
+def test_training_lowers_validation_perplexity(uninterrupted):
+  workdir, results = uninterrupted
+  assert results['task'] == 'causal_lm'
+  history = results['validation_history']
+  assert [h['step'] for h in history] == [10, 20, 30, 40]
+  first, last = history[0]['perplexity'], history[-1]['perplexity']
+  assert last < 0.7 * first, (first, last)
+  # Repetitive text: far below the uniform 24-token perplexity.
+  assert results['test']['perplexity'] < 6.0
+  assert results['test']['tokens'] > 0
+  assert os.path.exists(os.path.join(workdir, 'results.json'))
+  assert task_class('causal_lm').best_metric == 'loss'
+
+
+def test_causal_lm_resumes_exactly(files, uninterrupted, tmp_path, monkeypatch):
+  config = causal_config(*files)
+  workdir = str(tmp_path / 'resumed')
+  save = RunCheckpoints.save
+
+  def save_then_preempt(self, step, *args, **kwargs):
+    save(self, step, *args, **kwargs)
+    if step == 20:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(RunCheckpoints, 'save', save_then_preempt)
+  assert experiment.run(config, workdir) == {'preempted_at_step': 20}
+  monkeypatch.setattr(RunCheckpoints, 'save', save)
+  results = experiment.run(config, workdir)
+  expected = uninterrupted[1]
+  assert results['test'] == expected['test']
+  assert results['validation'] == expected['validation']
+
+
+def test_lora_on_the_decoder_trains_adapters_and_head_only(files, tmp_path):
+  config = causal_config(*files, steps=10)
+  config.lora.rank = 4
+  config.training.samples = 2  # greedy samples through the merged model
+  workdir = str(tmp_path / 'lora')
+  results = experiment.run(config, workdir)
+  with open(os.path.join(workdir, 'samples.jsonl'), encoding='utf-8') as f:
+    lines = [json.loads(line) for line in f]
+  assert [l['step'] for l in lines] == [10, 10]
+  assert results['samples'] == [
+      {k: l[k] for k in ('prompt', 'continuation')} for l in lines
+  ]
+  assert all(l['prompt'].startswith('the ') for l in lines)
+  run = Run(config, str(tmp_path / 'init'))
+  start = flat(run.init_params())
+  run.checkpoints.close()
+  end = flat(final_params(workdir)[1])
+  assert set(start) == set(end)
+  changed = {k for k in start if not np.array_equal(start[k], end[k])}
+  frozen = set(start) - changed
+  # lora_b starts at zero and lora_a moves with it; the family's head
+  # (lm_head, final norm) trains; every pretrained weight stays.
+  assert changed, 'nothing trained'
+  for name in changed:
+    assert '/lora_' in name or name.startswith(
+        ('lm_head/', 'decoder/final_norm/')
+    ), name
+  assert any(k.endswith('query/lora_b') for k in changed)
+  assert 'lm_head/kernel' in changed
+  assert {k for k in start if '/lora_' not in k} - {
+      'lm_head/kernel',
+      'decoder/final_norm/scale',
+  } <= frozen
+  adapters = sum(v.size for k, v in start.items() if '/lora_' in k)
+  # Rank 4 on q, k, v, out, gate, up, down of 2 layers (hidden 32, kv 16,
+  # intermediate 48), plus lm_head 32x24 and the final norm's 32.
+  assert adapters == 2 * (256 + 192 + 192 + 256 + 3 * 320)
+  assert results['trainable_parameters'] == adapters + 32 * 24 + 32
+
+
+def test_causal_lm_under_the_mesh_equals_pmap(files, uninterrupted, tmp_path):
+  folder, csv = files
+  workdir = str(tmp_path / 'mesh')
+  run_main(
+      f'--config={TINY}',
+      f'--workdir={workdir}',
+      '--config.task=causal_lm',
+      '--config.data.source=csv',
+      f'--config.data.path={csv}',
+      '--config.data.text_column=text',
+      f'--config.data.tokenizer={folder}',
+      '--config.data.max_length=24',
+      '--config.data.length_buckets=(24,)',
+      '--config.model.name=llama',
+      f'--config.model.hf_config={folder}',
+      '--config.model.dropout=0.0',
+      '--config.optimizer.learning_rate=1e-2',
+      '--config.training.batch_size=16',
+      '--config.training.total_steps=40',
+      '--config.training.eval_every_steps=10',
+      '--config.training.checkpoint_every_steps=10',
+      '--config.parallelism=mesh',
+      '--config.mesh.fsdp=2',
+      devices=4,
+  )
+  results = read_json(os.path.join(workdir, 'results.json'))
+  expected = uninterrupted[1]
+  assert results['task'] == 'causal_lm'
+  assert results['test']['tokens'] == expected['test']['tokens']
+  for key in ('loss', 'perplexity', 'token_accuracy'):
+    np.testing.assert_allclose(
+        results['test'][key], expected['test'][key], rtol=1e-4
+    )
+
+
+def test_packing_fills_rows_with_documents_and_their_ends(files):
+  folder, csv = files
+  config = causal_config(folder, csv)
+  plain = build_datasets(config.data, labels=None, append_eos=True)
+  config.data.pack = True
+  packed = build_datasets(config.data, labels=None, append_eos=True)
+  assert any('packed documents into rows of 24 tokens' in l for l in packed.log)
+  rows = len(packed.train['input_ids'])
+  assert rows < len(plain.train['input_ids'])
+  assert any(l.startswith(f'examples: train {rows},') for l in packed.log)
+  for name in ('train', 'validation', 'test'):
+    before, after = plain.split(name), packed.split(name)
+    stream = before['input_ids'][before['attention_mask'] > 0]
+    np.testing.assert_array_equal(
+        after['input_ids'][after['attention_mask'] > 0], stream
+    )
+    assert after['attention_mask'][:-1].all()  # all full but the last row
+    assert set(after) == {'input_ids', 'attention_mask'}
+  config.task = 'classification'
+  with pytest.raises(DataError, match='config.data.pack packs unlabelled'):
+    build_datasets(config.data, labels='classes')
+
+
+def test_causal_lm_needs_a_decoder(files, tmp_path):
+  config = causal_config(*files)
+  config.model.name = 'lstm'
+  with pytest.raises(ValueError, match='needs a decoder, not config.model'):
+    Run(config, str(tmp_path / 'lstm'))

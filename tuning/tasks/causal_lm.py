@@ -1,0 +1,159 @@
+"""Causal language modelling: next-token cross-entropy on plain text.
+
+A decoder (`config.model.name=llama|gpt2|decoder`) reads `input_ids` and
+`attention_mask` (right padding) and predicts each next token; the loss is
+the float32 cross-entropy summed over the tokens that have a next real
+token (`attention_mask[t + 1] == 1`), divided by their count over the whole
+global batch (so rows weigh by their tokens, across micro-batches and
+devices). Evaluation adds up, on the device, each row's loss sum, its
+predicted tokens and its correctly predicted tokens: per-token loss,
+perplexity = exp(loss) and token accuracy come from those sums. The text
+is one document a row (`data.text_column` of a CSV/JSONL file), tokenized
+by the pretrained tokenizer `data.tokenizer` (each document that fits in
+`data.max_length` ends with the end-of-text token the model folder names)
+and right-padded; no label column is read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tuning.models import decoder
+from tuning.tasks import base
+
+# The columns a decoder takes (others, e.g. token_type_ids, are dropped).
+_INPUTS = ('input_ids', 'attention_mask')
+
+
+def _token_terms(logits, batch):
+  """(per-token loss, correct, mask) [rows, length - 1], float32."""
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = batch['input_ids'][:, 1:]
+  mask = batch['attention_mask'][:, 1:].astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return losses * mask, correct * mask, mask
+
+
+class CausalLM(base.Task):
+  """Next-token prediction; the decoder's vocabulary is the output."""
+
+  name = 'causal_lm'
+  labels = None
+  append_eos = True
+  best_metric = 'loss'
+  best_mode = 'min'
+  table_columns = (
+      ('ppl', 'perplexity', 10, '.3f'),
+      ('tok acc', 'token_accuracy', 8, '.4f'),
+      ('loss', 'loss', 8, '.4f'),
+      ('tokens', 'tokens', 9, 'd'),
+  )
+  validation_column = ('val ppl', 'perplexity', 10, '.3f')
+
+  def model_dims(self):
+    name = self.config.model.name
+    if name not in decoder.FAMILY.names:
+      raise ValueError(
+          f'config.task=causal_lm needs a decoder, not config.model.name='
+          f'{name!r}: use one of {", ".join(decoder.FAMILY.names)}'
+      )
+    return {'num_outputs': None, 'vocab_size': None}
+
+  @staticmethod
+  def inputs(batch):
+    return {k: batch[k] for k in _INPUTS}
+
+  @staticmethod
+  def loss(outputs, batch):
+    losses, correct, _ = _token_terms(outputs, batch)
+    return losses.sum(), {'token_accuracy': correct.sum()}
+
+  @staticmethod
+  def loss_weight(batch):
+    return batch['attention_mask'][:, 1:].astype(jnp.float32).sum()
+
+  def eval_rows(self, outputs, batch):
+    w = batch['weight'].astype(jnp.float32)
+    losses, correct, mask = _token_terms(outputs, batch)
+    values = {
+        'loss_sum': losses.sum(axis=1),
+        'tokens': mask.sum(axis=1),
+        'correct': correct.sum(axis=1),
+        'examples': jnp.ones_like(w),
+    }
+    return {k: v * w for k, v in values.items()}
+
+  def metrics(self, totals):
+    tokens = float(totals['tokens'])
+    loss = float(totals['loss_sum']) / max(tokens, 1.0)
+    return {
+        'loss': loss,
+        'perplexity': math.exp(min(loss, 700.0)),
+        'token_accuracy': float(totals['correct']) / max(tokens, 1.0),
+        'tokens': int(round(tokens)),
+        'examples': int(round(float(totals['examples']))),
+    }
+
+  def scalars(self, metrics):
+    return {k: metrics[k] for k in ('loss', 'perplexity', 'token_accuracy')}
+
+  def samples(self, model, params):
+    """Greedy continuations of the first halves of the first
+    `training.samples` validation documents (also kept for results.json)."""
+    from tuning import generation  # pylint: disable=g-import-not-at-top
+    from tuning import tokenization  # pylint: disable=g-import-not-at-top
+
+    count = int(self.config.training.get('samples', 0) or 0)
+    table = self.data.split('validation')
+    prompts = []
+    for ids, mask in zip(table['input_ids'][:count], table['attention_mask']):
+      real = ids[mask > 0]
+      prompts.append(real[: max(len(real) // 2, 1)])
+    if not prompts:
+      return []
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), np.int32)
+    mask = np.zeros_like(ids)
+    for row, prompt in enumerate(prompts):  # left padded
+      ids[row, width - len(prompt) :] = prompt
+      mask[row, width - len(prompt) :] = 1
+    eos = getattr(model.config, 'eos_token_ids', ()) or ()
+    out = generation.generate(
+        model,
+        params,
+        ids,
+        mask,
+        max_new_tokens=int(self.config.training.get('sample_tokens', 16)),
+        stop_tokens=tuple(eos),
+    )
+    tokenizer = tokenization.load_tokenizer(self.config.data.tokenizer)
+    self.last_samples = [
+        {
+            'prompt': tokenizer.decode([int(t) for t in prompt]),
+            'continuation': tokenizer.decode(
+                [int(t) for t in out.tokens[row, : out.lengths[row]]]
+            ),
+        }
+        for row, prompt in enumerate(prompts)
+    ]
+    return self.last_samples
+
+  def results(self):
+    samples = getattr(self, 'last_samples', None)
+    return {'task': self.name, **({'samples': samples} if samples else {})}
+
+  def report(self, metrics, title):
+    return (
+        f'{title}: loss {metrics["loss"]:.4f}  perplexity '
+        f'{metrics["perplexity"]:.3f}  token accuracy '
+        f'{metrics["token_accuracy"]:.4f}  ({metrics["tokens"]} tokens, '
+        f'{metrics["examples"]} examples)'
+    )
+
+
+TASK = CausalLM
