@@ -240,3 +240,25 @@ def lora_config(**overrides):
   c.rank = 4
   c.update(overrides)
   return c
+
+
+def preempted_then_resumed(config, workdir, monkeypatch, step=20):
+  """Runs `config` in-process, sends SIGTERM right after the checkpoint of
+  `step` is saved, checks that the run stopped there, and returns the
+  results of the rerun (which resumes)."""
+  import signal  # pylint: disable=g-import-not-at-top
+
+  from tuning import experiment  # pylint: disable=g-import-not-at-top
+  from tuning.checkpoints import RunCheckpoints  # pylint: disable=g-import-not-at-top
+
+  save = RunCheckpoints.save
+
+  def save_then_preempt(self, saved_step, *args, **kwargs):
+    save(self, saved_step, *args, **kwargs)
+    if saved_step == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(RunCheckpoints, 'save', save_then_preempt)
+  assert experiment.run(config, workdir) == {'preempted_at_step': step}
+  monkeypatch.setattr(RunCheckpoints, 'save', save)
+  return experiment.run(config, workdir)

@@ -3,16 +3,21 @@ task seam (a tiny random Llama, a word-level tokenizer, a small CSV)."""
 
 import json
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY, final_params, flat, read_json, run_main
+from conftest import (
+    TINY,
+    final_params,
+    flat,
+    preempted_then_resumed,
+    read_json,
+    run_main,
+)
 from tuning import experiment
-from tuning.checkpoints import RunCheckpoints
 from tuning.data.datasets import build_datasets
 from tuning.data.preprocessing import PretrainedTokenizer
 from tuning.data.tables import DataError
@@ -166,19 +171,9 @@ def test_training_lowers_validation_perplexity(uninterrupted):
 
 
 def test_causal_lm_resumes_exactly(files, uninterrupted, tmp_path, monkeypatch):
-  config = causal_config(*files)
-  workdir = str(tmp_path / 'resumed')
-  save = RunCheckpoints.save
-
-  def save_then_preempt(self, step, *args, **kwargs):
-    save(self, step, *args, **kwargs)
-    if step == 20:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  monkeypatch.setattr(RunCheckpoints, 'save', save_then_preempt)
-  assert experiment.run(config, workdir) == {'preempted_at_step': 20}
-  monkeypatch.setattr(RunCheckpoints, 'save', save)
-  results = experiment.run(config, workdir)
+  results = preempted_then_resumed(
+      causal_config(*files), str(tmp_path / 'resumed'), monkeypatch
+  )
   expected = uninterrupted[1]
   assert results['test'] == expected['test']
   assert results['validation'] == expected['validation']

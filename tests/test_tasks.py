@@ -3,12 +3,11 @@ trains, checkpoints, resumes exactly and runs under pmap and the mesh with
 nothing outside its own module knowing it."""
 
 import os
-import signal
 
 import numpy as np
 import pytest
 
-from conftest import TINY, read_json, run_main
+from conftest import TINY, preempted_then_resumed, read_json, run_main
 from tuning import experiment
 from tuning.checkpoints import RunCheckpoints
 from tuning.tasks import classification, regression
@@ -77,19 +76,9 @@ def test_regression_learns_and_reports_its_own_metrics(csv, uninterrupted):
 def test_regression_resumes_exactly(csv, uninterrupted, tmp_path, monkeypatch):
   """SIGTERM after the step-20 checkpoint; the rerun ends as if never
   stopped."""
-  config = regression_config(csv[0])
-  workdir = str(tmp_path / 'resumed')
-  save = RunCheckpoints.save
-
-  def save_then_preempt(self, step, *args, **kwargs):
-    save(self, step, *args, **kwargs)
-    if step == 20:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  monkeypatch.setattr(RunCheckpoints, 'save', save_then_preempt)
-  assert experiment.run(config, workdir) == {'preempted_at_step': 20}
-  monkeypatch.setattr(RunCheckpoints, 'save', save)
-  results = experiment.run(config, workdir)
+  results = preempted_then_resumed(
+      regression_config(csv[0]), str(tmp_path / 'resumed'), monkeypatch
+  )
   expected = uninterrupted[1]
   assert results['test'] == expected['test']
   assert results['validation'] == expected['validation']
