@@ -3,9 +3,9 @@ MarianMTModel (saved by transformers, converted by tuning.convert) translates
 like its `generate` (greedy and beam 4), in the input order; run work
 directories (a synthetic one, see `_workdir`) and the one-line errors."""
 
+import io
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -26,7 +26,6 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 tokenizers = pytest.importorskip('tokenizers')
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAD, EOS, UNK = 0, 1, 2
 WORDS = [f'w{i}' for i in range(3, 16)]  # ids 3..15
 MARIAN = dict(
@@ -130,7 +129,9 @@ def _hf_translations(hf, tok, sentences, beams, length_penalty):
   return texts
 
 
-def test_cli_matches_transformers_in_input_order(marian, tmp_path):
+def test_cli_matches_transformers_in_input_order(
+    marian, tmp_path, monkeypatch, capfd
+):
   hf, tok, folder = marian
   sentences = _sentences()
   expected = _hf_translations(hf, tok, sentences, 1, 1.0)
@@ -138,30 +139,24 @@ def test_cli_matches_transformers_in_input_order(marian, tmp_path):
   source = tmp_path / 'src.txt'
   # An empty line stays an empty line.
   source.write_text('\n'.join(sentences[:4] + [''] + sentences[4:]) + '\n')
-  result = subprocess.run(
+  # The command in this process, reading stdin and writing stdout.
+  monkeypatch.setattr(sys, 'stdin', io.StringIO(source.read_text()))
+  code = translate_cli.main(
       [
-          sys.executable,
-          '-m',
-          'tuning.translate',
           f'--checkpoint={folder}',
           '--beam_size=1',
           f'--max_length_offset={MAX_NEW}',
           '--max_length_ratio=0',
           '--batch_size=4',
-      ],
-      stdin=open(source, encoding='utf-8'),
-      cwd=ROOT,
-      env=dict(os.environ, JAX_PLATFORMS='cpu'),
-      capture_output=True,
-      text=True,
-      timeout=300,
+      ]
   )
-  assert result.returncode == 0, result.stderr[-2000:]
-  lines = result.stdout.splitlines()
+  out, err = capfd.readouterr()
+  assert code == 0, err[-2000:]
+  lines = out.splitlines()
   assert lines == expected[:4] + [''] + expected[4:]
   # Batches of similar lengths, padded to multiples of 8: two shapes.
-  assert 'translated 11 sentences' in result.stderr
-  assert '2 source lengths' in result.stderr
+  assert 'translated 11 sentences' in err
+  assert '2 source lengths' in err
 
 
 @pytest.mark.parametrize('length_penalty', [1.0, 0.6])
@@ -292,7 +287,7 @@ def test_run_workdir_from_fields(tmp_path):
   )  # fmt: skip
   model = ed.build(config_dict.ConfigDict(fields), np.float32, vocab_size=16)
   ids = np.ones((1, 3), np.int32)
-  params = model.init(jax.random.key(1), ids, ids, ids)['params']
+  params = jax.jit(model.init)(jax.random.key(1), ids, ids, ids)['params']
   params = jax.tree.map(np.asarray, params)
   workdir = _workdir(str(tmp_path / 'run'), tok, [params], [5], fields)
   loaded = translate_cli.load(workdir)
@@ -308,7 +303,7 @@ def test_run_workdir_from_fields(tmp_path):
   assert got.texts == want.texts
 
 
-def test_one_line_errors(marian, tmp_path):
+def test_one_line_errors(marian, tmp_path, capfd):
   _, tok, folder = marian
   empty = tmp_path / 'empty'
   empty.mkdir()
@@ -341,15 +336,8 @@ def test_one_line_errors(marian, tmp_path):
   (run / 'config.json').write_text(json.dumps(config.to_dict()))
   with pytest.raises(ValueError, match='needs an encoder-decoder'):
     translate_cli.load(str(run))
-  bad = subprocess.run(
-      [sys.executable, '-m', 'tuning.translate', f'--checkpoint={empty}'],
-      stdin=subprocess.DEVNULL,
-      cwd=ROOT,
-      env=dict(os.environ, JAX_PLATFORMS='cpu'),
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
-  assert bad.returncode == 1
-  assert bad.stderr.strip().count('\n') == 0, bad.stderr
-  assert bad.stderr.startswith('error: ValueError:')
+  code = translate_cli.main([f'--checkpoint={empty}', '--input=/dev/null'])
+  err = capfd.readouterr().err
+  assert code == 1
+  assert err.count('\n') == 1, err
+  assert err.startswith('error: ValueError:')

@@ -19,13 +19,12 @@ stderr.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
 from typing import Any, Optional
 
-from absl import app
-from absl import flags
 from absl import logging
 import jax
 import numpy as np
@@ -36,42 +35,6 @@ from tuning import translation
 from tuning.models import encoder_decoder as ed
 from tuning.models import hf_config as hf_config_lib
 from tuning.models import registry
-
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Converted Marian/T5 folder or seq2seq run workdir.'
-)
-_INPUT = flags.DEFINE_string('input', None, 'Source file (default: stdin).')
-_OUTPUT = flags.DEFINE_string('output', None, 'Output file (default: stdout).')
-_STEP = flags.DEFINE_string(
-    'step', 'best', 'Run workdirs: best, latest or a step number.'
-)
-_BEAM_SIZE = flags.DEFINE_integer('beam_size', 4, 'Beams (1: greedy).')
-_LENGTH_PENALTY = flags.DEFINE_float(
-    'length_penalty', 1.0, 'Exponent of the length normalizer.'
-)
-_PENALTY_RULE = flags.DEFINE_enum(
-    'penalty_rule',
-    'transformers',
-    ['transformers', 'gnmt'],
-    'length ** p (transformers) or ((5 + length) / 6) ** p (GNMT).',
-)
-_EARLY_STOPPING = flags.DEFINE_enum(
-    'early_stopping',
-    'false',
-    ['false', 'true', 'never'],
-    "Beam stopping rule, as transformers' early_stopping.",
-)
-_MAX_LENGTH_RATIO = flags.DEFINE_float(
-    'max_length_ratio', 1.5, 'a in: new tokens <= a * source tokens + b.'
-)
-_MAX_LENGTH_OFFSET = flags.DEFINE_integer(
-    'max_length_offset', 10, 'b in: new tokens <= a * source tokens + b.'
-)
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Sentences per batch.')
-_DTYPE = flags.DEFINE_enum(
-    'dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.'
-)
-_PROGRESS = flags.DEFINE_bool('progress', True, 'A progress bar on stderr.')
 
 
 @dataclasses.dataclass
@@ -304,41 +267,88 @@ def run(
   return result
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.ERROR)
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='python -m tuning.translate',
+      description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  add = parser.add_argument
+  add('--checkpoint', help='Converted Marian/T5 folder or seq2seq workdir.')
+  add('--input', help='Source file, one sentence a line (default: stdin).')
+  add('--output', help='Output file (default: stdout).')
+  add('--step', default='best', help='Run workdirs: best, latest or a step.')
+  add('--beam_size', type=int, default=4, help='Beams (1: greedy).')
+  add(
+      '--length_penalty',
+      type=float,
+      default=1.0,
+      help='Exponent of the length normalizer.',
+  )
+  add(
+      '--penalty_rule',
+      default='transformers',
+      choices=('transformers', 'gnmt'),
+      help='length ** p (transformers) or ((5 + length) / 6) ** p (GNMT).',
+  )
+  add(
+      '--early_stopping',
+      default='false',
+      choices=('false', 'true', 'never'),
+      help="Beam stopping rule, as transformers' early_stopping.",
+  )
+  add(
+      '--max_length_ratio',
+      type=float,
+      default=1.5,
+      help='a in: new tokens <= a * source tokens + b.',
+  )
+  add(
+      '--max_length_offset',
+      type=int,
+      default=10,
+      help='b in: new tokens <= a * source tokens + b.',
+  )
+  add('--batch_size', type=int, default=32, help='Sentences per batch.')
+  add('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  add('--noprogress', action='store_true', help='No progress bar.')
+  return parser
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  logging.set_verbosity(logging.ERROR)  # orbax's warnings
   try:
-    if not _CHECKPOINT.value:
+    if not args.checkpoint:
       raise ValueError(
           '--checkpoint is required: a converted Marian/T5 folder or a '
           'seq2seq run work directory'
       )
     early = {'false': False, 'true': True}.get(
-        _EARLY_STOPPING.value, _EARLY_STOPPING.value
+        args.early_stopping, args.early_stopping
     )
     run(
-        _CHECKPOINT.value,
-        _INPUT.value,
-        _OUTPUT.value,
-        step=_STEP.value,
-        dtype=_DTYPE.value,
-        progress=_PROGRESS.value,
-        beam_size=_BEAM_SIZE.value,
-        length_penalty=_LENGTH_PENALTY.value,
-        penalty_rule=_PENALTY_RULE.value,
+        args.checkpoint,
+        args.input,
+        args.output,
+        step=args.step,
+        dtype=args.dtype,
+        progress=not args.noprogress,
+        beam_size=args.beam_size,
+        length_penalty=args.length_penalty,
+        penalty_rule=args.penalty_rule,
         early_stopping=early,
-        max_length_ratio=_MAX_LENGTH_RATIO.value,
-        max_length_offset=_MAX_LENGTH_OFFSET.value,
-        batch_size=_BATCH_SIZE.value,
+        max_length_ratio=args.max_length_ratio,
+        max_length_offset=args.max_length_offset,
+        batch_size=args.batch_size,
     )
   except errors.USER_ERRORS as e:
     if os.environ.get('TUNING_TRACEBACK'):
       raise
     print(f'error: {errors.describe(e)}', file=sys.stderr, flush=True)
-    sys.exit(1)
+    return 1
+  return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main())
