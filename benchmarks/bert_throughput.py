@@ -30,25 +30,11 @@ import jax.numpy as jnp
 from flax import jax_utils
 import optax
 
+from benchmarks.timing import peak_matmul_flops, timed, torch_peak_matmul_flops
+from benchmarks.timing import xla_flops
 from experiments import minilm_sst2
 from tuning.models import bert
 from tuning.train_step import TrainState, make_eval_step, make_train_step
-
-
-def timed(fn, steps: int) -> float:
-  """Seconds per call after two warm-up calls (results fetched each call)."""
-  for _ in range(2):
-    jax.block_until_ready(fn())
-  start = time.perf_counter()
-  for _ in range(steps):
-    jax.block_until_ready(fn())
-  return (time.perf_counter() - start) / steps
-
-
-def peak_matmul_flops(n: int = 2048) -> float:
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  return 2 * n**3 / timed(lambda: f(a), 5)
 
 
 def jax_steps(
@@ -123,27 +109,7 @@ def step_flops(model, params, tx, batch: int, length: int):
   def evaluate(p):
     return model.apply({'params': p}, **feats, train=False)
 
-  def count(f, *args):
-    cost = jax.jit(f).lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get('flops', 0.0))
-
-  return count(train, params, opt_state), count(evaluate, params)
-
-
-def torch_peak_matmul_flops(n: int = 2048) -> float | None:
-  """The same 2048^2 float32 matmul in PyTorch (its oneDNN/MKL kernels)."""
-  try:
-    import torch
-  except ImportError:
-    return None
-  a = torch.ones((n, n), dtype=torch.float32)
-  for _ in range(2):
-    a @ a
-  start = time.perf_counter()
-  for _ in range(5):
-    a @ a
-  return 2 * n**3 / ((time.perf_counter() - start) / 5)
+  return xla_flops(train, params, opt_state), xla_flops(evaluate, params)
 
 
 def torch_rates(model_dir: str, batch: int, length: int, steps: int):

@@ -43,9 +43,12 @@ class RunCheckpoints:
       best_metric: str | None = None,
       best_mode: str | None = None,
       read_only: bool = False,
+      keep: int = 1,
   ):
     """`best_metric`/`best_mode` None: the run's (its config.json beside
-    `directory`: `checkpoint.best_metric`, else its task's default)."""
+    `directory`: `checkpoint.best_metric`, else its task's default).
+    `keep`: how many of the latest checkpoints are kept (besides the best
+    one)."""
     if best_metric is None or best_mode is None:
       rule = _best_rule(os.path.dirname(os.path.abspath(directory)))
       best_metric, best_mode = best_metric or rule[0], best_mode or rule[1]
@@ -58,7 +61,7 @@ class RunCheckpoints:
     metric = lambda metrics: metrics[best_metric]  # pylint: disable=unnecessary-lambda-assignment
     policy = checkpoint_managers.AnyPreservationPolicy(
         [
-            checkpoint_managers.LatestN(1),
+            checkpoint_managers.LatestN(max(int(keep), 1)),
             checkpoint_managers.BestN(
                 get_metric_fn=metric,
                 n=1,

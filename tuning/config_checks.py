@@ -316,11 +316,29 @@ def check(config):
   ):
     _fail('init.step', step, "use 'best', 'latest' or a step number")
   _choice(config, 'soup.method', ('greedy', 'uniform'), optional=True)
-  if mode in ('ensemble', 'soup') and not _get(config, f'{mode}.members'):
+  _positive_int(config, 'checkpoint.keep', optional=True)
+  _positive_int(config, 'soup.last_checkpoints', optional=True)
+  if mode == 'soup' and _get(config, 'soup.run'):
+    if _get(config, 'soup.members'):
+      raise ConfigValueError(
+          'config.soup.run and config.soup.members are both set: average '
+          'the last checkpoints of one run, or members, not both'
+      )
+    if _get(config, 'soup.last_checkpoints') is None:
+      raise ConfigValueError(
+          'config.soup.run needs config.soup.last_checkpoints: how many of '
+          "the run's latest checkpoints to average, e.g. 5"
+      )
+  elif mode in ('ensemble', 'soup') and not _get(config, f'{mode}.members'):
     raise ConfigValueError(
         f'config.mode={mode} needs members: set '
         f'--config.{mode}.members=\'("/runs/a", '
         '"/runs/b")\' (run work directories)'
+        + (
+            ', or average the last checkpoints of one run with '
+            'config.soup.run and config.soup.last_checkpoints'
+        )
+        * (mode == 'soup')
     )
 
 

@@ -191,6 +191,9 @@ def base_config() -> config_dict.ConfigDict:
   c.checkpoint.best_mode = placeholder(str)
   # Which checkpoint the final test evaluation (and mode=eval) uses.
   c.checkpoint.evaluate = 'best'  # best | latest
+  # How many of the latest checkpoints are kept (besides the best one),
+  # e.g. for averaging the last N (mode=soup with soup.run).
+  c.checkpoint.keep = 1
 
   # ---------------------------------------------------------------- init
   c.init = config_dict.ConfigDict()
@@ -216,6 +219,11 @@ def base_config() -> config_dict.ConfigDict:
   c.soup.members = ()
   c.soup.method = 'greedy'  # greedy | uniform
   c.soup.checkpoint = 'best'  # best | latest, in every member
+  # Or checkpoint averaging: the mean of the last `last_checkpoints`
+  # checkpoints of the run work directory `run` (instead of members; the
+  # run must have kept them: checkpoint.keep >= last_checkpoints).
+  c.soup.run = placeholder(str)
+  c.soup.last_checkpoints = placeholder(int)
 
   # ---------------------------------------------------------------- distill
   # Knowledge distillation: a teacher (run work directories; several = an

@@ -53,6 +53,8 @@ def stage_config(config, stage: str, workdir: str):
   ):
     if section in result:
       result[section][field] = tuple(at(p) for p in result[section][field])
+  if result.get('soup', {}).get('run'):
+    result['soup']['run'] = at(result['soup']['run'])
   return config_dict.ConfigDict(result)
 
 

@@ -68,7 +68,10 @@ class Run:
     )
     self.best_mode = config.checkpoint.get('best_mode') or self.task.best_mode
     self.checkpoints = RunCheckpoints(
-        os.path.join(workdir, 'checkpoints'), self.best_metric, self.best_mode
+        os.path.join(workdir, 'checkpoints'),
+        self.best_metric,
+        self.best_mode,
+        keep=config.checkpoint.get('keep', 1),
     )
     self.eval_totals = self.layout.compile_eval_totals(
         eval_totals_fn(

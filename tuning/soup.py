@@ -14,6 +14,14 @@ the first member's config.json), so that
   python main.py --config=... --config.init.checkpoint=WORKDIR ...   # fine-tune it further
 
 evaluate it or start from it, and it can be an ensemble member or a teacher.
+
+With `soup.run` (a run work directory) instead of members, the soup is the
+uniform average of that run's last `soup.last_checkpoints` checkpoints
+(checkpoint averaging, e.g. for translation): the run must have kept them
+(`checkpoint.keep` >= N). Each checkpoint and the average are evaluated
+through the run's task; the average is written as above (with the run's
+tokenizer.json, when it has one, so that `python -m tuning.translate
+--checkpoint=WORKDIR` reads it).
 """
 
 from __future__ import annotations
@@ -26,11 +34,13 @@ import jax
 import numpy as np
 
 from tuning import console
-from tuning.checkpoints import RunCheckpoints
+from tuning.checkpoints import RunCheckpoints, load_pretrained_params
 from tuning.data.pipeline import TrainStream
+from tuning.ema import load_ema_params
 from tuning.ensemble import EnsembleError, metrics_table
-from tuning.finished_run import Members
+from tuning.finished_run import FinishedRunError, Members, run_config
 from tuning.optimizers import build_optimizer, parameter_paths
+from tuning.run import Run
 from tuning.run_files import write_config, write_results
 from tuning.train_step import initial_state
 
@@ -68,7 +78,10 @@ def greedy_order(accuracies: list[float]) -> list[int]:
 
 
 def make_soup(config, workdir: str) -> dict:
-  """`mode='soup'`: averages the members and writes the chosen soup."""
+  """`mode='soup'`: averages the members (or the last checkpoints of
+  `soup.run`) and writes the chosen soup."""
+  if config.soup.get('run'):
+    return average_last_checkpoints(config, workdir)
   start = time.time()
   if config.soup.method not in METHODS:
     raise ValueError(
@@ -200,3 +213,118 @@ def write_checkpoint(run, params, workdir: str, validation: dict):
   finally:
     checkpoints.close()
   write_config(config, workdir)
+
+
+def last_steps(checkpoint_dir: str, count: int, keep: int) -> list[int]:
+  """The `count` latest checkpoint steps in a run's checkpoints folder;
+  FinishedRunError unless the run kept that many (`keep` latest)."""
+  steps = sorted(
+      int(name)
+      for name in (
+          os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else ()
+      )
+      if name.isdigit()
+  )
+  if count > keep:
+    raise FinishedRunError(
+        f'config.soup.last_checkpoints={count} but the run kept only its '
+        f'latest {keep} checkpoint{"s" * (keep != 1)} (its checkpoint.keep='
+        f'{keep}): train it with --config.checkpoint.keep={count} or more, '
+        f'or average fewer'
+    )
+  if len(steps) < count:
+    raise FinishedRunError(
+        f'config.soup.last_checkpoints={count} but {checkpoint_dir} holds '
+        f'{len(steps)} checkpoint{"s" * (len(steps) != 1)} (steps: '
+        f'{", ".join(map(str, steps)) or "none"}): average fewer, or '
+        'checkpoint more often (training.checkpoint_every_steps)'
+    )
+  return steps[-count:]
+
+
+def average_last_checkpoints(config, workdir: str) -> dict:
+  """`mode='soup'` with `soup.run`: the mean of its last N checkpoints."""
+  start = time.time()
+  source = os.path.abspath(config.soup.run)
+  count = config.soup.get('last_checkpoints')
+  if not isinstance(count, int) or count < 1:
+    raise ValueError(
+        f'config.soup.last_checkpoints={count!r}: set how many of the '
+        "run's latest checkpoints to average, e.g. 5"
+    )
+  workdir = os.path.abspath(workdir)
+  if workdir == source:
+    raise ValueError(
+        f'the soup work directory {workdir} is the run it averages: give '
+        'the soup a directory of its own'
+    )
+  member_config = run_config(source)
+  if member_config.get('lora') and member_config.lora.get('rank', 0):
+    raise EnsembleError(
+        f'{source} trained LoRA adapters: averaging A and B factors is not '
+        'averaging the weights; average runs without LoRA'
+    )
+  steps = last_steps(
+      os.path.join(source, 'checkpoints'),
+      count,
+      member_config.checkpoint.get('keep', 1),
+  )
+  run = Run(member_config, source)
+  try:
+    target = run.init_params()
+    trees = []
+    for step in steps:
+      params, _ = load_pretrained_params(
+          run.checkpoints.directory, target, step=step
+      )
+      if member_config.training.get('evaluate_ema', False):
+        params = load_ema_params(run.checkpoints.directory, step, params)
+      trees.append(params)
+  finally:
+    run.checkpoints.close()
+  averaged = average(trees)
+  results = {
+      'run': source,
+      'averaged_steps': steps,
+      'checkpoints': {},
+      'method': f'last {count} checkpoints',
+  }
+  for step, params in zip(steps, trees):
+    results['checkpoints'][str(step)] = {
+        s: run.evaluate(params, s) for s in ('validation', 'test')
+    }
+  average_metrics = {
+      s: run.evaluate(averaged, s) for s in ('validation', 'test')
+  }
+  results['average'] = average_metrics
+  name = f'average of {count}'
+  for split in ('validation', 'test'):
+    rows = [
+        (f'step {step}', results['checkpoints'][str(step)][split])
+        for step in steps
+    ]
+    rows.append((name, average_metrics[split]))
+    console.info(
+        metrics_table(
+            rows,
+            f'{split} split, the last {count} checkpoints of {source} and '
+            'their average:',
+            run.task.table_columns,
+        )
+    )
+  write_checkpoint(run, averaged, workdir, average_metrics['validation'])
+  tokenizer = os.path.join(source, 'tokenizer.json')
+  if os.path.isfile(tokenizer) and jax.process_index() == 0:
+    shutil.copyfile(tokenizer, os.path.join(workdir, 'tokenizer.json'))
+  results.update(average_metrics)  # the headline
+  results.update(run.task.results())
+  results['checkpoint'] = os.path.join(workdir, 'checkpoints')
+  results['wall_time_s'] = time.time() - start
+  write_results(workdir, results)
+  console.info(
+      f'soup: wrote the average of steps {", ".join(map(str, steps))} to '
+      f'{results["checkpoint"]} (evaluate it with --config.mode=eval '
+      f'--workdir={workdir}, or start from it with '
+      f'--config.init.checkpoint={workdir})'
+  )
+  return results
