@@ -399,7 +399,7 @@ def _fit_tokenizer(chunks, data_config, append_eos: bool = False):
 
 
 def _pack_splits(tables, data_config, labels, log):
-  """config.data.pack: each split's documents packed into full rows."""
+  """config.data.pack: each split's whole documents packed into rows."""
   if 'input_ids' not in tables['train']:
     raise DataError(
         'config.data.pack packs tokenized text: set config.data.text_column '
@@ -411,9 +411,11 @@ def _pack_splits(tables, data_config, labels, log):
     before = len(tables[name]['input_ids'])
     tables[name] = preprocessing.pack(tables[name], data_config.max_length)
     counts.append(f'{name} {before} -> {len(tables[name]["input_ids"])}')
+  filled = tables['train']['attention_mask'].mean()
   log.append(
       f'packed documents into rows of {data_config.max_length} tokens '
-      f'(attention within each document): {", ".join(counts)}'
+      f'(attention within each document): {", ".join(counts)}; train rows '
+      f'{filled:.0%} tokens, {1 - filled:.0%} padding'
   )
 
 
