@@ -21,6 +21,7 @@ from tuning.data.tables import DataError
 from tuning.models import decoder
 from tuning.run import Run
 from tuning.tasks import causal_lm
+from conftest import final_params
 import tiny_config
 
 WORDS = (
@@ -336,49 +337,53 @@ def test_packing_carries_the_loss_mask(folders):
   assert packed['loss_mask'].sum() == encoded['loss_mask'].sum() > 0
 
 
-def test_training_on_conversations_learns_the_replies(folders, tmp_path):
+def test_training_on_packed_conversations_learns_the_replies(folders, tmp_path):
   chat, _, root = folders
   path = write_jsonl(root / 'chat.jsonl', conversations(160))
-  config = data_config(chat, path, messages_column='messages')
+  plain = data_config(chat, path, messages_column='messages')
+  config = data_config(
+      chat, path, messages_column='messages', pack=True, max_length=96
+  )
+  config.data.length_buckets = (96,)
   config.model.name = 'llama'
   config.model.hf_config = chat
   config.model.dropout = 0.0
   config.optimizer.learning_rate = 1e-2
-  config.training.batch_size = 16
-  config.training.total_steps = 30
-  config.training.eval_every_steps = 10
-  config.training.checkpoint_every_steps = 30
+  config.training.batch_size = 8
+  config.training.total_steps = 40
+  config.training.eval_every_steps = 20
+  config.training.checkpoint_every_steps = 40
   config.training.samples = 1
-  results = experiment.run(config, str(tmp_path / 'run'))
+  workdir = str(tmp_path / 'run')
+  results = experiment.run(config, workdir)
   history = results['validation_history']
-  first, last = history[0]['loss'], history[-1]['loss']
-  assert last < 0.5 * first, (first, last)
-  # The replies follow from the question: close to certain once learned.
-  assert results['test']['token_accuracy'] > 0.8
+  assert history[-1]['loss'] < history[0]['loss']
   # The totals count response tokens (reply + end-of-turn) only.
-  data = build_datasets(config.data, labels=None, append_eos=True)
+  data = build_datasets(plain.data, labels=None, append_eos=True)
   test = data.test
   assert results['test']['tokens'] == int(test['loss_mask'][:, 1:].sum())
   assert test['loss_mask'].sum() < test['attention_mask'].sum() / 2
-  sample = results['samples'][0]
-  assert sample['prompt'].endswith('assistant'), sample
+  sample = results['samples'][0]  # the first conversation's prompt
+  assert sample['prompt'].endswith('do assistant'), sample
 
-  # Packed: the same validation loss from the same parameters.
-  packed_config = config.copy_and_resolve_references()
-  packed_config.data.pack = True
-  packed_config.data.max_length = 96
-  packed_config.data.length_buckets = (96,)
-  params = None
+  # Packed or not: the same figures from the same parameters.
+  plain.model = config.model
   figures = []
-  for c in (config, packed_config):
+  for c in (config, plain):
     run = Run(c, str(tmp_path / f'eval{len(figures)}'))
-    params = run.init_params() if params is None else params
-    figures.append(run.evaluate(params, 'validation'))
+    figures.append(run.evaluate(final_params(workdir)[1], 'validation'))
     run.checkpoints.close()
-  unpacked, packed = figures
+    if c is config:  # the loss before training, for scale
+      start = run.evaluate(run.init_params(), 'validation')['loss']
+  packed, unpacked = figures
+  assert packed['loss'] < 0.2 * start, (start, packed['loss'])
   assert packed['tokens'] == unpacked['tokens']
   assert packed['examples'] < unpacked['examples']
-  np.testing.assert_allclose(packed['loss'], unpacked['loss'], rtol=1e-5)
+  for key in ('loss', 'token_accuracy'):
+    np.testing.assert_allclose(packed[key], unpacked[key], rtol=1e-5)
+  # The replies follow from the question: close to certain once learned
+  # (about 0.73 while the animal is not yet attended to).
+  assert results['test']['token_accuracy'] > 0.9
 
 
 def _build(folder, rows, root, name, **fields):
@@ -461,6 +466,19 @@ def test_prompt_response_errors_and_counted_cuts(folders):
     _build(plain, pairs, root, 'p.jsonl', prompt_column='q')
   with pytest.raises(DataError, match='needs a chat template'):
     _build(plain, GOOD, root, 'g.jsonl', messages_column='messages')
+  # CSV rows work alike; a missing column names the settings.
+  csv = root / 'pairs.csv'
+  csv.write_text(
+      # No separator is added: the prompt ends with its own space.
+      'q,a\n' + ''.join(f'{p["q"]} ,{p["a"]}\n' for p in pairs),
+      encoding='utf-8',
+  )
+  c = data_config(plain, str(csv), source='csv', **cols)
+  data = build_datasets(c.data, labels=None, append_eos=True)
+  assert int(data.train['loss_mask'].sum()) == 5 * len(data.train['loss_mask'])
+  c.data.prompt_column = 'question'
+  with pytest.raises(DataError, match=r"no text column 'question'.*prompt_col"):
+    build_datasets(c.data, labels=None, append_eos=True)
   c = data_config(plain, 'x', source='array_record', **cols)
   with pytest.raises(DataError, match="not source 'array_record'"):
     build_datasets(c.data, labels=None, append_eos=True)

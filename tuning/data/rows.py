@@ -313,9 +313,13 @@ class RowParser:
       )
     for c in self._texts:
       if c not in names:
+        settings = (
+            self._column_settings()
+            if self.columns.instructions
+            else f'{o.name("text_column")} / {o.name("text_pair_column")}'
+        )
         raise DataError(
-            f'{path}: no text column {c!r} among {names} (set '
-            f'{self._column_settings()})'
+            f'{path}: no text column {c!r} among {names} (set {settings})'
         )
     missing = [c for c in self.features if c not in names]
     if missing:

@@ -14,11 +14,13 @@ text: every real token but the first). Packed rows also carry
 each document); a target in another segment than its position's is never
 counted. Evaluation adds up, on the device, each row's loss sum, its
 predicted tokens and its correctly predicted tokens: per-token loss,
-perplexity = exp(loss) and token accuracy come from those sums. The text
-is one document a row (`data.text_column` of a CSV/JSONL file), tokenized
-by the pretrained tokenizer `data.tokenizer` (each document that fits in
-`data.max_length` ends with the end-of-text token the model folder names)
-and right-padded; no label column is read.
+perplexity = exp(loss) and token accuracy come from those sums (over
+response tokens only, for instruction data). The text is one document a
+row (`data.text_column` of a CSV/JSONL file), tokenized by the pretrained
+tokenizer `data.tokenizer` (each document that fits in `data.max_length`
+ends with the end-of-text token the model folder names) and right-padded;
+or instruction rows (`data.prompt_column`/`response_column`, or
+`data.messages_column`); no label column is read.
 """
 
 from __future__ import annotations
