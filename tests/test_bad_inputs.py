@@ -110,6 +110,44 @@ def files(tmp_path_factory):
     out.write(b'\x10\x00\x00\x00\x00\x00\x00\x00{"not": json' + b'\0' * 64)
   os.makedirs(d / 'no_tokenizer')
   f['no_tokenizer'] = str(d / 'no_tokenizer')
+  # Instruction data: a word-level tokenizer with a chat template.
+  from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+
+  special = ['<pad>', '</s>', '<|im_start|>', '<|im_end|>']
+  words = 'user assistant the cat sat'.split()
+  tokenizer = Tokenizer(
+      models.WordLevel(
+          {t: i for i, t in enumerate(special + words)}, unk_token='<pad>'
+      )
+  )
+  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  tokenizer.add_special_tokens(special)
+  os.makedirs(d / 'chat_model')
+  tokenizer.save(str(d / 'chat_model' / 'tokenizer.json'))
+  with open(d / 'chat_model' / 'tokenizer_config.json', 'w') as out:
+    json.dump(
+        {
+            'eos_token': '<|im_end|>',
+            'chat_template': (
+                '{% for m in messages %}<|im_start|>{{ m.role }} '
+                '{{ m.content }}<|im_end|> {% endfor %}'
+            ),
+        },
+        out,
+    )
+  f['chat_model'] = str(d / 'chat_model')
+  chat = lambda *turns: json.dumps(  # pylint: disable=unnecessary-lambda-assignment
+      {'messages': [{'role': r, 'content': c} for r, c in turns]}
+  )
+  good = chat(('user', 'the cat'), ('assistant', 'sat')) + '\n'
+  write('bad_role.jsonl', good * 2 + chat(('robot', 'the')) + '\n' + good * 20)
+  write(
+      'long_prompt.jsonl',
+      good * 3
+      + chat(('user', 'the cat ' * 40), ('assistant', 'sat'))
+      + '\n'
+      + good * 20,
+  )
   return f
 
 
@@ -135,6 +173,16 @@ def trained(tmp_path_factory):
 
 CSV = ('--config.data.source=csv',)
 NEW = '--workdir={empty_workdir}'  # a new work directory
+CHAT = (  # conversations for causal_lm (loss on the assistant turns)
+    NEW,
+    '--config.task=causal_lm',
+    '--config.data.source=jsonl',
+    '--config.data.messages_column=messages',
+    '--config.data.tokenizer={chat_model}',
+    '--config.data.max_length=16',
+    '--config.data.drop_duplicates=false',
+    '--config.model.name=llama',
+)
 
 # (id, extra argv ({placeholders} from the files fixture), exit code,
 #  words the error line must hold)
@@ -287,6 +335,18 @@ CASES = [
         [*CSV, '--config.data.path={latin1.csv}'],
         1,
         ['latin1.csv:', 'UTF-8'],
+    ),
+    (
+        'instruction_unknown_role',
+        [*CHAT, '--config.data.path={bad_role.jsonl}'],
+        1,
+        ['bad_role.jsonl:3:', 'unknown role "robot"', 'on_bad_rows'],
+    ),
+    (
+        'instruction_prompt_fills_max_length',
+        [*CHAT, '--config.data.path={long_prompt.jsonl}'],
+        1,
+        ['long_prompt.jsonl:4:', 'no response token fits', 'max_length=16'],
     ),
     (
         'data_missing_label_column',

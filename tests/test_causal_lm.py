@@ -257,10 +257,12 @@ def test_causal_lm_under_the_mesh_equals_pmap(files, uninterrupted, tmp_path):
 def test_packing_fills_rows_with_documents_and_their_ends(files):
   folder, csv = files
   config = causal_config(folder, csv)
+  # Rows of 48 tokens: room for two or three documents (of 13-20 tokens).
+  config.data.max_length = 48
   plain = build_datasets(config.data, labels=None, append_eos=True)
   config.data.pack = True
   packed = build_datasets(config.data, labels=None, append_eos=True)
-  assert any('packed documents into rows of 24 tokens' in l for l in packed.log)
+  assert any('packed documents into rows of 48 tokens' in l for l in packed.log)
   rows = len(packed.train['input_ids'])
   assert rows < len(plain.train['input_ids'])
   assert any(l.startswith(f'examples: train {rows},') for l in packed.log)
@@ -270,8 +272,21 @@ def test_packing_fills_rows_with_documents_and_their_ends(files):
     np.testing.assert_array_equal(
         after['input_ids'][after['attention_mask'] > 0], stream
     )
-    assert after['attention_mask'][:-1].all()  # all full but the last row
-    assert set(after) == {'input_ids', 'attention_mask'}
+    # Whole documents, in order: a row is full unless the next document
+    # does not fit in what is left of it.
+    lengths = before['attention_mask'].sum(axis=1)
+    filled = after['attention_mask'].sum(axis=1)
+    first = (after['segment_ids'] == 1).sum(axis=1)
+    assert (filled[:-1] + first[1:] > 48).all()
+    assert set(after) == {
+        'input_ids',
+        'attention_mask',
+        'loss_mask',
+        'segment_ids',
+        'positions',
+    }
+    starts = after['positions'] == 0
+    assert starts.sum() - (after['attention_mask'] == 0).sum() == len(lengths)
   config.task = 'classification'
   with pytest.raises(DataError, match='config.data.pack packs unlabelled'):
     build_datasets(config.data, labels='classes')

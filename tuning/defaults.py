@@ -87,10 +87,19 @@ def base_config() -> config_dict.ConfigDict:
   c.data.vocab_size = 20000
   c.data.max_length = 64
   c.data.length_buckets = (16, 32, 64)
-  # Language modelling (task=causal_lm): concatenate each split's documents
-  # (each ending with the end-of-text token) and cut them into full rows of
-  # max_length tokens; attention crosses document boundaries.
+  # Language modelling (task=causal_lm): place each split's documents
+  # (each ending with the end-of-text token), in order and whole, into rows
+  # of max_length tokens; attention and positions stay within each document.
   c.data.pack = False
+  # Instruction data (task=causal_lm; loss on the response tokens only):
+  # prompt/response columns, or a messages column (JSON Lines: a list of
+  # {role, content}) rendered by the tokenizer's chat template.
+  c.data.prompt_column = placeholder(str)
+  c.data.response_column = placeholder(str)
+  c.data.messages_column = placeholder(str)
+  # Prompt/response rows as a user turn and an assistant turn of the
+  # tokenizer's chat template (when it has one), else prompt + response.
+  c.data.use_chat_template = True
 
   # ---------------------------------------------------------------- model
   c.model = config_dict.ConfigDict()

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from tuning.data import instructions
 from tuning.data import preprocessing
 from tuning.data import records
 from tuning.data import rows
@@ -107,6 +108,7 @@ def build_datasets(
   token (language modelling; see `preprocessing.PretrainedTokenizer`).
   """
   _check_labels(data_config, labels)
+  instructions.check_config(data_config, labels)
   if data_config.source == 'array_record':
     source = _RecordsSource(data_config, labels)
   else:
@@ -336,7 +338,7 @@ def _subsample_order(ids: np.ndarray | None, n: int, data_config) -> np.ndarray:
 def _input_keys(table: Table) -> list[tuple]:
   """Each row's inputs (every column but the label), comparable exactly."""
   parts = []
-  for key in sorted(k for k in table if k != 'label'):
+  for key in sorted(k for k in table if k not in ('label', 'where')):
     column = table[key]
     if column.dtype == object:
       parts.append(
@@ -397,20 +399,23 @@ def _fit_tokenizer(chunks, data_config, append_eos: bool = False):
 
 
 def _pack_splits(tables, data_config, labels, log):
-  """config.data.pack: each split's documents packed into full rows."""
+  """config.data.pack: each split's whole documents packed into rows."""
   if 'input_ids' not in tables['train']:
     raise DataError(
         'config.data.pack packs tokenized text: set config.data.text_column '
-        'and a pretrained config.data.tokenizer, or unset it'
+        '(or instruction columns) and a pretrained config.data.tokenizer, '
+        'or unset it'
     )
   counts = []
   for name in SPLITS:
     before = len(tables[name]['input_ids'])
     tables[name] = preprocessing.pack(tables[name], data_config.max_length)
     counts.append(f'{name} {before} -> {len(tables[name]["input_ids"])}')
+  filled = tables['train']['attention_mask'].mean()
   log.append(
       f'packed documents into rows of {data_config.max_length} tokens '
-      f'(attention crosses documents): {", ".join(counts)}'
+      f'(attention within each document): {", ".join(counts)}; train rows '
+      f'{filled:.0%} tokens, {1 - filled:.0%} padding'
   )
 
 
@@ -500,6 +505,17 @@ class _MemorySource:
           f'text: tokenizer {data_config.tokenizer!r}, max_length '
           f'{data_config.max_length}'
       )
+    if instructions.columns_set(data_config):
+      encoder_of_rows = instructions.InstructionEncoder(data_config)
+      log.append(encoder_of_rows.describe())
+      for name in SPLITS:
+        tables[name], lines = encoder_of_rows.encode(tables[name], name)
+        log.extend(lines)
+        if not num_rows(tables[name]):
+          raise DataError(
+              f'the {name} split has no row with a response token within '
+              f'config.data.max_length={data_config.max_length}: raise it'
+          )
     if data_config.get('pack', False):
       _pack_splits(tables, data_config, labels, log)
     for name in SPLITS:

@@ -27,7 +27,14 @@ import numpy as np
 
 from tuning.data.tables import DataError, Table, num_rows
 
-TOKEN_COLUMNS = ('input_ids', 'attention_mask', 'token_type_ids')
+TOKEN_COLUMNS = (
+    'input_ids',
+    'attention_mask',
+    'token_type_ids',
+    'loss_mask',  # instruction data: 1 on the tokens the loss predicts
+    'segment_ids',  # packed rows: 1..n per document, 0 on padding
+    'positions',  # packed rows: 0 at each document's first token
+)
 
 
 def trim_to_bucket(batch: Table, buckets) -> Table:

@@ -48,6 +48,7 @@ def clean(table: Table, drop_duplicates: bool) -> tuple[Table, dict[str, int]]:
           if table[c].dtype == object
           else table[c][i].tobytes()
           for c in sorted(table)
+          if c != 'where'  # a row's file:line (instruction data)
       )
       if key in seen:
         keep[i] = False
@@ -280,22 +281,56 @@ class PretrainedTokenizer:
 
 
 def pack(table: Table, max_length: int) -> Table:
-  """Concatenates the rows' real tokens, in order, into full rows.
+  """Places whole documents, in order, into rows of `max_length` tokens.
 
-  `table`: right-padded `input_ids` and `attention_mask` [N, L]. Returns
-  rows of `max_length` tokens, all real but the last row's tail (padding,
-  mask 0). Documents are not separated in attention: a row may hold the
-  end of one document (and its end-of-text token) and the start of the
-  next, and positions count on across the boundary.
+  `table`: right-padded `input_ids` and `attention_mask` [N, L <=
+  max_length], and optionally `loss_mask` (1 on the tokens the loss
+  predicts; default: the attention mask). A document goes into the current
+  row if it fits there, else it starts the next row (next fit: documents
+  are never split, so a row may end in padding). Returns `input_ids`,
+  `attention_mask`, `loss_mask`, `segment_ids` (1..n for the documents of
+  a row, 0 on padding) and `positions` (0 at each document's first token):
+  with them the decoder attends within each document only, and each
+  document's first token is no target (`loss_mask` 0), so the last token
+  of one document never learns to predict the next document.
   """
   ids = np.asarray(table['input_ids'])
-  stream = ids[np.asarray(table['attention_mask']) > 0]
-  rows = max(-(-len(stream) // max_length), 1)
-  packed = np.zeros(rows * max_length, np.int32)
-  packed[: len(stream)] = stream
-  mask = np.zeros(rows * max_length, np.int32)
-  mask[: len(stream)] = 1
-  return {
-      'input_ids': packed.reshape(rows, max_length),
-      'attention_mask': mask.reshape(rows, max_length),
+  mask = np.asarray(table['attention_mask']) > 0
+  loss = np.asarray(table.get('loss_mask', mask)) > 0
+  if ids.shape[1] > max_length:
+    raise DataError(
+        f'documents of {ids.shape[1]} tokens do not fit rows of '
+        f'max_length={max_length}'
+    )
+  lengths = mask.sum(axis=1)
+  row_of = np.zeros(len(ids), np.int64)  # each document's row and offset
+  start_of = np.zeros(len(ids), np.int64)
+  row, used = 0, 0
+  for d, n in enumerate(lengths):
+    if used + n > max_length:
+      row, used = row + 1, 0
+    row_of[d], start_of[d] = row, used
+    used += n
+  rows = row + 1 if len(ids) else 1
+  out = {
+      k: np.zeros((rows, max_length), np.int32)
+      for k in (
+          'input_ids',
+          'attention_mask',
+          'loss_mask',
+          'segment_ids',
+          'positions',
+      )
   }
+  segment = 0
+  for d, n in enumerate(lengths):
+    r, s = row_of[d], start_of[d]
+    segment = 1 if s == 0 else segment + 1
+    span = slice(s, s + n)
+    out['input_ids'][r, span] = ids[d][mask[d]]
+    out['attention_mask'][r, span] = 1
+    out['loss_mask'][r, span] = loss[d][mask[d]]
+    out['loss_mask'][r, s] = 0  # a document's first token is no target
+    out['segment_ids'][r, span] = segment
+    out['positions'][r, span] = np.arange(n)
+  return out

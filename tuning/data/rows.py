@@ -10,7 +10,9 @@ and TSV take their column names from the header row, or from
 `column_names` for headerless files (the first line is then data). Each row
 becomes an *example*: 'label' (as read; a float for regression values; no
 label for text-only data), 'x' (floats, NaN where missing), 'text' and
-'text_pair' (strings).
+'text_pair' (strings), or instruction data (`tuning.data.instructions`):
+'prompt' and 'response' (strings) or 'messages' (a list of {role,
+content}), with 'where' (the row's file:line, for later errors).
 
 A malformed row (wrong number of fields, not JSON, an absent column, a
 feature or value that is not a number) is an error naming file:line, or,
@@ -32,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from tuning.data import instructions
 from tuning.data.tables import DataError, SourceReport, Table, is_missing
 
 FORMATS = ('csv', 'tsv', 'jsonl', 'text')
@@ -48,10 +51,24 @@ class Columns:
   text: str | None = None
   text_pair: str | None = None
   features: tuple[str, ...] | None = None  # None: every other column
+  # Instruction data: prompt and response, or a conversation.
+  prompt: str | None = None
+  response: str | None = None
+  messages: str | None = None
+
+  @property
+  def instructions(self) -> dict[str, str]:
+    """{example key: column} of the instruction columns that are set."""
+    named = {
+        'prompt': self.prompt,
+        'response': self.response,
+        'messages': self.messages,
+    }
+    return {k: c for k, c in named.items() if c}
 
   def resolve_features(self, names) -> tuple[str, ...]:
     """The feature columns, given a file's column names in order."""
-    if self.text:
+    if self.text or self.instructions:
       return ()
     if self.features:
       return tuple(self.features)
@@ -272,10 +289,17 @@ class RowParser:
     self.columns, self.labels, self.options = columns, labels, options
     self.features: tuple[str, ...] | None = None
     self._texts = [c for c in (columns.text, columns.text_pair) if c]
+    self._texts += list(columns.instructions.values())
 
   def _needed(self) -> list[str]:
     label = [self.columns.label] if self.labels is not None else []
     return label + self._texts + list(self.features or ())
+
+  def _column_settings(self) -> str:
+    name = self.options.name
+    if self.columns.instructions:
+      return '/'.join(name(f'{k}_column') for k in self.columns.instructions)
+    return f'{name("label_column")}/{name("text_column")}'
 
   def check_header(self, path: str, names: list[str]):
     """A CSV/TSV header must hold every column the examples need."""
@@ -289,10 +313,13 @@ class RowParser:
       )
     for c in self._texts:
       if c not in names:
+        settings = (
+            self._column_settings()
+            if self.columns.instructions
+            else f'{o.name("text_column")} / {o.name("text_pair_column")}'
+        )
         raise DataError(
-            f'{path}: no text column {c!r} among {names} (set '
-            f'{o.name("text_column")} / '
-            f'{o.name("text_pair_column")})'
+            f'{path}: no text column {c!r} among {names} (set {settings})'
         )
     missing = [c for c in self.features if c not in names]
     if missing:
@@ -310,8 +337,7 @@ class RowParser:
     if absent:
       raise DataError(
           f'{path}:{line}: row has no value for {absent} (fix '
-          f'the row, check {self.options.name("label_column")}/'
-          f'{self.options.name("text_column")}, or {fix})'
+          f'the row, check {self._column_settings()}, or {fix})'
       )
     example = {}
     if self.labels == 'values':
@@ -335,6 +361,16 @@ class RowParser:
     ):
       if c:
         example[key] = None if row[c] is None else str(row[c])
+    if self.columns.instructions:
+      where = f'{path}:{line}'
+      for key, c in self.columns.instructions.items():
+        check = (
+            instructions.check_messages
+            if key == 'messages'
+            else instructions.check_text
+        )
+        example[key] = check(row[c], c, where, fix)
+      example['where'] = where
     return example
 
   @staticmethod
@@ -368,6 +404,12 @@ class RowParser:
     ):
       if c:
         table[key] = np.array([e[key] for e in examples], dtype=object)
+    for key in (*self.columns.instructions, 'where'):
+      if examples and key in examples[0]:
+        column = np.empty(len(examples), dtype=object)  # lists stay whole
+        for i, e in enumerate(examples):
+          column[i] = e[key]
+        table[key] = column
     return table
 
 

@@ -25,7 +25,10 @@ returned logits are float32.
 
 Positions come from the attention mask (`cumsum(mask) - 1`, as transformers'
 `generate` does), so left-padded batches see the same positions as unpadded
-prompts. With `decode=True` the attention layers keep a key/value cache in
+prompts. Packed rows (several documents in one row) pass `segment_ids`
+(1..n per document, 0 on padding): a token then attends only to earlier
+tokens of its own document, and positions (unless given) restart at 0 at
+each document, so each document's logits are those it has alone. With `decode=True` the attention layers keep a key/value cache in
 the `cache` collection (`cached_key`, `cached_value`, `cache_index`, as in
 flax `examples/wmt`): `init_cache` makes an empty one for a batch and a
 maximum length, and each call appends its tokens to it; `attention_mask`
@@ -198,6 +201,17 @@ def mask_positions(attention_mask: jnp.ndarray) -> jnp.ndarray:
   return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0) * mask
 
 
+def segment_positions(segment_ids: jnp.ndarray) -> jnp.ndarray:
+  """Position ids of packed rows: 0 at each document's first token, 0 on
+  padding (`segment_ids` [B, L], one contiguous run per document)."""
+  seg = segment_ids.astype(jnp.int32)
+  index = jnp.broadcast_to(jnp.arange(seg.shape[-1]), seg.shape)
+  previous = jnp.pad(seg[..., :-1], [(0, 0)] * (seg.ndim - 1) + [(1, 0)])
+  starts = jnp.where(seg != previous, index, 0)
+  first = jax.lax.cummax(starts, axis=seg.ndim - 1)
+  return (index - first) * (seg > 0)
+
+
 def rotary(x: jnp.ndarray, positions: jnp.ndarray, theta: float):
   """Rotary embedding of x [B, L, H, D] at positions [B, L] (HF layout).
 
@@ -218,12 +232,13 @@ def rotary(x: jnp.ndarray, positions: jnp.ndarray, theta: float):
 class Attention(nn.Module):
   """Causal multi-head self-attention with grouped key/value heads.
 
-  `__call__(x, attention_mask, positions, decode=...)`: `attention_mask`
-  [B, S] marks the keys that may be attended (S = L, or the cache length
-  when decoding); `positions` [B, L] feed the rotary embedding when
-  `rope_theta` is set. With `decode=True` keys and values are appended to
-  the `cache` collection and the queries attend to every cached slot up to
-  their own.
+  `__call__(x, attention_mask, positions, segment_ids=None, decode=...)`:
+  `attention_mask` [B, S] marks the keys that may be attended (S = L, or
+  the cache length when decoding); `positions` [B, L] feed the rotary
+  embedding when `rope_theta` is set; `segment_ids` [B, L] (packed rows,
+  not when decoding) keep each query to the keys of its own segment. With
+  `decode=True` keys and values are appended to the `cache` collection
+  and the queries attend to every cached slot up to their own.
   """
 
   num_heads: int
@@ -252,6 +267,7 @@ class Attention(nn.Module):
       x,
       attention_mask,
       positions,
+      segment_ids=None,
       *,
       decode: bool = False,
       train: bool = False,
@@ -303,6 +319,8 @@ class Attention(nn.Module):
     ] & (
         attention_mask[:, None, :] > 0
     )  # [B, L, S]
+    if segment_ids is not None:  # block-diagonal: within each document
+      allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
     bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
     groups = heads // kv_heads
     q = q.reshape(batch, length, kv_heads, groups, dim)
@@ -372,7 +390,9 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, attention_mask, positions, *, decode, train):
+  def __call__(
+      self, x, attention_mask, positions, segment_ids, *, decode, train
+  ):
     cfg = self.config
     drop = nn.Dropout(cfg.dropout, deterministic=not train)
     h = _norm(cfg, 'attention_norm')(x).astype(self.dtype)
@@ -387,7 +407,7 @@ class Block(nn.Module):
         cfg.initializer_range,
         self.dtype,
         name='attention',
-    )(h, attention_mask, positions, decode=decode, train=train)
+    )(h, attention_mask, positions, segment_ids, decode=decode, train=train)
     x = x + drop(h)
     h = _norm(cfg, 'mlp_norm')(x).astype(self.dtype)
     return x + drop(MLP(cfg, self.dtype, name='mlp')(h))
@@ -424,13 +444,17 @@ class Decoder(nn.Module):
     self.final_norm = _norm(cfg, 'final_norm')
     self.embed_dropout = nn.Dropout(cfg.dropout)
 
-  def __call__(self, input_ids, attention_mask, positions, *, decode, train):
+  def __call__(
+      self, input_ids, attention_mask, positions, segment_ids, *, decode, train
+  ):
     x = self.embed(input_ids)
     if self.config.kind == 'gpt2':
       x = x + self.position_embed(positions)
     x = self.embed_dropout(x, deterministic=not train)
     for layer in self.layers:
-      x = layer(x, attention_mask, positions, decode=decode, train=train)
+      x = layer(
+          x, attention_mask, positions, segment_ids, decode=decode, train=train
+      )
     return self.final_norm(x).astype(self.dtype)
 
   def attend(self, hidden):
@@ -441,10 +465,13 @@ class Decoder(nn.Module):
 class DecoderLM(nn.Module):
   """A causal language model: float32 logits [B, L, vocab].
 
-  `__call__(input_ids, attention_mask=None, positions=None, *, train=False,
-  decode=False, last_only=False)`. Without `decode`, `attention_mask` [B, L]
-  marks real tokens (left or right padding) and positions default to the
-  mask's cumulative count. With `decode`, see the module docstring.
+  `__call__(input_ids, attention_mask=None, positions=None,
+  segment_ids=None, *, train=False, decode=False, last_only=False)`.
+  Without `decode`, `attention_mask` [B, L] marks real tokens (left or
+  right padding) and positions default to the mask's cumulative count;
+  `segment_ids` [B, L] (packed rows: 1..n per document, 0 on padding)
+  confine attention to each document and restart the default positions
+  at each. With `decode`, see the module docstring.
   `last_only` returns the logits of the last position only ([B, 1, vocab]).
   """
 
@@ -457,6 +484,7 @@ class DecoderLM(nn.Module):
       input_ids,
       attention_mask=None,
       positions=None,
+      segment_ids=None,
       *,
       train: bool = False,
       decode: bool = False,
@@ -465,6 +493,11 @@ class DecoderLM(nn.Module):
     cfg = self.config
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
+    if segment_ids is not None:
+      if decode:
+        raise ValueError('segment_ids (packed rows) cannot be decoded')
+      if positions is None:
+        positions = segment_positions(segment_ids)
     if positions is None:
       if decode and attention_mask.shape[-1] != input_ids.shape[-1]:
         raise ValueError('decoding with a cache needs explicit positions')
@@ -480,7 +513,12 @@ class DecoderLM(nn.Module):
       )
     decoder = Decoder(cfg, self.dtype, name='decoder')
     hidden = decoder(
-        input_ids, attention_mask, positions, decode=decode, train=train
+        input_ids,
+        attention_mask,
+        positions,
+        segment_ids,
+        decode=decode,
+        train=train,
     )
     if last_only:  # a prefill needs the next-token logits only
       hidden = hidden[:, -1:]

@@ -1,17 +1,26 @@
-"""Causal language modelling: next-token cross-entropy on plain text.
+"""Causal language modelling: next-token cross-entropy on text or
+instruction data.
 
 A decoder (`config.model.name=llama|gpt2|decoder`) reads `input_ids` and
 `attention_mask` (right padding) and predicts each next token; the loss is
-the float32 cross-entropy summed over the tokens that have a next real
-token (`attention_mask[t + 1] == 1`), divided by their count over the whole
-global batch (so rows weigh by their tokens, across micro-batches and
-devices). Evaluation adds up, on the device, each row's loss sum, its
+the float32 cross-entropy summed over the target tokens, divided by their
+count over the whole global batch (so rows weigh by their tokens, across
+micro-batches and devices). Token t + 1 is a target of position t when
+`loss_mask[t + 1] == 1` (the column, aligned with `input_ids`, that
+instruction data carries: 1 on response tokens only, see
+`tuning.data.instructions`), else when `attention_mask[t + 1] == 1` (plain
+text: every real token but the first). Packed rows also carry
+`segment_ids` and `positions`, which the decoder takes (attention within
+each document); a target in another segment than its position's is never
+counted. Evaluation adds up, on the device, each row's loss sum, its
 predicted tokens and its correctly predicted tokens: per-token loss,
-perplexity = exp(loss) and token accuracy come from those sums. The text
-is one document a row (`data.text_column` of a CSV/JSONL file), tokenized
-by the pretrained tokenizer `data.tokenizer` (each document that fits in
-`data.max_length` ends with the end-of-text token the model folder names)
-and right-padded; no label column is read.
+perplexity = exp(loss) and token accuracy come from those sums (over
+response tokens only, for instruction data). The text is one document a
+row (`data.text_column` of a CSV/JSONL file), tokenized by the pretrained
+tokenizer `data.tokenizer` (each document that fits in `data.max_length`
+ends with the end-of-text token the model folder names) and right-padded;
+or instruction rows (`data.prompt_column`/`response_column`, or
+`data.messages_column`); no label column is read.
 """
 
 from __future__ import annotations
@@ -25,15 +34,25 @@ import optax
 from tuning.models import decoder
 from tuning.tasks import base
 
-# The columns a decoder takes (others, e.g. token_type_ids, are dropped).
-_INPUTS = ('input_ids', 'attention_mask')
+# The columns a decoder takes (others, e.g. token_type_ids, are dropped);
+# the last two only where the rows are packed.
+_INPUTS = ('input_ids', 'attention_mask', 'positions', 'segment_ids')
+
+
+def target_mask(batch):
+  """1.0 where token t + 1 is a target of position t: [rows, length - 1]."""
+  mask = batch.get('loss_mask', batch['attention_mask'])[:, 1:] > 0
+  if 'segment_ids' in batch:  # never across documents
+    seg = batch['segment_ids']
+    mask &= seg[:, 1:] == seg[:, :-1]
+  return mask.astype(jnp.float32)
 
 
 def _token_terms(logits, batch):
   """(per-token loss, correct, mask) [rows, length - 1], float32."""
   logits = logits[:, :-1].astype(jnp.float32)
   targets = batch['input_ids'][:, 1:]
-  mask = batch['attention_mask'][:, 1:].astype(jnp.float32)
+  mask = target_mask(batch)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   return losses * mask, correct * mask, mask
@@ -66,7 +85,7 @@ class CausalLM(base.Task):
 
   @staticmethod
   def inputs(batch):
-    return {k: batch[k] for k in _INPUTS}
+    return {k: batch[k] for k in _INPUTS if k in batch}
 
   @staticmethod
   def loss(outputs, batch):
@@ -75,7 +94,7 @@ class CausalLM(base.Task):
 
   @staticmethod
   def loss_weight(batch):
-    return batch['attention_mask'][:, 1:].astype(jnp.float32).sum()
+    return target_mask(batch).sum()
 
   def eval_rows(self, outputs, batch):
     w = batch['weight'].astype(jnp.float32)
@@ -103,17 +122,26 @@ class CausalLM(base.Task):
     return {k: metrics[k] for k in ('loss', 'perplexity', 'token_accuracy')}
 
   def samples(self, model, params):
-    """Greedy continuations of the first halves of the first
-    `training.samples` validation documents (also kept for results.json)."""
+    """Greedy continuations of the first `training.samples` validation
+    rows (also kept for results.json): of their prompts (the tokens before
+    the first response token) for instruction data, else of the first
+    halves of their (first) documents."""
     from tuning import generation  # pylint: disable=g-import-not-at-top
     from tuning import tokenization  # pylint: disable=g-import-not-at-top
 
     count = int(self.config.training.get('samples', 0) or 0)
     table = self.data.split('validation')
     prompts = []
-    for ids, mask in zip(table['input_ids'][:count], table['attention_mask']):
-      real = ids[mask > 0]
-      prompts.append(real[: max(len(real) // 2, 1)])
+    for row in range(min(count, len(table['input_ids']))):
+      keep = table['attention_mask'][row] > 0
+      if 'segment_ids' in table:
+        keep &= table['segment_ids'][row] == 1
+      real = table['input_ids'][row][keep]
+      cut = max(len(real) // 2, 1)
+      if 'loss_mask' in table:
+        targets = np.flatnonzero(table['loss_mask'][row][keep][1:])
+        cut = int(targets[0]) + 1 if len(targets) else cut
+      prompts.append(real[:cut])
     if not prompts:
       return []
     width = max(len(p) for p in prompts)
