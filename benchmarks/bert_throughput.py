@@ -18,7 +18,6 @@ Measures, in one run on this machine, float32:
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -30,25 +29,13 @@ import jax.numpy as jnp
 from flax import jax_utils
 import optax
 
+from benchmarks.measure import peak_matmul_flops
+from benchmarks.measure import timed
+from benchmarks.measure import torch_peak_matmul_flops
+from benchmarks.measure import torch_timed
 from experiments import minilm_sst2
 from tuning.models import bert
 from tuning.train_step import TrainState, make_eval_step, make_train_step
-
-
-def timed(fn, steps: int) -> float:
-  """Seconds per call after two warm-up calls (results fetched each call)."""
-  for _ in range(2):
-    jax.block_until_ready(fn())
-  start = time.perf_counter()
-  for _ in range(steps):
-    jax.block_until_ready(fn())
-  return (time.perf_counter() - start) / steps
-
-
-def peak_matmul_flops(n: int = 2048) -> float:
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  return 2 * n**3 / timed(lambda: f(a), 5)
 
 
 def jax_steps(
@@ -131,21 +118,6 @@ def step_flops(model, params, tx, batch: int, length: int):
   return count(train, params, opt_state), count(evaluate, params)
 
 
-def torch_peak_matmul_flops(n: int = 2048) -> float | None:
-  """The same 2048^2 float32 matmul in PyTorch (its oneDNN/MKL kernels)."""
-  try:
-    import torch
-  except ImportError:
-    return None
-  a = torch.ones((n, n), dtype=torch.float32)
-  for _ in range(2):
-    a @ a
-  start = time.perf_counter()
-  for _ in range(5):
-    a @ a
-  return 2 * n**3 / ((time.perf_counter() - start) / 5)
-
-
 def torch_rates(model_dir: str, batch: int, length: int, steps: int):
   try:
     import torch
@@ -175,17 +147,9 @@ def torch_rates(model_dir: str, batch: int, length: int, steps: int):
     with torch.no_grad():
       return model(input_ids=ids, attention_mask=mask).logits.sum().item()
 
-  def time_it(fn):
-    for _ in range(2):
-      fn()
-    start = time.perf_counter()
-    for _ in range(steps):
-      fn()
-    return (time.perf_counter() - start) / steps
-
   return (
-      batch / time_it(train_once),
-      batch / time_it(eval_once),
+      batch / torch_timed(train_once, steps),
+      batch / torch_timed(eval_once, steps),
       torch.__version__,
       torch.get_num_threads(),
   )
