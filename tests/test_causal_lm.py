@@ -179,17 +179,25 @@ def test_causal_lm_resumes_exactly(files, uninterrupted, tmp_path, monkeypatch):
   assert results['validation'] == expected['validation']
 
 
-def test_lora_on_the_decoder_trains_adapters_and_head_only(files, tmp_path):
+@pytest.fixture(scope='module')
+def lora_run(files, tmp_path_factory):
+  """A tiny LoRA causal_lm run of 10 steps, evaluated (with greedy
+  samples through the merged model) before it starts and at the end."""
   config = causal_config(*files, steps=10)
   config.lora.rank = 4
-  config.training.samples = 2  # greedy samples through the merged model
-  workdir = str(tmp_path / 'lora')
-  results = experiment.run(config, workdir)
+  config.training.samples = 2
+  config.training.eval_at_start = True
+  workdir = str(tmp_path_factory.mktemp('runs') / 'lora')
+  return config, workdir, experiment.run(config, workdir)
+
+
+def test_lora_on_the_decoder_trains_adapters_and_head_only(lora_run, tmp_path):
+  config, workdir, results = lora_run
   with open(os.path.join(workdir, 'samples.jsonl'), encoding='utf-8') as f:
     lines = [json.loads(line) for line in f]
-  assert [l['step'] for l in lines] == [10, 10]
+  assert [l['step'] for l in lines] == [0, 0, 10, 10]
   assert results['samples'] == [
-      {k: l[k] for k in ('prompt', 'continuation')} for l in lines
+      {k: l[k] for k in ('prompt', 'continuation')} for l in lines[2:]
   ]
   assert all(l['prompt'].startswith('the ') for l in lines)
   run = Run(config, str(tmp_path / 'init'))
@@ -282,16 +290,6 @@ def test_causal_lm_needs_a_decoder(files, tmp_path):
   config.model.name = 'lstm'
   with pytest.raises(ValueError, match='needs a decoder, not config.model'):
     Run(config, str(tmp_path / 'lstm'))
-
-
-@pytest.fixture(scope='module')
-def lora_run(files, tmp_path_factory):
-  """A tiny LoRA causal_lm run of 10 steps, evaluated before it starts."""
-  config = causal_config(*files, steps=10)
-  config.lora.rank = 4
-  config.training.eval_at_start = True
-  workdir = str(tmp_path_factory.mktemp('runs') / 'lora_gen')
-  return config, workdir, experiment.run(config, workdir)
 
 
 def test_eval_at_start_is_the_initial_parameters_validation(lora_run, tmp_path):

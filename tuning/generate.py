@@ -6,14 +6,15 @@
 `--checkpoint` is a converted model folder (params/, config.json,
 tokenizer.json, optionally tokenizer_config.json with a chat template), a
 .gguf file, read directly, or the work directory of a causal_lm run
-(`main.py --workdir`): its best checkpoint (`--step=latest` or a step number
-for another), LoRA adapters merged, with the model config and tokenizer its
-config names (`model.hf_config`, `data.tokenizer`, else `init.checkpoint`). `--prompts` holds one prompt a line; the results
-are written as JSONL ({"prompt", "completion", "new_tokens"}), to stdout
-without `--output`. When the model has a chat template each prompt becomes
-one user message (`--nochat` sends the raw text). Generation stops at the
-model's end-of-sequence tokens or after `--max_new_tokens`; temperature 0
-is greedy.
+(`main.py --workdir`; a stage's, for a multi-stage experiment): its best
+checkpoint (`--step=latest` or a step number for another), LoRA adapters
+merged, with the model config and tokenizer its config names
+(`model.hf_config`; `data.tokenizer`, else `init.checkpoint`).
+`--prompts` holds one prompt a line; the results are written as JSONL
+({"prompt", "completion", "new_tokens"}), to stdout without `--output`.
+When the model has a chat template each prompt becomes one user message
+(`--nochat` sends the raw text). Generation stops at the model's
+end-of-sequence tokens or after `--max_new_tokens`; temperature 0 is greedy.
 """
 
 from __future__ import annotations
