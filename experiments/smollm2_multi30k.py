@@ -21,16 +21,54 @@ zero-shot perplexity. Two variants (the config argument):
   python main.py --config=experiments/smollm2_multi30k.py:lora --workdir=W
   python main.py --config=experiments/smollm2_multi30k.py:full --workdir=W
 
-Both: 100 steps of 8 captions, AdamW, 10 warm-up steps then cosine, float32,
-on 2 CPU cores. Measured (W/<variant>/results.json has them):
+Both: 100 steps of 8 captions (800 of the 28,701 training captions),
+AdamW, 10 warm-up steps then cosine, float32. Measured on 2 CPU cores
+shared with other jobs (load average about 9, so several times slower than
+an idle machine), perplexity per caption token (its end-of-text included):
 
-  variant  zero-shot val ppl  val ppl after  test ppl  steps  wall time
-  lora     (filled in below)
+  variant  val ppl at step 0  val ppl after  test ppl  steps  wall time
+  lora     149.10             27.90          25.16     100    28.7 min
+  full     149.10             33.42          30.59     100    21.4 min
 
-Each prints, after training, a one-row table like the quickstart's
-("test split by stage"). Continue captions with the fine-tuned run:
+(wall time: the whole command, data, compilation and the final evaluation
+included; from the end of the step-0 evaluation to the end of the
+step-100 one, 19.6 min (lora, with other checks of ours running beside it)
+and 15.1 min (full).) Each prints, after
+training, a one-row table like the quickstart's:
 
-  python -m tuning.generate --checkpoint=W/lora --prompt=Two --nochat
+  test split by stage:
+    stage               ppl  tok acc     loss    tokens    val ppl  parameters  eval ex/s
+    lora             25.155   0.3979   3.2251      4004     27.901 136,957,248        2.7
+    full             30.585   0.3874   3.4205      4004     33.423 134,515,008        3.5
+
+The zero-shot figure is not the 88.5 of the field notes because the
+protocol differs: that one puts SmolLM2's <|endoftext|> (id 0) before each
+caption and predicts every caption token but no end-of-text; the same
+model on the same 200 lines gives 88.47 that way (and 132.3 this task's
+way: no token before the caption, so its first token is not predicted, and
+<|im_end|> after it). Greedy continuations of one-word prompts
+(prompts.txt: A, Two, The), before (the GGUF file) and after (the run's
+work directory):
+
+  python -m tuning.generate --checkpoint=SmolLM2-135M-Instruct.Q4_1.gguf \\
+      --prompts=prompts.txt --nochat --max_new_tokens=24
+  python -m tuning.generate --checkpoint=W/lora --prompts=prompts.txt \\
+      --nochat --max_new_tokens=24       # likewise W/full
+
+  'A'    before: -1000, 1000, 1001, 1002,
+         lora:   man is standing on a bench.
+         full:   -looking-man-in-a-black-hat-on-a-street-looking-at-a
+  'Two'  before: -one-two-three-four-five-six-seven-eight-nine, which is a
+                 classic example
+         lora:   man in a white shirt and a black hat is sitting on a bench.
+         full:   , 2, 3, 4, 5, 6, 7, 8, 9
+  'The'  before: -the-world-is-a-world-of-fantasies-when-you-don't-
+         lora:   man in a white shirt is sitting on a bench.
+         full:   -12-13-2017-12-12-12-12-
+The LoRA run ends its captions with <|im_end|> (8-16 new tokens); the full
+run, at its 20x lower learning rate, has not yet learnt to start a caption
+from a bare word (each used all 24 tokens), though both continue the
+validation half-captions alike (samples.jsonl).
 """
 
 import importlib.util
