@@ -112,6 +112,7 @@ def is_run_workdir(path: str) -> bool:
 def _load_run(workdir: str, step: str, dtype: str) -> LoadedModel:
   """A causal_lm run's checkpoint, tokenizer and model config."""
   # pylint: disable=g-import-not-at-top
+  from tuning import checkpoints
   from tuning import finished_run
   from tuning import tokenization
   from tuning.models import hf_config as hf_config_lib
@@ -119,6 +120,15 @@ def _load_run(workdir: str, step: str, dtype: str) -> LoadedModel:
   which = int(step) if str(step).isdigit() else step
   if which not in ('best', 'latest') and not isinstance(which, int):
     raise ValueError(f'--step={step!r}: use best, latest or a step number')
+  directory = checkpoints.run_checkpoint_dir(workdir)
+  if isinstance(which, int) and directory:
+    steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+    if which not in steps:
+      raise ValueError(
+          f'no checkpoint step {which} in {directory} (steps there: '
+          f'{", ".join(map(str, steps))}): set --step to one of them, '
+          'best or latest'
+      )
   model, params, config, chosen = finished_run.restore_decoder(
       workdir, which, dtype
   )
