@@ -18,7 +18,6 @@ Measures, in one run on this machine, float32:
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -31,7 +30,7 @@ from flax import jax_utils
 import optax
 
 from benchmarks.timing import peak_matmul_flops, timed, torch_peak_matmul_flops
-from benchmarks.timing import xla_flops
+from benchmarks.timing import torch_timed, xla_flops
 from experiments import minilm_sst2
 from tuning.models import bert
 from tuning.train_step import TrainState, make_eval_step, make_train_step
@@ -141,17 +140,9 @@ def torch_rates(model_dir: str, batch: int, length: int, steps: int):
     with torch.no_grad():
       return model(input_ids=ids, attention_mask=mask).logits.sum().item()
 
-  def time_it(fn):
-    for _ in range(2):
-      fn()
-    start = time.perf_counter()
-    for _ in range(steps):
-      fn()
-    return (time.perf_counter() - start) / steps
-
   return (
-      batch / time_it(train_once),
-      batch / time_it(eval_once),
+      batch / torch_timed(train_once, steps),
+      batch / torch_timed(eval_once, steps),
       torch.__version__,
       torch.get_num_threads(),
   )

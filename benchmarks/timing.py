@@ -50,3 +50,13 @@ def xla_flops(fn, *args) -> float:
   cost = jax.jit(fn).lower(*args).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get('flops', 0.0))
+
+
+def torch_timed(fn, steps: int, warmup: int = 2) -> float:
+  """Seconds per call of a (synchronous) PyTorch function."""
+  for _ in range(warmup):
+    fn()
+  start = time.perf_counter()
+  for _ in range(steps):
+    fn()
+  return (time.perf_counter() - start) / steps

@@ -179,17 +179,25 @@ def test_causal_lm_resumes_exactly(files, uninterrupted, tmp_path, monkeypatch):
   assert results['validation'] == expected['validation']
 
 
-def test_lora_on_the_decoder_trains_adapters_and_head_only(files, tmp_path):
+@pytest.fixture(scope='module')
+def lora_run(files, tmp_path_factory):
+  """A tiny LoRA causal_lm run of 10 steps, evaluated (with greedy
+  samples through the merged model) before it starts and at the end."""
   config = causal_config(*files, steps=10)
   config.lora.rank = 4
-  config.training.samples = 2  # greedy samples through the merged model
-  workdir = str(tmp_path / 'lora')
-  results = experiment.run(config, workdir)
+  config.training.samples = 2
+  config.training.eval_at_start = True
+  workdir = str(tmp_path_factory.mktemp('runs') / 'lora')
+  return config, workdir, experiment.run(config, workdir)
+
+
+def test_lora_on_the_decoder_trains_adapters_and_head_only(lora_run, tmp_path):
+  config, workdir, results = lora_run
   with open(os.path.join(workdir, 'samples.jsonl'), encoding='utf-8') as f:
     lines = [json.loads(line) for line in f]
-  assert [l['step'] for l in lines] == [10, 10]
+  assert [l['step'] for l in lines] == [0, 0, 10, 10]
   assert results['samples'] == [
-      {k: l[k] for k in ('prompt', 'continuation')} for l in lines
+      {k: l[k] for k in ('prompt', 'continuation')} for l in lines[2:]
   ]
   assert all(l['prompt'].startswith('the ') for l in lines)
   run = Run(config, str(tmp_path / 'init'))
@@ -297,3 +305,78 @@ def test_causal_lm_needs_a_decoder(files, tmp_path):
   config.model.name = 'lstm'
   with pytest.raises(ValueError, match='needs a decoder, not config.model'):
     Run(config, str(tmp_path / 'lstm'))
+
+
+def test_eval_at_start_is_the_initial_parameters_validation(lora_run, tmp_path):
+  config, _, results = lora_run
+  history = results['validation_history']
+  assert [h['step'] for h in history] == [0, 10]
+  assert results['validation_at_start'] == history[0]
+  run = Run(config, str(tmp_path / 'init'))
+  start = run.evaluate(run.init_params(), 'validation')
+  run.checkpoints.close()
+  np.testing.assert_allclose(
+      history[0]['perplexity'], start['perplexity'], rtol=1e-5
+  )
+  assert history[1]['perplexity'] < 0.8 * history[0]['perplexity']
+
+
+def test_generate_from_a_run_workdir_uses_its_merged_final_params(
+    files, lora_run, tmp_path
+):
+  from tuning import generate  # pylint: disable=g-import-not-at-top
+  from tuning import generation  # pylint: disable=g-import-not-at-top
+  from tuning import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from tuning.models import decoder as decoder_lib  # pylint: disable=g-import-not-at-top
+
+  folder, _ = files
+  config, workdir, _ = lora_run
+  step, params = final_params(workdir)
+  merged = lora_lib.merge(params, config.lora)
+  prompts = ['the cat', 'the bird flew']
+  for which in ('best', 'latest', str(step)):
+    loaded = generate.load(workdir, step=which)
+    assert set(flat(loaded.params)) == set(flat(merged))
+    for k, v in flat(merged).items():
+      np.testing.assert_allclose(flat(loaded.params)[k], v, rtol=1e-6)
+  got = generate.complete(loaded, prompts, max_new_tokens=6, chat=False)
+  # The same greedy tokens straight from generation.generate.
+  tokenizer = loaded.tokenizer
+  encoded = [tokenizer.encode(p).ids for p in prompts]
+  ids = np.zeros((2, 16), np.int32)
+  mask = np.zeros_like(ids)
+  for row, tokens in enumerate(encoded):
+    ids[row, 16 - len(tokens) :] = tokens
+    mask[row, 16 - len(tokens) :] = 1
+  model = decoder_lib.from_hf_config(folder)
+  out = generation.generate(
+      model, merged, ids, mask, max_new_tokens=6, stop_tokens=(2,), pad_id=2
+  )
+  for row, result in enumerate(got):
+    new = out.tokens[row, : out.lengths[row]].tolist()
+    assert result['new_tokens'] == len(new)
+    assert result['completion'] == tokenizer.decode([t for t in new if t != 2])
+  assert any(r['new_tokens'] for r in got)
+
+
+def test_generate_from_a_workdir_one_line_errors(files, lora_run, tmp_path):
+  from tuning import generate  # pylint: disable=g-import-not-at-top
+
+  _, workdir, _ = lora_run
+  empty = tmp_path / 'not_trained'
+  empty.mkdir()
+  with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
+    (empty / 'config.json').write_text(f.read())
+  with pytest.raises(ValueError, match='no checkpoint in .*train it first'):
+    generate.load(str(empty))
+  with pytest.raises(ValueError, match='no checkpoint step 7 in .*set --step'):
+    generate.load(workdir, step='7')
+  with pytest.raises(ValueError, match="--step='last': use best, latest"):
+    generate.load(workdir, step='last')
+  classifier = tmp_path / 'classifier'
+  classifier.mkdir()
+  (classifier / 'config.json').write_text(
+      json.dumps({'task': 'classification', 'model': {}, 'training': {}})
+  )
+  with pytest.raises(ValueError, match='is a classification run: generation'):
+    generate.load(str(classifier))

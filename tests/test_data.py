@@ -1,5 +1,7 @@
 """Data sources, cleaning, train-only preprocessing and batching."""
 
+import gzip
+
 import numpy as np
 import pytest
 
@@ -344,6 +346,18 @@ def test_text_without_labels(tmp_path):
       text_config(headerless, column_names=('text',)), labels=None
   )
   assert len(data.train['input_ids']) == 22  # 30 - 6 test - 2 validation
+  # A gzip-compressed plain-text file (e.g. Multi30k's train.en.gz) reads
+  # the same rows.
+  with open(headerless, 'rb') as f, gzip.open(tmp_path / 'lm.gz', 'wb') as g:
+    g.write(f.read())
+  compressed = build_datasets(
+      text_config(tmp_path / 'lm.gz', column_names=('text',), source='tsv'),
+      labels=None,
+  )
+  for name in ('train', 'validation', 'test'):
+    np.testing.assert_array_equal(
+        compressed.split(name)['input_ids'], data.split(name)['input_ids']
+    )
 
 
 def test_one_row_parser_for_memory_and_conversion(tmp_path):

@@ -162,6 +162,10 @@ def base_config() -> config_dict.ConfigDict:
   c.training.checkpoint_every_steps = placeholder(int)
   c.training.checkpoint_every_epochs = placeholder(float)
   c.training.log_every_steps = 50
+  # Evaluate on validation before the first step too (logged as step 0, in
+  # results.json as validation_at_start): e.g. a pretrained model's
+  # zero-shot figures. Not a checkpoint; early stopping ignores it.
+  c.training.eval_at_start = False
   # Language modelling (task=causal_lm): at each evaluation, greedily
   # continue the first half of this many validation documents (0: none) by
   # sample_tokens tokens (log, samples.jsonl and results.json).

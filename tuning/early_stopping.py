@@ -56,7 +56,7 @@ class EarlyStopping:
           row = json.loads(line)
         except ValueError:
           continue
-        if row.get('split') == 'validation' and row['step'] <= up_to_step:
+        if row.get('split') == 'validation' and 0 < row['step'] <= up_to_step:
           seen[row['step']] = row  # a rerun step overwrites
     for step in sorted(seen):
       self.update(step, seen[step])

@@ -1,7 +1,8 @@
 """Loading finished runs: their config, data, model and chosen parameters.
 
 Used wherever a trained run is read back: ensembles and soups (members),
-distillation (teachers). A run's `config.json` is merged onto today's
+distillation (teachers), generation from a causal_lm run (`restore_decoder`,
+which reads no data). A run's `config.json` is merged onto today's
 `base_config()`, so runs written before a field existed get its default.
 """
 
@@ -10,11 +11,17 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 from ml_collections import config_dict
 
+from tuning import ema as ema_lib
+from tuning import lora as lora_lib
+from tuning.checkpoints import load_pretrained_params, run_checkpoint_dir
 from tuning.data.datasets import build_datasets
 from tuning.defaults import merged_onto_defaults
+from tuning.models.registry import build_model
+from tuning.naming import naming_rules
 from tuning.run import Run
 from tuning.tasks.registry import task_class
 
@@ -136,3 +143,45 @@ class Members:
         )
       outputs.append(member_outputs)
     return outputs, labels
+
+
+def restore_decoder(workdir: str, which='best', dtype: str | None = None):
+  """(plain decoder, host params, run config, step) of a finished causal_lm
+  run, read without its data: the `which` checkpoint ('best', 'latest' or a
+  step), EMA parameters where the run evaluated with them, LoRA adapters
+  merged into the kernels. `dtype`: the compute dtype (None: the run's)."""
+  config = run_config(workdir)
+  if config.get('task') != 'causal_lm':
+    raise FinishedRunError(
+        f'{workdir} is a {config.get("task")} run: generation needs a '
+        'causal_lm run (config.task=causal_lm with a decoder)'
+    )
+  if run_checkpoint_dir(workdir) is None:
+    raise FinishedRunError(
+        f'no checkpoint in {os.path.join(workdir, "checkpoints")}: the run '
+        'has not saved one yet (train it first, or give another work '
+        'directory)'
+    )
+  task = task_class(config.task)(config, None)
+  model = build_model(config.model, dtype or config.dtype, **task.model_dims())
+  lora = config.lora if lora_lib.enabled(config.get('lora')) else None
+  if lora:
+    model = lora_lib.LoraModel(model, lora, naming=naming_rules(config))
+  example = np.zeros((1, 8), np.int32)
+  shapes = jax.eval_shape(
+      lambda: model.init(
+          {'params': jax.random.key(0)},
+          input_ids=example,
+          attention_mask=np.ones_like(example),
+          train=False,
+      )
+  )['params']
+  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  params, report = load_pretrained_params(workdir, target, step=which)
+  if config.training.get('evaluate_ema', False):
+    params = ema_lib.load_ema_params(
+        run_checkpoint_dir(workdir), report['step'], params
+    )
+  if lora:
+    return model.model, lora_lib.merge(params, lora), config, report['step']
+  return model, params, config, report['step']

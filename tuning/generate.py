@@ -4,13 +4,17 @@
   python -m tuning.generate --checkpoint=DIR --prompts=FILE --output=OUT.jsonl
 
 `--checkpoint` is a converted model folder (params/, config.json,
-tokenizer.json, optionally tokenizer_config.json with a chat template) or a
-.gguf file, read directly. `--prompts` holds one prompt a line; the results
-are written as JSONL ({"prompt", "completion", "new_tokens"}), to stdout
-without `--output`. When the model has a chat template each prompt becomes
-one user message (`--nochat` sends the raw text). Generation stops at the
-model's end-of-sequence tokens or after `--max_new_tokens`; temperature 0
-is greedy.
+tokenizer.json, optionally tokenizer_config.json with a chat template), a
+.gguf file, read directly, or the work directory of a causal_lm run
+(`main.py --workdir`; a stage's, for a multi-stage experiment): its best
+checkpoint (`--step=latest` or a step number for another), LoRA adapters
+merged, with the model config and tokenizer its config names
+(`model.hf_config`; `data.tokenizer`, else `init.checkpoint`).
+`--prompts` holds one prompt a line; the results are written as JSONL
+({"prompt", "completion", "new_tokens"}), to stdout without `--output`.
+When the model has a chat template each prompt becomes one user message
+(`--nochat` sends the raw text). Generation stops at the model's
+end-of-sequence tokens or after `--max_new_tokens`; temperature 0 is greedy.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Prompts per batch.')
 _CHAT = flags.DEFINE_bool(
     'chat', True, 'Apply the chat template if the ' 'model has one.'
 )
+_STEP = flags.DEFINE_string(
+    'step', 'best', 'Run work directories: best | latest | a step number.'
+)
 _DTYPE = flags.DEFINE_enum(
     'dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.'
 )
@@ -84,14 +91,92 @@ class LoadedModel:
     return 0
 
 
-def load(checkpoint: str, dtype: str = 'float32') -> LoadedModel:
-  """The model, params and tokenizer of a converted folder or .gguf file."""
+def is_run_workdir(path: str) -> bool:
+  """A run's work directory: a checkpoints/ folder, or a config.json that
+  is a run's (with `task`/`model`/`training`), not a Hugging Face one."""
+  if not os.path.isdir(path) or os.path.isdir(os.path.join(path, 'params')):
+    return False
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return True
+  config_file = os.path.join(path, 'config.json')
+  if not os.path.isfile(config_file):
+    return False
+  try:
+    with open(config_file, encoding='utf-8') as f:
+      values = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(values, dict) and {'model', 'training'} <= set(values)
+
+
+def _load_run(workdir: str, step: str, dtype: str) -> LoadedModel:
+  """A causal_lm run's checkpoint, tokenizer and model config."""
+  # pylint: disable=g-import-not-at-top
+  from tuning import checkpoints
+  from tuning import finished_run
+  from tuning import tokenization
+  from tuning.models import hf_config as hf_config_lib
+  # pylint: enable=g-import-not-at-top
+  which = int(step) if str(step).isdigit() else step
+  if which not in ('best', 'latest') and not isinstance(which, int):
+    raise ValueError(f'--step={step!r}: use best, latest or a step number')
+  directory = checkpoints.run_checkpoint_dir(workdir)
+  if isinstance(which, int) and directory:
+    steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+    if which not in steps:
+      raise ValueError(
+          f'no checkpoint step {which} in {directory} (steps there: '
+          f'{", ".join(map(str, steps))}): set --step to one of them, '
+          'best or latest'
+      )
+  model, params, config, chosen = finished_run.restore_decoder(
+      workdir, which, dtype
+  )
+  folder = config.data.tokenizer
+  if not folder or folder == 'whitespace':
+    folder = config.init.checkpoint
+  if not folder or not os.path.exists(folder):
+    raise ValueError(
+        f'the tokenizer of {workdir} is not found: its config names '
+        f'data.tokenizer={config.data.tokenizer!r} (init.checkpoint='
+        f'{config.init.checkpoint!r}); run from the directory the run was '
+        'trained in, or restore that folder'
+    )
+  tokenizer_folder = (
+      folder if os.path.isdir(folder) else os.path.dirname(folder)
+  )
+  tokenizer_config = {}
+  config_file = os.path.join(tokenizer_folder, 'tokenizer_config.json')
+  if os.path.isfile(config_file):
+    with open(config_file, encoding='utf-8') as f:
+      tokenizer_config = json.load(f)
+  print(  # stderr: stdout holds only the completions
+      f'{workdir}: checkpoint step {chosen}'
+      + (' (LoRA adapters merged)' if config.lora.get('rank') else ''),
+      file=sys.stderr,
+  )
+  return LoadedModel(
+      model,
+      params,
+      tokenization.load_tokenizer(folder),
+      tokenizer_config,
+      hf_config_lib.read_hf_config(config.model.hf_config),
+  )
+
+
+def load(
+    checkpoint: str, dtype: str = 'float32', step: str = 'best'
+) -> LoadedModel:
+  """The model, params and tokenizer of a converted folder, a .gguf file
+  or a causal_lm run's work directory (its `step` checkpoint)."""
   # pylint: disable=g-import-not-at-top
   from tokenizers import Tokenizer
 
   from tuning.models import decoder as decoder_lib
   # pylint: enable=g-import-not-at-top
   checkpoint = os.fspath(checkpoint)
+  if is_run_workdir(checkpoint):
+    return _load_run(checkpoint, step, dtype)
   if checkpoint.endswith('.gguf'):
     from tuning import gguf_checkpoint  # pylint: disable=g-import-not-at-top
 
@@ -107,8 +192,8 @@ def load(checkpoint: str, dtype: str = 'float32') -> LoadedModel:
     if not os.path.exists(needed):
       raise ValueError(
           f'{needed} not found: --checkpoint must be a '
-          'converted model folder (python -m tuning.convert) '
-          'or a .gguf file'
+          'converted model folder (python -m tuning.convert), '
+          "a .gguf file or a causal_lm run's work directory"
       )
   hf_config = decoder_lib.read_hf_config(checkpoint)
   model = decoder_lib.from_hf_config(hf_config, dtype)
@@ -224,8 +309,9 @@ def run(
   if bool(prompt) == bool(prompts_file):
     raise ValueError('give exactly one of --prompt and --prompts')
   dtype = options.pop('dtype', 'float32')
+  step = options.pop('step', 'best')
   prompts = [prompt] if prompt else _read_prompts(prompts_file)
-  loaded = load(checkpoint, dtype)
+  loaded = load(checkpoint, dtype, step)
   results = complete(loaded, prompts, **options)
   if prompt and not output:
     print(results[0]['completion'])
@@ -248,8 +334,8 @@ def main(argv):
   try:
     if not _CHECKPOINT.value:
       raise ValueError(
-          '--checkpoint is required: a converted model folder '
-          'or a .gguf file'
+          '--checkpoint is required: a converted model folder, '
+          "a .gguf file or a causal_lm run's work directory"
       )
     run(
         _CHECKPOINT.value,
@@ -264,6 +350,7 @@ def main(argv):
         batch_size=_BATCH_SIZE.value,
         chat=_CHAT.value,
         dtype=_DTYPE.value,
+        step=_STEP.value,
     )
   except ValueError as e:
     if os.environ.get('TUNING_TRACEBACK'):

@@ -300,6 +300,8 @@ def _loop(
   history, stopped_at = [], None
   if stopper and first_step:
     stopper.replay(run.workdir, first_step)
+  if first_step == 0 and config.training.get('eval_at_start'):
+    history.append(_evaluate_at_start(run, state, writer, start_time))
   try:
     for step in range(first_step, total):
       batch = next(stream)
@@ -368,6 +370,26 @@ def _loop(
   return {'state': state, 'history': history, 'stopped_at': stopped_at}
 
 
+def _evaluate_at_start(run: Run, state, writer, start_time: float) -> dict:
+  """`training.eval_at_start`: the validation metrics of the parameters
+  before the first update (e.g. a pretrained model's zero-shot figures),
+  logged as step 0; not a checkpoint, and early stopping ignores it."""
+  config = run.config
+  val = run.evaluate(
+      state.ema_params if config.training.get('evaluate_ema') else state.params,
+      'validation',
+  )
+  scalars = run.task.scalars(val)
+  writer.write(
+      0, 'validation', {**scalars, 'elapsed_s': time.time() - start_time}
+  )
+  console.info(
+      f'validation at step 0 (before training): {run.task.summary(val)}'
+  )
+  _log_samples(run, state.params, 0)
+  return {'step': 0, **scalars}
+
+
 def _check_finite(run: Run, metrics: dict, done: int):
   """Says a skipped step, or stops the run on a non-finite loss."""
   if metrics['nonfinite'] and run.config.training.on_nonfinite == 'skip':
@@ -411,6 +433,9 @@ def _finish(
       )
       if t
   )
+  at_start = [h for h in results['validation_history'] if h['step'] == 0]
+  if at_start:
+    results['validation_at_start'] = at_start[0]
   if outcome['stopped_at'] is not None:
     results['early_stopped_at_step'] = outcome['stopped_at']
   state = outcome['state']

@@ -27,6 +27,7 @@ from __future__ import annotations
 import codecs
 import csv
 import dataclasses
+import gzip
 import json
 import math
 import os
@@ -122,8 +123,9 @@ class ReadOptions:
 def _lines(
     path: str, options: ReadOptions, progress: Callable[[int], None] | None
 ) -> Iterator[str]:
-  """The decoded lines of a file; a line that does not decode is an error."""
-  with open(path, 'rb') as f:
+  """The decoded lines of a file (gzip-compressed when its name ends in
+  .gz); a line that does not decode is an error."""
+  with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
     for number, raw in enumerate(f, start=1):
       if progress is not None:
         progress(len(raw))
