@@ -45,6 +45,7 @@ import optax
 from experiments import minilm_sst2
 from tuning.models import bert
 from tuning.models.hf_config import read_hf_config
+from tuning.sharding import PmapLayout
 from tuning.train_step import TrainState, train_step_fn
 
 import torch_reference
@@ -54,12 +55,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def interleaved(fns: dict, reps: int) -> dict:
   """{name: (median wall s, median CPU s)} per call of each `fns` entry,
-  after two warm-up calls each (a pmapped step compiles again on its second
-  call, when its state is its own output); repetition r calls every entry
-  once."""
+  after a warm-up call each; repetition r calls every entry once."""
   for fn in fns.values():
-    for _ in range(2):
-      jax.block_until_ready(fn())
+    jax.block_until_ready(fn())
   wall = {k: [] for k in fns}
   cpu = {k: [] for k in fns}
   for _ in range(reps):
@@ -126,7 +124,7 @@ def jax_train(
       jax.random.key(0), **{k: data[k][0, :1] for k in ('input_ids',)}
   )['params']
   tx = optimizer(flat_optimizer)
-  state = jax_utils.replicate(
+  state = PmapLayout().place_state(
       TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   )
   step = jax.pmap(
