@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tuning.models import bf16_matmul
 from tuning.models.family import Family
 from tuning.models.hf_config import read_hf_config
 
@@ -109,6 +110,12 @@ def _dense(features: int, name: str, config: BertConfig, dtype) -> nn.Dense:
       dtype=dtype,
       param_dtype=jnp.float32,
       kernel_init=nn.initializers.normal(config.initializer_range),
+      # bfloat16: matmuls on XLA CPU's bfloat16 kernels (bf16_matmul.py).
+      dot_general=(
+          bf16_matmul.dot_general
+          if jnp.dtype(dtype) == jnp.bfloat16
+          else jax.lax.dot_general
+      ),
       name=name,
   )
 
