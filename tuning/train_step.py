@@ -155,7 +155,7 @@ def train_step_fn(
   `prng_impl` names the dropout bits (tuning/prng.py): the default 'hash'
   and 'threefry2x32' draw each example's bits from its own key alone, so
   that results do not depend on the device count; hash costs about a tenth
-  of threefry's time (2% of a MiniLM step against 12%). 'rbg' is not
+  of threefry's time (1% of a MiniLM step against 11%). 'rbg' is not
   elementwise in the key (its bits then change with the device count)
   and was slower than threefry on MiniLM. `dropout_keys='per_shard'`
   applies the model to a device's whole (micro-)batch with one key
