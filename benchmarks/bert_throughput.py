@@ -19,7 +19,7 @@ The default run times the default train step (float32; dropout bits
 adds every lever of issue #14 (dropout bits, per-shard keys, donation, a
 flattened optimizer, bfloat16, attention) as a table. `--memory` runs 10
 training steps in a child process per framework and prints each one's peak
-resident memory (ru_maxrss). The SST-2 epoch (unless `--skip_epoch`) is
+resident memory (VmHWM). The SST-2 epoch (unless `--skip_epoch`) is
 estimated for both frameworks from step times measured at each length
 bucket, times the batches per bucket in one epoch of the real stream.
 """
@@ -240,7 +240,8 @@ def sst2_epoch_estimate(model_dir: str, batch: int, reps: int, torch_ok: bool):
 
 
 def child_peak_rss(framework: str, model_dir: str, batch: int, length: int):
-  """ru_maxrss (MiB) of a child process running 10 train steps."""
+  """Peak resident memory (MiB) of a child process running 10 train
+  steps (benchmarks/peak_memory.py)."""
   out = subprocess.run(
       [
           sys.executable,

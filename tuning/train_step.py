@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from tuning import prng
+from tuning.models import bf16_matmul
 from tuning.tasks import classification
 
 AXIS = 'batch'
@@ -104,7 +105,8 @@ def per_example_logits(model, params, features, index, rng, train: bool):
     )
     return out[0]
 
-  return jax.vmap(one)(features, index)
+  with bf16_matmul.per_example():
+    return jax.vmap(one)(features, index)
 
 
 def per_shard_logits(model, params, features, index, rng, train: bool):
