@@ -15,7 +15,8 @@ a load change on a shared machine hits all of them), and prints medians of
     the peak of a 2048^2 float32 jnp.dot.
 The default run times the default train step (float32; dropout bits
 `training.prng_impl=hash`, one key per example), the former default
-(threefry keys), the bfloat16 step, the eval step and PyTorch's. `--levers`
+(threefry keys), the bfloat16 step with per-example and with per-shard
+dropout keys, the eval step (float32 and bfloat16) and PyTorch's. `--levers`
 adds every lever of issue #14 (dropout bits, per-shard keys, donation, a
 flattened optimizer, bfloat16, attention) as a table. `--memory` runs 10
 training steps in a child process per framework and prints each one's peak
@@ -279,7 +280,7 @@ TRAIN_LEVERS = (
         dict(dtype='bfloat16', dropout_keys='per_shard'),
     ),
 )
-DEFAULT_TRAIN = (TRAIN_LEVERS[0], TRAIN_LEVERS[2], TRAIN_LEVERS[7])
+DEFAULT_TRAIN = tuple(TRAIN_LEVERS[i] for i in (0, 2, 7, 8))
 EVAL_LEVERS = (
     ('eval, einsum attention (as in training)', dict(einsum=True)),
     ('eval, jax.nn.dot_product_attention (default)', dict()),
