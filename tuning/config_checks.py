@@ -289,7 +289,13 @@ def check(config):
   _choice(
       config,
       'training.prng_impl',
-      ('threefry2x32', 'rbg', 'unsafe_rbg'),
+      ('threefry2x32', 'rbg', 'unsafe_rbg', 'hash'),  # tuning/prng.py
+      optional=True,
+  )
+  _choice(
+      config,
+      'training.dropout_keys',
+      ('per_example', 'per_shard'),
       optional=True,
   )
   _number(config, 'training.ema_decay', 0, 1, high_open=True, optional=True)

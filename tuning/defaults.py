@@ -171,9 +171,17 @@ def base_config() -> config_dict.ConfigDict:
   # sample_tokens tokens (log, samples.jsonl and results.json).
   c.training.samples = 0
   c.training.sample_tokens = 16
-  # Dropout randomness: threefry2x32 gives the same numbers on any device
-  # count; rbg is about twice as fast for dropout on CPU, but not that.
-  c.training.prng_impl = 'threefry2x32'
+  # Dropout random bits (tuning/prng.py): 'hash' (a keyed hash of each
+  # element's position; threefry keys) or JAX's 'threefry2x32', 'rbg',
+  # 'unsafe_rbg'. hash and threefry2x32 give the same numbers on any device
+  # count (with per-example keys); hash costs a tenth of threefry's time.
+  c.training.prng_impl = 'hash'
+  # 'per_example': the model runs on one example at a time (vmap), each with
+  # its own dropout key, so that results do not depend on the device count,
+  # the number of hosts or gradient accumulation. 'per_shard': the model
+  # runs on each device's (micro-)batch at once with one key, a few percent
+  # faster, but results then change with how the batch is split.
+  c.training.dropout_keys = 'per_example'
   # Micro-batches per optimizer step (lax.scan inside the step); batch_size
   # stays the global batch per optimizer step.
   c.training.accumulation_steps = 1

@@ -79,7 +79,10 @@ class PmapLayout:
     self._identity = jax.pmap(lambda x: x, axis_name=AXIS)
 
   def place_state(self, state):
-    return jax_utils.replicate(state)
+    """Replicated with the train step's axis name, as the step returns
+    it: with jax_utils.replicate's own axis name, the step's second call
+    compiled it again."""
+    return self._identity(jax_utils.replicate(state))
 
   place_params = place_state
 

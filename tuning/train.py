@@ -245,7 +245,8 @@ def _compile_step(run: Run, training: _Training):
           accumulation_steps=training.accumulation,
           on_nonfinite=config.training.get('on_nonfinite', 'stop'),
           ema_decay=config.training.get('ema_decay'),
-          prng_impl=config.training.get('prng_impl', 'threefry2x32'),
+          prng_impl=config.training.get('prng_impl', 'hash'),
+          dropout_keys=config.training.get('dropout_keys', 'per_example'),
           sum_over_devices=run.layout.sum_over_devices,
           batch_shards=run.layout.batch_shards,
           loss_fn=(

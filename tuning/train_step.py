@@ -10,7 +10,10 @@ Randomness is derived inside the step: the step key is
 example's position in the *global* batch. The model is applied to one
 example at a time under `vmap`, so the dropout masks, and so the results,
 do not depend on how many devices or hosts share the batch, nor on how a
-device's batch is cut into micro-batches for gradient accumulation.
+device's batch is cut into micro-batches for gradient accumulation
+(`dropout_keys='per_shard'` trades that for speed: one key per device's
+micro-batch). The bits come from `prng_impl` (tuning/prng.py; default
+'hash').
 
 One step of `make_train_step`:
 - differentiates only the trainable parameters (frozen ones enter the loss
@@ -37,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tuning import prng
+from tuning.models import bf16_matmul
 from tuning.tasks import classification
 
 AXIS = 'batch'
@@ -100,7 +105,23 @@ def per_example_logits(model, params, features, index, rng, train: bool):
     )
     return out[0]
 
-  return jax.vmap(one)(features, index)
+  with bf16_matmul.per_example():
+    return jax.vmap(one)(features, index)
+
+
+def per_shard_logits(model, params, features, index, rng, train: bool):
+  """Applies `model` to the whole (micro-)batch at once; its dropout key
+  folds in the global index of its first row, so that every device and
+  micro-batch draws other bits, but which bits an example gets depends on
+  how the batch is split."""
+  rngs = {'dropout': jax.random.fold_in(rng, index[0])} if train else {}
+  return model.apply({'params': params}, **features, train=train, rngs=rngs)
+
+
+DROPOUT_KEYS = {
+    'per_example': per_example_logits,
+    'per_shard': per_shard_logits,
+}
 
 
 def ema_decay_at(decay: float, step):
@@ -119,7 +140,8 @@ def train_step_fn(
     accumulation_steps: int = 1,
     on_nonfinite: str = 'stop',
     ema_decay: float | None = None,
-    prng_impl: str = 'threefry2x32',
+    prng_impl: str = 'hash',
+    dropout_keys: str = 'per_example',
     loss_fn=classification.loss,
     loss_weight=classification.rows_weight,
     inputs_of=None,
@@ -132,10 +154,15 @@ def train_step_fn(
   logits of the batch's `teacher/*` columns become its `teacher_logits`
   column (for a distillation `loss_fn`).
 
-  `prng_impl='rbg'` makes dropout about twice as cheap on CPU (measured on
-  MiniLM), but its per-example bits depend on how many examples a device
-  holds, so results then change with the device count; the default
-  threefry keeps them independent of it.
+  `prng_impl` names the dropout bits (tuning/prng.py): the default 'hash'
+  and 'threefry2x32' draw each example's bits from its own key alone, so
+  that results do not depend on the device count; hash costs about a tenth
+  of threefry's time (1% of a MiniLM step against 11%). 'rbg' is not
+  elementwise in the key (its bits then change with the device count)
+  and was slower than threefry on MiniLM. `dropout_keys='per_shard'`
+  applies the model to a device's whole (micro-)batch with one key
+  (`per_shard_logits`) instead of example by example: faster, but not
+  independent of how the batch is split.
 
   `loss_fn(outputs, batch)` gives the task's (loss sum, {metric: sum})
   over a batch's rows and `loss_weight(batch)` what those sums are divided
@@ -155,6 +182,12 @@ def train_step_fn(
         f'config.training.on_nonfinite={on_nonfinite!r}: use '
         "'stop' or 'skip'"
     )
+  if dropout_keys not in DROPOUT_KEYS:
+    raise ValueError(
+        f'config.training.dropout_keys={dropout_keys!r}: use '
+        f"{' or '.join(map(repr, DROPOUT_KEYS))}"
+    )
+  logits_of = DROPOUT_KEYS[dropout_keys]
   accumulation_steps = int(accumulation_steps)
   flat_trainable = (
       None if trainable is None else flax.traverse_util.flatten_dict(trainable)
@@ -173,7 +206,9 @@ def train_step_fn(
               )
           ),
       )
-    rng = jax.random.fold_in(jax.random.key(seed, impl=prng_impl), state.step)
+    rng = jax.random.fold_in(
+        jax.random.key(seed, impl=prng.impl(prng_impl)), state.step
+    )
     flat = flax.traverse_util.flatten_dict(state.params)
     trains = {
         k: flat_trainable is None or bool(flat_trainable[k]) for k in flat
@@ -188,7 +223,7 @@ def train_step_fn(
 
     def objective(trained_params, micro):
       params = flax.traverse_util.unflatten_dict({**frozen, **trained_params})
-      outputs = per_example_logits(
+      outputs = logits_of(
           model, params, inputs_of(micro), micro['index'], rng, train=True
       )
       loss_sum, sums = loss_fn(outputs, micro)

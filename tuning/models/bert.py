@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tuning.models import bf16_matmul
 from tuning.models.family import Family
 from tuning.models.hf_config import read_hf_config
 
@@ -109,6 +110,12 @@ def _dense(features: int, name: str, config: BertConfig, dtype) -> nn.Dense:
       dtype=dtype,
       param_dtype=jnp.float32,
       kernel_init=nn.initializers.normal(config.initializer_range),
+      # bfloat16: matmuls on XLA CPU's bfloat16 kernels (bf16_matmul.py).
+      dot_general=(
+          bf16_matmul.dot_general
+          if jnp.dtype(dtype) == jnp.bfloat16
+          else jax.lax.dot_general
+      ),
       name=name,
   )
 
@@ -182,6 +189,13 @@ class BertSelfAttention(nn.Module):
       return y.reshape(y.shape[:-1] + (heads, head_dim))  # [B, L, H, D]
 
     q, k, v = project('query'), project('key'), project('value')
+    if not train and self.dtype == jnp.float32:
+      # No dropout on the probabilities: XLA's fused attention gives the
+      # same numbers as the einsums below, about 20% faster on CPU.
+      ctx = jax.nn.dot_product_attention(
+          q, k, v, bias=mask_bias, implementation='xla'
+      )
+      return ctx.reshape(ctx.shape[:2] + (cfg.hidden_size,))
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(head_dim)) + mask_bias
     probs = nn.softmax(scores, axis=-1)

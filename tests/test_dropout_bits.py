@@ -1,0 +1,113 @@
+"""Dropout bits (tuning/prng.py) and dropout keys (training.dropout_keys):
+the hash bits' statistics, that they are per key (so per example under the
+train step's vmap), and what each dropout_keys mode keeps invariant."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import jax_utils
+
+from tuning import prng
+from tuning.config_checks import ConfigValueError, check
+from tuning.defaults import base_config
+from tuning.models.mlp import MLP
+from tuning.optimizers import build_optimizer
+from tuning.train_step import initial_state, make_train_step
+
+from conftest import flat, opt_config
+
+
+def _key(seed=0):
+  return jax.random.key(seed, impl=prng.impl('hash'))
+
+
+def test_hash_bits_look_uniform_and_independent():
+  n = 1 << 20
+  key = _key()
+  u = np.asarray(jax.random.uniform(key, (n,)))
+  assert abs(u.mean() - 0.5) < 3e-3 and abs(u.var() - 1 / 12) < 2e-3
+  # Neighbouring positions, and the same positions under a folded key.
+  assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 5e-3
+  other = np.asarray(jax.random.uniform(jax.random.fold_in(key, 1), (n,)))
+  assert abs(np.corrcoef(u, other)[0, 1]) < 5e-3
+  # Every bit is set half of the time.
+  bits = np.asarray(jax.random.bits(key, (n,), jnp.uint32))
+  ones = [((bits >> b) & 1).mean() for b in range(32)]
+  assert max(abs(o - 0.5) for o in ones) < 3e-3, ones
+  # Dropout's keep rate, over a 2-D mask.
+  keep = np.asarray(jax.random.bernoulli(key, 0.9, (1024, 1024)))
+  assert abs(keep.mean() - 0.9) < 2e-3
+  # 8-, 16- and 64-bit draws work too.
+  for dtype in (jnp.uint8, jnp.uint16, jnp.uint64):
+    if dtype == jnp.uint64 and not jax.config.jax_enable_x64:
+      continue
+    assert jax.random.bits(key, (4,), dtype).dtype == dtype
+
+
+def test_hash_bits_depend_on_their_own_key_alone():
+  """Under vmap (the train step's per-example keys), an example's bits are
+  those of its key drawn alone: what keeps results independent of the
+  device count."""
+  keys = jax.vmap(lambda i: jax.random.fold_in(_key(), i))(jnp.arange(8))
+  together = jax.vmap(lambda k: jax.random.bits(k, (3, 5)))(keys)
+  for i in (0, 5):
+    alone = jax.random.bits(jax.random.fold_in(_key(), i), (3, 5))
+    np.testing.assert_array_equal(together[i], alone)
+  assert len({bytes(np.asarray(t)) for t in together}) == 8
+
+
+def _mlp_steps(accumulation, **options):
+  model = MLP(3, (8,), 0.5)
+  params = model.init({'params': jax.random.key(0)}, np.ones((1, 4)))['params']
+  tx, schedule = build_optimizer(opt_config(), params, 10, 2)
+  rng = np.random.RandomState(0)
+  batch = {
+      'x': rng.randn(1, 32, 4).astype(np.float32),
+      'label': rng.randint(0, 3, size=(1, 32)).astype(np.int32),
+      'index': np.arange(32, dtype=np.int32)[None],
+  }
+  step = make_train_step(
+      model, tx, schedule, 0, accumulation_steps=accumulation, **options
+  )
+  state = jax_utils.replicate(initial_state(params, tx))
+  for _ in range(2):
+    state, metrics = step(state, batch)
+  return flat(jax_utils.unreplicate(state.params)), metrics['loss']
+
+
+@pytest.mark.parametrize('prng_impl', ['hash', 'threefry2x32'])
+def test_per_example_keys_ignore_how_the_batch_is_cut(prng_impl):
+  one, loss_one = _mlp_steps(1, prng_impl=prng_impl)
+  four, loss_four = _mlp_steps(4, prng_impl=prng_impl)
+  np.testing.assert_allclose(loss_four, loss_one, rtol=1e-6)
+  for k, v in one.items():
+    np.testing.assert_allclose(four[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_per_shard_keys_train_but_depend_on_the_cut():
+  one, loss_one = _mlp_steps(1, dropout_keys='per_shard')
+  four, loss_four = _mlp_steps(4, dropout_keys='per_shard')
+  assert np.isfinite(loss_one).all() and np.isfinite(loss_four).all()
+  assert not np.allclose(loss_four, loss_one, rtol=1e-4)
+  # Deterministic: the same cut gives the same numbers.
+  np.testing.assert_array_equal(
+      _mlp_steps(4, dropout_keys='per_shard')[1], loss_four
+  )
+
+
+@pytest.mark.parametrize(
+    'field,value',
+    [('prng_impl', 'philox'), ('dropout_keys', 'per_device')],
+)
+def test_unknown_dropout_settings_are_one_line_errors(field, value):
+  config = base_config()
+  config.training.total_steps = 10
+  config.training[field] = value
+  with pytest.raises(ConfigValueError, match=f'config.training.{field}='):
+    check(config)
+  with pytest.raises(ValueError, match=f'config.training.{field}='):
+    if field == 'prng_impl':
+      prng.impl(value)
+    else:
+      _mlp_steps(1, dropout_keys=value)
