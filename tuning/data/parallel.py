@@ -74,7 +74,9 @@ def read_line_pair(
     source_path: str, target_path: str, encoding: str = 'utf-8'
 ) -> tuple[list[str], list[str]]:
   """Two line-aligned files; different line counts are an error."""
-  sources, targets = _lines(source_path, encoding), _lines(target_path, encoding)
+  sources, targets = _lines(source_path, encoding), _lines(
+      target_path, encoding
+  )
   if len(sources) != len(targets):
     raise DataError(
         f'parallel files differ in length: {source_path} has '
@@ -208,9 +210,7 @@ def train_tokenizer(texts, vocab_size: int, kind: str = 'bpe'):
         show_progress=False,
     )
   else:
-    raise DataError(
-        f"config.data.subword={kind!r}: use 'bpe' or 'unigram'"
-    )
+    raise DataError(f"config.data.subword={kind!r}: use 'bpe' or 'unigram'")
   tokenizer.normalizer = normalizers.NFKC()
   tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
   tokenizer.decoder = decoders.Metaspace()
@@ -266,7 +266,7 @@ def load_or_train_tokenizer(
 
   if data_config.get('tokenizer') == 'whitespace':
     raise DataError(
-        "config.task=seq2seq needs a subword tokenizer: set "
+        'config.task=seq2seq needs a subword tokenizer: set '
         "config.data.tokenizer='train' (trained on the training pairs) or "
         'a tokenizer.json path'
     )
@@ -398,7 +398,9 @@ def build_parallel_datasets(data_config, workdir: str) -> Datasets:
   limit = data_config.get('max_validation_examples')
   if limit and limit < len(pairs['validation'][0]):
     n = len(pairs['validation'][0])
-    keep = np.sort(np.random.default_rng(_SPLIT_SEED + 2).permutation(n)[:limit])
+    keep = np.sort(
+        np.random.default_rng(_SPLIT_SEED + 2).permutation(n)[:limit]
+    )
     pairs['validation'] = tuple(
         [side[i] for i in keep] for side in pairs['validation']
     )
