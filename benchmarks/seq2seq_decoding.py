@@ -34,9 +34,7 @@ def main():
   parser.add_argument('--checkpoint', default='best')
   parser.add_argument('--passes', type=int, default=1)
   args = parser.parse_args()
-  with open(
-      os.path.join(args.workdir, 'config.json'), encoding='utf-8'
-  ) as f:
+  with open(os.path.join(args.workdir, 'config.json'), encoding='utf-8') as f:
     config = merged_onto_defaults(json.load(f))
   run = Run(config, args.workdir)
   try:
