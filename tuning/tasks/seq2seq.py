@@ -172,6 +172,11 @@ class Seq2Seq(base.Task):
     self.label_smoothing = float(
         config.training.get('label_smoothing', 0.0) or 0.0
     )
+    if jax.process_count() > 1:
+      raise ValueError(
+          'config.task=seq2seq translates the validation split on one host '
+          '(BLEU): run it as one process (any number of local devices)'
+      )
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError(
           f'config.training.label_smoothing={self.label_smoothing}: use a '
