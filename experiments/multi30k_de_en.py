@@ -10,12 +10,19 @@ training pairs (WORKDIR/tokenizer.json), and trains a 3+3-layer, 256-wide
 post-norm Transformer (Marian shape, shared embeddings tied with the
 output layer) with label smoothing 0.1 and an inverse-square-root
 schedule (peak 1e-3, warm-up 500 steps), batches of 64 pairs of similar
-lengths, 1,600 steps (about 3.5 epochs: what an hour of a shared 2-core
-CPU allows). Each evaluation prints the validation loss, perplexity, token
+lengths, 2,400 steps (5.3 epochs). Each evaluation prints the validation loss, perplexity, token
 accuracy and the sacreBLEU BLEU and chrF (cased, detokenized; greedy
 decoding) of the validation translations, written to
 WORKDIR/translations/validation-<step>.txt; the best checkpoint is the one
 with the highest BLEU.
+
+Measured (2-core CPU shared with other jobs; 7.6M parameters): validation
+BLEU 10.99 / 21.34 / 30.28 / 33.79 / 34.57 / 35.22 at steps 400 / 800 /
+1200 / 1600 / 2000 / 2400 (chrF 56.78 at 2400; greedy decoding); 1,600
+steps took 61 min, the last 800 (on a less loaded machine) 18 min. That
+run stopped at 1,600 and was resumed with --config.training.total_steps=
+2400 (the rsqrt schedule does not depend on the total, and the batch
+stream resumes exactly).
 
 `get_config('quick')`: 150 steps, for a look at the loss and throughput.
 """
@@ -67,7 +74,7 @@ def get_config(arg=None):
   c.training.batch_size = 64
   c.training.eval_batch_size = 256
   c.training.label_smoothing = 0.1
-  c.training.total_steps = 1600
+  c.training.total_steps = 2400
   c.training.eval_every_steps = 400
   c.training.log_every_steps = 50
   c.training.prng_impl = 'rbg'
