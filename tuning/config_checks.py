@@ -232,7 +232,7 @@ def check(config):
   _choice(
       config,
       'optimizer.schedule',
-      ('cosine', 'linear', 'constant'),
+      ('cosine', 'linear', 'constant', 'rsqrt'),
       optional=True,
   )
   _number(

@@ -15,7 +15,7 @@ def base_config() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.mode = 'train'  # train | eval | ensemble | soup
   # What is learnt (tuning/tasks/): its loss, metrics, evaluation and
-  # report. classification | regression
+  # report. classification | regression | causal_lm | seq2seq
   c.task = 'classification'
   c.seed = 0
   # Computation dtype: float32 or bfloat16 (params and optimizer state stay
@@ -87,6 +87,10 @@ def base_config() -> config_dict.ConfigDict:
   c.data.vocab_size = 20000
   c.data.max_length = 64
   c.data.length_buckets = (16, 32, 64)
+  # Training batches of similar lengths (tokenized text in memory): each
+  # epoch's shuffled examples are sorted by length in chunks of this many
+  # batches, cut into batches, and the batches shuffled. 0: off.
+  c.data.group_by_length = 0
   # Language modelling (task=causal_lm): place each split's documents
   # (each ending with the end-of-text token), in order and whole, into rows
   # of max_length tokens; attention and positions stay within each document.
@@ -100,6 +104,22 @@ def base_config() -> config_dict.ConfigDict:
   # Prompt/response rows as a user turn and an assistant turn of the
   # tokenizer's chat template (when it has one), else prompt + response.
   c.data.use_chat_template = True
+  # Sequence-to-sequence (task=seq2seq, tuning/data/parallel.py): source
+  # 'parallel' reads two line-aligned files per split, data.path (and
+  # validation_path, test_path) holding '{lang}', filled with source_lang
+  # and target_lang (e.g. 'train.{lang}.gz'); sources 'tsv'/'jsonl' read
+  # source_column and target_column. Training pairs longer than max_length
+  # tokens on a side, or with a token-length ratio above max_length_ratio
+  # (None: off), are dropped and counted; validation/test never are.
+  # tokenizer 'train' trains a joint `subword` ('bpe' | 'unigram')
+  # tokenizer of vocab_size tokens on the training pairs, saved as
+  # WORKDIR/tokenizer.json and reused on resume.
+  c.data.source_lang = placeholder(str)
+  c.data.target_lang = placeholder(str)
+  c.data.source_column = 'source'
+  c.data.target_column = 'target'
+  c.data.max_length_ratio = placeholder(float)
+  c.data.subword = 'bpe'
 
   # ---------------------------------------------------------------- model
   c.model = config_dict.ConfigDict()
@@ -124,7 +144,9 @@ def base_config() -> config_dict.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.clip_norm = 1.0  # global-norm clipping; 0 turns it off
-  c.optimizer.schedule = 'cosine'  # cosine | linear | constant
+  # cosine | linear | constant | rsqrt (peak * min(step / warmup,
+  # sqrt(warmup / step)): inverse square root after a linear warm-up)
+  c.optimizer.schedule = 'cosine'
   c.optimizer.warmup_steps = placeholder(int)
   c.optimizer.warmup_epochs = placeholder(float)
   c.optimizer.end_learning_rate_factor = 0.0
@@ -171,6 +193,9 @@ def base_config() -> config_dict.ConfigDict:
   # sample_tokens tokens (log, samples.jsonl and results.json).
   c.training.samples = 0
   c.training.sample_tokens = 16
+  # Sequence-to-sequence (task=seq2seq): label smoothing of the training
+  # loss (validation loss/perplexity are the plain cross-entropy).
+  c.training.label_smoothing = 0.0
   # Dropout random bits (tuning/prng.py): 'hash' (a keyed hash of each
   # element's position; threefry keys) or JAX's 'threefry2x32', 'rbg',
   # 'unsafe_rbg'. hash and threefry2x32 give the same numbers on any device
@@ -192,6 +217,19 @@ def base_config() -> config_dict.ConfigDict:
   c.training.evaluate_ema = False  # validate/test with the EMA params
   # Stop after this many evaluations without a better checkpoint.best_metric.
   c.training.early_stopping_patience = placeholder(int)
+
+  # ---------------------------------------------------------------- decode
+  # Sequence-to-sequence validation/test translations (task=seq2seq), made
+  # at every evaluation and scored with sacreBLEU (bleu, chrf): beam search
+  # (beam_size 1: greedy), scores divided by length^length_penalty, at most
+  # max_length_ratio * source tokens + max_length_offset target tokens;
+  # sources batched by length, batch_size at a time.
+  c.decode = config_dict.ConfigDict()
+  c.decode.beam_size = 1
+  c.decode.length_penalty = 1.0
+  c.decode.max_length_ratio = 1.5
+  c.decode.max_length_offset = 10
+  c.decode.batch_size = 128
 
   # ---------------------------------------------------------------- lora
   c.lora = config_dict.ConfigDict()

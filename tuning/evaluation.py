@@ -22,9 +22,9 @@ def final_evaluation(run: Run) -> dict:
   config = run.config
   params, step = run.restore_params(config.checkpoint.evaluate)
   params_placed = run.layout.place_params(params)
-  validation = run.evaluate(params_placed, 'validation')
+  validation = run.evaluate(params_placed, 'validation', step=step)
   start = time.time()  # the validation pass compiled every shape
-  test = run.evaluate(params_placed, 'test')
+  test = run.evaluate(params_placed, 'test', step=step)
   eval_speed = test['examples'] / max(time.time() - start, 1e-9)
   console.info(
       run.task.report(

@@ -28,6 +28,7 @@ import re
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -254,9 +255,29 @@ def scale_by_tree(multipliers) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
+def rsqrt_schedule(peak: float, warmup_steps: int):
+  """Inverse square root with linear warm-up (Vaswani et al. 2017):
+  peak * min(step / warmup, sqrt(warmup / step)); step 0 gives 0, and
+  without warm-up it is peak / sqrt(max(step, 1))."""
+  warmup = float(max(int(warmup_steps), 0))
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    if not warmup:
+      return peak * jax.lax.rsqrt(jnp.maximum(step, 1.0))
+    return peak * jnp.minimum(
+        step / warmup, jnp.sqrt(warmup / jnp.maximum(step, 1.0))
+    )
+
+  return schedule
+
+
 def learning_rate_schedule(opt_config, total_steps: int, warmup_steps: int):
-  """Linear warmup, then cosine, linear or constant decay (optimizer steps)."""
+  """Linear warmup, then cosine, linear or constant decay (optimizer steps);
+  or 'rsqrt': inverse square root with its own linear warm-up."""
   peak = opt_config.learning_rate
+  if opt_config.schedule == 'rsqrt':
+    return rsqrt_schedule(peak, warmup_steps)
   end = peak * opt_config.end_learning_rate_factor
   decay_steps = max(total_steps - warmup_steps, 1)
   if opt_config.schedule == 'cosine':
@@ -270,7 +291,7 @@ def learning_rate_schedule(opt_config, total_steps: int, warmup_steps: int):
   else:
     raise ValueError(
         f'unknown config.optimizer.schedule '
-        f'{opt_config.schedule!r}: use cosine, linear or constant'
+        f'{opt_config.schedule!r}: use cosine, linear, constant or rsqrt'
     )
   if not warmup_steps:
     return decay

@@ -20,6 +20,7 @@ from tuning import console
 from tuning import data_checks
 from tuning import ema as ema_lib
 from tuning import lora as lora_lib
+from tuning.tasks.base import Task
 from tuning.tasks.registry import task_class
 from tuning.checkpoints import RunCheckpoints, load_pretrained_params
 from tuning.data.datasets import Datasets, build_datasets
@@ -42,16 +43,22 @@ class Run:
     self.layout = make_layout(config)
     self.devices = self.layout.devices
     if data is None:
-      data = build_datasets(
-          config.data,
-          labels=task_kind.labels,
-          append_eos=task_kind.append_eos,
+      build_data = getattr(task_kind, 'build_data', None)
+      data = (
+          build_data(config, workdir)
+          if build_data
+          else build_datasets(
+              config.data,
+              labels=task_kind.labels,
+              append_eos=task_kind.append_eos,
+          )
       )
       for line in data.log:
         console.info(f'data: {line}')
       data_checks.check(data, config)
     self.data = data
     self.task = task_kind(config, data)
+    self.task.workdir = workdir
     self.model = build_model(
         config.model, config.dtype, **self.task.model_dims()
     )
@@ -121,9 +128,10 @@ class Run:
         shown = time.time()
       yield batch
 
-  def evaluate(self, params, split: str) -> dict:
+  def evaluate(self, params, split: str, step: int | None = None) -> dict:
     """The task's metrics of a full, ordered pass over one split, its
-    totals accumulated on the device.
+    totals accumulated on the device, and the task's `host_metrics` (for
+    tasks that define them; `step` names the evaluated step there).
 
     `params`: host (numpy) parameters, or parameters already laid out by
     `self.layout.place_params` (or the train state's, as the loop has them).
@@ -144,7 +152,12 @@ class Run:
       totals = self.eval_totals(
           params, batch, self._zero_totals if totals is None else totals
       )
-    return self.task.metrics(jax.tree.map(self.layout.fetch, totals))
+    metrics = self.task.metrics(jax.tree.map(self.layout.fetch, totals))
+    if type(self.task).host_metrics is not Task.host_metrics:
+      plain = self.plain_model_params(params)
+      if plain is not None:
+        metrics.update(self.task.host_metrics(*plain, split, step))
+    return metrics
 
   def predict(self, params, split, progress: str = ''):
     """Outputs [N, ...] (e.g. logits) and labels [N] of a split (its name,

@@ -154,6 +154,7 @@ def _setup(run: Run) -> _Training:
       run.buckets,
       jax.process_index(),
       jax.process_count(),
+      group_by_length=int(config.data.get('group_by_length', 0) or 0),
   )
   total, eval_every, checkpoint_every, warmup = _resolve_schedule(
       config, stream.steps_per_epoch
@@ -332,6 +333,7 @@ def _loop(
             if config.training.get('evaluate_ema')
             else state.params,
             'validation',
+            step=done,
         )
         scalars = run.task.scalars(val)
         writer.write(

@@ -35,19 +35,32 @@ TOKEN_COLUMNS = (
     'segment_ids',  # packed rows: 1..n per document, 0 on padding
     'positions',  # packed rows: 0 at each document's first token
 )
+# Sequence-to-sequence targets (tuning/data/parallel.py), cut by their own
+# mask.
+TARGET_COLUMNS = ('decoder_input_ids', 'target_ids', 'target_mask')
+
+
+def _bucket_length(mask: np.ndarray, buckets) -> int:
+  width = mask.shape[1]
+  longest = int(mask.sum(axis=1).max(initial=1))
+  fits = [b for b in sorted(buckets) if b >= longest] or [width]
+  return min(fits[0], width)
 
 
 def trim_to_bucket(batch: Table, buckets) -> Table:
-  """Cuts token columns to the smallest bucket >= the longest example."""
+  """Cuts token columns to the smallest bucket >= the longest example
+  (target columns, where present, by the longest target)."""
   if 'attention_mask' not in batch or not buckets:
     return batch
-  width = batch['attention_mask'].shape[1]
-  longest = int(batch['attention_mask'].sum(axis=1).max(initial=1))
-  fits = [b for b in sorted(buckets) if b >= longest] or [width]
-  length = min(fits[0], width)
-  return {
+  length = _bucket_length(batch['attention_mask'], buckets)
+  out = {
       k: (v[:, :length] if k in TOKEN_COLUMNS else v) for k, v in batch.items()
   }
+  if 'target_mask' in batch:
+    length = _bucket_length(batch['target_mask'], buckets)
+    for k in TARGET_COLUMNS:
+      out[k] = batch[k][:, :length]
+  return out
 
 
 class TrainStream:
@@ -66,11 +79,16 @@ class TrainStream:
       process_index: int = 0,
       process_count: int = 1,
       read_threads: int | None = None,
+      group_by_length: int = 0,
   ):
     """`table`: a Table, or anything with __len__ and take(indices).
 
     `read_threads` build batches ahead in parallel (default: the table's
     `read_threads`, else 1); the batches do not depend on it.
+    `group_by_length` = k > 0 (a table in memory with an attention mask):
+    each epoch's shuffled examples are cut into chunks of k batches, each
+    chunk sorted by length (source, then target) and cut into batches, and
+    the epoch's batches shuffled: batches of similar lengths, less padding.
     """
     read_threads = read_threads or getattr(table, 'read_threads', 1)
     n = num_rows(table) if isinstance(table, dict) else len(table)
@@ -91,14 +109,22 @@ class TrainStream:
     lo = process_index * per_process
     self._rows = slice(lo, lo + per_process)
     self._buckets = buckets
-    # range(n) is lazy: no index array as large as the data set.
-    dataset = (
-        grain.MapDataset.range(n)
-        .shuffle(seed=seed)
-        .repeat(None)
-        .batch(batch_size, drop_remainder=True)
-        .map(self._gather)
-    )
+    if group_by_length:
+      self._grouped = _LengthGroups(
+          table, batch_size, seed, int(group_by_length)
+      )
+      # One element a batch; the global batch number k gives its epoch and
+      # place, so the iterator state (a position) resumes exactly.
+      dataset = grain.MapDataset.range(2**62).map(self._grouped_batch)
+    else:
+      # range(n) is lazy: no index array as large as the data set.
+      dataset = (
+          grain.MapDataset.range(n)
+          .shuffle(seed=seed)
+          .repeat(None)
+          .batch(batch_size, drop_remainder=True)
+          .map(self._gather)
+      )
     self._dataset = dataset.to_iter_dataset(
         grain.ReadOptions(
             num_threads=read_threads, prefetch_buffer_size=2 * read_threads
@@ -116,6 +142,9 @@ class TrainStream:
     batch = trim_to_bucket(batch, self._buckets)
     return {k: v[self._rows] for k, v in batch.items()}
 
+  def _grouped_batch(self, k) -> Table:
+    return self._gather(self._grouped.batch(int(k)))
+
   def __iter__(self) -> Iterator[Table]:
     return self
 
@@ -127,6 +156,46 @@ class TrainStream:
 
   def set_state(self, state: dict):
     self._iterator.set_state(state)
+
+
+class _LengthGroups:
+  """Batches of similar lengths, per epoch, from the seed (see
+  TrainStream's `group_by_length`)."""
+
+  def __init__(self, table, batch_size: int, seed: int, chunk_batches: int):
+    if not isinstance(table, dict) or 'attention_mask' not in table:
+      raise DataError(
+          'grouping batches by length needs tokenized text in memory'
+      )
+    n = num_rows(table)
+    lengths = table['attention_mask'].sum(axis=1).astype(np.int64)
+    if 'target_mask' in table:
+      lengths = lengths * 4096 + table['target_mask'].sum(axis=1)
+    self._lengths = lengths
+    self._n = n
+    self._batch_size = batch_size
+    self._seed = seed
+    self._chunk = chunk_batches * batch_size
+    self.per_epoch = n // batch_size
+    self._cached = (-1, None)  # (epoch, its batches): one read, thread-safe
+
+  def _epoch_batches(self, epoch: int) -> np.ndarray:
+    rng = np.random.default_rng([self._seed, epoch])
+    order = rng.permutation(self._n)[: self.per_epoch * self._batch_size]
+    parts = []
+    for lo in range(0, len(order), self._chunk):
+      chunk = order[lo : lo + self._chunk]
+      parts.append(chunk[np.argsort(self._lengths[chunk], kind='stable')])
+    batches = np.concatenate(parts).reshape(self.per_epoch, self._batch_size)
+    return batches[rng.permutation(self.per_epoch)]
+
+  def batch(self, k: int) -> np.ndarray:
+    epoch, place = divmod(k, self.per_epoch)
+    cached_epoch, batches = self._cached
+    if cached_epoch != epoch:
+      batches = self._epoch_batches(epoch)
+      self._cached = (epoch, batches)
+    return batches[place]
 
 
 def eval_batches(

@@ -18,6 +18,9 @@ A task (chosen by `config.task`) tells the rest of the code:
   any order), summed over devices; `metrics(totals)` turns the host copy
   of both into final metrics;
 - optionally which batch columns the model takes (`inputs`);
+- optionally `build_data(config, workdir)` (a static method building the
+  task's own `Datasets` instead of `build_datasets`) and `host_metrics`
+  (metrics computed on the host at each evaluation, e.g. BLEU);
 - the default `checkpoint.best_metric`/`best_mode`, the validation scalars
   that are logged and compared, the printed report, the columns of the
   stage table and its part of `results.json`.
@@ -99,6 +102,16 @@ class Task:
     continuations); `params` are plain host parameters. None: nothing."""
     del model, params
     return []
+
+  def host_metrics(
+      self, model, params, split: str, step: int | None = None
+  ) -> dict[str, Any]:
+    """Metrics computed on the host at each evaluation of `split` (e.g.
+    BLEU of decoded translations), merged into the device totals' metrics
+    by `Run.evaluate`; `params` are plain host parameters, `step` the
+    evaluated step (None: unknown). Only called where a task overrides it."""
+    del model, params, split, step
+    return {}
 
   def results(self) -> dict[str, Any]:
     """What results.json records about the task besides the metrics."""

@@ -3,12 +3,14 @@
 from tuning.tasks import causal_lm
 from tuning.tasks import classification
 from tuning.tasks import regression
+from tuning.tasks import seq2seq
 from tuning.tasks.base import Task
 
 TASKS: dict[str, type[Task]] = {
     causal_lm.TASK.name: causal_lm.TASK,
     classification.TASK.name: classification.TASK,
     regression.TASK.name: regression.TASK,
+    seq2seq.TASK.name: seq2seq.TASK,
 }
 
 
