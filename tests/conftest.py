@@ -262,3 +262,39 @@ def preempted_then_resumed(config, workdir, monkeypatch, step=20):
   assert experiment.run(config, workdir) == {'preempted_at_step': step}
   monkeypatch.setattr(RunCheckpoints, 'save', save)
   return experiment.run(config, workdir)
+
+
+# Tiny random Hugging Face configs (transformers' field names) for the
+# decoder and encoder-decoder tests; each test overrides what it needs.
+TINY_LLAMA = dict(
+    model_type='llama',
+    vocab_size=32,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rope_theta=500.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+TINY_MARIAN = dict(
+    vocab_size=16,
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=48,
+    decoder_ffn_dim=48,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    decoder_start_token_id=0,
+    eos_token_id=1,
+    forced_eos_token_id=None,
+    scale_embedding=True,
+    activation_function='swish',
+    init_std=0.3,
+)

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import (
     TINY,
+    TINY_LLAMA,
     final_params,
     flat,
     preempted_then_resumed,
@@ -27,20 +28,7 @@ from tuning.tasks.registry import task_class
 import tiny_config
 
 WORDS = 'the cat sat on mat dog ran to park a bird flew over tree'.split()
-LLAMA = dict(
-    model_type='llama',
-    vocab_size=24,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rope_theta=500.0,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+LLAMA = {**TINY_LLAMA, 'vocab_size': 24}
 
 
 def write_model_folder(folder):

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import TINY_LLAMA
 from tuning import generation
 from tuning import hf_convert
 from tuning import lora
@@ -27,20 +28,7 @@ GPT2 = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
-LLAMA = dict(
-    model_type='llama',
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rope_theta=500.0,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+LLAMA = {**TINY_LLAMA, 'vocab_size': 96}
 CONFIGS = {
     'gpt2': GPT2,
     'llama': LLAMA,

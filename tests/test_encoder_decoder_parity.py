@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from conftest import TINY_MARIAN
 from tuning.models import encoder_decoder as ed
 
 torch = pytest.importorskip('torch')
@@ -18,24 +19,13 @@ transformers = pytest.importorskip('transformers')
 
 VOCAB = 16
 PAD, EOS = 0, 1
-MARIAN = dict(
-    vocab_size=VOCAB,
-    d_model=32,
-    encoder_layers=2,
-    decoder_layers=2,
-    encoder_attention_heads=4,
-    decoder_attention_heads=4,
-    encoder_ffn_dim=48,
-    decoder_ffn_dim=48,
-    max_position_embeddings=64,
-    pad_token_id=PAD,
-    decoder_start_token_id=PAD,
-    eos_token_id=EOS,
-    forced_eos_token_id=None,
-    scale_embedding=True,
-    activation_function='swish',
-    init_std=0.3,
-)
+MARIAN = {
+    **TINY_MARIAN,
+    'vocab_size': VOCAB,
+    'pad_token_id': PAD,
+    'decoder_start_token_id': PAD,
+    'eos_token_id': EOS,
+}
 T5 = dict(
     vocab_size=VOCAB,
     d_model=32,

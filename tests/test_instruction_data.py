@@ -21,7 +21,7 @@ from tuning.data.tables import DataError
 from tuning.models import decoder
 from tuning.run import Run
 from tuning.tasks import causal_lm
-from conftest import final_params
+from conftest import TINY_LLAMA, final_params
 import tiny_config
 
 WORDS = (
@@ -34,20 +34,7 @@ TEMPLATE = (
     '<|im_end|> {% endfor %}'
     '{% if add_generation_prompt %}<|im_start|>assistant {% endif %}'
 )
-LLAMA = dict(
-    model_type='llama',
-    vocab_size=32,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rope_theta=500.0,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=5,
-)
+LLAMA = {**TINY_LLAMA, 'eos_token_id': 5}
 GPT2 = dict(
     model_type='gpt2',
     vocab_size=32,

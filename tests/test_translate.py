@@ -14,6 +14,7 @@ import optax
 import pytest
 from ml_collections import config_dict
 
+from conftest import TINY_MARIAN
 from tuning import hf_convert
 from tuning import translate as translate_cli
 from tuning import translation
@@ -28,25 +29,7 @@ tokenizers = pytest.importorskip('tokenizers')
 
 PAD, EOS, UNK = 0, 1, 2
 WORDS = [f'w{i}' for i in range(3, 16)]  # ids 3..15
-MARIAN = dict(
-    vocab_size=16,
-    d_model=32,
-    encoder_layers=2,
-    decoder_layers=2,
-    encoder_attention_heads=4,
-    decoder_attention_heads=4,
-    encoder_ffn_dim=48,
-    decoder_ffn_dim=48,
-    max_position_embeddings=64,
-    pad_token_id=PAD,
-    decoder_start_token_id=PAD,
-    eos_token_id=EOS,
-    forced_eos_token_id=None,
-    scale_embedding=True,
-    activation_function='swish',
-    init_std=0.5,
-    tie_word_embeddings=False,
-)
+MARIAN = {**TINY_MARIAN, 'init_std': 0.5, 'tie_word_embeddings': False}
 MAX_NEW = 9
 
 

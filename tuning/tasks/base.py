@@ -31,6 +31,7 @@ model example by example); everything here is written for a batch of rows.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -116,3 +117,18 @@ class Task:
   def results(self) -> dict[str, Any]:
     """What results.json records about the task besides the metrics."""
     return {'task': self.name}
+
+
+def token_metrics(totals: dict[str, Any]) -> dict[str, Any]:
+  """Per-token loss, perplexity and token accuracy from the device totals
+  `loss_sum`, `tokens`, `correct` and `examples` (the token-level tasks'
+  `metrics`)."""
+  tokens = float(totals['tokens'])
+  loss = float(totals['loss_sum']) / max(tokens, 1.0)
+  return {
+      'loss': loss,
+      'perplexity': math.exp(min(loss, 700.0)),
+      'token_accuracy': float(totals['correct']) / max(tokens, 1.0),
+      'tokens': int(round(tokens)),
+      'examples': int(round(float(totals['examples']))),
+  }

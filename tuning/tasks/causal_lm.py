@@ -25,7 +25,6 @@ or instruction rows (`data.prompt_column`/`response_column`, or
 
 from __future__ import annotations
 
-import math
 
 import jax.numpy as jnp
 import numpy as np
@@ -108,15 +107,7 @@ class CausalLM(base.Task):
     return {k: v * w for k, v in values.items()}
 
   def metrics(self, totals):
-    tokens = float(totals['tokens'])
-    loss = float(totals['loss_sum']) / max(tokens, 1.0)
-    return {
-        'loss': loss,
-        'perplexity': math.exp(min(loss, 700.0)),
-        'token_accuracy': float(totals['correct']) / max(tokens, 1.0),
-        'tokens': int(round(tokens)),
-        'examples': int(round(float(totals['examples']))),
-    }
+    return base.token_metrics(totals)
 
   def scalars(self, metrics):
     return {k: metrics[k] for k in ('loss', 'perplexity', 'token_accuracy')}

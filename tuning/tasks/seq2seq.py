@@ -37,7 +37,6 @@ tuning.translate` and other tools):
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -203,15 +202,7 @@ class Seq2Seq(base.Task):
     return {k: v * w for k, v in values.items()}
 
   def metrics(self, totals):
-    tokens = float(totals['tokens'])
-    loss = float(totals['loss_sum']) / max(tokens, 1.0)
-    return {
-        'loss': loss,
-        'perplexity': math.exp(min(loss, 700.0)),
-        'token_accuracy': float(totals['correct']) / max(tokens, 1.0),
-        'tokens': int(round(tokens)),
-        'examples': int(round(float(totals['examples']))),
-    }
+    return base.token_metrics(totals)
 
   def scalars(self, metrics):
     keys = ('bleu', 'chrf', 'loss', 'perplexity', 'token_accuracy')
