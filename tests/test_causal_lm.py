@@ -19,6 +19,7 @@ from conftest import (
     run_main,
 )
 from tuning import experiment
+from tuning import optimizers
 from tuning.data.datasets import build_datasets
 from tuning.data.preprocessing import PretrainedTokenizer
 from tuning.data.tables import DataError
@@ -368,3 +369,39 @@ def test_generate_from_a_workdir_one_line_errors(files, lora_run, tmp_path):
   )
   with pytest.raises(ValueError, match='is a classification run: generation'):
     generate.load(str(classifier))
+
+
+def test_freezing_layer_decay_ema_accumulation_and_bf16_together(
+    files, tmp_path
+):
+  """The methods of the fine-tuning issue on a decoder in one run: frozen
+  embeddings stay bitwise, layer-wise decay scales the layers' rates by
+  depth, the EMA is what is evaluated, two micro-batches a step, bfloat16
+  compute; validation perplexity still falls."""
+  config = causal_config(*files, steps=10)
+  config.optimizer.frozen = (r'decoder/embed/.*',)
+  config.optimizer.layer_decay = 0.5
+  config.training.ema_decay = 0.5
+  config.training.evaluate_ema = True
+  config.training.accumulation_steps = 2
+  config.training.eval_at_start = True
+  config.dtype = 'bfloat16'
+  workdir = str(tmp_path / 'methods')
+  results = experiment.run(config, workdir)
+  start_loss = results['validation_at_start']['loss']
+  assert results['validation']['loss'] < 0.8 * start_loss, results
+  run = Run(config, str(tmp_path / 'init'))
+  start = flat(run.init_params())
+  settings = optimizers.parameter_settings(
+      run.init_params(), config.optimizer, config.lora, run.naming
+  )
+  run.checkpoints.close()
+  end = flat(final_params(workdir)[1])
+  embed = [k for k in start if k.startswith('decoder/embed/')]
+  assert embed and all(np.array_equal(start[k], end[k]) for k in embed)
+  moved = [k for k in start if k not in embed]
+  assert all(not np.array_equal(start[k], end[k]) for k in moved)
+  mult = {k: s.lr_mult for k, s in settings.items()}
+  layer0 = mult['decoder/layer_0/attention/query/kernel']
+  layer1 = mult['decoder/layer_1/attention/query/kernel']
+  assert layer0 == pytest.approx(0.5 * layer1)
