@@ -270,6 +270,27 @@ def test_array_record_without_the_columns_is_a_one_line_error(tmp_path):
   message = str(e.value)
   assert "no 'en' column" in message and '\n' not in message
   assert '--text_column=de --text_pair_column=en --labels=none' in message
+  # Training pairs the converter dropped (a missing side) are counted.
+  train = write_jsonl(
+      tmp_path / 't2.jsonl', ['anna', '', 'carl', 'dora'], ['a', 'b', 'c', 'd']
+  )
+  records.convert(
+      [train],
+      'jsonl',
+      str(tmp_path / 'rec2'),
+      columns=records.Columns(None, 'de', 'en', None),
+      labels=None,
+      progress=False,
+  )
+  config.records_dir = str(tmp_path / 'rec2')
+  config.tokenizer, config.vocab_size = 'train', 30
+  config.validation_fraction = 0.34
+  data = parallel.build_parallel_datasets(config, str(tmp_path / 'w2'))
+  assert any(
+      'records conversion dropped 1 missing text' in line for line in data.log
+  ), data.log
+  kept = data.raw['train']['source'] + data.raw['validation']['source']
+  assert sorted(kept) == ['anna', 'carl', 'dora']
 
 
 def test_filters_apply_to_training_pairs_only_and_are_counted(tmp_path):
