@@ -4,6 +4,7 @@ a tiny Transformer that learns to copy (validation BLEU, best checkpoint by
 BLEU, translations written in order, exact resume)."""
 
 import gzip
+import json
 import os
 
 import jax
@@ -20,6 +21,7 @@ from conftest import (
 )
 from tuning import experiment
 from tuning.data import parallel
+from tuning.data import records
 from tuning.data.pipeline import TrainStream, trim_to_bucket
 from tuning.data.tables import DataError
 from tuning.defaults import base_config
@@ -190,12 +192,105 @@ def test_tsv_and_jsonl_columns(tmp_path):
     parallel.read_columns(jsonl, config)
 
 
-def test_array_record_is_refused_in_one_line(tmp_path):
+def write_jsonl(path, sources, targets):
+  return write_lines(
+      path,
+      [
+          json.dumps({'id': i, 'de': s, 'en': t})
+          for i, (s, t) in enumerate(zip(sources, targets))
+      ],
+  )
+
+
+def test_array_record_gives_the_same_datasets_as_the_jsonl(tmp_path):
+  long = ' '.join(['anna'] * 30)
+  train_src = ['anna bert', long, 'carl', 'dora emil fritz gert hans ida']
+  train_tgt = ['anna bert', 'kurz', 'carl', 'dora', 'ida jan']
+  train_src.append('emil jan')
+  train = write_jsonl(tmp_path / 't.jsonl', train_src, train_tgt)
+  valid = write_jsonl(tmp_path / 'v.jsonl', [long, 'anna'], ['kurz', 'NA'])
+  rec = str(tmp_path / 'rec')
+  for path, split in ((train, 'train'), (valid, 'validation')):
+    records.convert(
+        [path],
+        'jsonl',
+        rec,
+        split,
+        records.Columns(None, 'de', 'en', None),
+        labels=None,
+        progress=False,
+    )
   config = base_config().data
-  config.source = 'array_record'
+  config.source_column, config.target_column = 'de', 'en'
+  config.tokenizer, config.vocab_size = 'train', 60
+  config.max_length, config.max_length_ratio = 12, 3.0
+  config.source, config.path, config.validation_path = 'jsonl', train, valid
+  direct = parallel.build_parallel_datasets(config, str(tmp_path / 'a'))
+  config.source, config.path, config.validation_path = 'array_record', '', ''
+  config.records_dir = rec
+  stored = parallel.build_parallel_datasets(config, str(tmp_path / 'b'))
+  assert stored.raw == direct.raw
+  assert direct.raw['validation']['target'] == ['kurz', 'NA']
+  for split in ('train', 'validation', 'test'):
+    a, b = getattr(direct, split), getattr(stored, split)
+    assert sorted(a) == sorted(b)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f'{split} {key}')
+  kept = [
+      [l for l in d.log if l.startswith('train: kept')]
+      for d in (direct, stored)
+  ]
+  assert kept[0] == kept[1] and 'kept 3 of 5' in kept[0][0]
+  assert direct.tokenizer.get_vocab() == stored.tokenizer.get_vocab()
+  # Either direction: the metadata names the columns.
+  config.source_column, config.target_column = 'en', 'de'
+  back = parallel.build_parallel_datasets(config, str(tmp_path / 'c'))
+  assert back.raw['validation'] == {
+      'source': ['kurz', 'NA'],
+      'target': [long, 'anna'],
+  }
+
+
+def test_array_record_without_the_columns_is_a_one_line_error(tmp_path):
+  train = write_jsonl(tmp_path / 't.jsonl', ['anna'], ['bert'])
+  rec = str(tmp_path / 'rec')
+  records.convert(
+      [train],
+      'jsonl',
+      rec,
+      columns=records.Columns(None, 'de', None, None),
+      labels=None,
+      progress=False,
+  )
+  config = base_config().data
+  config.source, config.records_dir = 'array_record', rec
+  config.source_column, config.target_column = 'de', 'en'
   with pytest.raises(DataError) as e:
-    parallel.build_parallel_datasets(config, str(tmp_path))
-  assert 'parallel' in str(e.value) and '\n' not in str(e.value)
+    parallel.build_parallel_datasets(config, str(tmp_path / 'w'))
+  message = str(e.value)
+  assert "no 'en' column" in message and '\n' not in message
+  assert '--text_column=de --text_pair_column=en --labels=none' in message
+  # Training pairs the converter dropped (a missing side) are counted.
+  train = write_jsonl(
+      tmp_path / 't2.jsonl', ['anna', '', 'carl', 'dora'], ['a', 'b', 'c', 'd']
+  )
+  records.convert(
+      [train],
+      'jsonl',
+      str(tmp_path / 'rec2'),
+      columns=records.Columns(None, 'de', 'en', None),
+      labels=None,
+      progress=False,
+  )
+  config.records_dir = str(tmp_path / 'rec2')
+  config.tokenizer, config.vocab_size = 'train', 30
+  config.validation_fraction = 0.34
+  data = parallel.build_parallel_datasets(config, str(tmp_path / 'w2'))
+  assert any(
+      'records conversion dropped 1 missing text' in line for line in data.log
+  ), data.log
+  kept = data.raw['train']['source'] + data.raw['validation']['source']
+  assert sorted(kept) == ['anna', 'carl', 'dora']
 
 
 def test_filters_apply_to_training_pairs_only_and_are_counted(tmp_path):

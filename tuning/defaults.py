@@ -108,7 +108,9 @@ def base_config() -> config_dict.ConfigDict:
   # 'parallel' reads two line-aligned files per split, data.path (and
   # validation_path, test_path) holding '{lang}', filled with source_lang
   # and target_lang (e.g. 'train.{lang}.gz'); sources 'tsv'/'jsonl' read
-  # source_column and target_column. Training pairs longer than max_length
+  # source_column and target_column; 'array_record' reads records_dir
+  # converted from such files (to_records --text_column=SRC
+  # --text_pair_column=TGT --labels=none). Training pairs longer than max_length
   # tokens on a side, or with a token-length ratio above max_length_ratio
   # (None: off), are dropped and counted; validation/test never are.
   # tokenizer 'train' trains a joint `subword` ('bpe' | 'unigram')

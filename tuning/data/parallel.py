@@ -12,8 +12,17 @@ Sources (`config.data.source`):
   `config.data.source_column` / `target_column` (a TSV file's first line is
   its header unless `config.data.column_names` names the columns).
 
-ArrayRecord directories are not read for seq2seq (a one-line error says
-which sources are).
+* 'array_record': the splits of `config.data.records_dir`, converted by
+  `python -m tuning.data.to_records` from such TSV/JSONL files as raw text
+  with the source column as `--text_column` and the target column as
+  `--text_pair_column` (`--labels=none`, no `--tokenizer`). The metadata
+  names the columns, so `source_column` / `target_column` pick the sides
+  (either direction); records without them, or holding token ids, are a
+  one-line error. Each split is read whole into memory, then treated
+  exactly as the same TSV/JSONL rows: the same pairs give the same
+  tokenizer, filters and tables. The converter has already dropped (and
+  counted, in metadata.json) training rows with a missing side ('', 'NA',
+  'None', ...); that count is logged.
 
 A missing validation split is carved from the training pairs
 (`validation_fraction`, a fixed seed); a missing test split is the
@@ -47,11 +56,12 @@ import os
 
 import numpy as np
 
+from tuning.data import records
 from tuning.data.datasets import Datasets
 from tuning.data.tables import DataError
 
 SPECIALS = ('<pad>', '</s>', '<unk>', '<s>')
-SOURCES = ('parallel', 'tsv', 'jsonl')
+SOURCES = ('parallel', 'tsv', 'jsonl', 'array_record')
 _SPLIT_SEED = 20240601
 _TRAIN_SPLITS = ('train', 'validation', 'test')
 
@@ -148,8 +158,10 @@ def read_pairs(data_config) -> dict[str, tuple[list[str], list[str]]]:
     raise DataError(
         f'config.task=seq2seq reads parallel text from config.data.source '
         f'parallel (two line-aligned files), tsv or jsonl (source and target '
-        f'columns), not {source!r}'
+        f'columns) or array_record (records of such columns), not {source!r}'
     )
+  if source == 'array_record':
+    return read_record_pairs(data_config)
   found = {}
   for split in _TRAIN_SPLITS:
     key = 'path' if split == 'train' else f'{split}_path'
@@ -178,6 +190,62 @@ def read_pairs(data_config) -> dict[str, tuple[list[str], list[str]]]:
       )
     else:
       found[split] = read_columns(path, data_config)
+  return found
+
+
+def read_record_pairs(
+    data_config, log: list[str] | None = None
+) -> dict[str, tuple[list[str], list[str]]]:
+  """{split: (sources, targets)} of a records directory's raw text
+  columns (see the module docstring)."""
+  directory = data_config.get('records_dir')
+  metadata = records.read_metadata(directory)
+  src_col = data_config.get('source_column') or 'source'
+  tgt_col = data_config.get('target_column') or 'target'
+  fix = (
+      'convert the TSV/JSONL files with python -m tuning.data.to_records '
+      f'--text_column={src_col} --text_pair_column={tgt_col} --labels=none '
+      '(no --tokenizer), or set config.data.source_column / target_column'
+  )
+  if metadata.get('tokenizer') or 'text' not in metadata.get('fields', {}):
+    raise DataError(
+        f'records directory {directory} holds no raw text (token ids or '
+        f'features); config.task=seq2seq reads text: {fix}'
+    )
+  fields = {
+      metadata.get('text_column'): 'text',
+      metadata.get('text_pair_column'): 'text_pair',
+  }
+  fields.pop(None, None)
+  for col in (src_col, tgt_col):
+    if col not in fields:
+      raise DataError(
+          f'records directory {directory} has no {col!r} column (it has '
+          f'{", ".join(map(repr, fields))}): {fix}'
+      )
+  if src_col == tgt_col:
+    raise DataError(
+        f'config.data.source_column and target_column are both {src_col!r}'
+    )
+  found = {}
+  for split in _TRAIN_SPLITS:
+    if split not in metadata['splits']:
+      if split == 'train':
+        records.split_paths(directory, split, metadata)  # the error
+      continue
+    reader = records.RecordSplit(directory, split, metadata)
+    rows = list(reader.iter_records())
+    found[split] = (
+        [str(r[fields[src_col]]) for r in rows],
+        [str(r[fields[tgt_col]]) for r in rows],
+    )
+    dropped = metadata['splits'][split].get('dropped') or {}
+    if log is not None and dropped:
+      log.append(
+          f'{split}: the records conversion dropped '
+          + ', '.join(f'{n} {why}' for why, n in dropped.items())
+          + f' (metadata.json of {directory})'
+      )
   return found
 
 
@@ -373,14 +441,11 @@ def filter_training_pairs(
 
 def build_parallel_datasets(data_config, workdir: str) -> Datasets:
   """Train/validation/test pair tables (see the module docstring)."""
-  if data_config.source == 'array_record':
-    raise DataError(
-        'config.task=seq2seq does not read ArrayRecord directories: use '
-        "config.data.source 'parallel' (two line-aligned files), 'tsv' or "
-        "'jsonl' (source and target columns)"
-    )
   log: list[str] = []
-  pairs = read_pairs(data_config)
+  if data_config.source == 'array_record':
+    pairs = read_record_pairs(data_config, log)
+  else:
+    pairs = read_pairs(data_config)
   if 'validation' not in pairs:
     src, tgt = pairs['train']
     n = len(src)
