@@ -34,7 +34,9 @@ def test_run_writes_everything_a_workdir_holds(tmp_path):
   assert config['training']['total_steps'] == 40
   results = read_json(os.path.join(workdir, 'results.json'))
   test = results['test']
-  assert test['examples'] == 359 and 0.5 < test['accuracy'] <= 1
+  # 40 steps of a dropout-0.5 MLP land near 0.5 (0.49-0.51 across dropout
+  # bit generators); 10 classes: chance is 0.1.
+  assert test['examples'] == 359 and 0.3 < test['accuracy'] <= 1
   assert len(test['confusion_matrix']) == 10
   assert np.sum(test['confusion_matrix']) == 359
   assert len(test['precision']) == len(test['recall']) == 10
