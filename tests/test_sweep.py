@@ -314,9 +314,14 @@ def test_a_stopped_sweep_resumes_each_trial_in_its_directory(
   spec = {'grid': {'optimizer.learning_rate': (0.2, 0.4)}}
   s = sweep.prepare(CONFIG, workdir, spec, main=fake_main)
   lines = []
-  threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+  def out(line):  # Ctrl-C half a second after both trials have started
+    lines.append(line)
+    if sum(': started' in l for l in lines) == 2 and ': started' in line:
+      threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+
   with pytest.raises(sweep.Interrupted):  # Ctrl-C: runs stopped, re-queued
-    sweep.run(s, parallel=2, devices='none', out=lines.append)
+    sweep.run(s, parallel=2, devices='none', out=out)
   assert sum('stopped; rerun' in line for line in lines) == 2
   lines.clear()
   study = sweep.run(s, parallel=2, devices='none', out=lines.append)
