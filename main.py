@@ -19,12 +19,15 @@ from tuning import console
 from tuning import errors
 from tuning import experiment
 from tuning import multihost
+from tuning import xla_cpu
 
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), 'experiments', 'quickstart.py'
 )
 
 if __name__ == '__main__':
+  # XLA reads its flags when JAX starts, and loading a config may start it.
+  FIRST_DOTS = xla_cpu.choose_from_argv(sys.argv)
   # Before the config flag is defined (it applies overrides right away):
   # a missing config file or an unknown key is one line, not a traceback.
   try:
@@ -55,6 +58,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it writes
   errors.quiet_library_tracebacks()
+  choose_dots(_CONFIG.value)
   try:
     multihost.initialize_from_flags()
   except flags.ValidationError as e:
@@ -69,6 +73,22 @@ def main(argv):
     # teardown, where orbax's helper threads would bury the error line
     # under tracebacks of their own.
     os._exit(code)  # pylint: disable=protected-access
+
+
+def choose_dots(config):
+  """XLA:CPU's dot kernels for the config's dtype (tuning/xla_cpu.py)."""
+  try:
+    wanted = xla_cpu.wanted(config.get('xla_cpu_dots', 'auto'), config.dtype)
+  except ValueError:
+    return  # the config check names the bad value
+  if not xla_cpu.backend_started():
+    xla_cpu.choose(wanted)
+  elif FIRST_DOTS not in (wanted, 'XLA_FLAGS'):
+    console.info(
+        f'note: JAX started while the config loaded, so XLA:CPU dots use '
+        f'{FIRST_DOTS} this run, not {wanted} (give '
+        '--config.xla_cpu_dots=... on the command line to choose)'
+    )
 
 
 def run(config, workdir, config_filename) -> int:

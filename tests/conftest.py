@@ -8,7 +8,12 @@ import subprocess
 import sys
 import tempfile
 
-import flax
+from tuning import xla_cpu
+
+# Before JAX starts, as main.py does for float32 runs: Eigen's dots.
+xla_cpu.choose()
+
+import flax  # pylint: disable=g-bad-import-order,wrong-import-position
 import jax
 import jax.numpy as jnp
 import numpy as np

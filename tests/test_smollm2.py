@@ -125,12 +125,13 @@ def test_logits_and_greedy_tokens_match_transformers(smollm2):
       f'SmolLM2 max |logits diff| {diff:.2e} '
       f'(max |logit| {np.abs(theirs[mask > 0]).max():.1f})'
   )
-  # Float32 rounding, not a mapping error: from layer 10 on SmolLM2's
-  # residual stream holds activations near 22,500 (one float32 ulp: 0.002)
-  # and XLA and PyTorch sum in different orders. transformers' own float32
-  # logits are 5e-5 from its float64 ones, ours 1-2e-4; the tiny models
-  # above agree to 1e-7.
-  assert diff <= 2.5e-4
+  # From layer 11 on SmolLM2's residual stream holds activations near
+  # 27,500 (one float32 ulp: 0.002), so the frameworks' summation orders
+  # show. With the Eigen dots this session runs (conftest, as main.py for
+  # float32: tuning/xla_cpu.py) our logits are 5.8e-5 from a float64
+  # reference and 6.8e-5 from transformers'; XLA:CPU's YNNPACK dots round
+  # worse (1.2e-4 and 1.06e-4).
+  assert diff <= 1e-4
 
   steps = 20
   result = generation.generate(

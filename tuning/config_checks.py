@@ -129,6 +129,7 @@ def check(config):
   if not _is_int(_get(config, 'seed')):
     _fail('seed', _get(config, 'seed'), 'use a whole number')
   _choice(config, 'dtype', ('float32', 'bfloat16'))
+  _choice(config, 'xla_cpu_dots', ('auto', 'eigen', 'ynnpack'))
   # config.parallelism: checked by sharding.make_layout, before any file.
   for axis in ('data', 'fsdp'):
     value = _get(config, f'mesh.{axis}')

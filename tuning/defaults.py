@@ -21,6 +21,10 @@ def base_config() -> config_dict.ConfigDict:
   # Computation dtype: float32 or bfloat16 (params and optimizer state stay
   # float32; losses, softmax and norms are computed in float32).
   c.dtype = 'float32'
+  # XLA:CPU's dot kernels (tuning/xla_cpu.py): 'auto' = Eigen's for float32
+  # (faster and closer to float64 than YNNPACK's here), YNNPACK's for
+  # bfloat16. eigen | ynnpack force one. Other platforms ignore it.
+  c.xla_cpu_dots = 'auto'
   # How the train state and batches are laid out over devices
   # (tuning/sharding.py): 'pmap' replicates the state on every local device;
   # 'mesh' jits the step on a data x fsdp mesh of all devices, shards each

@@ -33,6 +33,7 @@ import numpy as np
 from tuning import chat_template
 from tuning import console
 from tuning import generation
+from tuning import xla_cpu
 
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None, 'Converted model folder or .gguf file.'
@@ -327,6 +328,7 @@ def run(
 
 
 def main(argv):
+  xla_cpu.choose('auto', _DTYPE.value)  # before JAX starts
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:

@@ -32,6 +32,7 @@ import numpy as np
 from tuning import errors
 from tuning import finished_run
 from tuning import translation
+from tuning import xla_cpu
 from tuning.models import encoder_decoder as ed
 from tuning.models import hf_config as hf_config_lib
 from tuning.models import registry
@@ -317,6 +318,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  xla_cpu.choose('auto', args.dtype)  # before JAX starts
   logging.set_verbosity(logging.ERROR)  # orbax's warnings
   try:
     if not args.checkpoint:

@@ -1,0 +1,78 @@
+"""XLA:CPU's dot kernels, chosen before JAX starts (tuning/xla_cpu.py)."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+from tuning import xla_cpu
+
+
+def test_wanted_follows_the_dtype_unless_forced():
+  assert xla_cpu.wanted('auto', 'float32') == 'eigen'
+  assert xla_cpu.wanted('auto', 'bfloat16') == 'ynnpack'
+  assert xla_cpu.wanted('ynnpack', 'float32') == 'ynnpack'
+  assert xla_cpu.wanted('eigen', 'bfloat16') == 'eigen'
+  with pytest.raises(ValueError, match="unknown xla_cpu_dots='mkl'"):
+    xla_cpu.wanted('mkl')
+
+
+def test_choose_edits_only_its_own_flag(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  monkeypatch.setitem(xla_cpu._state, 'set_by_us', False)
+  assert xla_cpu.choose('auto', 'float32') == 'eigen'
+  assert os.environ['XLA_FLAGS'].split() == [
+      '--xla_force_host_platform_device_count=2',
+      f'{xla_cpu.FLAG}=',
+  ]
+  assert xla_cpu.choose('auto', 'bfloat16') == 'ynnpack'  # taken back
+  assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=2'
+  # The user's own choice stays.
+  monkeypatch.setenv('XLA_FLAGS', f'{xla_cpu.FLAG}=dot')
+  assert xla_cpu.choose('eigen') == 'XLA_FLAGS'
+  assert os.environ['XLA_FLAGS'] == f'{xla_cpu.FLAG}=dot'
+  # From main.py's command line, before the config file loads.
+  monkeypatch.setenv('XLA_FLAGS', '')
+  argv = ['main.py', '--config=x.py', '--config.dtype=bfloat16']
+  assert xla_cpu.choose_from_argv(argv) == 'ynnpack'
+  assert xla_cpu.choose_from_argv(argv[:2]) == 'eigen'
+  assert xla_cpu.choose_from_argv(argv + ['--config.xla_cpu_dots=eigen']) == (
+      'eigen'
+  )
+
+
+def _dot_kernel(choice: str) -> str:
+  """The compiled kernel of a float32 dot in a fresh process after
+  `xla_cpu.choose(choice)`."""
+  code = (
+      'from tuning import xla_cpu; import sys; '
+      'xla_cpu.choose(sys.argv[1]); import jax, jax.numpy as jnp; '
+      'x = jnp.ones((64, 64)); '
+      'print(jax.jit(lambda a: a @ a).lower(x).compile().as_text())'
+  )
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  out = subprocess.run(
+      [sys.executable, '-c', code, choice],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout
+  return 'ynnpack' if 'ynn_fusion' in out else 'eigen'
+
+
+def test_the_choice_reaches_xla():
+  assert _dot_kernel('eigen') == 'eigen'
+  assert _dot_kernel('ynnpack') == 'ynnpack'
+
+
+def test_this_test_session_uses_eigen_dots():
+  # conftest chose before JAX started, as main.py does for float32 runs.
+  x = np.ones((64, 64), np.float32)
+  text = jax.jit(lambda a: a @ a).lower(x).compile().as_text()
+  assert 'ynn_fusion' not in text

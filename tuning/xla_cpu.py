@@ -1,0 +1,89 @@
+"""Which kernels XLA:CPU runs dots with; chosen before JAX starts.
+
+jaxlib 0.10 hands most CPU dots to YNNPACK fusions. Measured on a 2-core
+AVX-512 EPYC (benchmarks/bert_throughput.py, one run each way, MiniLM-L6,
+batch 32, length 128), against XLA's own (Eigen) dots:
+
+  * float32: YNNPACK is slower (train 4.93 vs 4.64 CPU s a step, eval 1.32
+    vs 1.16) and rounds worse: SmolLM2's float32 logits sit 1.2e-4 from a
+    float64 reference with YNNPACK dots and 5.8e-5 with Eigen's
+    (transformers': 4.1e-5), because YNNPACK's accumulation order loses
+    more where a few activations are large (one MLP down-projection:
+    4.5e-4 against 1.5e-4 off).
+  * bfloat16: YNNPACK is much faster (eval 0.79 vs 1.14 CPU s): Eigen has
+    no native bfloat16 dot on this CPU.
+
+So `config.xla_cpu_dots='auto'` (the default) turns YNNPACK's fusions off
+for float32 runs and leaves them on for bfloat16; 'eigen' and 'ynnpack'
+force either. XLA reads its flags once, when JAX's backend starts, so
+`choose` must run before anything touches a device: main.py calls it from
+its command line before loading the config and again with the config's
+values (a config whose loading started JAX keeps the first choice, with a
+note), the generate and translate commands and the tests call it first. A
+choice already made in XLA_FLAGS by the user is left alone. Other
+platforms ignore the flag.
+"""
+
+import os
+
+FLAG = '--xla_cpu_experimental_ynn_fusion_type'
+CHOICES = ('auto', 'eigen', 'ynnpack')
+
+
+def wanted(dots: str = 'auto', dtype: str = 'float32') -> str:
+  """'eigen' or 'ynnpack' for a run computing in `dtype`."""
+  if dots not in CHOICES:
+    raise ValueError(
+        f'unknown xla_cpu_dots={dots!r}: use one of {", ".join(CHOICES)}'
+    )
+  if dots == 'auto':
+    return 'ynnpack' if dtype == 'bfloat16' else 'eigen'
+  return dots
+
+
+_OURS = f'{FLAG}='
+_state = {'set_by_us': False}
+
+
+def choose(dots: str = 'auto', dtype: str = 'float32') -> str:
+  """Puts `wanted(dots, dtype)` into XLA_FLAGS (replacing only a choice
+  made here before) and returns it, or 'XLA_FLAGS' where the user's
+  XLA_FLAGS already names the flag (left alone). No effect once JAX's
+  backend has started (`backend_started`)."""
+  choice = wanted(dots, dtype)
+  tokens = os.environ.get('XLA_FLAGS', '').split()
+  if _state['set_by_us'] and _OURS in tokens:
+    tokens.remove(_OURS)
+    _state['set_by_us'] = False
+  if any(t.startswith(FLAG) for t in tokens):
+    return 'XLA_FLAGS'
+  if choice == 'eigen':
+    tokens.append(_OURS)
+    _state['set_by_us'] = True
+  os.environ['XLA_FLAGS'] = ' '.join(tokens)
+  return choice
+
+
+def choose_from_argv(argv) -> str:
+  """`choose` from `--config.xla_cpu_dots=` and `--config.dtype=` in argv
+  (before the config file is loaded: loading one may start JAX, e.g. to
+  convert a checkpoint)."""
+  values = {'dots': 'auto', 'dtype': 'float32'}
+  for arg in argv:
+    for key, field in (('dots', 'xla_cpu_dots'), ('dtype', 'dtype')):
+      if arg.startswith(f'--config.{field}='):
+        values[key] = arg.split('=', 1)[1]
+  try:
+    return choose(values['dots'], values['dtype'])
+  except ValueError:
+    return 'auto'  # the config check names the bad value
+
+
+def backend_started() -> bool:
+  """Whether JAX's backends are already up (flags set now are too late)."""
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):
+    return False
