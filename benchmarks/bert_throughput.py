@@ -1,7 +1,7 @@
 """MiniLM (BERT) train/eval throughput, MFU, memory, and PyTorch beside it.
 
   python benchmarks/bert_throughput.py [--batch=32] [--length=128] [--steps=3]
-      [--levers] [--memory] [--skip_epoch]
+      [--levers] [--memory] [--skip_epoch] [--dots=eigen|ynnpack]
 
 Measures, in one run on this machine, tuning's pmapped steps on MiniLM-L6
 and Hugging Face `BertForSequenceClassification` in PyTorch on the same
@@ -24,7 +24,11 @@ flattened optimizer, bfloat16, attention) as a table. `--memory` runs 10
 training steps in a child process per framework and prints each one's peak
 resident memory (VmHWM). The SST-2 epoch (unless `--skip_epoch`) is
 estimated for both frameworks from step times measured at each length
-bucket, times the batches per bucket in one epoch of the real stream.
+bucket, times the batches per bucket in one epoch of the real stream
+(benchmarks/sst2_epoch.py runs the real epoch). XLA:CPU's dot kernels are
+one choice a process (tuning/xla_cpu.py): `--dots=eigen` (default) is what
+main.py uses for float32 runs, `--dots=ynnpack` what it uses for bfloat16
+ones, so the bfloat16 rows of a default run are pessimistic.
 """
 
 import argparse
@@ -40,6 +44,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from tuning import xla_cpu
+
+# Before JAX starts: XLA reads its flags once.
+DOTS = next(
+    (a.split('=', 1)[1] for a in sys.argv if a.startswith('--dots=')), 'eigen'
+)
+xla_cpu.choose(DOTS if DOTS in xla_cpu.CHOICES else 'eigen')
+
 import jax
 import jax.numpy as jnp
 from flax import jax_utils
@@ -300,6 +312,12 @@ def main():
   parser.add_argument('--levers', action='store_true')
   parser.add_argument('--memory', action='store_true')
   parser.add_argument('--skip_epoch', action='store_true')
+  parser.add_argument(
+      '--dots',
+      choices=('eigen', 'ynnpack'),
+      default='eigen',
+      help="XLA:CPU's dot kernels (tuning/xla_cpu.py)",
+  )
   args = parser.parse_args()
   model_dir = minilm_sst2.minilm_source()
   if not os.path.isdir(model_dir):
@@ -312,7 +330,8 @@ def main():
       f'jax {jax.__version__}, {jax.devices()[0].platform}, '
       f'{jax.local_device_count()} device(s), {os.cpu_count()} CPU(s), '
       f'load average {os.getloadavg()[0]:.1f}; MiniLM-L6, batch {b}, '
-      f'length {n}; {args.steps} interleaved repetitions, medians'
+      f'length {n}; {args.steps} interleaved repetitions, medians; '
+      f'XLA:CPU dots: {args.dots}'
   )
   peak, cpu_peak = peak_matmul_flops()
   print(

@@ -34,6 +34,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax.numpy as jnp
+
 
 class Task:
   """Base class: see the module docstring for the contract."""
@@ -117,6 +119,20 @@ class Task:
   def results(self) -> dict[str, Any]:
     """What results.json records about the task besides the metrics."""
     return {'task': self.name}
+
+
+def token_rows(losses, tokens, correct, weight) -> dict[str, Any]:
+  """The token-level tasks' `eval_rows`: per row, the summed loss, token
+  count and correct tokens of [B, L] per-token terms, and one example;
+  each times the row's weight (0 on padding rows)."""
+  w = weight.astype(jnp.float32)
+  values = {
+      'loss_sum': losses.sum(axis=1),
+      'tokens': tokens.astype(jnp.float32).sum(axis=1),
+      'correct': correct.sum(axis=1),
+      'examples': jnp.ones_like(w),
+  }
+  return {k: v * w for k, v in values.items()}
 
 
 def token_metrics(totals: dict[str, Any]) -> dict[str, Any]:

@@ -96,15 +96,8 @@ class CausalLM(base.Task):
     return target_mask(batch).sum()
 
   def eval_rows(self, outputs, batch):
-    w = batch['weight'].astype(jnp.float32)
     losses, correct, mask = _token_terms(outputs, batch)
-    values = {
-        'loss_sum': losses.sum(axis=1),
-        'tokens': mask.sum(axis=1),
-        'correct': correct.sum(axis=1),
-        'examples': jnp.ones_like(w),
-    }
-    return {k: v * w for k, v in values.items()}
+    return base.token_rows(losses, mask, correct, batch['weight'])
 
   def metrics(self, totals):
     return base.token_metrics(totals)

@@ -189,17 +189,10 @@ class Seq2Seq(base.Task):
     return batch['target_mask'].astype(jnp.float32).sum()
 
   def eval_rows(self, outputs, batch):
-    w = batch['weight'].astype(jnp.float32)
     _, nll, correct = token_losses(
         outputs, batch['target_ids'], batch['target_mask']
     )
-    values = {
-        'loss_sum': nll.sum(axis=1),
-        'tokens': batch['target_mask'].astype(jnp.float32).sum(axis=1),
-        'correct': correct.sum(axis=1),
-        'examples': jnp.ones_like(w),
-    }
-    return {k: v * w for k, v in values.items()}
+    return base.token_rows(nll, batch['target_mask'], correct, batch['weight'])
 
   def metrics(self, totals):
     return base.token_metrics(totals)
