@@ -6,8 +6,7 @@ $TUNING_CACHE; `init.checkpoint`, `model.hf_config` and `data.tokenizer` all
 name that folder). The data are the plain-text caption files of
 ../shared/data/multi30k, one caption a document, each ending with the
 model's end-of-text token (<|im_end|>): train.en.gz (29,000 lines) for
-training, a fixed random 200 of val.en.gz's 1,014 lines for validation, and
-1% of train (290 lines, carved off and never trained on) for test. Rows are
+training, all 1,014 lines of val.en.gz for validation, and 1% of train (290 lines, carved off and never trained on) for test. Rows are
 not packed, so perplexity is per caption (comparable with the zero-shot
 figure); captions are about 14 tokens, max_length 32. The validation split
 is evaluated before the first step too (training.eval_at_start): the
@@ -22,31 +21,31 @@ zero-shot perplexity. Two variants (the config argument):
   python main.py --config=experiments/smollm2_multi30k.py:full --workdir=W
 
 Both: 100 steps of 8 captions (800 of the 28,701 training captions),
-AdamW, 10 warm-up steps then cosine, float32. Measured on 2 CPU cores
-shared with other jobs (load average about 9, so several times slower than
-an idle machine), perplexity per caption token (its end-of-text included):
+AdamW, 10 warm-up steps then cosine, float32 (Eigen dots:
+tuning/xla_cpu.py). Measured on 2 CPU cores (an AMD EPYC with AVX-512),
+perplexity per caption token (its end-of-text included):
 
   variant  val ppl at step 0  val ppl after  test ppl  steps  wall time
-  lora     149.10             27.90          25.16     100    28.7 min
-  full     149.10             33.42          30.59     100    21.4 min
+  lora     139.65             26.35          25.16     100    8.7 min
+  full     139.65             31.68          30.59     100    8.3 min
 
-(wall time: the whole command, data, compilation and the final evaluation
-included; from the end of the step-0 evaluation to the end of the
-step-100 one, 19.6 min (lora, with other checks of ours running beside it)
-and 15.1 min (full).) Each prints, after
-training, a one-row table like the quickstart's:
+(wall time: the whole command under /usr/bin/time, data, compilation, the
+two evaluations of all 1,014 validation lines and the test included; the
+lora run shared the cores with a test run of ours for its first 4
+minutes, the full run had them to itself.) Each prints, after training,
+a one-row table like the quickstart's:
 
   test split by stage:
     stage               ppl  tok acc     loss    tokens    val ppl  parameters  eval ex/s
-    lora             25.155   0.3979   3.2251      4004     27.901 136,957,248        2.7
-    full             30.585   0.3874   3.4205      4004     33.423 134,515,008        3.5
+    lora             25.155   0.3979   3.2251      4004     26.348 136,957,248       13.5
+    full             30.585   0.3874   3.4205      4004     31.680 134,515,008       14.7
 
 The zero-shot figure is not the 88.5 of the field notes because the
 protocol differs: that one puts SmolLM2's <|endoftext|> (id 0) before each
 caption and predicts every caption token but no end-of-text; the same
-model on the same 200 lines gives 88.47 that way (and 132.3 this task's
-way: no token before the caption, so its first token is not predicted, and
-<|im_end|> after it). Greedy continuations of one-word prompts
+model on a random 200 of the lines gave 88.47 that way (and 132.3 this
+task's way: no token before the caption, so its first token is not
+predicted, and <|im_end|> after it). Greedy continuations of one-word prompts
 (prompts.txt: A, Two, The), before (the GGUF file) and after (the run's
 work directory):
 
