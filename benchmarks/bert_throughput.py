@@ -46,11 +46,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from tuning import xla_cpu
 
-# Before JAX starts: XLA reads its flags once.
-DOTS = next(
-    (a.split('=', 1)[1] for a in sys.argv if a.startswith('--dots=')), 'eigen'
-)
-xla_cpu.choose(DOTS if DOTS in xla_cpu.CHOICES else 'eigen')
+if __name__ == '__main__':  # before JAX starts: XLA reads its flags once
+  DOTS = next(
+      (a.split('=', 1)[1] for a in sys.argv if a.startswith('--dots=')),
+      'eigen',
+  )
+  xla_cpu.choose(DOTS if DOTS in xla_cpu.CHOICES else 'eigen')
 
 import jax
 import jax.numpy as jnp

@@ -27,6 +27,9 @@ as the output projection):
              prompt plus the tokens before it; the prompt pass is counted
              too, 2 N + 4 n_layers d_model position per prompt token).
 
+XLA:CPU's dots are the ones main.py picks (tuning/xla_cpu.py): Eigen's,
+or with `--bf16` YNNPACK's for every row (one choice a process).
+
 Measured (`python benchmarks/lm_throughput.py --bf16`, defaults; 2 CPU
 cores shared with other jobs, load average 5-8, so the peak and every rate
 are lower than on an idle machine and the two libraries did not run under
@@ -56,6 +59,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from tuning import xla_cpu
+
+if __name__ == '__main__':  # before JAX starts: the dots main.py would use
+  xla_cpu.choose('auto', 'bfloat16' if '--bf16' in sys.argv else 'float32')
+
 import jax
 import jax.numpy as jnp
 import optax
