@@ -124,23 +124,17 @@ def jax_model(model_dir: str, dtype='float32', attention_dropout=True):
   )
 
 
-def jax_train(
-    model_dir: str,
-    batch: int,
-    length: int,
+def pmapped_step(
+    model,
+    params,
     *,
     prng_impl: str = 'hash',
     dropout_keys: str = 'per_example',
-    dtype: str = 'float32',
     donate: bool = True,
     flat_optimizer: bool = False,
 ):
-  """A closure running one pmapped train step (its loss fetched)."""
-  model = jax_model(model_dir, dtype)
-  data = _batch(batch, length)
-  params = model.init(
-      jax.random.key(0), **{k: data[k][0, :1] for k in ('input_ids',)}
-  )['params']
+  """run(batch) -> loss: tuning's pmapped train step from `params` (the
+  state is held inside); batch arrays have a leading device axis."""
   tx = optimizer(flat_optimizer)
   state = PmapLayout().place_state(
       TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
@@ -160,11 +154,23 @@ def jax_train(
   )
   holder = {'state': state}
 
-  def train_once():
-    holder['state'], metrics = step(holder['state'], data)
+  def run(batch):
+    holder['state'], metrics = step(holder['state'], batch)
     return metrics['loss']
 
-  return train_once
+  return run
+
+
+def jax_train(
+    model_dir: str, batch: int, length: int, *, dtype='float32', **options
+):
+  """A closure running one pmapped train step (its loss fetched);
+  `options`: those of `pmapped_step`."""
+  model = jax_model(model_dir, dtype)
+  data = _batch(batch, length)
+  params = model.init(jax.random.key(0), data['input_ids'][0, :1])['params']
+  run = pmapped_step(model, params, **options)
+  return lambda: run(data)
 
 
 def jax_eval(

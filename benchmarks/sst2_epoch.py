@@ -36,14 +36,12 @@ import jax
 import jax.numpy as jnp
 from safetensors.numpy import load_file
 
-from benchmarks.bert_throughput import jax_model, optimizer
+from benchmarks.bert_throughput import jax_model, pmapped_step
 from experiments import minilm_sst2
 from tuning.data.datasets import build_datasets
 from tuning.data.pipeline import TrainStream
 from tuning.models import bert
 from tuning.models.hf_config import read_hf_config
-from tuning.sharding import PmapLayout
-from tuning.train_step import TrainState, train_step_fn
 
 
 def tuning_step(model_dir: str):
@@ -58,30 +56,8 @@ def tuning_step(model_dir: str):
   params = flax.core.unfreeze(params)
   for name, subtree in converted.items():
     params[name] = subtree
-  tx = optimizer()
-  state = PmapLayout().place_state(
-      TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  )
-  step = jax.pmap(
-      train_step_fn(
-          model,
-          tx,
-          lambda s: 1e-4,
-          0,
-          sum_over_devices=lambda x: jax.lax.psum(x, 'batch'),
-      ),
-      axis_name='batch',
-      donate_argnums=(0,),
-  )
-  holder = {'state': state}
-
-  def run(batch):
-    holder['state'], metrics = step(
-        holder['state'], {k: v[None] for k, v in batch.items()}
-    )
-    return float(metrics['loss'][0])
-
-  return run
+  run = pmapped_step(model, params)
+  return lambda batch: float(run({k: v[None] for k, v in batch.items()})[0])
 
 
 def torch_step(model_dir: str):
