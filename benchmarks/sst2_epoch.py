@@ -1,6 +1,6 @@
 """One real SST-2 epoch of MiniLM training, tuning beside PyTorch.
 
-  python benchmarks/sst2_epoch.py [--steps=N]
+  python benchmarks/sst2_epoch.py [--steps=N] [--group_by_length=K]
 
 Runs every batch of one epoch of `experiments/minilm_sst2.py:full`'s
 training stream (its length buckets 16/32/64, batch 32, the real token ids,
@@ -13,7 +13,10 @@ change on a shared machine hits both; each step's loss is fetched. Prints
 each framework's summed wall and CPU seconds per bucket and for the whole
 epoch, compilation included (tuning compiles once per bucket width; the
 first step of each width is also shown apart). `--steps` stops early (a
-smoke test). The data pipeline is shared and not timed. XLA:CPU's dots
+smoke test). `--group_by_length=K` batches as `data.group_by_length=K`
+does (chunks of K batches sorted by length; both frameworks get the same
+batches): a random batch of 32 SST-2 phrases nearly always holds one long
+phrase, so without it most batches pad to 64. The data pipeline is shared and not timed. XLA:CPU's dots
 are Eigen's, as main.py chooses for float32 (tuning/xla_cpu.py).
 """
 
@@ -93,6 +96,7 @@ def torch_step(model_dir: str):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--steps', type=int, default=0, help='0: whole epoch')
+  parser.add_argument('--group_by_length', type=int, default=0)
   args = parser.parse_args()
   model_dir = minilm_sst2.minilm_source()
   config = minilm_sst2.get_config('full')
@@ -108,6 +112,7 @@ def main():
       batch_size,
       seed=config.seed,
       buckets=tuple(config.data.length_buckets),
+      group_by_length=args.group_by_length,
   )
   total = int(stream.steps_per_epoch)
   if args.steps:
@@ -118,7 +123,12 @@ def main():
   print(
       f'jax {jax.__version__}, PyTorch {torch_version} ({threads} threads), '
       f'{os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f}; '
-      f'{total} batches of {batch_size} (one epoch of minilm_sst2.py:full)',
+      f'{total} batches of {batch_size} (one epoch of minilm_sst2.py:full'
+      + (
+          f', data.group_by_length={args.group_by_length})'
+          if args.group_by_length
+          else ')'
+      ),
       flush=True,
   )
   # {(framework, width): [wall, cpu, batches]}; first steps apart.
