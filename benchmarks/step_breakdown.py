@@ -32,6 +32,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from tuning import xla_cpu
+
+if __name__ == '__main__':
+  xla_cpu.choose('auto', 'float32')  # as main.py for a float32 run
+
 import jax
 import jax.numpy as jnp
 import optax

@@ -43,18 +43,3 @@ def test_other_dimension_numbers_fall_back_to_lax():
       bf16_matmul.dot_general(a, b, batched),
       jax.lax.dot_general(a, b, batched),
   )
-
-
-def test_per_example_traces_fall_back_to_lax():
-  a = jnp.ones((4, 5), jnp.bfloat16)
-  b = jnp.ones((5, 2), jnp.bfloat16)
-  dense = (((1,), (0,)), ((), ()))
-
-  def trace():  # a new function each time: make_jaxpr caches traces
-    return str(
-        jax.make_jaxpr(lambda x, y: bf16_matmul.dot_general(x, y, dense))(a, b)
-    )
-
-  with bf16_matmul.per_example():
-    assert 'custom_vjp' not in trace()
-  assert 'custom_vjp' in trace()

@@ -207,11 +207,11 @@ def base_config() -> config_dict.ConfigDict:
   # 'unsafe_rbg'. hash and threefry2x32 give the same numbers on any device
   # count (with per-example keys); hash costs a tenth of threefry's time.
   c.training.prng_impl = 'hash'
-  # 'per_example': the model runs on one example at a time (vmap), each with
-  # its own dropout key, so that results do not depend on the device count,
-  # the number of hosts or gradient accumulation. 'per_shard': the model
-  # runs on each device's (micro-)batch at once with one key, a few percent
-  # faster, but results then change with how the batch is split.
+  # 'per_example': each example's dropout masks come from its own key (its
+  # global index folded in; tuning/models/dropout.py), so that results do
+  # not depend on the device count, the number of hosts or gradient
+  # accumulation. 'per_shard': one key per device's (micro-)batch; results
+  # then change with how the batch is split.
   c.training.dropout_keys = 'per_example'
   # Micro-batches per optimizer step (lax.scan inside the step); batch_size
   # stays the global batch per optimizer step.

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tuning import naming as naming_lib
+from tuning.models import dropout
 
 ADAPTER_NAMES = ('lora_a', 'lora_b')
 # Salt folded into the example's dropout key for the adapters' dropout.
@@ -210,7 +211,7 @@ class LoraModel:
       a, b = adapters[module]
       x = call_args[0] if call_args else call_kwargs['inputs']
       if rate > 0:
-        keep = jax.random.bernoulli(
+        keep = dropout.keep_mask(
             jax.random.fold_in(
                 jax.random.fold_in(key, _DROPOUT_SALT), order[module]
             ),

@@ -12,9 +12,10 @@ position in `shape`,
 words). Each of the four steps is a bijection of 32-bit words, so one key
 gives distinct words at distinct positions. It costs about a third of
 threefry's twenty rounds per word, and, like threefry and unlike `rbg`, it is
-elementwise in the key: under the train step's per-example `vmap` every
-example's bits depend only on its own key, so results stay independent of
-the device count and of gradient accumulation.
+elementwise in the key: drawn under a `vmap` over keys (the train step's
+per-example dropout keys, tuning/models/dropout.py), every example's bits
+depend only on its own key, so results stay independent of the device
+count and of gradient accumulation.
 
 Not for cryptography, nor for statistics finer than dropout masks need:
 the tests check its mean, the drop rate and that neighbouring positions

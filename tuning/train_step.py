@@ -6,14 +6,14 @@ where the step sees the global batch). `make_train_step` and
 `make_eval_step` are the pmapped versions.
 
 Randomness is derived inside the step: the step key is
-`fold_in(key(seed), step)` and each example's dropout key folds in the
-example's position in the *global* batch. The model is applied to one
-example at a time under `vmap`, so the dropout masks, and so the results,
-do not depend on how many devices or hosts share the batch, nor on how a
-device's batch is cut into micro-batches for gradient accumulation
-(`dropout_keys='per_shard'` trades that for speed: one key per device's
-micro-batch). The bits come from `prng_impl` (tuning/prng.py; default
-'hash').
+`fold_in(key(seed), step)` and each example's dropout masks fold in the
+example's position in the *global* batch (tuning/models/dropout.py; the
+model itself runs on the whole batch). So the dropout masks, and so the
+results, do not depend on how many devices or hosts share the batch, nor
+on how a device's batch is cut into micro-batches for gradient
+accumulation (`dropout_keys='per_shard'` draws one mask for a device's
+micro-batch instead). The bits come from `prng_impl` (tuning/prng.py;
+default 'hash').
 
 One step of `make_train_step`:
 - differentiates only the trainable parameters (frozen ones enter the loss
@@ -41,7 +41,7 @@ import numpy as np
 import optax
 
 from tuning import prng
-from tuning.models import bf16_matmul
+from tuning.models import dropout
 from tuning.tasks import classification
 
 AXIS = 'batch'
@@ -93,20 +93,13 @@ def micro_batches(batch: dict, count: int, shards: int = 1) -> dict:
 
 
 def per_example_logits(model, params, features, index, rng, train: bool):
-  """Applies `model` example by example (vmap) with per-example dropout."""
-
-  def one(feat, i):
-    rngs = {'dropout': jax.random.fold_in(rng, i)} if train else {}
-    out = model.apply(
-        {'params': params},
-        **{k: v[None] for k, v in feat.items()},
-        train=train,
-        rngs=rngs,
-    )
-    return out[0]
-
-  with bf16_matmul.per_example():
-    return jax.vmap(one)(features, index)
+  """Applies `model` to the whole (micro-)batch; each example's dropout
+  masks come from its own key, the module's key folded with the example's
+  global index (tuning/models/dropout.py), so they do not depend on how the
+  batch is split."""
+  rngs = {'dropout': rng} if train else {}
+  with dropout.per_example(index):
+    return model.apply({'params': params}, **features, train=train, rngs=rngs)
 
 
 def per_shard_logits(model, params, features, index, rng, train: bool):
@@ -160,9 +153,10 @@ def train_step_fn(
   of threefry's time (1% of a MiniLM step against 11%). 'rbg' is not
   elementwise in the key (its bits then change with the device count)
   and was slower than threefry on MiniLM. `dropout_keys='per_shard'`
-  applies the model to a device's whole (micro-)batch with one key
-  (`per_shard_logits`) instead of example by example: faster, but not
-  independent of how the batch is split.
+  draws a device's (micro-)batch's masks from one key
+  (`per_shard_logits`) instead of one key per example: not independent of
+  how the batch is split, and no faster since the model stopped running
+  example by example.
 
   `loss_fn(outputs, batch)` gives the task's (loss sum, {metric: sum})
   over a batch's rows and `loss_weight(batch)` what those sums are divided

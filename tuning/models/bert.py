@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tuning.models import bf16_matmul
+from tuning.models.dropout import Dropout
 from tuning.models.family import Family
 from tuning.models.hf_config import read_hf_config
 
@@ -164,7 +165,7 @@ class BertEmbeddings(nn.Module):
         + embed(cfg.type_vocab_size, 'token_type_embeddings')(token_type_ids)
     )
     x = _layer_norm(cfg)(x)
-    x = nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)(x)
+    x = Dropout(cfg.hidden_dropout_prob, deterministic=not train)(x)
     return x.astype(self.dtype)
 
 
@@ -184,9 +185,11 @@ class BertSelfAttention(nn.Module):
       )
     head_dim = cfg.hidden_size // heads
 
-    def project(name):
-      y = _dense(cfg.hidden_size, name, cfg, self.dtype)(x)
-      return y.reshape(y.shape[:-1] + (heads, head_dim))  # [B, L, H, D]
+    def project(name):  # the matmul on [B * L, hidden] rows (see BertLayer)
+      y = _dense(cfg.hidden_size, name, cfg, self.dtype)(
+          x.reshape(-1, x.shape[-1])
+      )
+      return y.reshape(x.shape[:-1] + (heads, head_dim))  # [B, L, H, D]
 
     q, k, v = project('query'), project('key'), project('value')
     if not train and self.dtype == jnp.float32:
@@ -199,7 +202,7 @@ class BertSelfAttention(nn.Module):
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(head_dim)) + mask_bias
     probs = nn.softmax(scores, axis=-1)
-    probs = nn.Dropout(
+    probs = Dropout(
         cfg.attention_probs_dropout_prob, deterministic=not train
     )(probs)
     ctx = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(self.dtype), v)
@@ -216,7 +219,7 @@ class BertAddNorm(nn.Module):
   def __call__(self, x, residual, *, train: bool):
     cfg = self.config
     x = _dense(cfg.hidden_size, 'dense', cfg, self.dtype)(x)
-    x = nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)(x)
+    x = Dropout(cfg.hidden_dropout_prob, deterministic=not train)(x)
     return _layer_norm(cfg)(x + residual).astype(self.dtype)
 
 
@@ -243,14 +246,21 @@ class BertLayer(nn.Module):
   @nn.compact
   def __call__(self, x, mask_bias, *, train: bool):
     cfg = self.config
+    shape = x.shape  # [B, L, hidden]
     attn = BertSelfAttention(cfg, self.dtype, name='attention')(
         x, mask_bias, train=train
     )
+    # Everything but attention runs on [B * L, hidden] rows: XLA:CPU then
+    # reduces each bias gradient over one axis and feeds the weight
+    # gradients' matmuls without transposes; over [B, L] axes both were
+    # strided loops slower than the matmuls at short lengths (issue #14).
+    rows = lambda t: t.reshape(-1, t.shape[-1])  # pylint: disable=unnecessary-lambda-assignment
     x = BertAddNorm(cfg, self.dtype, name='attention_output')(
-        attn, x, train=train
+        rows(attn), rows(x), train=train
     )
     h = BertIntermediate(cfg, self.dtype, name='intermediate')(x)
-    return BertAddNorm(cfg, self.dtype, name='output')(h, x, train=train)
+    x = BertAddNorm(cfg, self.dtype, name='output')(h, x, train=train)
+    return x.reshape(shape)
 
 
 class BertStack(nn.Module):
@@ -365,7 +375,7 @@ class BertClassifier(nn.Module):
         if cfg.classifier_dropout is not None
         else cfg.hidden_dropout_prob
     )
-    features = nn.Dropout(rate, deterministic=not train)(features)
+    features = Dropout(rate, deterministic=not train)(features)
     logits = _dense(self.num_outputs, 'classifier', cfg, self.dtype)(
         features.astype(self.dtype)
     )

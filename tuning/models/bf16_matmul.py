@@ -14,33 +14,19 @@ bfloat16 (as the plain bfloat16 dot gives them).
 
 Only the Dense layout is handled (contract the input's last axis with the
 kernel's first, no batch axes); other dimension numbers fall back to
-`lax.dot_general`. So does everything traced inside `per_example()`: under
-the train step's per-example `vmap`, the custom backward would be vmapped
-as written and build every example's own weight gradient (measured: 7.5
-CPU s per MiniLM step against 5.2 with plain bfloat16 dots).
+`lax.dot_general`. (Under a per-example `vmap` the custom backward would
+be vmapped as written and build every example's own weight gradient:
+measured 7.5 CPU s per MiniLM step against 5.2 with plain bfloat16 dots.
+The train step no longer vmaps the model; tuning/models/dropout.py.)
 """
 
 from __future__ import annotations
-
-import contextlib
-import contextvars
 
 import jax
 from jax import lax
 import jax.numpy as jnp
 
 _F32 = jnp.float32
-_PER_EXAMPLE = contextvars.ContextVar('bf16_matmul_per_example', default=False)
-
-
-@contextlib.contextmanager
-def per_example():
-  """Plain `lax.dot_general` for what is traced inside (a per-example vmap)."""
-  token = _PER_EXAMPLE.set(True)
-  try:
-    yield
-  finally:
-    _PER_EXAMPLE.reset(token)
 
 
 @jax.custom_vjp
@@ -79,7 +65,6 @@ def dot_general(
       and rhs.ndim == 2
       and lhs.dtype == rhs.dtype == jnp.bfloat16
       and preferred_element_type in (None, jnp.bfloat16)
-      and not _PER_EXAMPLE.get()
   )
   if not dense:
     return lax.dot_general(

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tuning.models import hf_config as hf_config_lib
+from tuning.models.dropout import Dropout
 from tuning.models.family import Family
 
 HF_MODEL_TYPES = ('gpt2', 'llama')
@@ -328,7 +329,7 @@ class Attention(nn.Module):
     scores = scores.astype(jnp.float32) * (self.scale / np.sqrt(dim))
     scores = scores + bias[:, None, None, :, :]
     probs = jax.nn.softmax(scores, axis=-1)
-    probs = nn.Dropout(self.dropout, deterministic=not train)(probs)
+    probs = Dropout(self.dropout, deterministic=not train)(probs)
     context = jnp.einsum(
         'bhgls,bshd->blhgd', probs.astype(self.dtype), v.astype(self.dtype)
     )
@@ -394,7 +395,7 @@ class Block(nn.Module):
       self, x, attention_mask, positions, segment_ids, *, decode, train
   ):
     cfg = self.config
-    drop = nn.Dropout(cfg.dropout, deterministic=not train)
+    drop = Dropout(cfg.dropout, deterministic=not train)
     h = _norm(cfg, 'attention_norm')(x).astype(self.dtype)
     h = Attention(
         cfg.num_heads,
@@ -442,7 +443,7 @@ class Decoder(nn.Module):
         for i in range(cfg.num_layers)
     ]
     self.final_norm = _norm(cfg, 'final_norm')
-    self.embed_dropout = nn.Dropout(cfg.dropout)
+    self.embed_dropout = Dropout(cfg.dropout)
 
   def __call__(
       self, input_ids, attention_mask, positions, segment_ids, *, decode, train

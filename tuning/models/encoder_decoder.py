@@ -57,6 +57,7 @@ import numpy as np
 from tuning import beam_search as beam_search_lib
 from tuning.models import family as family_lib
 from tuning.models import hf_config as hf_config_lib
+from tuning.models.dropout import Dropout
 
 SHAPES = ('marian', 't5')
 POSITIONS = ('sinusoidal', 'learned', 'relative')
@@ -431,7 +432,7 @@ class Attention(nn.Module):
     self.key = _dense(c, inner, c.d_model, self.dtype)
     self.value = _dense(c, inner, c.d_model, self.dtype)
     self.out = _dense(c, c.d_model, inner, self.dtype)
-    self.dropout = nn.Dropout(c.attention_dropout)
+    self.dropout = Dropout(c.attention_dropout)
 
   def _split(self, y):
     return y.reshape(
@@ -469,7 +470,7 @@ class Mlp(nn.Module):
     else:
       self.wi = _dense(c, c.ffn_dim, c.d_model, self.dtype)
     self.wo = _dense(c, c.d_model, c.ffn_dim, self.dtype)
-    self.dropout = nn.Dropout(c.activation_dropout)
+    self.dropout = Dropout(c.activation_dropout)
 
   def __call__(self, x, *, train: bool):
     act = _ACTIVATIONS[self.config.activation]
@@ -500,7 +501,7 @@ class EncoderLayer(nn.Module):
     self.attention_norm = _norm(self.config)
     self.mlp = Mlp(self.config, self.dtype)
     self.mlp_norm = _norm(self.config)
-    self.dropout = nn.Dropout(self.config.dropout)
+    self.dropout = Dropout(self.config.dropout)
 
   def __call__(self, x, bias, *, train: bool):
     def attend(h):
@@ -534,7 +535,7 @@ class DecoderLayer(nn.Module):
     self.cross_attention_norm = _norm(self.config)
     self.mlp = Mlp(self.config, self.dtype)
     self.mlp_norm = _norm(self.config)
-    self.dropout = nn.Dropout(self.config.dropout)
+    self.dropout = Dropout(self.config.dropout)
 
   def __call__(
       self, x, self_bias, cross_kv, cross_bias, cache, index, *, train: bool
@@ -608,7 +609,7 @@ class _Stack(nn.Module):
       )
     if c.pre_norm:
       self.final_norm = _norm(c)
-    self.dropout = nn.Dropout(c.dropout)
+    self.dropout = Dropout(c.dropout)
 
   def layers(self):
     return [getattr(self, f'layer_{i}') for i in range(self.num_layers)]

@@ -5,6 +5,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from tuning.models.dropout import Dropout
 from tuning.models.family import Family
 
 
@@ -22,7 +23,7 @@ class MLP(nn.Module):
     for i, width in enumerate(self.hidden):
       x = nn.Dense(width, dtype=self.dtype, name=f'dense_{i}')(x)
       x = nn.relu(x)
-      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+      x = Dropout(self.dropout, deterministic=not train)(x)
     logits = nn.Dense(self.num_outputs, dtype=self.dtype, name='head')(x)
     return logits.astype(jnp.float32)
 

@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from tuning.models.dropout import Dropout
 from tuning.models.family import Family
 
 
@@ -36,7 +37,7 @@ class RecurrentClassifier(nn.Module):
       attention_mask = (input_ids > 0).astype(jnp.int32)
     lengths = jnp.maximum(attention_mask.sum(axis=-1), 1)
     x = nn.Embed(self.vocab_size, self.embed_dim, name='embed')(input_ids)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x).astype(self.dtype)
+    x = Dropout(self.dropout, deterministic=not train)(x).astype(self.dtype)
     cell_type = {'lstm': nn.OptimizedLSTMCell, 'gru': nn.GRUCell}[self.cell]
     forward = nn.RNN(cell_type(self.hidden, dtype=self.dtype), name='forward')
     h = forward(x, seq_lengths=lengths)
@@ -50,7 +51,7 @@ class RecurrentClassifier(nn.Module):
       h = jnp.concatenate([h, backward(x, seq_lengths=lengths)], axis=-1)
     mask = attention_mask[..., None] > 0
     pooled = jnp.where(mask, h, jnp.finfo(h.dtype).min).max(axis=1)
-    pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
+    pooled = Dropout(self.dropout, deterministic=not train)(pooled)
     logits = nn.Dense(self.num_outputs, dtype=self.dtype, name='head')(pooled)
     return logits.astype(jnp.float32)
 
