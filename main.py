@@ -9,6 +9,14 @@ With no flags it runs the quickstart experiment in ./workdirs/quickstart.
 import os
 import sys
 
+from tuning import host_malloc
+
+if __name__ == '__main__':
+  # glibc reads its malloc settings when a program starts: this restarts
+  # main.py with them (tuning/host_malloc.py), once.
+  host_malloc.restart_with_tunables(host_malloc.choice_from_argv(sys.argv))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -58,7 +66,9 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it writes
   errors.quiet_library_tracebacks()
-  choose_dots(_CONFIG.value)
+  note = xla_cpu.choose_for_config(_CONFIG.value, FIRST_DOTS)
+  if note:
+    console.info(note)
   try:
     multihost.initialize_from_flags()
   except flags.ValidationError as e:
@@ -73,22 +83,6 @@ def main(argv):
     # teardown, where orbax's helper threads would bury the error line
     # under tracebacks of their own.
     os._exit(code)  # pylint: disable=protected-access
-
-
-def choose_dots(config):
-  """XLA:CPU's dot kernels for the config's dtype (tuning/xla_cpu.py)."""
-  try:
-    wanted = xla_cpu.wanted(config.get('xla_cpu_dots', 'auto'), config.dtype)
-  except ValueError:
-    return  # the config check names the bad value
-  if not xla_cpu.backend_started():
-    xla_cpu.choose(wanted)
-  elif FIRST_DOTS not in (wanted, 'XLA_FLAGS'):
-    console.info(
-        f'note: JAX started while the config loaded, so XLA:CPU dots use '
-        f'{FIRST_DOTS} this run, not {wanted} (give '
-        '--config.xla_cpu_dots=... on the command line to choose)'
-    )
 
 
 def run(config, workdir, config_filename) -> int:

@@ -28,7 +28,10 @@ bucket, times the batches per bucket in one epoch of the real stream
 (benchmarks/sst2_epoch.py runs the real epoch). XLA:CPU's dot kernels are
 one choice a process (tuning/xla_cpu.py): `--dots=eigen` (default) is what
 main.py uses for float32 runs, `--dots=ynnpack` what it uses for bfloat16
-ones, so the bfloat16 rows of a default run are pessimistic.
+ones, so the bfloat16 rows of a default run are pessimistic. So are
+glibc's malloc settings (tuning/host_malloc.py): `--malloc=tuned`
+(default) restarts the process with main.py's, `--malloc=default` keeps
+glibc's own; both frameworks run under the same ones.
 """
 
 import argparse
@@ -44,9 +47,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from tuning import host_malloc
 from tuning import xla_cpu
 
 if __name__ == '__main__':  # before JAX starts: XLA reads its flags once
+  # main.py's glibc malloc settings (both frameworks run in this process).
+  host_malloc.restart_with_tunables(
+      host_malloc.choice_from_argv(sys.argv, '--malloc')
+  )
   DOTS = next(
       (a.split('=', 1)[1] for a in sys.argv if a.startswith('--dots=')),
       'eigen',
@@ -320,6 +328,13 @@ def main():
   parser.add_argument('--memory', action='store_true')
   parser.add_argument('--skip_epoch', action='store_true')
   parser.add_argument(
+      '--malloc',
+      choices=host_malloc.CHOICES,
+      default='tuned',
+      help="glibc malloc settings of this process, as main.py's "
+      '(tuning/host_malloc.py); both frameworks run under them',
+  )
+  parser.add_argument(
       '--dots',
       choices=('eigen', 'ynnpack'),
       default='eigen',
@@ -338,7 +353,8 @@ def main():
       f'{jax.local_device_count()} device(s), {os.cpu_count()} CPU(s), '
       f'load average {os.getloadavg()[0]:.1f}; MiniLM-L6, batch {b}, '
       f'length {n}; {args.steps} interleaved repetitions, medians; '
-      f'XLA:CPU dots: {args.dots}'
+      f'XLA:CPU dots: {args.dots}; glibc malloc: '
+      f'{"tuned" if host_malloc.in_effect() else "default"}'
   )
   peak, cpu_peak = peak_matmul_flops()
   print(

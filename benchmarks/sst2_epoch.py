@@ -1,6 +1,7 @@
 """One real SST-2 epoch of MiniLM training, tuning beside PyTorch.
 
   python benchmarks/sst2_epoch.py [--steps=N] [--group_by_length=K]
+      [--malloc=tuned|default]
 
 Runs every batch of one epoch of `experiments/minilm_sst2.py:full`'s
 training stream (its length buckets 16/32/64, batch 32, the real token ids,
@@ -17,7 +18,9 @@ smoke test). `--group_by_length=K` batches as `data.group_by_length=K`
 does (chunks of K batches sorted by length; both frameworks get the same
 batches): a random batch of 32 SST-2 phrases nearly always holds one long
 phrase, so without it most batches pad to 64. The data pipeline is shared and not timed. XLA:CPU's dots
-are Eigen's, as main.py chooses for float32 (tuning/xla_cpu.py).
+are Eigen's, as main.py chooses for float32 (tuning/xla_cpu.py), and
+glibc's malloc settings main.py's (tuning/host_malloc.py) unless
+`--malloc=default`; both frameworks run under the same ones.
 """
 
 import argparse
@@ -30,9 +33,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from tuning import host_malloc
 from tuning import xla_cpu
 
-xla_cpu.choose('auto', 'float32')  # as main.py for this float32 run
+if __name__ == '__main__':  # main.py's settings for a float32 run
+  host_malloc.restart_with_tunables(
+      host_malloc.choice_from_argv(sys.argv, '--malloc')
+  )
+  xla_cpu.choose('auto', 'float32')
 
 import flax
 import jax
@@ -97,6 +105,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--steps', type=int, default=0, help='0: whole epoch')
   parser.add_argument('--group_by_length', type=int, default=0)
+  parser.add_argument('--malloc', choices=host_malloc.CHOICES, default='tuned')
   args = parser.parse_args()
   model_dir = minilm_sst2.minilm_source()
   config = minilm_sst2.get_config('full')
@@ -122,7 +131,8 @@ def main():
   steps['PyTorch'] = torch_run
   print(
       f'jax {jax.__version__}, PyTorch {torch_version} ({threads} threads), '
-      f'{os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f}; '
+      f'{os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f}, '
+      f'glibc malloc {"tuned" if host_malloc.in_effect() else "default"}; '
       f'{total} batches of {batch_size} (one epoch of minilm_sst2.py:full'
       + (
           f', data.group_by_length={args.group_by_length})'

@@ -1,7 +1,9 @@
 """Dropout bits (tuning/prng.py) and dropout keys (training.dropout_keys):
-the hash bits' statistics, that they are per key (so per example under the
-train step's vmap), and what each dropout_keys mode keeps invariant."""
+the hash bits' statistics, that they are per key, per-example masks in a
+batched model (tuning/models/dropout.py), and what each dropout_keys mode
+keeps invariant."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from flax import jax_utils
 from tuning import prng
 from tuning.config_checks import ConfigValueError, check
 from tuning.defaults import base_config
+from tuning.models import dropout
 from tuning.models.mlp import MLP
 from tuning.optimizers import build_optimizer
 from tuning.train_step import initial_state, make_train_step
@@ -55,6 +58,44 @@ def test_hash_bits_depend_on_their_own_key_alone():
     alone = jax.random.bits(jax.random.fold_in(_key(), i), (3, 5))
     np.testing.assert_array_equal(together[i], alone)
   assert len({bytes(np.asarray(t)) for t in together}) == 8
+
+
+class _TwoDropouts(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = dropout.Dropout(0.5, deterministic=not train)(x)
+    return dropout.Dropout(0.5)(x, deterministic=not train)
+
+
+def test_per_example_masks_are_each_rows_own():
+  """Inside dropout.per_example, a row's masks are those it gets alone
+  (with its index), whatever else is in the batch and whether the input
+  is [rows, length, features] or its [rows * length, features] view."""
+  model, key = _TwoDropouts(), _key()
+  x = jnp.arange(1, 4 * 3 * 5 + 1, dtype=jnp.float32).reshape(4, 3, 5)
+  index = jnp.array([7, 1, 2, 3])
+  run = lambda v: model.apply({}, v, True, rngs={'dropout': key})  # pylint: disable=unnecessary-lambda-assignment
+  with dropout.per_example(index):
+    together = run(x)
+    rows = run(x.reshape(12, 5)).reshape(4, 3, 5)
+  np.testing.assert_array_equal(rows, together)
+  for i in (0, 2):
+    with dropout.per_example(index[i : i + 1]):
+      np.testing.assert_array_equal(run(x[i : i + 1])[0], together[i])
+  # Rows differ from each other; 1/4 survive two dropouts of 0.5, x 4.
+  assert len({bytes(np.asarray(t != 0)) for t in together}) == 4
+  kept = np.asarray(together != 0)
+  np.testing.assert_array_equal(np.asarray(together)[kept], 4 * x[kept])
+  # Outside the context and in eval: Flax's dropout.
+  assert run(x).shape == x.shape
+  np.testing.assert_array_equal(model.apply({}, x, False), x)
+
+
+def test_per_example_dropout_names_an_input_without_the_batch_axis():
+  with dropout.per_example(jnp.arange(4)):
+    with pytest.raises(ValueError, match="dropout_keys='per_shard'"):
+      _TwoDropouts().apply({}, jnp.ones((3, 5)), True, rngs={'dropout': _key()})
 
 
 def _mlp_steps(accumulation, **options):

@@ -130,6 +130,7 @@ def check(config):
     _fail('seed', _get(config, 'seed'), 'use a whole number')
   _choice(config, 'dtype', ('float32', 'bfloat16'))
   _choice(config, 'xla_cpu_dots', ('auto', 'eigen', 'ynnpack'))
+  _choice(config, 'host_malloc', ('tuned', 'default'))
   # config.parallelism: checked by sharding.make_layout, before any file.
   for axis in ('data', 'fsdp'):
     value = _get(config, f'mesh.{axis}')

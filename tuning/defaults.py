@@ -25,6 +25,11 @@ def base_config() -> config_dict.ConfigDict:
   # (faster and closer to float64 than YNNPACK's here), YNNPACK's for
   # bfloat16. eigen | ynnpack force one. Other platforms ignore it.
   c.xla_cpu_dots = 'auto'
+  # glibc malloc for main.py's process (tuning/host_malloc.py): 'tuned'
+  # keeps XLA's per-step blocks mapped (no page faults each step; memory is
+  # then not returned to the system before exit), 'default' is glibc's own.
+  # Read from the command line before the process restarts with it.
+  c.host_malloc = 'tuned'
   # How the train state and batches are laid out over devices
   # (tuning/sharding.py): 'pmap' replicates the state on every local device;
   # 'mesh' jits the step on a data x fsdp mesh of all devices, shards each

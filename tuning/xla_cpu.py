@@ -24,6 +24,8 @@ choice already made in XLA_FLAGS by the user is left alone. Other
 platforms ignore the flag.
 """
 
+from __future__ import annotations
+
 import os
 
 FLAG = '--xla_cpu_experimental_ynn_fusion_type'
@@ -87,3 +89,22 @@ def backend_started() -> bool:
     return bool(xla_bridge.backends_are_initialized())
   except (ImportError, AttributeError):
     return False
+
+
+def choose_for_config(config, first: str) -> str | None:
+  """`choose` for a loaded config's `xla_cpu_dots` and `dtype`, where JAX
+  has not started yet; else, where `first` (the choice made from the
+  command line) differs from the config's, the note to print."""
+  try:
+    dots = wanted(config.get('xla_cpu_dots', 'auto'), config.dtype)
+  except ValueError:
+    return None  # the config check names the bad value
+  if not backend_started():
+    choose(dots)
+  elif first not in (dots, 'XLA_FLAGS'):
+    return (
+        f'note: JAX started while the config loaded, so XLA:CPU dots use '
+        f'{first} this run, not {dots} (give --config.xla_cpu_dots=... on '
+        'the command line to choose)'
+    )
+  return None

@@ -202,9 +202,9 @@ class BertSelfAttention(nn.Module):
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(head_dim)) + mask_bias
     probs = nn.softmax(scores, axis=-1)
-    probs = Dropout(
-        cfg.attention_probs_dropout_prob, deterministic=not train
-    )(probs)
+    probs = Dropout(cfg.attention_probs_dropout_prob, deterministic=not train)(
+        probs
+    )
     ctx = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(self.dtype), v)
     return ctx.reshape(ctx.shape[:2] + (cfg.hidden_size,))
 

@@ -71,8 +71,10 @@ class Dropout(nn.Dropout):
   """`flax.linen.Dropout` whose masks follow `per_example` when it is on."""
 
   def __call__(self, inputs, deterministic=None, rng=None):
-    if _INDEX.get() is None or self.rate == 0 or nn.merge_param(
-        'deterministic', self.deterministic, deterministic
+    if (
+        _INDEX.get() is None
+        or self.rate == 0
+        or nn.merge_param('deterministic', self.deterministic, deterministic)
     ):
       return super().__call__(inputs, deterministic, rng)
     if self.rate == 1.0:
