@@ -7,10 +7,10 @@ Times, interleaved (each repetition runs every variant once) and as medians
 of process CPU seconds per call (steadier than wall time on a shared
 machine), jitted variants of the float32 train step that each leave one
 thing out: the full step with threefry or hash dropout bits; forward and
-backward with per-example (vmap) or batched application, with threefry,
+backward with per-example keys (tuning/models/dropout.py) or one key, with threefry,
 hash or rbg bits or without dropout; exact (erf) GELU replaced by ReLU;
 clipping plus AdamW alone. Differences between them give the cost of the
-dropout bits, the vmap, GELU and the optimizer; XLA's FLOP count over the
+dropout bits, of per-example dropout keys, GELU and the optimizer; XLA's FLOP count over the
 peak matmul rate (per CPU second) gives the time the matmuls would take at
 that peak. `--trace` also records a jax.profiler trace of the default step
 and sums its per-op times by kind (matmul fusions, LayerNorm, dropout,
@@ -83,9 +83,9 @@ def variants(batch: int, length: int):
       optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.01)
   )
 
-  def grad(impl, vmap=True, train=True, m=model):
+  def grad(impl, per_example=True, train=True, m=model):
     key = jax.random.key(0, impl=prng.impl(impl))
-    apply = ts.per_example_logits if vmap else ts.per_shard_logits
+    apply = ts.per_example_logits if per_example else ts.per_shard_logits
 
     def loss(p):
       logits = apply(m, p, feats, index, key, train)
@@ -119,13 +119,15 @@ def variants(batch: int, length: int):
   fns = {
       'full step, threefry bits': full('threefry2x32')[0],
       'full step, hash bits (default)': default,
-      'fwd+bwd vmap, threefry': grad('threefry2x32'),
-      'fwd+bwd vmap, hash': grad('hash'),
-      'fwd+bwd vmap, rbg': grad('rbg'),
-      'fwd+bwd vmap, no dropout': grad('hash', train=False),
-      'fwd+bwd batched, no dropout': grad('hash', vmap=False, train=False),
-      'fwd+bwd batched, no dropout, ReLU for GELU': grad(
-          'hash', vmap=False, train=False, m=relu
+      'fwd+bwd per-example keys, threefry': grad('threefry2x32'),
+      'fwd+bwd per-example keys, hash': grad('hash'),
+      'fwd+bwd per-example keys, rbg': grad('rbg'),
+      'fwd+bwd per-example keys, no dropout': grad('hash', train=False),
+      'fwd+bwd one key, no dropout': grad(
+          'hash', per_example=False, train=False
+      ),
+      'fwd+bwd one key, no dropout, ReLU for GELU': grad(
+          'hash', per_example=False, train=False, m=relu
       ),
       'clip + AdamW update': lambda: opt(params, opt_state, params),
   }
@@ -229,16 +231,16 @@ def main():
   for name, seconds in times.items():
     print(f'  {name:<44} {seconds:6.2f} s  ({seconds / full:4.0%})')
   t = times
-  vmap_off = t['fwd+bwd vmap, no dropout']
+  no_dropout = t['fwd+bwd per-example keys, no dropout']
   print(
       f'matmuls at the peak rate ({peak / 1e9:.0f} GFLOP per CPU s, '
       f'{flops / 1e9:.0f} GFLOP): {flops / peak:.2f} s\n'
-      f'threefry bits: {t["fwd+bwd vmap, threefry"] - vmap_off:+.2f} s, '
-      f'hash bits: {t["fwd+bwd vmap, hash"] - vmap_off:+.2f} s, '
-      f'rbg bits: {t["fwd+bwd vmap, rbg"] - vmap_off:+.2f} s; '
-      f'per-example vmap: {vmap_off - t["fwd+bwd batched, no dropout"]:+.2f}'
+      f'threefry bits: {t["fwd+bwd per-example keys, threefry"] - no_dropout:+.2f} s, '
+      f'hash bits: {t["fwd+bwd per-example keys, hash"] - no_dropout:+.2f} s, '
+      f'rbg bits: {t["fwd+bwd per-example keys, rbg"] - no_dropout:+.2f} s; '
+      f'per-example keys, no dropout: {no_dropout - t["fwd+bwd one key, no dropout"]:+.2f}'
       f' s; exact GELU vs ReLU: '
-      f'{t["fwd+bwd batched, no dropout"] - t["fwd+bwd batched, no dropout, ReLU for GELU"]:+.2f}'
+      f'{t["fwd+bwd one key, no dropout"] - t["fwd+bwd one key, no dropout, ReLU for GELU"]:+.2f}'
       f' s; clip + AdamW: {t["clip + AdamW update"]:.2f} s'
   )
   if args.trace:

@@ -240,9 +240,10 @@ def train_step_fn(
     grads = sum_over_devices(grads)
     loss = sum_over_devices(loss)
     sums = {k: sum_over_devices(v) / total_weight for k, v in sums.items()}
-    finite = jnp.isfinite(loss) & jnp.all(
-        jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-    )
+    # One non-finite gradient makes the norm non-finite (as does a norm
+    # past float32's range, ~1.8e19): no pass of its own over the grads.
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     full_grads = flax.traverse_util.unflatten_dict(
         {**grads, **{k: jnp.zeros_like(v) for k, v in frozen.items()}}
     )
@@ -263,7 +264,7 @@ def train_step_fn(
     metrics = {
         'loss': loss,
         **sums,
-        'grad_norm': optax.tree.norm(grads),
+        'grad_norm': grad_norm,
         'param_norm': optax.tree.norm(params),
         'learning_rate': schedule(state.step),
         'nonfinite': (~finite).astype(jnp.float32),
