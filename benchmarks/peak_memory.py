@@ -10,9 +10,11 @@ PyTorch's `BertForSequenceClassification` with AdamW) and prints one line:
 that was larger, as Linux keeps it across fork and exec). benchmarks/bert_throughput.py
 --memory runs it once per framework. With --framework=jax, `--dtype` and
 `--prng_impl` pick the step's options, and XLA:CPU's dots are main.py's for
-that dtype (tuning/xla_cpu.py) unless XLA_FLAGS chose them. Measured
-(float32, batch 32, length 128, 10 steps, AMD EPYC): tuning 2,725 MiB
-(2,920 with YNNPACK dots), PyTorch 2,179 MiB.
+that dtype (tuning/xla_cpu.py) unless XLA_FLAGS chose them. glibc's
+malloc settings are the parent's (GLIBC_TUNABLES is inherited;
+tuning/host_malloc.py). Measured (float32, batch 32, length 128, 10 steps,
+AMD EPYC): tuning 2,699 MiB with glibc's malloc, 2,574 MiB with main.py's
+tuned settings; PyTorch 2,179 / 2,190 MiB.
 """
 
 import argparse
