@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tuning.models import activations
 from tuning.models import bf16_matmul
 from tuning.models.dropout import Dropout
 from tuning.models.family import Family
@@ -44,9 +45,7 @@ SUPPORTED_MODEL_TYPES = ('bert',)
 POOLING_MODES = ('pooler', 'cls', 'mean')
 
 _ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
-    'gelu': lambda x: nn.gelu(
-        x, approximate=False
-    ),  # HF "gelu" is the exact erf form.
+    'gelu': activations.exact_gelu,  # HF "gelu" is the exact erf form.
     'gelu_new': lambda x: nn.gelu(x, approximate=True),
     'gelu_pytorch_tanh': lambda x: nn.gelu(x, approximate=True),
     'relu': nn.relu,

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tuning.models import activations
 from tuning.models import hf_config as hf_config_lib
 from tuning.models.dropout import Dropout
 from tuning.models.family import Family
@@ -53,7 +54,7 @@ from tuning.models.family import Family
 HF_MODEL_TYPES = ('gpt2', 'llama')
 
 _ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
-    'gelu': lambda x: nn.gelu(x, approximate=False),
+    'gelu': activations.exact_gelu,  # HF "gelu" is the exact erf form.
     'gelu_new': lambda x: nn.gelu(x, approximate=True),
     'gelu_pytorch_tanh': lambda x: nn.gelu(x, approximate=True),
     'relu': nn.relu,

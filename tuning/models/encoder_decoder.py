@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tuning import beam_search as beam_search_lib
+from tuning.models import activations
 from tuning.models import family as family_lib
 from tuning.models import hf_config as hf_config_lib
 from tuning.models.dropout import Dropout
@@ -63,7 +64,7 @@ SHAPES = ('marian', 't5')
 POSITIONS = ('sinusoidal', 'learned', 'relative')
 _ACTIVATIONS = {
     'relu': nn.relu,
-    'gelu': lambda x: nn.gelu(x, approximate=False),  # HF 'gelu' is erf.
+    'gelu': activations.exact_gelu,  # HF "gelu" is the exact erf form.
     'gelu_new': lambda x: nn.gelu(x, approximate=True),
     'gelu_pytorch_tanh': lambda x: nn.gelu(x, approximate=True),
     'swish': nn.silu,
