@@ -28,7 +28,9 @@ as the output projection):
              too, 2 N + 4 n_layers d_model position per prompt token).
 
 XLA:CPU's dots are the ones main.py picks (tuning/xla_cpu.py): Eigen's,
-or with `--bf16` YNNPACK's for every row (one choice a process).
+or with `--bf16` YNNPACK's for every row (one choice a process); glibc's
+malloc settings main.py's (tuning/host_malloc.py) unless
+`--malloc=default`, for both frameworks.
 
 Measured (`python benchmarks/lm_throughput.py --bf16`, defaults; 2 CPU
 cores shared with other jobs, load average 5-8, so the peak and every rate
@@ -67,9 +69,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from tuning import host_malloc
 from tuning import xla_cpu
 
-if __name__ == '__main__':  # before JAX starts: the dots main.py would use
+if __name__ == '__main__':  # before JAX starts: main.py's settings
+  host_malloc.restart_with_tunables(
+      host_malloc.choice_from_argv(sys.argv, '--malloc')
+  )
   xla_cpu.choose('auto', 'bfloat16' if '--bf16' in sys.argv else 'float32')
 
 import jax
@@ -190,6 +196,13 @@ def main():
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--bf16', action='store_true')
   parser.add_argument('--no_torch', action='store_true')
+  parser.add_argument(
+      '--malloc',
+      choices=host_malloc.CHOICES,
+      default='tuned',
+      help="glibc malloc settings, as main.py's (tuning/host_malloc.py); "
+      'both frameworks run under them',
+  )
   args = parser.parse_args()
   read = gguf_checkpoint.read(gguf_file())
   params, _ = decoder_lib.convert_hf(read.tensors, read.hf_config)

@@ -21,7 +21,10 @@ sides compute with the same parameters and shapes. Measured in one run:
     cross keys/values and 32 cached decoder steps) per second over the
     peak, the same count for both sides.
 
-It prints a table with the ratios tuning / PyTorch.
+It prints a table with the ratios tuning / PyTorch. XLA:CPU's dots and
+glibc's malloc settings are main.py's (tuning/xla_cpu.py,
+tuning/host_malloc.py; `--malloc=default` keeps glibc's own), for both
+frameworks.
 """
 
 import argparse
@@ -35,6 +38,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from tuning import host_malloc
+from tuning import xla_cpu
+
+if __name__ == '__main__':  # before JAX starts: main.py's settings
+  host_malloc.restart_with_tunables(
+      host_malloc.choice_from_argv(sys.argv, '--malloc')
+  )
+  xla_cpu.choose('auto', 'float32')
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -250,6 +262,13 @@ def main():
   parser.add_argument('--new_tokens', type=int, default=32)
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--decode_calls', type=int, default=3)
+  parser.add_argument(
+      '--malloc',
+      choices=host_malloc.CHOICES,
+      default='tuned',
+      help="glibc malloc settings, as main.py's (tuning/host_malloc.py); "
+      'both frameworks run under them',
+  )
   args = parser.parse_args()
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
