@@ -276,11 +276,14 @@ class Attention(nn.Module):
   ):
     batch, length, _ = x.shape
     heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-    q = self._dense(heads * dim, 'query')(x).reshape(batch, length, heads, dim)
-    k = self._dense(kv_heads * dim, 'key')(x).reshape(
+    rows = x.reshape(batch * length, -1)  # matmuls on rows (see Block)
+    q = self._dense(heads * dim, 'query')(rows).reshape(
+        batch, length, heads, dim
+    )
+    k = self._dense(kv_heads * dim, 'key')(rows).reshape(
         batch, length, kv_heads, dim
     )
-    v = self._dense(kv_heads * dim, 'value')(x).reshape(
+    v = self._dense(kv_heads * dim, 'value')(rows).reshape(
         batch, length, kv_heads, dim
     )
     if self.rope_theta is not None:
@@ -334,8 +337,8 @@ class Attention(nn.Module):
     context = jnp.einsum(
         'bhgls,bshd->blhgd', probs.astype(self.dtype), v.astype(self.dtype)
     )
-    context = context.reshape(batch, length, heads * dim)
-    return self._dense(x.shape[-1], 'out')(context)
+    context = context.reshape(batch * length, heads * dim)
+    return self._dense(x.shape[-1], 'out')(context).reshape(x.shape)
 
 
 class MLP(nn.Module):
@@ -397,6 +400,11 @@ class Block(nn.Module):
   ):
     cfg = self.config
     drop = Dropout(cfg.dropout, deterministic=not train)
+    # All but attention on [B * L, hidden] rows: XLA:CPU reduces each bias
+    # and norm-scale gradient over one axis and feeds the weight gradients'
+    # matmuls without transposes (as in bert.BertLayer; issue #14).
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
     h = _norm(cfg, 'attention_norm')(x).astype(self.dtype)
     h = Attention(
         cfg.num_heads,
@@ -409,10 +417,17 @@ class Block(nn.Module):
         cfg.initializer_range,
         self.dtype,
         name='attention',
-    )(h, attention_mask, positions, segment_ids, decode=decode, train=train)
-    x = x + drop(h)
+    )(
+        h.reshape(shape),
+        attention_mask,
+        positions,
+        segment_ids,
+        decode=decode,
+        train=train,
+    )
+    x = x + drop(h.reshape(x.shape))
     h = _norm(cfg, 'mlp_norm')(x).astype(self.dtype)
-    return x + drop(MLP(cfg, self.dtype, name='mlp')(h))
+    return (x + drop(MLP(cfg, self.dtype, name='mlp')(h))).reshape(shape)
 
 
 class Decoder(nn.Module):
