@@ -435,26 +435,29 @@ class Attention(nn.Module):
     self.out = _dense(c, c.d_model, inner, self.dtype)
     self.dropout = Dropout(c.attention_dropout)
 
-  def _split(self, y):
+  def _split(self, dense, x):
+    """`dense` on the rows of x [B, L, features] -> [B, L, heads, dim]."""
+    y = dense(x.reshape(-1, x.shape[-1]))
     return y.reshape(
-        y.shape[:-1] + (self.config.heads, self.config.dim_per_head)
+        x.shape[:-1] + (self.config.heads, self.config.dim_per_head)
     )
 
   def keys_values(self, x):
     """[B, L, heads, head_dim] keys and values of `x` [B, L, d_model]."""
-    return self._split(self.key(x)), self._split(self.value(x))
+    return self._split(self.key, x), self._split(self.value, x)
 
   def __call__(self, x, keys, values, bias, *, train: bool):
     """`bias`: additive float32, broadcastable to [B, heads, Q, K]."""
     c = self.config
-    q = self._split(self.query(x))
+    q = self._split(self.query, x)
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, keys).astype(jnp.float32)
     if c.shape == 'marian':
       scores = scores * (c.dim_per_head**-0.5)
     probs = jax.nn.softmax(scores + bias, axis=-1)
     probs = self.dropout(probs, deterministic=not train)
     ctx = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(self.dtype), values)
-    return self.out(ctx.reshape(ctx.shape[:2] + (-1,)))
+    rows = self.out(ctx.reshape(ctx.shape[0] * ctx.shape[1], -1))
+    return rows.reshape(ctx.shape[:2] + (-1,))
 
 
 class Mlp(nn.Module):
@@ -505,11 +508,15 @@ class EncoderLayer(nn.Module):
     self.dropout = Dropout(self.config.dropout)
 
   def __call__(self, x, bias, *, train: bool):
-    def attend(h):
-      return self.attention(
-          h, *self.attention.keys_values(h), bias, train=train
-      )
+    shape = x.shape
 
+    def attend(h):
+      h = h.reshape(shape)
+      y = self.attention(h, *self.attention.keys_values(h), bias, train=train)
+      return y.reshape(-1, shape[-1])
+
+    # All but attention on [B * L, d_model] rows (see decoder.Block).
+    x = x.reshape(-1, shape[-1])
     x = _residual(
         self.config, x, self.attention_norm, attend, self.dropout, train
     )
@@ -520,7 +527,7 @@ class EncoderLayer(nn.Module):
         functools.partial(self.mlp, train=train),
         self.dropout,
         train,
-    )
+    ).reshape(shape)
 
 
 class DecoderLayer(nn.Module):
@@ -544,9 +551,11 @@ class DecoderLayer(nn.Module):
     """`cache`: None, or this layer's {'key', 'value'} [B, L, heads, dim]
     written at `index`; returns (x, the updated cache or None)."""
     new_cache = None
+    shape = x.shape
 
     def attend_self(h):
       nonlocal new_cache
+      h = h.reshape(shape)
       keys, values = self.self_attention.keys_values(h)
       if cache is not None:
         keys = jax.lax.dynamic_update_slice(
@@ -558,11 +567,17 @@ class DecoderLayer(nn.Module):
             (0, index, 0, 0),
         )
         new_cache = {'key': keys, 'value': values}
-      return self.self_attention(h, keys, values, self_bias, train=train)
+      y = self.self_attention(h, keys, values, self_bias, train=train)
+      return y.reshape(-1, shape[-1])
 
     def attend_cross(h):
-      return self.cross_attention(h, *cross_kv, cross_bias, train=train)
+      y = self.cross_attention(
+          h.reshape(shape), *cross_kv, cross_bias, train=train
+      )
+      return y.reshape(-1, shape[-1])
 
+    # All but attention on [B * L, d_model] rows (see decoder.Block).
+    x = x.reshape(-1, shape[-1])
     c = self.config
     x = _residual(
         c, x, self.self_attention_norm, attend_self, self.dropout, train
@@ -578,7 +593,7 @@ class DecoderLayer(nn.Module):
         self.dropout,
         train,
     )
-    return x, new_cache
+    return x.reshape(shape), new_cache
 
 
 class _Stack(nn.Module):
