@@ -53,6 +53,15 @@ EPYC (AVX-512) whose 2 cores our test suite and another benchmark shared:
   train f32              61.1          21.6   2.83x      49.9%       20.9%
   generate f32           50.6           8.6   5.90x      20.3%        4.1%
 
+Those ratios were flattered by the shared load, which slowed PyTorch far
+more. Idle, after the decoder blocks moved to [B * L, d] rows, with
+main.py's malloc settings for both (tuning/host_malloc.py):
+
+  peak matmul (2048^2 f32): XLA 179.1 GFLOP/s, PyTorch 157.6 GFLOP/s
+                 tuning tok/s PyTorch tok/s   ratio tuning MFU PyTorch MFU
+  train f32             167.6         178.6   0.94x      78.0%       94.5%
+  generate f32          114.9          87.0   1.32x      26.2%       22.5%
+
 The prompts are random token ids: greedy paths part at the first near-tie
 (float32 rounding differs) and then differ for the rest of the row; on
 real prompts the 20 greedy tokens are equal (tests/test_smollm2.py). The
