@@ -70,7 +70,7 @@ from experiments import minilm_sst2
 from tuning.models import bert
 from tuning.models.hf_config import read_hf_config
 from tuning.sharding import PmapLayout
-from tuning.train_step import TrainState, train_step_fn
+from tuning.train_step import TrainState, psum_over_devices, train_step_fn
 
 from benchmarks import torch_reference
 
@@ -155,7 +155,7 @@ def pmapped_step(
           0,
           prng_impl=prng_impl,
           dropout_keys=dropout_keys,
-          sum_over_devices=lambda x: jax.lax.psum(x, 'batch'),
+          sum_over_devices=psum_over_devices,
       ),
       axis_name='batch',
       donate_argnums=(0,) if donate else (),

@@ -36,7 +36,7 @@ import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import numpy as np
 
-from tuning.train_step import AXIS
+from tuning.train_step import AXIS, psum_over_devices
 
 PARALLELISMS = ('pmap', 'mesh')
 MESH_AXES = ('data', 'fsdp')
@@ -121,7 +121,7 @@ class PmapLayout:
 
   @staticmethod
   def sum_over_devices(x):
-    return jax.lax.psum(x, AXIS)
+    return psum_over_devices(x)
 
   @staticmethod
   def gather_rows(x):

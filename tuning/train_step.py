@@ -61,6 +61,13 @@ class TrainState:
   skipped: Any = None
 
 
+def psum_over_devices(x):
+  """`psum` over the pmap axis; the identity where there is one device
+  in all, where XLA:CPU's one-participant all-reduce still copies its
+  operand (39 ms of a 1.7 s SmolLM2 step, 8 ms of a 0.35 s MiniLM one)."""
+  return x if jax.device_count() == 1 else jax.lax.psum(x, AXIS)
+
+
 def features_of(batch: dict) -> dict:
   return {
       k: v
@@ -288,7 +295,7 @@ def make_train_step(model, tx, schedule, seed: int, **options):
       tx,
       schedule,
       seed,
-      sum_over_devices=lambda x: jax.lax.psum(x, AXIS),
+      sum_over_devices=psum_over_devices,
       **options,
   )
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
