@@ -327,13 +327,7 @@ def main():
   parser.add_argument('--levers', action='store_true')
   parser.add_argument('--memory', action='store_true')
   parser.add_argument('--skip_epoch', action='store_true')
-  parser.add_argument(
-      '--malloc',
-      choices=host_malloc.CHOICES,
-      default='tuned',
-      help="glibc malloc settings of this process, as main.py's "
-      '(tuning/host_malloc.py); both frameworks run under them',
-  )
+  host_malloc.add_benchmark_flag(parser)
   parser.add_argument(
       '--dots',
       choices=('eigen', 'ynnpack'),

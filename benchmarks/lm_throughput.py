@@ -205,13 +205,7 @@ def main():
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--bf16', action='store_true')
   parser.add_argument('--no_torch', action='store_true')
-  parser.add_argument(
-      '--malloc',
-      choices=host_malloc.CHOICES,
-      default='tuned',
-      help="glibc malloc settings, as main.py's (tuning/host_malloc.py); "
-      'both frameworks run under them',
-  )
+  host_malloc.add_benchmark_flag(parser)
   args = parser.parse_args()
   read = gguf_checkpoint.read(gguf_file())
   params, _ = decoder_lib.convert_hf(read.tensors, read.hf_config)

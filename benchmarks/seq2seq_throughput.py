@@ -262,13 +262,7 @@ def main():
   parser.add_argument('--new_tokens', type=int, default=32)
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--decode_calls', type=int, default=3)
-  parser.add_argument(
-      '--malloc',
-      choices=host_malloc.CHOICES,
-      default='tuned',
-      help="glibc malloc settings, as main.py's (tuning/host_malloc.py); "
-      'both frameworks run under them',
-  )
+  host_malloc.add_benchmark_flag(parser)
   args = parser.parse_args()
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top

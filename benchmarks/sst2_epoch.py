@@ -105,7 +105,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--steps', type=int, default=0, help='0: whole epoch')
   parser.add_argument('--group_by_length', type=int, default=0)
-  parser.add_argument('--malloc', choices=host_malloc.CHOICES, default='tuned')
+  host_malloc.add_benchmark_flag(parser)
   args = parser.parse_args()
   model_dir = minilm_sst2.minilm_source()
   config = minilm_sst2.get_config('full')

@@ -84,6 +84,18 @@ def restart_with_tunables(choice: str = 'tuned') -> None:
     del os.environ[_VARIABLE]
 
 
+def add_benchmark_flag(parser) -> None:
+  """Adds `--malloc=tuned|default` to a benchmark's argparse parser (the
+  script restarts from `choice_from_argv(sys.argv, '--malloc')` first)."""
+  parser.add_argument(
+      '--malloc',
+      choices=CHOICES,
+      default='tuned',
+      help="glibc malloc settings, as main.py's (tuning/host_malloc.py); "
+      'every framework in the process runs under them',
+  )
+
+
 def in_effect() -> bool:
   """Whether this process runs with `TUNABLES`."""
   return os.environ.get(_VARIABLE) == TUNABLES
