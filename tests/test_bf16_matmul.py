@@ -1,45 +1,133 @@
-"""tuning/models/bf16_matmul.py: the bfloat16 Dense matmul gives the
-values and gradients of a plain bfloat16 dot."""
+"""tuning/models/bf16_matmul.py: the bfloat16 Dense layer gives the values
+and gradients of a plain bfloat16 Dense, and XLA runs every one of its
+dots, forward and backward, on bfloat16 operands."""
 
+import os
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tuning.models import bf16_matmul
 
-DENSE = (((2,), (0,)), ((), ()))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _loss(dot):
-  def loss(x, w):
-    y = dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-    return (y.astype(jnp.float32) ** 2).sum()
+def _reference(x, kernel, bias):
+  """What autodiff of a plain bfloat16 Dense computes (float32 params)."""
+  y = x.astype(jnp.bfloat16) @ kernel.astype(jnp.bfloat16)
+  return (y.astype(jnp.float32) + bias).astype(jnp.bfloat16)
+
+
+def _loss(fn):
+  def loss(x, kernel, bias):
+    return (fn(x, kernel, bias).astype(jnp.float32) ** 2).sum()
 
   return loss
 
 
-def test_values_and_gradients_equal_a_plain_bfloat16_dot():
-  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
-  w = 0.1 * jax.random.normal(jax.random.key(1), (16, 8))
-  plain = lambda a, b: jax.lax.dot_general(a, b, DENSE)  # noqa: E731
-  mine = lambda a, b: bf16_matmul.dot_general(a, b, DENSE)  # noqa: E731
-  y = mine(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-  assert y.dtype == jnp.bfloat16 and y.shape == (2, 5, 8)
-  np.testing.assert_array_equal(
-      y, plain(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-  )
-  expected = jax.grad(_loss(plain), (0, 1))(x, w)
-  got = jax.grad(_loss(mine), (0, 1))(x, w)
-  for e, g in zip(expected, got):
-    assert g.dtype == jnp.float32
-    np.testing.assert_allclose(g, e, rtol=2e-2, atol=2e-2 * np.abs(e).max())
+def _inputs(m_shape=(2, 5), k=16, n=8):
+  x = jax.random.normal(jax.random.key(0), (*m_shape, k))
+  kernel = 0.1 * jax.random.normal(jax.random.key(1), (k, n))
+  bias = 0.1 * jax.random.normal(jax.random.key(2), (n,))
+  return x, kernel, bias
 
 
-def test_other_dimension_numbers_fall_back_to_lax():
-  a = jnp.ones((3, 4, 5), jnp.bfloat16)
-  b = jnp.ones((3, 5, 2), jnp.bfloat16)
-  batched = (((2,), (1,)), ((0,), (0,)))
-  np.testing.assert_array_equal(
-      bf16_matmul.dot_general(a, b, batched),
-      jax.lax.dot_general(a, b, batched),
+def test_values_and_gradients_equal_a_plain_bfloat16_dense():
+  for m_shape, k in (((2, 5), 16), ((3, 5), 7), ((4,), 9)):  # odd K, odd M
+    x, kernel, bias = _inputs(m_shape, k)
+    y = bf16_matmul.dense(x.astype(jnp.bfloat16), kernel, bias)
+    assert y.dtype == jnp.bfloat16 and y.shape == (*m_shape, 8)
+    np.testing.assert_allclose(
+        y.astype(jnp.float32),
+        _reference(x, kernel, bias).astype(jnp.float32),
+        rtol=1e-2,
+        atol=1e-2,
+    )
+    want = jax.grad(_loss(_reference), (0, 1, 2))(x, kernel, bias)
+    got = jax.grad(_loss(bf16_matmul.dense), (0, 1, 2))(x, kernel, bias)
+    for w, g in zip(want, got):
+      assert g.dtype == jnp.float32 and g.shape == w.shape
+      np.testing.assert_allclose(g, w, rtol=2e-2, atol=2e-2 * np.abs(w).max())
+
+
+def test_materialised_transpose_is_the_transpose():
+  for shape in ((6, 4), (6, 3), (5, 3)):
+    rows = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+    np.testing.assert_array_equal(
+        bf16_matmul.materialised_transpose(rows), rows.T
+    )
+
+
+def test_dense_module_has_nn_dense_parameters_and_float32_gradients():
+  x = jnp.ones((2, 3, 4))
+  mine = bf16_matmul.Dense(5, dtype=jnp.bfloat16)
+  plain = nn.Dense(5, dtype=jnp.bfloat16)
+  params = plain.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, mine.init(jax.random.key(0), x)) == (
+      jax.tree.map(jnp.shape, params)
   )
+  assert isinstance(mine, nn.Dense)
+  y = mine.apply(params, x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+      y.astype(jnp.float32),
+      plain.apply(params, x).astype(jnp.float32),
+      rtol=1e-2,
+  )
+  grads = jax.grad(lambda p: mine.apply(p, x).astype(jnp.float32).sum())(params)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+  # float32 compute is plain nn.Dense.
+  f32 = bf16_matmul.Dense(5)
+  np.testing.assert_array_equal(
+      f32.apply(params, x), nn.Dense(5).apply(params, x)
+  )
+
+
+def _dot_operand_types(function: str) -> list:
+  """(lhs, rhs) element types of every dot XLA compiles for the gradient
+  of `function` (Python source of f(x, kernel, bias)) at MiniLM-like
+  shapes, in a fresh process with YNNPACK's dots (what main.py picks for
+  bfloat16 runs)."""
+  code = (
+      'from tuning import xla_cpu; xla_cpu.choose("ynnpack"); '
+      'import jax, jax.numpy as jnp; '
+      'from tuning.models import bf16_matmul; '
+      'x = jnp.ones((4, 32, 64), jnp.bfloat16); '
+      'w = jnp.ones((64, 96)); b = jnp.ones((96,)); '
+      f'f = {function}; '
+      'loss = lambda x, w, b: (f(x, w, b).astype(jnp.float32) ** 2).sum(); '
+      'grad = jax.jit(jax.grad(loss, (0, 1, 2))); '
+      'print(grad.lower(x, w, b).compile().as_text())'
+  )
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  text = subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout
+  types = dict(re.findall(r'%([\w.\-]+) = (\w+)\[', text))
+  return [
+      (types[lhs], types[rhs])
+      for lhs, rhs in re.findall(r' dot\(%([\w.\-]+), %([\w.\-]+)\)', text)
+  ]
+
+
+def test_xla_runs_forward_and_backward_dots_on_bfloat16_operands():
+  mine = _dot_operand_types('bf16_matmul.dense')
+  assert mine == [('bf16', 'bf16')] * 3, mine  # forward, dx, dW
+  # Without it: a bfloat16 dot accumulating in float32 runs on bfloat16
+  # kernels forward, but the two dots autodiff builds for its backward
+  # pass are converted to float32.
+  plain = _dot_operand_types(
+      'lambda x, w, b: (jnp.matmul(x, w.astype(jnp.bfloat16), '
+      'preferred_element_type=jnp.float32) + b).astype(jnp.bfloat16)'
+  )
+  assert sorted(plain) == [('bf16', 'bf16')] + [('f32', 'f32')] * 2, plain

@@ -105,17 +105,11 @@ def bert_config_from_hf(hf_config: dict) -> BertConfig:
 
 
 def _dense(features: int, name: str, config: BertConfig, dtype) -> nn.Dense:
-  return nn.Dense(
+  return bf16_matmul.Dense(
       features,
       dtype=dtype,
       param_dtype=jnp.float32,
       kernel_init=nn.initializers.normal(config.initializer_range),
-      # bfloat16: matmuls on XLA CPU's bfloat16 kernels (bf16_matmul.py).
-      dot_general=(
-          bf16_matmul.dot_general
-          if jnp.dtype(dtype) == jnp.bfloat16
-          else jax.lax.dot_general
-      ),
       name=name,
   )
 

@@ -5,6 +5,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from tuning.models import bf16_matmul
 from tuning.models.dropout import Dropout
 from tuning.models.family import Family
 
@@ -34,7 +35,9 @@ class CNN(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     x = Dropout(self.dropout, deterministic=not train)(x)
-    logits = nn.Dense(self.num_outputs, dtype=self.dtype, name='head')(x)
+    logits = bf16_matmul.Dense(self.num_outputs, dtype=self.dtype, name='head')(
+        x
+    )
     return logits.astype(jnp.float32)
 
 

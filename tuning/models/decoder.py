@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tuning.models import activations
+from tuning.models import bf16_matmul
 from tuning.models import hf_config as hf_config_lib
 from tuning.models.dropout import Dropout
 from tuning.models.family import Family
@@ -254,7 +255,7 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
 
   def _dense(self, features, name):
-    return nn.Dense(
+    return bf16_matmul.Dense(
         features,
         use_bias=self.use_bias,
         dtype=self.dtype,
@@ -352,7 +353,7 @@ class MLP(nn.Module):
     cfg = self.config
 
     def dense(features, name):
-      return nn.Dense(
+      return bf16_matmul.Dense(
           features,
           use_bias=cfg.mlp_bias,
           dtype=self.dtype,
@@ -476,7 +477,7 @@ class Decoder(nn.Module):
 
   def attend(self, hidden):
     """Logits through the tied (transposed) token embedding."""
-    return self.embed.attend(hidden)
+    return bf16_matmul.tied_logits(hidden, self.embed.embedding, self.dtype)
 
 
 class DecoderLM(nn.Module):
@@ -542,7 +543,7 @@ class DecoderLM(nn.Module):
     if cfg.tie_embeddings:
       logits = decoder.attend(hidden)
     else:
-      logits = nn.Dense(
+      logits = bf16_matmul.Dense(
           cfg.vocab_size,
           use_bias=False,
           dtype=self.dtype,

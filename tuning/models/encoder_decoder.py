@@ -56,6 +56,7 @@ import numpy as np
 
 from tuning import beam_search as beam_search_lib
 from tuning.models import activations
+from tuning.models import bf16_matmul
 from tuning.models import family as family_lib
 from tuning.models import hf_config as hf_config_lib
 from tuning.models.dropout import Dropout
@@ -398,7 +399,7 @@ def _kernel_init(config: Config, fan_in: int, query: bool = False):
 def _dense(
     config: Config, features: int, fan_in: int, dtype, query: bool = False
 ) -> nn.Dense:
-  return nn.Dense(
+  return bf16_matmul.Dense(
       features,
       use_bias=config.use_bias,
       dtype=dtype,
@@ -763,7 +764,7 @@ class EncoderDecoder(nn.Module):
     self.encoder = Encoder(c, self.dtype)
     self.decoder = Decoder(c, self.dtype)
     if not c.tie_output:
-      self.lm_head = nn.Dense(
+      self.lm_head = bf16_matmul.Dense(
           c.target_vocab,
           use_bias=False,
           dtype=self.dtype,
@@ -796,11 +797,7 @@ class EncoderDecoder(nn.Module):
       x = x * (c.d_model**-0.5)
     if c.tie_output:
       table = self.shared if c.share_embeddings else self.target_embedding
-      logits = jnp.einsum(
-          'btd,vd->btv',
-          x.astype(self.dtype),
-          table.embedding.astype(self.dtype),
-      )
+      logits = bf16_matmul.tied_logits(x, table.embedding, self.dtype)
     else:
       logits = self.lm_head(x)
     logits = logits.astype(jnp.float32)

@@ -5,6 +5,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from tuning.models import bf16_matmul
 from tuning.models.dropout import Dropout
 from tuning.models.family import Family
 
@@ -21,10 +22,12 @@ class MLP(nn.Module):
   def __call__(self, x, *, train: bool = False):
     x = x.reshape((x.shape[0], -1)).astype(self.dtype)
     for i, width in enumerate(self.hidden):
-      x = nn.Dense(width, dtype=self.dtype, name=f'dense_{i}')(x)
+      x = bf16_matmul.Dense(width, dtype=self.dtype, name=f'dense_{i}')(x)
       x = nn.relu(x)
       x = Dropout(self.dropout, deterministic=not train)(x)
-    logits = nn.Dense(self.num_outputs, dtype=self.dtype, name='head')(x)
+    logits = bf16_matmul.Dense(self.num_outputs, dtype=self.dtype, name='head')(
+        x
+    )
     return logits.astype(jnp.float32)
 
 

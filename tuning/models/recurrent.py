@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from tuning.models import bf16_matmul
 from tuning.models.dropout import Dropout
 from tuning.models.family import Family
 
@@ -52,7 +53,9 @@ class RecurrentClassifier(nn.Module):
     mask = attention_mask[..., None] > 0
     pooled = jnp.where(mask, h, jnp.finfo(h.dtype).min).max(axis=1)
     pooled = Dropout(self.dropout, deterministic=not train)(pooled)
-    logits = nn.Dense(self.num_outputs, dtype=self.dtype, name='head')(pooled)
+    logits = bf16_matmul.Dense(self.num_outputs, dtype=self.dtype, name='head')(
+        pooled
+    )
     return logits.astype(jnp.float32)
 
 
