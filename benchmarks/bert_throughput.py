@@ -376,25 +376,39 @@ def main():
   torch_fns = torch_reference.steps(model_dir, b, n)
   if torch_fns:
     fns['PyTorch train step'], fns['PyTorch eval'] = torch_fns[:2]
-    print(f'PyTorch {torch_fns[2]} ({torch_fns[3]} threads), float32')
+    print(f'PyTorch {torch_fns[2]} ({torch_fns[3]} threads)')
+    if any('bfloat16' in label for label in fns):
+      bf16 = torch_reference.steps(model_dir, b, n, 'bfloat16')
+      fns['PyTorch train step, bfloat16 autocast'] = bf16[0]
+      fns['PyTorch eval, bfloat16 autocast'] = bf16[1]
   times = interleaved(fns, args.steps)
   print(
-      f'\n| {"variant":<48} | ex/s | CPU s/step | MFU | vs PyTorch '
-      '(wall; CPU) |'
+      f'\n| {"variant":<48} | ex/s | CPU s/step | MFU | vs PyTorch, same '
+      'dtype (wall; CPU) | vs PyTorch float32 (wall) |'
   )
-  print(f'| {"-" * 48} | ---: | ---: | ---: | --- |')
+  print(f'| {"-" * 48} | ---: | ---: | ---: | --- | --- |')
   for label, (wall, cpu) in times.items():
     is_eval = 'eval' in label
     flops = eval_flops if is_eval else train_flops
-    ref = times.get('PyTorch eval' if is_eval else 'PyTorch train step')
+    f32_ref = 'PyTorch eval' if is_eval else 'PyTorch train step'
+    ref = times.get(
+        f32_ref + (', bfloat16 autocast' if 'bfloat16' in label else '')
+    )
     versus = (
         f'{ref[0] / wall:.2f}x; {ref[1] / cpu:.2f}x'
         if ref and not label.startswith('PyTorch')
         else ''
     )
+    versus_f32 = (
+        f'{times[f32_ref][0] / wall:.2f}x'
+        if f32_ref in times and label != f32_ref
+        else ''
+    )
+    # MFU divides by the float32 peak: left out for bfloat16.
+    mfu = '' if 'bfloat16' in label else f'{flops / cpu / cpu_peak:.0%}'
     print(
-        f'| {label:<48} | {b / wall:.1f} | {cpu:.2f} | '
-        f'{flops / cpu / cpu_peak:.0%} | {versus} |'
+        f'| {label:<48} | {b / wall:.1f} | {cpu:.2f} | {mfu} | {versus} |'
+        f' {versus_f32} |'
     )
   print(
       f'(model FLOPs per step, XLA cost analysis: train {train_flops / 1e9:.0f}'

@@ -88,13 +88,14 @@ def pipeline_rate(train, batches: int, threads: int = 1):
 
 def train_step_seconds(lengths, steps: int) -> dict:
   from benchmarks import bert_throughput
+  from benchmarks import timing
 
   out = {}
   for length in sorted(set(lengths)):
-    _, _, _, train_once, _, _ = bert_throughput.jax_steps(
+    train_once = bert_throughput.jax_train(
         minilm_sst2.minilm_source(), BATCH, length
     )
-    out[length] = bert_throughput.timed(train_once, steps)
+    out[length] = timing.timed(train_once, steps)
     print(
         f'  train step at length {length:3d}: {out[length]:.3f} s', flush=True
     )

@@ -11,14 +11,16 @@ dequantised to float32) and the same shapes, in one run on this machine:
     causal_lm's token-weighted cross-entropy, forward, backward, global-norm
     clipping, AdamW update) on a [batch, length] batch, against
     transformers' LlamaForCausalLM (loss from `labels`, backward,
-    torch.optim.AdamW step), float32 (`--bf16`: tuning's bfloat16 compute
-    too, parameters and optimizer state float32); tokens/s = batch x length
+    torch.optim.AdamW step), float32 (`--bf16`: bfloat16 compute too,
+    parameters and optimizer state float32; PyTorch under
+    `torch.autocast('cpu', torch.bfloat16)`); tokens/s = batch x length
     / step time;
   * generation: greedy, a batch of prompts of `--prompt` tokens continued
     by exactly `--new_tokens` tokens (no stop tokens; transformers with
     min_new_tokens = max_new_tokens), with a key/value cache on both sides
     (tuning.generation.generate; model.generate); tokens/s = batch x new
-    tokens / wall time of the call (prompt pass included).
+    tokens / wall time of the call (prompt pass included); `--bf16` adds
+    both in bfloat16.
 MFU = model FLOPs / time / peak, with model FLOPs (PaLM's count, attention
 not halved for causality; N = parameters, the tied embedding counted once,
 as the output projection):
@@ -176,7 +178,15 @@ def torch_model(read):
   return model
 
 
-def torch_train(model, ids: np.ndarray):
+def torch_autocast(bf16: bool):
+  """PyTorch's mixed precision on CPU (float32 weights, bfloat16 matmuls),
+  or nothing."""
+  import torch
+
+  return torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16)
+
+
+def torch_train(model, ids: np.ndarray, bf16: bool = False):
   import torch
 
   opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
@@ -185,7 +195,8 @@ def torch_train(model, ids: np.ndarray):
 
   def once():
     model.train()
-    loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    with torch_autocast(bf16):
+      loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -243,12 +254,19 @@ def main():
   gen_s = timed(gen_call, args.steps, warmup=1)
   ours_tokens = np.asarray(gen_call())
   assert ours_tokens.shape == (gb, new), ours_tokens.shape
-  bf16 = None
+  bf16 = bf16_gen = None
   if args.bf16:
     bf16_model = decoder_lib.from_hf_config(read.hf_config, 'bfloat16')
     bf16 = timed(jax_train(bf16_model, params, b, n, train_ids), args.steps)
+    bf16_gen = timed(
+        lambda: generation.generate(
+            bf16_model, params, prompt_ids, max_new_tokens=new
+        ).tokens,
+        args.steps,
+        warmup=1,
+    )
 
-  torch_train_s = torch_gen_s = None
+  torch_train_s = torch_gen_s = torch_bf16 = torch_bf16_gen = None
   if not args.no_torch:
     try:
       import torch
@@ -257,11 +275,15 @@ def main():
     if torch is not None:
       hf = torch_model(read)
       torch_train_s = torch_timed(torch_train(hf, train_ids), args.steps)
+      if args.bf16:
+        torch_bf16 = torch_timed(
+            torch_train(hf, train_ids, bf16=True), args.steps
+        )
       hf.eval()
       ids = torch.from_numpy(prompt_ids).long()
 
-      def torch_gen():
-        with torch.no_grad():
+      def torch_gen(bf16=False):
+        with torch.no_grad(), torch_autocast(bf16):
           return hf.generate(
               input_ids=ids,
               attention_mask=torch.ones_like(ids),
@@ -272,6 +294,10 @@ def main():
           )
 
       torch_gen_s = torch_timed(torch_gen, args.steps, warmup=1)
+      if args.bf16:
+        torch_bf16_gen = torch_timed(
+            lambda: torch_gen(bf16=True), args.steps, warmup=1
+        )
       theirs = torch_gen().numpy()[:, p:]
       assert theirs.shape == (gb, new), theirs.shape
       print(
@@ -284,8 +310,12 @@ def main():
       )
   rows = [('train f32', b * n, train_s, torch_train_s, train_flops)]
   if bf16:
-    rows.append(('train bf16', b * n, bf16, None, train_flops))
+    rows.append(('train bf16', b * n, bf16, torch_bf16, train_flops))
   rows.append(('generate f32', gb * new, gen_s, torch_gen_s, gen_flops))
+  if bf16_gen:
+    rows.append(
+        ('generate bf16', gb * new, bf16_gen, torch_bf16_gen, gen_flops)
+    )
   print(
       f'{"":14}{"tuning tok/s":>13}{"PyTorch tok/s":>14}{"ratio":>8}'
       f'{"tuning MFU":>11}{"PyTorch MFU":>12}'

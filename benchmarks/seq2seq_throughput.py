@@ -2,6 +2,7 @@
 tuning (JAX) against transformers' MarianMTModel (PyTorch), same weights.
 
   python benchmarks/seq2seq_throughput.py [--steps=5] [--decode_calls=3]
+      [--bf16]
 
 One random MarianMTModel (3+3 layers, d_model 256, 4 heads, FFN 1024, 8k
 vocabulary, dropout 0.1, float32) is built in PyTorch and its weights are
@@ -19,7 +20,11 @@ sides compute with the same parameters and shapes. Measured in one run:
     that both do the same steps: sentences/s and tokens/s;
   * MFU: XLA's FLOP count of tuning's programs (the train step; encoder,
     cross keys/values and 32 cached decoder steps) per second over the
-    peak, the same count for both sides.
+    peak, the same count for both sides;
+  * with `--bf16`, training in bfloat16 too: tuning's bfloat16 model
+    (float32 parameters and optimizer state) against PyTorch's step under
+    `torch.autocast('cpu', torch.bfloat16)`. XLA:CPU's dots are then
+    YNNPACK's for every row, as main.py picks for a bfloat16 run.
 
 It prints a table with the ratios tuning / PyTorch. XLA:CPU's dots and
 glibc's malloc settings are main.py's (tuning/xla_cpu.py,
@@ -45,13 +50,14 @@ if __name__ == '__main__':  # before JAX starts: main.py's settings
   host_malloc.restart_with_tunables(
       host_malloc.choice_from_argv(sys.argv, '--malloc')
   )
-  xla_cpu.choose('auto', 'float32')
+  xla_cpu.choose('auto', 'bfloat16' if '--bf16' in sys.argv else 'float32')
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from benchmarks.timing import peak_matmul_flops, timed, torch_peak_matmul_flops
+from benchmarks.timing import torch_timed
 from benchmarks.timing import xla_flops
 from tuning.models import encoder_decoder as ed
 from tuning.train_step import initial_state, train_step_fn
@@ -198,22 +204,26 @@ def jax_decode(model, params, src, beams: int, new: int):
   return once
 
 
-def torch_side(hf, batch: dict, src, beams: int, new: int, steps: int):
-  """PyTorch train-step and beam-search seconds, and the tokens it wrote."""
+def torch_side(
+    hf, batch: dict, src, beams: int, new: int, steps: int, bf16: bool
+):
+  """PyTorch train-step and beam-search seconds, the tokens it wrote, and
+  (with `bf16`) the seconds of a train step under bfloat16 autocast."""
   import torch  # pylint: disable=g-import-not-at-top
 
   opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.01)
   t = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
-  def train_once():
+  def train_once(autocast=False):
     hf.train()
-    out = hf(
-        input_ids=t['input_ids'],
-        attention_mask=t['attention_mask'],
-        decoder_input_ids=t['decoder_input_ids'],
-        decoder_attention_mask=t['decoder_attention_mask'],
-        labels=t['labels'],
-    )
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+      out = hf(
+          input_ids=t['input_ids'],
+          attention_mask=t['attention_mask'],
+          decoder_input_ids=t['decoder_input_ids'],
+          decoder_attention_mask=t['decoder_attention_mask'],
+          labels=t['labels'],
+      )
     out.loss.backward()
     opt.step()
     opt.zero_grad()
@@ -240,17 +250,19 @@ def torch_side(hf, batch: dict, src, beams: int, new: int, steps: int):
           num_return_sequences=1,
       )
 
-  def time_it(fn, n):
-    fn()
-    start = time.perf_counter()
-    for _ in range(n):
-      result = fn()
-    return (time.perf_counter() - start) / n, result
-
-  train_s, _ = time_it(train_once, steps)
-  decode_s, out = time_it(decode_once, max(1, steps // 2))
+  train_s = torch_timed(train_once, steps, warmup=1)
+  bf16_s = torch_timed(lambda: train_once(True), steps, 1) if bf16 else None
+  decode_s = torch_timed(decode_once, max(1, steps // 2), warmup=1)
+  out = decode_once()
   written = out.shape[1] - 1  # without the start token
-  return train_s, decode_s, written, torch.__version__, torch.get_num_threads()
+  return (
+      train_s,
+      decode_s,
+      written,
+      torch.__version__,
+      torch.get_num_threads(),
+      bf16_s,
+  )
 
 
 def main():
@@ -262,6 +274,7 @@ def main():
   parser.add_argument('--new_tokens', type=int, default=32)
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--decode_calls', type=int, default=3)
+  parser.add_argument('--bf16', action='store_true')
   host_malloc.add_benchmark_flag(parser)
   args = parser.parse_args()
   import torch  # pylint: disable=g-import-not-at-top
@@ -301,8 +314,13 @@ def main():
   decode_once = jax_decode(model, params, src, k, new)
   jax_decode_s = timed(decode_once, args.decode_calls, warmup=1)
   dec_flops = decode_flops(model, params, db, k, n, new)
-  torch_train_s, torch_decode_s, written, version, threads = torch_side(
-      hf, batch, src, k, new, args.steps
+  if args.bf16:
+    bf16_once, _ = jax_train(
+        ed.EncoderDecoder(model.config, jnp.bfloat16), params, batch
+    )
+    jax_bf16_s = timed(bf16_once, args.steps)
+  torch_train_s, torch_decode_s, written, version, threads, torch_bf16_s = (
+      torch_side(hf, batch, src, k, new, args.steps, args.bf16)
   )
   assert written == new, f'PyTorch wrote {written} tokens, not {new}'
 
@@ -339,6 +357,16 @@ def main():
           '.2%',
       ),
   ]
+  if args.bf16:
+    rows.insert(
+        2,
+        (
+            'train bf16 tokens/s',
+            target_tokens / jax_bf16_s,
+            target_tokens / torch_bf16_s,
+            '.0f',
+        ),
+    )
   print(
       f'\ntrain: batch {b}, source/target length {n}, '
       f'{train_flops / 1e9:.1f} GFLOP/step; beam {k}: {db} sources of {n} '

@@ -1,7 +1,7 @@
 """One real SST-2 epoch of MiniLM training, tuning beside PyTorch.
 
   python benchmarks/sst2_epoch.py [--steps=N] [--group_by_length=K]
-      [--malloc=tuned|default]
+      [--malloc=tuned|default] [--bf16]
 
 Runs every batch of one epoch of `experiments/minilm_sst2.py:full`'s
 training stream (its length buckets 16/32/64, batch 32, the real token ids,
@@ -20,7 +20,10 @@ batches): a random batch of 32 SST-2 phrases nearly always holds one long
 phrase, so without it most batches pad to 64. The data pipeline is shared and not timed. XLA:CPU's dots
 are Eigen's, as main.py chooses for float32 (tuning/xla_cpu.py), and
 glibc's malloc settings main.py's (tuning/host_malloc.py) unless
-`--malloc=default`; both frameworks run under the same ones.
+`--malloc=default`; both frameworks run under the same ones. `--bf16`:
+both in bfloat16 compute with float32 parameters and optimizer state
+(tuning's `dtype=bfloat16` model on YNNPACK's dots, as main.py picks for
+it; PyTorch under `torch.autocast('cpu', torch.bfloat16)`).
 """
 
 import argparse
@@ -36,11 +39,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tuning import host_malloc
 from tuning import xla_cpu
 
-if __name__ == '__main__':  # main.py's settings for a float32 run
+if __name__ == '__main__':  # main.py's settings for this dtype
   host_malloc.restart_with_tunables(
       host_malloc.choice_from_argv(sys.argv, '--malloc')
   )
-  xla_cpu.choose('auto', 'float32')
+  xla_cpu.choose('auto', 'bfloat16' if '--bf16' in sys.argv else 'float32')
 
 import flax
 import jax
@@ -55,10 +58,10 @@ from tuning.models import bert
 from tuning.models.hf_config import read_hf_config
 
 
-def tuning_step(model_dir: str):
-  """step(batch) -> loss: tuning's pmapped float32 train step, from the
-  pretrained MiniLM weights (a fresh classifier head)."""
-  model = jax_model(model_dir)
+def tuning_step(model_dir: str, dtype: str = 'float32'):
+  """step(batch) -> loss: tuning's pmapped train step computing in
+  `dtype`, from the pretrained MiniLM weights (a fresh classifier head)."""
+  model = jax_model(model_dir, dtype)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
   converted, _ = bert.convert_hf(
       load_file(os.path.join(model_dir, 'model.safetensors')),
@@ -71,8 +74,9 @@ def tuning_step(model_dir: str):
   return lambda batch: float(run({k: v[None] for k, v in batch.items()})[0])
 
 
-def torch_step(model_dir: str):
-  """step(batch) -> loss: the PyTorch step of torch_reference.py."""
+def torch_step(model_dir: str, bf16: bool = False):
+  """step(batch) -> loss: the PyTorch step of torch_reference.py (`bf16`:
+  its forward under bfloat16 autocast)."""
   import torch
   import transformers
 
@@ -86,12 +90,13 @@ def torch_step(model_dir: str):
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
 
   def run(batch):
-    out = model(
-        input_ids=torch.from_numpy(batch['input_ids']).long(),
-        attention_mask=torch.from_numpy(batch['attention_mask']).long(),
-        token_type_ids=torch.from_numpy(batch['token_type_ids']).long(),
-        labels=torch.from_numpy(batch['label']).long(),
-    )
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+      out = model(
+          input_ids=torch.from_numpy(batch['input_ids']).long(),
+          attention_mask=torch.from_numpy(batch['attention_mask']).long(),
+          token_type_ids=torch.from_numpy(batch['token_type_ids']).long(),
+          labels=torch.from_numpy(batch['label']).long(),
+      )
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -105,6 +110,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--steps', type=int, default=0, help='0: whole epoch')
   parser.add_argument('--group_by_length', type=int, default=0)
+  parser.add_argument('--bf16', action='store_true')
   host_malloc.add_benchmark_flag(parser)
   args = parser.parse_args()
   model_dir = minilm_sst2.minilm_source()
@@ -126,13 +132,15 @@ def main():
   total = int(stream.steps_per_epoch)
   if args.steps:
     total = min(total, args.steps)
-  steps = {'tuning': tuning_step(model_dir)}
-  torch_run, torch_version, threads = torch_step(model_dir)
+  dtype = 'bfloat16' if args.bf16 else 'float32'
+  steps = {'tuning': tuning_step(model_dir, dtype)}
+  torch_run, torch_version, threads = torch_step(model_dir, args.bf16)
   steps['PyTorch'] = torch_run
   print(
       f'jax {jax.__version__}, PyTorch {torch_version} ({threads} threads), '
       f'{os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f}, '
-      f'glibc malloc {"tuned" if host_malloc.in_effect() else "default"}; '
+      f'glibc malloc {"tuned" if host_malloc.in_effect() else "default"}, '
+      f'{dtype} compute; '
       f'{total} batches of {batch_size} (one epoch of minilm_sst2.py:full'
       + (
           f', data.group_by_length={args.group_by_length})'

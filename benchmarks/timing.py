@@ -2,6 +2,7 @@
 the machine's matmul peak (the denominator of MFU) in XLA and PyTorch, and
 XLA's FLOP count of a jitted function."""
 
+import statistics
 import time
 
 import jax
@@ -9,13 +10,18 @@ import jax.numpy as jnp
 
 
 def timed(fn, steps: int, warmup: int = 2) -> float:
-  """Seconds per call after `warmup` calls (results fetched each call)."""
+  """Median seconds per call over `steps` calls after `warmup` calls
+  (results fetched each call). The median, not the mean: a step now and
+  then runs twice as long (memory growth, the OS), and with a few timed
+  calls one such call moved a mean by a third."""
   for _ in range(warmup):
     jax.block_until_ready(fn())
-  start = time.perf_counter()
+  seconds = []
   for _ in range(steps):
+    start = time.perf_counter()
     jax.block_until_ready(fn())
-  return (time.perf_counter() - start) / steps
+    seconds.append(time.perf_counter() - start)
+  return statistics.median(seconds)
 
 
 def peak_matmul_flops(n: int = 2048) -> float:
@@ -53,10 +59,13 @@ def xla_flops(fn, *args) -> float:
 
 
 def torch_timed(fn, steps: int, warmup: int = 2) -> float:
-  """Seconds per call of a (synchronous) PyTorch function."""
+  """Median seconds per call of a (synchronous) PyTorch function, as
+  `timed`."""
   for _ in range(warmup):
     fn()
-  start = time.perf_counter()
+  seconds = []
   for _ in range(steps):
+    start = time.perf_counter()
     fn()
-  return (time.perf_counter() - start) / steps
+    seconds.append(time.perf_counter() - start)
+  return statistics.median(seconds)

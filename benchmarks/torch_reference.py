@@ -19,11 +19,13 @@ def peak_matmul_flops(n: int = 2048) -> float | None:
   return 2 * n**3 / ((time.perf_counter() - start) / 5)
 
 
-def steps(model_dir: str, batch: int, length: int):
+def steps(model_dir: str, batch: int, length: int, dtype: str = 'float32'):
   """(train_once, eval_once, torch version, threads) on random token ids,
   or None without torch/transformers. train_once: forward, backward,
   global-norm clipping at 1, AdamW (lr 1e-4, weight decay 0.01), dropout
-  0.1: the step of experiments/minilm_sst2.py."""
+  0.1: the step of experiments/minilm_sst2.py. `dtype='bfloat16'`: the
+  forward passes under `torch.autocast('cpu', torch.bfloat16)`, PyTorch's
+  mixed precision (float32 weights and optimizer, bfloat16 matmuls)."""
   try:
     # pylint: disable=g-import-not-at-top
     import torch
@@ -41,10 +43,14 @@ def steps(model_dir: str, batch: int, length: int):
   ids = torch.randint(1000, 20000, (batch, length))
   mask = torch.ones_like(ids)
   labels = torch.randint(0, 2, (batch,))
+  autocast = lambda: torch.autocast(  # noqa: E731
+      'cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16'
+  )
 
   def train_once():
     model.train()
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    with autocast():
+      out = model(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -53,7 +59,7 @@ def steps(model_dir: str, batch: int, length: int):
 
   def eval_once():
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
       return model(input_ids=ids, attention_mask=mask).logits.sum().item()
 
   return train_once, eval_once, torch.__version__, torch.get_num_threads()

@@ -115,18 +115,22 @@ def _tied_logits(x, embedding):
 
 
 def _tied_forward(x, embedding):
-  return _tied_logits(x, embedding), (x, embedding)
+  table = embedding.astype(_BF16)  # converted once; the backward reuses it
+  logits = lax.dot_general(
+      x.astype(_BF16),
+      table,
+      (((x.ndim - 1,), (1,)), ((), ())),
+      preferred_element_type=_F32,
+  )
+  return logits, (x, table, jnp.zeros((0,), embedding.dtype))
 
 
 def _tied_backward(saved, g):
-  x, embedding = saved
+  x, table, param_dtype = saved
   rows_g = _rows(g).astype(_BF16)
   rows_x = _rows(x).astype(_BF16)
   dx = lax.dot_general(
-      rows_g,
-      embedding.astype(_BF16),
-      (((1,), (0,)), ((), ())),
-      preferred_element_type=_F32,
+      rows_g, table, (((1,), (0,)), ((), ())), preferred_element_type=_F32
   )
   # dE.T = x_rows.T @ g_rows: the small operand is the one transposed.
   de_t = lax.dot_general(
@@ -136,7 +140,7 @@ def _tied_backward(saved, g):
       preferred_element_type=_F32,
   )
   de = materialised_transpose(de_t)  # (a plain .T would reach the dot)
-  return dx.astype(x.dtype).reshape(x.shape), de.astype(embedding.dtype)
+  return dx.astype(x.dtype).reshape(x.shape), de.astype(param_dtype.dtype)
 
 
 _tied_logits.defvjp(_tied_forward, _tied_backward)

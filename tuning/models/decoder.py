@@ -465,9 +465,13 @@ class Decoder(nn.Module):
   def __call__(
       self, input_ids, attention_mask, positions, segment_ids, *, decode, train
   ):
-    x = self.embed(input_ids)
+    # Rows gathered from the float32 tables, then cast: nn.Embed would
+    # cast the whole table to `dtype` first (a 49k-row table each step).
+    x = jnp.take(self.embed.embedding, input_ids, axis=0).astype(self.dtype)
     if self.config.kind == 'gpt2':
-      x = x + self.position_embed(positions)
+      x = x + jnp.take(self.position_embed.embedding, positions, axis=0).astype(
+          self.dtype
+      )
     x = self.embed_dropout(x, deterministic=not train)
     for layer in self.layers:
       x = layer(
