@@ -64,6 +64,17 @@ main.py's malloc settings for both (tuning/host_malloc.py):
   train f32             167.6         178.6   0.94x      78.0%       94.5%
   generate f32          114.9          87.0   1.32x      26.2%       22.5%
 
+After bfloat16 training moved onto XLA:CPU's bfloat16 kernels
+(tuning/models/bf16_matmul.py), idle, medians of 5 calls
+(`--bf16 --steps=5`; PyTorch's bf16 rows under torch.autocast):
+
+  peak matmul (2048^2 f32): XLA 195.8 GFLOP/s, PyTorch 115.2 GFLOP/s
+                 tuning tok/s PyTorch tok/s   ratio tuning MFU PyTorch MFU
+  train f32             172.9         175.2   0.99x      73.6%      126.8%
+  train bf16            251.8         197.3   1.28x     107.2%      142.8%
+  generate f32          162.3          81.5   1.99x      33.9%       28.9%
+  generate bf16         213.7         128.3   1.67x      44.6%       45.5%
+
 The prompts are random token ids: greedy paths part at the first near-tie
 (float32 rounding differs) and then differ for the rest of the row; on
 real prompts the 20 greedy tokens are equal (tests/test_smollm2.py). The

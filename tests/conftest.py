@@ -93,6 +93,20 @@ def run_main_processes(*args, processes=2, devices=1, timeout=300):
   return outputs
 
 
+def fresh_python_stdout(code: str, *args) -> str:
+  """stdout of `python -c code *args` in a fresh CPU process without the
+  caller's XLA_FLAGS (for what XLA decides when it starts: dot kernels)."""
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  return subprocess.run(
+      [sys.executable, '-c', code, *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout
+
+
 def read_json(path):
   with open(path, encoding='utf-8') as f:
     return json.load(f)

@@ -1,14 +1,12 @@
 """XLA:CPU's dot kernels, chosen before JAX starts (tuning/xla_cpu.py)."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import fresh_python_stdout
 from tuning import xla_cpu
 
 
@@ -54,15 +52,7 @@ def _dot_kernel(choice: str) -> str:
       'x = jnp.ones((64, 64)); '
       'print(jax.jit(lambda a: a @ a).lower(x).compile().as_text())'
   )
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
-  out = subprocess.run(
-      [sys.executable, '-c', code, choice],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      check=True,
-  ).stdout
+  out = fresh_python_stdout(code, choice)
   return 'ynnpack' if 'ynn_fusion' in out else 'eigen'
 
 
