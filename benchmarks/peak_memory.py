@@ -8,13 +8,18 @@ PyTorch's `BertForSequenceClassification` with AdamW) and prints one line:
 `peak_rss_mib=<peak resident memory of this process, MiB>` (VmHWM from
 /proc/self/status: ru_maxrss would report the parent's resident size when
 that was larger, as Linux keeps it across fork and exec). benchmarks/bert_throughput.py
---memory runs it once per framework. With --framework=jax, `--dtype` and
-`--prng_impl` pick the step's options, and XLA:CPU's dots are main.py's for
+--memory runs it once per framework. `--dtype=bfloat16` trains in bfloat16 compute
+(PyTorch: under `torch.autocast`); with --framework=jax, `--prng_impl`
+picks the dropout bits, and XLA:CPU's dots are main.py's for
 that dtype (tuning/xla_cpu.py) unless XLA_FLAGS chose them. glibc's
 malloc settings are the parent's (GLIBC_TUNABLES is inherited;
 tuning/host_malloc.py). Measured (float32, batch 32, length 128, 10 steps,
 AMD EPYC): tuning 2,699 MiB with glibc's malloc, 2,574 MiB with main.py's
-tuned settings; PyTorch 2,179 / 2,190 MiB.
+tuned settings; PyTorch 2,179 / 2,190 MiB. Measured again later (one
+process each): glibc's settings, tuning 2,511-2,517 float32 and
+2,527-2,572 bfloat16, PyTorch 2,186 and 1,910 (autocast); tuned, tuning's
+peak varied from run to run (float32 2,394 or 3,580 over six runs,
+bfloat16 2,456-4,920), PyTorch's did not (2,124-2,197; 1,888).
 """
 
 import argparse
@@ -43,9 +48,9 @@ def main():
   if args.framework == 'torch':
     from benchmarks import torch_reference
 
-    train_once = torch_reference.steps(args.model_dir, args.batch, args.length)[
-        0
-    ]
+    train_once = torch_reference.steps(
+        args.model_dir, args.batch, args.length, args.dtype
+    )[0]
   else:
     from tuning import xla_cpu
 

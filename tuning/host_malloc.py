@@ -22,8 +22,12 @@ transparent huge pages allow it (`madvise` mode):
 Then the faults per step drop to about none (all four are needed: without
 arena_max=1, a MiniLM step at length 128 still spent 745 ms in the kernel).
 The costs: memory freed by the process is not returned to the system
-until it exits, so the resident size stays at its peak (it did not rise:
-peak of 10 MiniLM steps 2,574 MiB, against 2,699 with glibc's settings);
+until it exits, so the resident size stays at its peak, and that peak
+varies from run to run: 10 float32 MiniLM steps (32 x 128) peaked at
+2,394 or 3,580 MiB over six runs (2,511-2,517 with glibc's settings), 10
+bfloat16 ones at 2,456-4,920 (2,527-2,572), where PyTorch's stayed at
+2,124-2,197 (benchmarks/peak_memory.py). `host_malloc='default'` is the
+choice where memory is tight;
 and compiling under one arena is slower: the quickstart, a 30 s run that
 is mostly compilation, took 31-35 s against 29-30 s (four runs).
 
