@@ -12,6 +12,14 @@ hub; it is converted once into WORKDIR/pretrained.
 Presets (`:quick`, `:full`): quick trains on 8,000 sentences for 250 steps
 and validates on 1,000 dev sentences (a smoke test, minutes on a CPU); full
 trains one epoch on all 58,000+ sentences and validates on all of dev.tsv.
+
+On a CPU with AVX-512 BF16, `--config.dtype=bfloat16` (float32 parameters
+and optimizer state) trains about 1.5x faster with the same result:
+measured with `:quick` and
+`--config.data.validation_path=../shared/data/sst2/glue_dev.tsv` (the
+official dev set), both dtypes printed `validation at step 250: loss
+0.339  accuracy 0.8612`, in 3 min 6 s (bfloat16) against 4 min 42 s
+(float32) on 2 cores.
 """
 
 import importlib.util
