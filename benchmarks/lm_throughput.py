@@ -104,6 +104,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from benchmarks import torch_reference
 from benchmarks.timing import peak_matmul_flops
 from benchmarks.timing import timed
 from benchmarks.timing import torch_peak_matmul_flops
@@ -189,14 +190,6 @@ def torch_model(read):
   return model
 
 
-def torch_autocast(bf16: bool):
-  """PyTorch's mixed precision on CPU (float32 weights, bfloat16 matmuls),
-  or nothing."""
-  import torch
-
-  return torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16)
-
-
 def torch_train(model, ids: np.ndarray, bf16: bool = False):
   import torch
 
@@ -206,7 +199,7 @@ def torch_train(model, ids: np.ndarray, bf16: bool = False):
 
   def once():
     model.train()
-    with torch_autocast(bf16):
+    with torch_reference.autocast(bf16):
       loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -294,7 +287,7 @@ def main():
       ids = torch.from_numpy(prompt_ids).long()
 
       def torch_gen(bf16=False):
-        with torch.no_grad(), torch_autocast(bf16):
+        with torch.no_grad(), torch_reference.autocast(bf16):
           return hf.generate(
               input_ids=ids,
               attention_mask=torch.ones_like(ids),

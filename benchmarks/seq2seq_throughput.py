@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from benchmarks import torch_reference
 from benchmarks.timing import peak_matmul_flops, timed, torch_peak_matmul_flops
 from benchmarks.timing import torch_timed
 from benchmarks.timing import xla_flops
@@ -214,9 +215,9 @@ def torch_side(
   opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.01)
   t = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
-  def train_once(autocast=False):
+  def train_once(bf16=False):
     hf.train()
-    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+    with torch_reference.autocast(bf16):
       out = hf(
           input_ids=t['input_ids'],
           attention_mask=t['attention_mask'],

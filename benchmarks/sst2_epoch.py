@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 from safetensors.numpy import load_file
 
+from benchmarks import torch_reference
 from benchmarks.bert_throughput import jax_model, pmapped_step
 from experiments import minilm_sst2
 from tuning.data.datasets import build_datasets
@@ -90,7 +91,7 @@ def torch_step(model_dir: str, bf16: bool = False):
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
 
   def run(batch):
-    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+    with torch_reference.autocast(bf16):
       out = model(
           input_ids=torch.from_numpy(batch['input_ids']).long(),
           attention_mask=torch.from_numpy(batch['attention_mask']).long(),

@@ -19,6 +19,14 @@ def peak_matmul_flops(n: int = 2048) -> float | None:
   return 2 * n**3 / ((time.perf_counter() - start) / 5)
 
 
+def autocast(bf16: bool):
+  """PyTorch's mixed precision on CPU (float32 weights and optimizer,
+  bfloat16 matmuls) where `bf16`, else a context that does nothing."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  return torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16)
+
+
 def steps(model_dir: str, batch: int, length: int, dtype: str = 'float32'):
   """(train_once, eval_once, torch version, threads) on random token ids,
   or None without torch/transformers. train_once: forward, backward,
@@ -43,13 +51,11 @@ def steps(model_dir: str, batch: int, length: int, dtype: str = 'float32'):
   ids = torch.randint(1000, 20000, (batch, length))
   mask = torch.ones_like(ids)
   labels = torch.randint(0, 2, (batch,))
-  autocast = lambda: torch.autocast(  # noqa: E731
-      'cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16'
-  )
+  bf16 = dtype == 'bfloat16'
 
   def train_once():
     model.train()
-    with autocast():
+    with autocast(bf16):
       out = model(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -59,7 +65,7 @@ def steps(model_dir: str, batch: int, length: int, dtype: str = 'float32'):
 
   def eval_once():
     model.eval()
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), autocast(bf16):
       return model(input_ids=ids, attention_mask=mask).logits.sum().item()
 
   return train_once, eval_once, torch.__version__, torch.get_num_threads()

@@ -40,7 +40,8 @@ _BF16 = jnp.bfloat16
 
 
 def _rows(a):
-  return a.reshape(-1, a.shape[-1])
+  """a [..., K] as bfloat16 rows [M, K]."""
+  return a.reshape(-1, a.shape[-1]).astype(_BF16)
 
 
 def materialised_transpose(rows):
@@ -57,18 +58,30 @@ def materialised_transpose(rows):
   return rows.T  # both odd: correct, but this dot runs in float32.
 
 
+def _dot(a, b, a_axis: int, b_axis: int):
+  """a and b contracted over one axis each, in bfloat16, accumulated in
+  float32 (the form XLA keeps on its bfloat16 kernels where `a` contracts
+  its last axis, row-major)."""
+  return lax.dot_general(
+      a.astype(_BF16),
+      b.astype(_BF16),
+      (((a_axis,), (b_axis,)), ((), ())),
+      preferred_element_type=_F32,
+  )
+
+
+def _rows_t_times(x, rows_g):
+  """rows(x).T @ rows_g (a weight gradient), through a materialised
+  transpose of x's rows."""
+  return _dot(materialised_transpose(_rows(x)), rows_g, 1, 0)
+
+
 @jax.custom_vjp
 def dense(x, kernel, bias):
   """(x @ kernel + bias) in bfloat16: x bfloat16 [..., K], kernel [K, N]
   and bias [N] in their parameter dtype (float32); one float32
   accumulation, one rounding."""
-  y = lax.dot_general(
-      x.astype(_BF16),
-      kernel.astype(_BF16),
-      (((x.ndim - 1,), (0,)), ((), ())),
-      preferred_element_type=_F32,
-  )
-  return (y + bias.astype(_F32)).astype(_BF16)
+  return (_dot(x, kernel, x.ndim - 1, 0) + bias.astype(_F32)).astype(_BF16)
 
 
 def _forward(x, kernel, bias):
@@ -77,22 +90,9 @@ def _forward(x, kernel, bias):
 
 def _backward(saved, g):
   x, kernel, bias = saved
-  rows_g = _rows(g).astype(_BF16)
-  rows_x = _rows(x).astype(_BF16)
-  # dx = g @ kernel.T, contracting the kernel's output axis in place.
-  dx = lax.dot_general(
-      rows_g,
-      kernel.astype(_BF16),
-      (((1,), (1,)), ((), ())),
-      preferred_element_type=_F32,
-  )
-  # dW = x_rows.T @ g_rows, the transpose materialised (see above).
-  dw = lax.dot_general(
-      materialised_transpose(rows_x),
-      rows_g,
-      (((1,), (0,)), ((), ())),
-      preferred_element_type=_F32,
-  )
+  rows_g = _rows(g)
+  dx = _dot(rows_g, kernel, 1, 1)  # g @ kernel.T, the kernel's axis in place
+  dw = _rows_t_times(x, rows_g)
   db = rows_g.astype(_F32).sum(0)
   return (
       dx.astype(x.dtype).reshape(x.shape),
@@ -104,42 +104,23 @@ def _backward(saved, g):
 dense.defvjp(_forward, _backward)
 
 
-@jax.custom_vjp
-def _tied_logits(x, embedding):
-  return lax.dot_general(
-      x.astype(_BF16),
-      embedding.astype(_BF16),
-      (((x.ndim - 1,), (1,)), ((), ())),
-      preferred_element_type=_F32,
-  )
-
-
 def _tied_forward(x, embedding):
   table = embedding.astype(_BF16)  # converted once; the backward reuses it
-  logits = lax.dot_general(
-      x.astype(_BF16),
-      table,
-      (((x.ndim - 1,), (1,)), ((), ())),
-      preferred_element_type=_F32,
-  )
+  logits = _dot(x, table, x.ndim - 1, 1)
   return logits, (x, table, jnp.zeros((0,), embedding.dtype))
+
+
+@jax.custom_vjp
+def _tied_logits(x, embedding):
+  return _tied_forward(x, embedding)[0]
 
 
 def _tied_backward(saved, g):
   x, table, param_dtype = saved
-  rows_g = _rows(g).astype(_BF16)
-  rows_x = _rows(x).astype(_BF16)
-  dx = lax.dot_general(
-      rows_g, table, (((1,), (0,)), ((), ())), preferred_element_type=_F32
-  )
+  rows_g = _rows(g)
+  dx = _dot(rows_g, table, 1, 0)
   # dE.T = x_rows.T @ g_rows: the small operand is the one transposed.
-  de_t = lax.dot_general(
-      materialised_transpose(rows_x),
-      rows_g,
-      (((1,), (0,)), ((), ())),
-      preferred_element_type=_F32,
-  )
-  de = materialised_transpose(de_t)  # (a plain .T would reach the dot)
+  de = materialised_transpose(_rows_t_times(x, rows_g))  # (not a plain .T)
   return dx.astype(x.dtype).reshape(x.shape), de.astype(param_dtype.dtype)
 
 
