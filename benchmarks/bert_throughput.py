@@ -156,6 +156,7 @@ def pmapped_step(
           prng_impl=prng_impl,
           dropout_keys=dropout_keys,
           sum_over_devices=psum_over_devices,
+          update_on_device_axis=True,
       ),
       axis_name='batch',
       donate_argnums=(0,) if donate else (),

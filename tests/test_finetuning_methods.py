@@ -3,6 +3,8 @@ parameter groups (weight decay, freezing, linear probing, layer-wise LR
 decay, LR multipliers), gradient accumulation, the NaN guard, EMA, early
 stopping and resume (LoRA and bf16: test_lora.py)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +20,13 @@ from tuning.optimizers import (
     parameter_settings,
     trainable_mask,
 )
-from tuning.train_step import initial_state, make_train_step
+from tuning.train_step import (
+    AXIS,
+    initial_state,
+    make_train_step,
+    psum_over_devices,
+    train_step_fn,
+)
 
 from conftest import bert_params, flat, lora_config, opt_config
 
@@ -198,6 +206,50 @@ def test_ema_tracks_the_parameters():
   )
   for k, v in flat(params).items():
     np.testing.assert_allclose(e[k], 0.1 * v + 0.9 * p[k], rtol=1e-5, atol=1e-7)
+
+
+def _copied_state(compiled_text: str) -> list[str]:
+  """Shapes of the entry parameters that a compiled step copies."""
+  entry = compiled_text[compiled_text.index('\nENTRY') :]
+  shapes = dict(re.findall(r'%([\w.\-]+) = (\S+) parameter\(', entry))
+  copied = re.findall(r' copy\(%([\w.\-]+)\)', entry)
+  return [shapes[name] for name in copied if name in shapes]
+
+
+def test_pmapped_update_on_the_device_axis_copies_no_kernel_or_moment():
+  """The pmapped step updates the state on its [1, ...] shards
+  (train_step.with_device_axis): without that, XLA:CPU copies every
+  kernel and Adam moment before the update; the values agree."""
+  model, params, tx, schedule, batch = _mlp_setup()
+  states, copied = {}, {}
+  for on_axis in (False, True):
+    step = jax.pmap(
+        train_step_fn(
+            model,
+            tx,
+            schedule,
+            0,
+            sum_over_devices=psum_over_devices,
+            update_on_device_axis=on_axis,
+        ),
+        axis_name=AXIS,
+        donate_argnums=(0,),
+    )
+    state = jax_utils.replicate(initial_state(params, tx))
+    copied[on_axis] = [
+        shape
+        for shape in _copied_state(step.lower(state, batch).compile().as_text())
+        if shape.split(']')[0].count(',') >= 2  # [1, K, N]: a kernel, a moment
+    ]
+    for _ in range(3):
+      state, _ = step(state, batch)
+    states[on_axis] = jax_utils.unreplicate(state)
+  assert len(copied[False]) >= 6, copied[False]  # kernels, mu, nu
+  assert not copied[True], copied[True]
+  for a, b in zip(
+      jax.tree.leaves(states[False]), jax.tree.leaves(states[True])
+  ):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9)
 
 
 def test_early_stopping_counts_evaluations_without_improvement(tmp_path):

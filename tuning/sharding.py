@@ -72,6 +72,7 @@ class PmapLayout:
 
   name = 'pmap'
   batch_shards = 1  # each device's step sees only its own rows
+  update_on_device_axis = True  # (train_step.with_device_axis)
 
   def __init__(self):
     self.devices = jax.local_device_count()
@@ -191,6 +192,7 @@ class MeshLayout:
   """A ('data', 'fsdp') mesh: state sharded over fsdp, a jitted step."""
 
   name = 'mesh'
+  update_on_device_axis = False  # global arrays: no device axis
 
   def __init__(self, mesh_config):
     self.sizes = mesh_shape(mesh_config, jax.device_count())

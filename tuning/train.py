@@ -250,6 +250,7 @@ def _compile_step(run: Run, training: _Training):
           dropout_keys=config.training.get('dropout_keys', 'per_example'),
           sum_over_devices=run.layout.sum_over_devices,
           batch_shards=run.layout.batch_shards,
+          update_on_device_axis=run.layout.update_on_device_axis,
           loss_fn=(
               distillation.make_loss_fn(config.distill)
               if teacher

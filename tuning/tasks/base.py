@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 
@@ -119,6 +120,24 @@ class Task:
   def results(self) -> dict[str, Any]:
     """What results.json records about the task besides the metrics."""
     return {'task': self.name}
+
+
+def token_cross_entropy(logits, targets):
+  """(cross-entropy, logsumexp, correct) per position of [..., vocab]
+  logits and [...] integer targets, in float32.
+
+  One pass finds each position's largest logit, one sums the exponentials
+  (the logsumexp, whose gradient is the softmax); a target is correct when
+  its logit is that largest one. That is argmax == target except at an
+  exact tie for the top, which then counts as correct, and it spares a
+  third pass over the logits: an argmax over a 49k vocabulary took 2.5% of
+  SmolLM2's bfloat16 train step on CPU (issue #14).
+  """
+  logits = logits.astype(jnp.float32)
+  top = jax.lax.stop_gradient(logits.max(axis=-1))
+  lse = top + jnp.log(jnp.exp(logits - top[..., None]).sum(axis=-1))
+  target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return lse - target, lse, (target >= top).astype(jnp.float32)
 
 
 def token_rows(losses, tokens, correct, weight) -> dict[str, Any]:

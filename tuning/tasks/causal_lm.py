@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from tuning.models import decoder
 from tuning.tasks import base
@@ -49,11 +48,10 @@ def target_mask(batch):
 
 def _token_terms(logits, batch):
   """(per-token loss, correct, mask) [rows, length - 1], float32."""
-  logits = logits[:, :-1].astype(jnp.float32)
+  logits = logits[:, :-1]
   targets = batch['input_ids'][:, 1:]
   mask = target_mask(batch)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  losses, _, correct = base.token_cross_entropy(logits, targets)
   return losses * mask, correct * mask, mask
 
 

@@ -61,18 +61,13 @@ def token_losses(logits, targets, mask, label_smoothing: float = 0.0):
   against (1 - eps) * onehot(target) + eps / vocab: (1 - eps) * nll +
   eps * (logsumexp - mean of the logits).
   """
-  logits = logits.astype(jnp.float32)
   mask = mask.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[
-      ..., 0
-  ]
-  nll = lse - target_logit
+  nll, lse, correct = base.token_cross_entropy(logits, targets)
   smoothed = nll
   if label_smoothing:
     eps = float(label_smoothing)
-    smoothed = (1.0 - eps) * nll + eps * (lse - logits.mean(axis=-1))
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    mean = logits.astype(jnp.float32).mean(axis=-1)
+    smoothed = (1.0 - eps) * nll + eps * (lse - mean)
   return smoothed * mask, nll * mask, correct * mask
 
 
