@@ -67,6 +67,7 @@ from flax import jax_utils
 import optax
 
 from experiments import minilm_sst2
+from tuning import optimizers
 from tuning.models import bert
 from tuning.models.hf_config import read_hf_config
 from tuning.sharding import PmapLayout
@@ -118,7 +119,7 @@ def optimizer(flat: bool = False):
   """AdamW with global-norm clipping (the experiments' optimizer);
   `flat`: optax.flatten (one vector for all parameters)."""
   tx = optax.chain(
-      optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.01)
+      optimizers.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.01)
   )
   return optax.flatten(tx) if flat else tx
 

@@ -111,6 +111,7 @@ from benchmarks.timing import torch_peak_matmul_flops
 from benchmarks.timing import torch_timed
 from tuning import generation
 from tuning import gguf_checkpoint
+from tuning import optimizers
 from tuning.models import decoder as decoder_lib
 from tuning.tasks.causal_lm import CausalLM
 from tuning.train_step import TrainState, make_train_step
@@ -146,7 +147,7 @@ def jax_train(model, params, batch: int, length: int, ids: np.ndarray):
   from flax import jax_utils
 
   tx = optax.chain(
-      optax.clip_by_global_norm(1.0),
+      optimizers.clip_by_global_norm(1.0),
       optax.adamw(LR, weight_decay=WEIGHT_DECAY),
   )
   state = jax_utils.replicate(

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from experiments import minilm_sst2
+from tuning import optimizers
 from tuning import prng
 from tuning import train_step as ts
 from tuning.models import bert
@@ -80,7 +81,7 @@ def variants(batch: int, length: int):
   data = dict(feats, label=labels, index=index)
   params = model.init(jax.random.key(0), feats['input_ids'][:1])['params']
   tx = optax.chain(
-      optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.01)
+      optimizers.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.01)
   )
 
   def grad(impl, per_example=True, train=True, m=model):

@@ -8,6 +8,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import jax_utils
 
@@ -16,6 +17,7 @@ from tuning.early_stopping import EarlyStopping
 from tuning.models.mlp import MLP
 from tuning.optimizers import (
     build_optimizer,
+    clip_by_global_norm,
     describe_parameters,
     parameter_settings,
     trainable_mask,
@@ -206,6 +208,22 @@ def test_ema_tracks_the_parameters():
   )
   for k, v in flat(params).items():
     np.testing.assert_allclose(e[k], 0.1 * v + 0.9 * p[k], rtol=1e-5, atol=1e-7)
+
+
+def test_global_norm_clipping_matches_optax():
+  rng = np.random.RandomState(0)
+  grads = {'a': rng.randn(4, 3).astype(np.float32), 'b': rng.randn(5)}
+  grads['b'] = grads['b'].astype(np.float32)
+  norm = float(
+      np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads.values()))
+  )
+  for max_norm in (norm / 3, norm * 2):  # clipped, then left alone
+    ours, _ = clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, None)
+    for k in grads:
+      np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-6)
+    total = np.sqrt(sum((np.asarray(v) ** 2).sum() for v in ours.values()))
+    np.testing.assert_allclose(total, min(norm, max_norm), rtol=1e-5)
 
 
 def _copied_state(compiled_text: str) -> list[str]:
