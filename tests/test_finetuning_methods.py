@@ -234,10 +234,15 @@ def _copied_state(compiled_text: str) -> list[str]:
   return [shapes[name] for name in copied if name in shapes]
 
 
-def test_pmapped_update_on_the_device_axis_copies_no_kernel_or_moment():
+@pytest.mark.parametrize('on_nonfinite', ['stop', 'skip'])
+def test_pmapped_update_on_the_device_axis_copies_no_kernel_or_moment(
+    on_nonfinite,
+):
   """The pmapped step updates the state on its [1, ...] shards
   (train_step.with_device_axis): without that, XLA:CPU copies every
-  kernel and Adam moment before the update; the values agree."""
+  kernel and Adam moment before the update; the values agree. With
+  'skip' the update is a branch (a select of new or old values made XLA
+  copy the state too), and neither form copies."""
   model, params, tx, schedule, batch = _mlp_setup()
   states, copied = {}, {}
   for on_axis in (False, True):
@@ -249,11 +254,14 @@ def test_pmapped_update_on_the_device_axis_copies_no_kernel_or_moment():
             0,
             sum_over_devices=psum_over_devices,
             update_on_device_axis=on_axis,
+            on_nonfinite=on_nonfinite,
         ),
         axis_name=AXIS,
         donate_argnums=(0,),
     )
-    state = jax_utils.replicate(initial_state(params, tx))
+    state = jax_utils.replicate(
+        initial_state(params, tx, count_skipped=on_nonfinite == 'skip')
+    )
     copied[on_axis] = [
         shape
         for shape in _copied_state(step.lower(state, batch).compile().as_text())
@@ -262,7 +270,8 @@ def test_pmapped_update_on_the_device_axis_copies_no_kernel_or_moment():
     for _ in range(3):
       state, _ = step(state, batch)
     states[on_axis] = jax_utils.unreplicate(state)
-  assert len(copied[False]) >= 6, copied[False]  # kernels, mu, nu
+  if on_nonfinite == 'stop':  # (skip's branch avoids it either way)
+    assert len(copied[False]) >= 6, copied[False]  # kernels, mu, nu
   assert not copied[True], copied[True]
   for a, b in zip(
       jax.tree.leaves(states[False]), jax.tree.leaves(states[True])

@@ -284,15 +284,22 @@ def train_step_fn(
         if update_on_device_axis
         else (lambda t: t, lambda t: t)
     )
-    old_params, old_opt_state = lift(state.params), lift(state.opt_state)
-    updates, opt_state = tx.update(lift(full_grads), old_opt_state, old_params)
-    params = optax.apply_updates(old_params, updates)
+
+    def update(params, opt_state, grads):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    operands = (lift(state.params), lift(state.opt_state), lift(full_grads))
     skipped = state.skipped
     if on_nonfinite == 'skip':
-      keep = lambda new, old: jnp.where(finite, new, old)  # pylint: disable=unnecessary-lambda-assignment
-      params = jax.tree.map(keep, params, old_params)
-      opt_state = jax.tree.map(keep, opt_state, old_opt_state)
+      # A branch, not a select of new or old values: the select read the
+      # donated old state after the update, and XLA copied it all first.
+      params, opt_state = jax.lax.cond(
+          finite, update, lambda p, s, g: (p, s), *operands
+      )
       skipped = state.skipped + (~finite).astype(jnp.int32)
+    else:
+      params, opt_state = update(*operands)
     ema_params = state.ema_params
     if ema_decay is not None:
       d = ema_decay_at(ema_decay, state.step)
