@@ -9,11 +9,11 @@ With no flags it runs the quickstart experiment in ./workdirs/quickstart.
 import os
 import sys
 
-from tuning import host_malloc
+from tuning.platform import host_malloc
 
 if __name__ == '__main__':
   # glibc reads its malloc settings when a program starts: this restarts
-  # main.py with them (tuning/host_malloc.py), once.
+  # main.py with them (tuning/platform/host_malloc.py), once.
   host_malloc.restart_with_tunables(host_malloc.choice_from_argv(sys.argv))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -22,12 +22,12 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from tuning import config_loading
-from tuning import console
-from tuning import errors
-from tuning import experiment
-from tuning import multihost
-from tuning import xla_cpu
+from tuning.config import loading as config_loading
+from tuning.terminal import console
+from tuning.terminal import errors
+from tuning.modes import experiment
+from tuning.engine import multihost
+from tuning.platform import xla_cpu
 
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), 'experiments', 'quickstart.py'
@@ -98,7 +98,7 @@ def run(config, workdir, config_filename) -> int:
   try:
     experiment.run(config, workdir)
   except Exception as e:  # pylint: disable=broad-except
-    # One line naming the problem and its fix (tuning/errors.py);
+    # One line naming the problem and its fix (tuning/terminal/errors.py);
     # TUNING_TRACEBACK=1 shows the full traceback instead.
     if os.environ.get('TUNING_TRACEBACK'):
       raise

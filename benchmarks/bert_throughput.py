@@ -26,10 +26,10 @@ resident memory (VmHWM). The SST-2 epoch (unless `--skip_epoch`) is
 estimated for both frameworks from step times measured at each length
 bucket, times the batches per bucket in one epoch of the real stream
 (benchmarks/sst2_epoch.py runs the real epoch). XLA:CPU's dot kernels are
-one choice a process (tuning/xla_cpu.py): `--dots=eigen` (default) is what
+one choice a process (tuning/platform/xla_cpu.py): `--dots=eigen` (default) is what
 main.py uses for float32 runs, `--dots=ynnpack` what it uses for bfloat16
 ones, so the bfloat16 rows of a default run are pessimistic. So are
-glibc's malloc settings (tuning/host_malloc.py): `--malloc=tuned`
+glibc's malloc settings (tuning/platform/host_malloc.py): `--malloc=tuned`
 (default) restarts the process with main.py's, `--malloc=default` keeps
 glibc's own; both frameworks run under the same ones.
 """
@@ -47,8 +47,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from tuning import host_malloc
-from tuning import xla_cpu
+from tuning.platform import host_malloc
+from tuning.platform import xla_cpu
 
 if __name__ == '__main__':  # before JAX starts: XLA reads its flags once
   # main.py's glibc malloc settings (both frameworks run in this process).
@@ -67,11 +67,11 @@ from flax import jax_utils
 import optax
 
 from experiments import minilm_sst2
-from tuning import optimizers
+from tuning.methods import optimizers
 from tuning.models import bert
 from tuning.models.hf_config import read_hf_config
-from tuning.sharding import PmapLayout
-from tuning.train_step import TrainState, psum_over_devices, train_step_fn
+from tuning.engine.layouts import PmapLayout
+from tuning.engine.train_step import TrainState, psum_over_devices, train_step_fn
 
 from benchmarks import torch_reference
 
@@ -334,7 +334,7 @@ def main():
       '--dots',
       choices=('eigen', 'ynnpack'),
       default='eigen',
-      help="XLA:CPU's dot kernels (tuning/xla_cpu.py)",
+      help="XLA:CPU's dot kernels (tuning/platform/xla_cpu.py)",
   )
   args = parser.parse_args()
   model_dir = minilm_sst2.minilm_source()

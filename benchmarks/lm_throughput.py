@@ -29,9 +29,9 @@ as the output projection):
              prompt plus the tokens before it; the prompt pass is counted
              too, 2 N + 4 n_layers d_model position per prompt token).
 
-XLA:CPU's dots are the ones main.py picks (tuning/xla_cpu.py): Eigen's,
+XLA:CPU's dots are the ones main.py picks (tuning/platform/xla_cpu.py): Eigen's,
 or with `--bf16` YNNPACK's for every row (one choice a process); glibc's
-malloc settings main.py's (tuning/host_malloc.py) unless
+malloc settings main.py's (tuning/platform/host_malloc.py) unless
 `--malloc=default`, for both frameworks.
 
 Measured (`python benchmarks/lm_throughput.py --bf16`, defaults; 2 CPU
@@ -57,7 +57,7 @@ EPYC (AVX-512) whose 2 cores our test suite and another benchmark shared:
 
 Those ratios were flattered by the shared load, which slowed PyTorch far
 more. Idle, after the decoder blocks moved to [B * L, d] rows, with
-main.py's malloc settings for both (tuning/host_malloc.py):
+main.py's malloc settings for both (tuning/platform/host_malloc.py):
 
   peak matmul (2048^2 f32): XLA 179.1 GFLOP/s, PyTorch 157.6 GFLOP/s
                  tuning tok/s PyTorch tok/s   ratio tuning MFU PyTorch MFU
@@ -65,7 +65,7 @@ main.py's malloc settings for both (tuning/host_malloc.py):
   generate f32          114.9          87.0   1.32x      26.2%       22.5%
 
 After bfloat16 training moved onto XLA:CPU's bfloat16 kernels
-(tuning/models/bf16_matmul.py), idle, medians of 5 calls
+(tuning/platform/bf16_matmul.py), idle, medians of 5 calls
 (`--bf16 --steps=5`; PyTorch's bf16 rows under torch.autocast):
 
   peak matmul (2048^2 f32): XLA 195.8 GFLOP/s, PyTorch 115.2 GFLOP/s
@@ -76,7 +76,7 @@ After bfloat16 training moved onto XLA:CPU's bfloat16 kernels
   generate bf16         213.7         128.3   1.67x      44.6%       45.5%
 
 After the pmapped step's optimizer update moved onto the state's [1, ...]
-shards (tuning/train_step.py: XLA:CPU had copied every parameter and
+shards (tuning/engine/train_step.py: XLA:CPU had copied every parameter and
 moment), with token accuracy from the largest logit and clipping as one
 multiply; idle, the third of three runs (bf16 training 284.0, 321.6 and
 310.2 tokens/s in the three):
@@ -104,8 +104,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from tuning import host_malloc
-from tuning import xla_cpu
+from tuning.platform import host_malloc
+from tuning.platform import xla_cpu
 
 if __name__ == '__main__':  # before JAX starts: main.py's settings
   host_malloc.restart_with_tunables(
@@ -122,12 +122,12 @@ from benchmarks.timing import peak_matmul_flops
 from benchmarks.timing import timed
 from benchmarks.timing import torch_peak_matmul_flops
 from benchmarks.timing import torch_timed
-from tuning import generation
-from tuning import gguf_checkpoint
-from tuning import optimizers
+from tuning.decoding import sampling as generation
+from tuning.formats import gguf as gguf_checkpoint
+from tuning.methods import optimizers
 from tuning.models import decoder as decoder_lib
 from tuning.tasks.causal_lm import CausalLM
-from tuning.train_step import TrainState, make_train_step
+from tuning.engine.train_step import TrainState, make_train_step
 
 GGUF_NAME = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 LR, WEIGHT_DECAY = 1e-5, 0.01

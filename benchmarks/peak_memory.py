@@ -11,9 +11,9 @@ that was larger, as Linux keeps it across fork and exec). benchmarks/bert_throug
 --memory runs it once per framework. `--dtype=bfloat16` trains in bfloat16 compute
 (PyTorch: under `torch.autocast`); with --framework=jax, `--prng_impl`
 picks the dropout bits, and XLA:CPU's dots are main.py's for
-that dtype (tuning/xla_cpu.py) unless XLA_FLAGS chose them. glibc's
+that dtype (tuning/platform/xla_cpu.py) unless XLA_FLAGS chose them. glibc's
 malloc settings are the parent's (GLIBC_TUNABLES is inherited;
-tuning/host_malloc.py). Measured (float32, batch 32, length 128, 10 steps,
+tuning/platform/host_malloc.py). Measured (float32, batch 32, length 128, 10 steps,
 AMD EPYC): tuning 2,699 MiB with glibc's malloc, 2,574 MiB with main.py's
 tuned settings; PyTorch 2,179 / 2,190 MiB. Measured again later (one
 process each): glibc's settings, tuning 2,511-2,517 float32 and
@@ -52,7 +52,7 @@ def main():
         args.model_dir, args.batch, args.length, args.dtype
     )[0]
   else:
-    from tuning import xla_cpu
+    from tuning.platform import xla_cpu
 
     xla_cpu.choose('auto', args.dtype)  # main.py's dots, before JAX starts
     import bert_throughput

@@ -22,8 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from tuning.defaults import merged_onto_defaults
-from tuning.run import Run
+from tuning.config.defaults import merged_onto_defaults
+from tuning.engine.run import Run
 from tuning.tasks import seq2seq
 
 

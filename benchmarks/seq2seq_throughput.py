@@ -27,8 +27,8 @@ sides compute with the same parameters and shapes. Measured in one run:
     YNNPACK's for every row, as main.py picks for a bfloat16 run.
 
 It prints a table with the ratios tuning / PyTorch. XLA:CPU's dots and
-glibc's malloc settings are main.py's (tuning/xla_cpu.py,
-tuning/host_malloc.py; `--malloc=default` keeps glibc's own), for both
+glibc's malloc settings are main.py's (tuning/platform/xla_cpu.py,
+tuning/platform/host_malloc.py; `--malloc=default` keeps glibc's own), for both
 frameworks.
 """
 
@@ -43,8 +43,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from tuning import host_malloc
-from tuning import xla_cpu
+from tuning.platform import host_malloc
+from tuning.platform import xla_cpu
 
 if __name__ == '__main__':  # before JAX starts: main.py's settings
   host_malloc.restart_with_tunables(
@@ -61,7 +61,7 @@ from benchmarks.timing import peak_matmul_flops, timed, torch_peak_matmul_flops
 from benchmarks.timing import torch_timed
 from benchmarks.timing import xla_flops
 from tuning.models import encoder_decoder as ed
-from tuning.train_step import initial_state, train_step_fn
+from tuning.engine.train_step import initial_state, train_step_fn
 
 VOCAB, WIDTH, LAYERS, HEADS, FFN = 8000, 256, 3, 4, 1024
 PAD, EOS, START = 0, 1, 0

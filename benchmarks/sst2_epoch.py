@@ -18,8 +18,8 @@ smoke test). `--group_by_length=K` batches as `data.group_by_length=K`
 does (chunks of K batches sorted by length; both frameworks get the same
 batches): a random batch of 32 SST-2 phrases nearly always holds one long
 phrase, so without it most batches pad to 64. The data pipeline is shared and not timed. XLA:CPU's dots
-are Eigen's, as main.py chooses for float32 (tuning/xla_cpu.py), and
-glibc's malloc settings main.py's (tuning/host_malloc.py) unless
+are Eigen's, as main.py chooses for float32 (tuning/platform/xla_cpu.py), and
+glibc's malloc settings main.py's (tuning/platform/host_malloc.py) unless
 `--malloc=default`; both frameworks run under the same ones. `--bf16`:
 both in bfloat16 compute with float32 parameters and optimizer state
 (tuning's `dtype=bfloat16` model on YNNPACK's dots, as main.py picks for
@@ -36,8 +36,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from tuning import host_malloc
-from tuning import xla_cpu
+from tuning.platform import host_malloc
+from tuning.platform import xla_cpu
 
 if __name__ == '__main__':  # main.py's settings for this dtype
   host_malloc.restart_with_tunables(

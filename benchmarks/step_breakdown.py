@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from tuning import xla_cpu
+from tuning.platform import xla_cpu
 
 if __name__ == '__main__':
   xla_cpu.choose('auto', 'float32')  # as main.py for a float32 run
@@ -42,9 +42,9 @@ import jax.numpy as jnp
 import optax
 
 from experiments import minilm_sst2
-from tuning import optimizers
-from tuning import prng
-from tuning import train_step as ts
+from tuning.methods import optimizers
+from tuning.engine import prng
+from tuning.engine import train_step as ts
 from tuning.models import bert
 from tuning.tasks.classification import cross_entropy
 

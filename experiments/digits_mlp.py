@@ -34,7 +34,7 @@ report (about 35 s on 2 CPU cores; the numbers vary a little by machine):
   wrote /tmp/digits_grid/report.md, report.csv, report.png
 """
 
-from tuning.defaults import base_config
+from tuning.config.defaults import base_config
 
 SWEEPS = ('grid', 'random', 'tpe')
 

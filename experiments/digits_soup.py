@@ -28,7 +28,7 @@ Prints the members' and ensembles' tables, then (seed 0, 2 CPU cores):
 from ml_collections import config_dict
 
 from experiments.quickstart import EVEN_ODD
-from tuning.defaults import base_config
+from tuning.config.defaults import base_config
 
 
 def get_config(arg=None):

@@ -25,7 +25,7 @@ official dev set), both dtypes printed `validation at step 250: loss
 import importlib.util
 import os
 
-from tuning.defaults import base_config
+from tuning.config.defaults import base_config
 
 HUB_ID = 'sentence-transformers/all-MiniLM-L6-v2'
 SST2 = os.path.join(

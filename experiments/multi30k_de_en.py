@@ -25,7 +25,7 @@ run on a more loaded machine gave the same figures bitwise.
 `get_config('quick')`: 150 steps, for a look at the loss and throughput.
 """
 
-from tuning.defaults import base_config
+from tuning.config.defaults import base_config
 
 
 def get_config(arg=None):

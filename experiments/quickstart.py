@@ -22,7 +22,7 @@ Prints at the end (one run, seed 0, about a minute on 2 CPU cores):
 
 from ml_collections import config_dict
 
-from tuning.defaults import base_config
+from tuning.config.defaults import base_config
 
 EVEN_ODD = ((0, 2, 4, 6, 8), (1, 3, 5, 7, 9))
 

@@ -22,7 +22,7 @@ zero-shot perplexity. Two variants (the config argument):
 
 Both: 100 steps of 8 captions (800 of the 28,701 training captions),
 AdamW, 10 warm-up steps then cosine, float32 (Eigen dots:
-tuning/xla_cpu.py). Measured on 2 CPU cores (an AMD EPYC with AVX-512),
+tuning/platform/xla_cpu.py). Measured on 2 CPU cores (an AMD EPYC with AVX-512),
 perplexity per caption token (its end-of-text included):
 
   variant  val ppl at step 0  val ppl after  test ppl  steps  wall time
@@ -75,7 +75,7 @@ import os
 
 from ml_collections import config_dict
 
-from tuning.defaults import base_config
+from tuning.config.defaults import base_config
 
 GGUF_NAME = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 MULTI30K = os.path.join('..', 'shared', 'data', 'multi30k')

@@ -31,7 +31,7 @@ import os
 from ml_collections import config_dict
 
 from experiments import minilm_sst2
-from tuning.defaults import base_config
+from tuning.config.defaults import base_config
 
 
 def get_config(arg=None):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 
-from tuning import xla_cpu
+from tuning.platform import xla_cpu
 
 # Before JAX starts, as main.py does for float32 runs: Eigen's dots.
 xla_cpu.choose()
@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tuning.defaults import base_config
+from tuning.config.defaults import base_config
 from tuning.models.bert import BertClassifier, BertConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -268,7 +268,7 @@ def preempted_then_resumed(config, workdir, monkeypatch, step=20):
   import signal  # pylint: disable=g-import-not-at-top
 
   from tuning import experiment  # pylint: disable=g-import-not-at-top
-  from tuning.checkpoints import RunCheckpoints  # pylint: disable=g-import-not-at-top
+  from tuning.engine.checkpoints import RunCheckpoints  # pylint: disable=g-import-not-at-top
 
   save = RunCheckpoints.save
 

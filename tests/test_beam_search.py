@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tuning import beam_search
+from tuning.decoding import beam_search
 
 VOCAB, EOS, PAD, START = 5, 1, 0, 0
 

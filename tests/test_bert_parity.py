@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from tuning import hf_convert
+from tuning.formats import huggingface as hf_convert
 from tuning.models import bert as bert_lib
 
 SMALL_CONFIG = dict(
@@ -355,7 +355,7 @@ def test_parity_minilm(tmp_path):
   folder = _minilm_folder()
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
-  from tuning import tokenization
+  from tuning.data import tokenization
 
   out = hf_convert.ensure_converted(
       folder, str(tmp_path / 'cache'), verbose=False

@@ -1,4 +1,4 @@
-"""tuning/models/bf16_matmul.py: the bfloat16 Dense layer gives the values
+"""tuning/platform/bf16_matmul.py: the bfloat16 Dense layer gives the values
 and gradients of a plain bfloat16 Dense, and XLA runs every one of its
 dots, forward and backward, on bfloat16 operands."""
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import fresh_python_stdout
-from tuning.models import bf16_matmul
+from tuning.platform import bf16_matmul
 
 
 def _reference(x, kernel, bias):

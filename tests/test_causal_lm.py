@@ -18,12 +18,12 @@ from conftest import (
     read_json,
     run_main,
 )
-from tuning import experiment
-from tuning import optimizers
+from tuning.modes import experiment
+from tuning.methods import optimizers
 from tuning.data.datasets import build_datasets
 from tuning.data.preprocessing import PretrainedTokenizer
 from tuning.data.tables import DataError
-from tuning.run import Run
+from tuning.engine.run import Run
 from tuning.tasks import causal_lm
 from tuning.tasks.registry import task_class
 import tiny_config

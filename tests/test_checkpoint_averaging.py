@@ -10,7 +10,7 @@ import pytest
 import main
 from conftest import TINY, enable_compilation_cache, error_lines, flat
 from conftest import read_json
-from tuning import soup
+from tuning.multirun import soup
 
 
 @pytest.fixture(scope='module')

@@ -9,7 +9,7 @@ from tuning.data import preprocessing
 from tuning.data.datasets import build_datasets
 from tuning.data.pipeline import TrainStream, eval_batches, trim_to_bucket
 from tuning.data.sources import DataError
-from tuning.defaults import base_config
+from tuning.config.defaults import base_config
 
 
 def csv_config(path, **data):

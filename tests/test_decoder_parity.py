@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY_LLAMA
-from tuning import generation
-from tuning import hf_convert
-from tuning import lora
+from tuning.decoding import sampling as generation
+from tuning.formats import huggingface as hf_convert
+from tuning.methods import lora
 from tuning.models import decoder as decoder_lib
 
 torch = pytest.importorskip('torch')

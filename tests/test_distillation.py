@@ -11,10 +11,10 @@ from ml_collections import config_dict
 from sklearn.datasets import load_digits
 
 from conftest import TINY, read_json, run_main
-from tuning import distillation
-from tuning.defaults import base_config
+from tuning.multirun import distillation
+from tuning.config.defaults import base_config
 from tuning.models.mlp import MLP
-from tuning.train_step import initial_state, make_train_step
+from tuning.engine.train_step import initial_state, make_train_step
 
 
 def _log_softmax(x):

@@ -1,4 +1,4 @@
-"""Dropout bits (tuning/prng.py) and dropout keys (training.dropout_keys):
+"""Dropout bits (tuning/engine/prng.py) and dropout keys (training.dropout_keys):
 the hash bits' statistics, that they are per key, per-example masks in a
 batched model (tuning/models/dropout.py), and what each dropout_keys mode
 keeps invariant."""
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flax import jax_utils
 
-from tuning import prng
-from tuning.config_checks import ConfigValueError, check
-from tuning.defaults import base_config
+from tuning.engine import prng
+from tuning.config.checks import ConfigValueError, check
+from tuning.config.defaults import base_config
 from tuning.models import dropout
 from tuning.models.mlp import MLP
-from tuning.optimizers import build_optimizer
-from tuning.train_step import initial_state, make_train_step
+from tuning.methods.optimizers import build_optimizer
+from tuning.engine.train_step import initial_state, make_train_step
 
 from conftest import flat, opt_config
 

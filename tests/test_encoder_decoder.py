@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tuning import lora
+from tuning.methods import lora
 from tuning.models import encoder_decoder as ed
 
 SOURCE = np.array(

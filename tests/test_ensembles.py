@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY, read_json, run_main
-from tuning import ensemble
-from tuning import soup
+from tuning.multirun import ensemble
+from tuning.multirun import soup
 
 
 def test_combinations_by_hand():

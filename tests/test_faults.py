@@ -26,7 +26,7 @@ from conftest import (
     run_main,
     subprocess_env,
 )
-from tuning import workdir_lock
+from tuning.engine import workdir_lock
 
 ARGS = [
     f'--config={TINY}',
@@ -41,7 +41,7 @@ SLOW_WRITES = f"""
 import asyncio, runpy, sys, time
 sys.path.insert(0, {ROOT!r})
 from orbax.checkpoint._src.path import atomicity
-from tuning import checkpoints
+from tuning.engine import checkpoints
 finalize = atomicity.AtomicRenameTemporaryPath.finalize
 async def slow_finalize(self):
   await asyncio.sleep(0.02)
@@ -188,7 +188,7 @@ def _assert_one_line(result, *words):
 FAILING_WRITES = f"""
 import errno, runpy, sys
 sys.path.insert(0, {ROOT!r})
-from tuning import checkpoints
+from tuning.engine import checkpoints
 seal = checkpoints.seal
 calls = []
 def failing_seal(step_dir):
@@ -249,7 +249,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_keeps_it(tmp_path, capfd):
 HOLD_LOCK = f"""
 import sys, time
 sys.path.insert(0, {ROOT!r})
-from tuning import workdir_lock
+from tuning.engine import workdir_lock
 lock = workdir_lock.WorkdirLock(sys.argv[1]).acquire()
 print('locked', flush=True)
 time.sleep(120)

@@ -12,17 +12,17 @@ import optax
 import pytest
 from flax import jax_utils
 
-from tuning import lora
-from tuning.early_stopping import EarlyStopping
+from tuning.methods import lora
+from tuning.methods.early_stopping import EarlyStopping
 from tuning.models.mlp import MLP
-from tuning.optimizers import (
+from tuning.methods.optimizers import (
     build_optimizer,
     clip_by_global_norm,
     describe_parameters,
     parameter_settings,
     trainable_mask,
 )
-from tuning.train_step import (
+from tuning.engine.train_step import (
     AXIS,
     initial_state,
     make_train_step,
@@ -299,7 +299,7 @@ def test_early_stopping_counts_evaluations_without_improvement(tmp_path):
 
 
 def test_state_with_lora_ema_skip_and_frozen_groups_resumes_exactly(tmp_path):
-  from tuning.checkpoints import RunCheckpoints  # pylint: disable=g-import-not-at-top
+  from tuning.engine.checkpoints import RunCheckpoints  # pylint: disable=g-import-not-at-top
 
   model = lora.LoraModel(
       MLP(3, (8,), 0.5), lora_config(targets=('dense_0',), dropout=0.2)

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from tuning import generate as generate_cli
-from tuning import gguf_checkpoint
-from tuning import hf_convert
+from tuning.cli import generate as generate_cli
+from tuning.formats import gguf as gguf_checkpoint
+from tuning.formats import huggingface as hf_convert
 from tuning.models import decoder as decoder_lib
 
 gguf = pytest.importorskip('gguf')
@@ -178,7 +178,7 @@ def test_convert_folder_and_generate_command(tiny, tmp_path):
       [
           sys.executable,
           '-m',
-          'tuning.generate',
+          'tuning.cli.generate',
           f'--checkpoint={out}',
           f'--prompts={prompts}',
           f'--output={tmp_path / "out.jsonl"}',
@@ -203,7 +203,7 @@ def test_convert_folder_and_generate_command(tiny, tmp_path):
       [
           sys.executable,
           '-m',
-          'tuning.generate',
+          'tuning.cli.generate',
           f'--checkpoint={tmp_path / "nowhere"}',
           '--prompt=x',
       ],

@@ -1,4 +1,4 @@
-"""glibc malloc settings (tuning/host_malloc.py): when main.py restarts
+"""glibc malloc settings (tuning/platform/host_malloc.py): when main.py restarts
 with them, and that they stop XLA's per-step page faults."""
 
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tuning import host_malloc
+from tuning.platform import host_malloc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLIBC = sys.platform.startswith('linux') and platform.libc_ver()[0] == 'glibc'
@@ -30,7 +30,7 @@ def test_only_tuned_and_only_where_glibc_tunables_are_unset():
 _FAULTS = """
 import resource, sys
 sys.path.insert(0, {root!r})
-from tuning import host_malloc
+from tuning.platform import host_malloc
 host_malloc.restart_with_tunables(sys.argv[1])
 import jax, jax.numpy as jnp
 step = jax.jit(lambda x: (jnp.sin(x) * jnp.cos(x[::-1])).sum())

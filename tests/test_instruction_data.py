@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tuning import experiment
+from tuning.modes import experiment
 from tuning.data import instructions
 from tuning.data.datasets import build_datasets
 from tuning.data.preprocessing import pack
 from tuning.data.tables import DataError
 from tuning.models import decoder
-from tuning.run import Run
+from tuning.engine.run import Run
 from tuning.tasks import causal_lm
 from conftest import TINY_LLAMA, final_params
 import tiny_config

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from flax import jax_utils
 
-from tuning import lora
-from tuning.optimizers import (
+from tuning.methods import lora
+from tuning.methods.optimizers import (
     build_optimizer,
     parameter_settings,
     trainable_mask,
 )
-from tuning.train_step import initial_state, make_train_step
+from tuning.engine.train_step import initial_state, make_train_step
 
 from conftest import (
     IDS,

@@ -19,7 +19,7 @@ from conftest import (
     run_main_processes,
     train_losses,
 )
-from tuning.sharding import mesh_shape, partition_spec
+from tuning.engine.layouts import mesh_shape, partition_spec
 
 MESH = '--config.parallelism=mesh'
 

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from tuning import hf_convert
-from tuning import lora
-from tuning.defaults import base_config
+from tuning.formats import huggingface as hf_convert
+from tuning.methods import lora
+from tuning.config.defaults import base_config
 from tuning.models import bert
 from tuning.models import encoder_decoder
 from tuning.models import registry
 from tuning.models.family import Family
-from tuning.naming import naming_rules
-from tuning.optimizers import parameter_settings
+from tuning.methods.naming import naming_rules
+from tuning.methods.optimizers import parameter_settings
 
 BERT_CONFIG = dict(
     model_type='bert',

@@ -53,7 +53,7 @@ def test_recurrent_text_classifier_on_sst2(tmp_path, cell):
 def test_tfds_source_by_name(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   from tuning.data.datasets import build_datasets  # pylint: disable=g-import-not-at-top
-  from tuning.defaults import base_config  # pylint: disable=g-import-not-at-top
+  from tuning.config.defaults import base_config  # pylint: disable=g-import-not-at-top
 
   c = base_config()
   c.data.source = 'tfds'

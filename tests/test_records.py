@@ -15,7 +15,7 @@ from tuning.data import records
 from tuning.data.datasets import build_datasets
 from tuning.data.pipeline import TrainStream
 from tuning.data.sources import DataError, read_split_files
-from tuning.defaults import base_config
+from tuning.config.defaults import base_config
 
 WORDS = {
     '0': ['dull', 'bad', 'slow', 'boring'],
@@ -172,7 +172,7 @@ def test_to_records_command_reports_one_line_errors(tmp_path):
   command = [
       sys.executable,
       '-m',
-      'tuning.data.to_records',
+      'tuning.cli.to_records',
       f'--input={path}',
       '--text_column=sentence',
       f'--out={tmp_path / "rec"}',
@@ -493,7 +493,7 @@ def test_to_records_reads_headerless_files_in_another_encoding(tmp_path):
   command = [
       sys.executable,
       '-m',
-      'tuning.data.to_records',
+      'tuning.cli.to_records',
       f'--input={path}',
       '--format=tsv',
       '--text_column=text',

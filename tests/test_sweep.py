@@ -14,8 +14,8 @@ import time
 import optuna
 import pytest
 
-from tuning import sweep
-from tuning import sweep_space
+from tuning.sweep import runner as sweep
+from tuning.sweep import space as sweep_space
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'experiments', 'digits_mlp.py')
@@ -44,7 +44,7 @@ with open(os.path.join(workdir, 'results.json'), 'w') as f:
 def run_sweep(*args, check=True, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   result = subprocess.run(
-      [sys.executable, '-m', 'tuning.sweep', *args],
+      [sys.executable, '-m', 'tuning.sweep.runner', *args],
       cwd=ROOT,
       env=env,
       capture_output=True,
@@ -141,7 +141,7 @@ def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tmp_path):
       '--config.training.total_steps=600',
   ]
   proc = subprocess.Popen(
-      [sys.executable, '-m', 'tuning.sweep', *args],
+      [sys.executable, '-m', 'tuning.sweep.runner', *args],
       cwd=ROOT,
       stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL,

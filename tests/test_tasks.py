@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY, preempted_then_resumed, read_json, run_main
-from tuning import experiment
-from tuning.checkpoints import RunCheckpoints
+from tuning.modes import experiment
+from tuning.engine.checkpoints import RunCheckpoints
 from tuning.tasks import classification, regression
 from tuning.tasks.registry import task_class
 import tiny_config

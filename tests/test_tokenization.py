@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from tuning import tokenization
+from tuning.data import tokenization
 
 SST2 = '/work/shared/data/sst2'
 

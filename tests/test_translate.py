@@ -1,4 +1,4 @@
-"""tuning.translation and `python -m tuning.translate`: a tiny random
+"""tuning.decoding.translation and `python -m tuning.translate`: a tiny random
 MarianMTModel (saved by transformers, converted by tuning.convert) translates
 like its `generate` (greedy and beam 4), in the input order; run work
 directories (a synthetic one, see `_workdir`) and the one-line errors."""
@@ -15,13 +15,13 @@ import pytest
 from ml_collections import config_dict
 
 from conftest import TINY_MARIAN
-from tuning import hf_convert
-from tuning import translate as translate_cli
-from tuning import translation
-from tuning.checkpoints import RunCheckpoints
-from tuning.defaults import base_config
+from tuning.formats import huggingface as hf_convert
+from tuning.cli import translate as translate_cli
+from tuning.decoding import translation
+from tuning.engine.checkpoints import RunCheckpoints
+from tuning.config.defaults import base_config
 from tuning.tasks.registry import TASKS
-from tuning.train_step import initial_state
+from tuning.engine.train_step import initial_state
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')

@@ -1,4 +1,4 @@
-"""XLA:CPU's dot kernels, chosen before JAX starts (tuning/xla_cpu.py)."""
+"""XLA:CPU's dot kernels, chosen before JAX starts (tuning/platform/xla_cpu.py)."""
 
 import os
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import fresh_python_stdout
-from tuning import xla_cpu
+from tuning.platform import xla_cpu
 
 
 def test_wanted_follows_the_dtype_unless_forced():

@@ -3,7 +3,7 @@
 python main.py --config=tests/tiny_config.py --workdir=/tmp/tiny
 """
 
-from tuning.defaults import base_config
+from tuning.config.defaults import base_config
 
 
 def get_config(arg=None):

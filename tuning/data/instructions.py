@@ -46,7 +46,7 @@ import json
 import os
 import numpy as np
 
-from tuning import chat_template
+from tuning.data import chat_template
 from tuning.data.tables import DataError, Table, num_rows
 
 ROLES = ('system', 'user', 'assistant')

@@ -397,7 +397,7 @@ def read_metadata(directory: str | None, must_exist: bool = True) -> dict:
     raise DataError(
         'config.data.records_dir is required for source '
         "'array_record' (convert files with python -m "
-        'tuning.data.to_records)'
+        'tuning.cli.to_records)'
     )
   path = os.path.join(directory, METADATA)
   if not os.path.isfile(path):

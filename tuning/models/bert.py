@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tuning.models import activations
-from tuning.models import bf16_matmul
+from tuning.platform import bf16_matmul
 from tuning.models.dropout import Dropout
 from tuning.models.family import Family
 from tuning.models.hf_config import read_hf_config

@@ -5,7 +5,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tuning.models import bf16_matmul
+from tuning.platform import bf16_matmul
 from tuning.models.dropout import Dropout
 from tuning.models.family import Family
 

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tuning.models import activations
-from tuning.models import bf16_matmul
+from tuning.platform import bf16_matmul
 from tuning.models import hf_config as hf_config_lib
 from tuning.models.dropout import Dropout
 from tuning.models.family import Family

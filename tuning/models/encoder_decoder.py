@@ -38,7 +38,7 @@ Decoding one token at a time uses `init_cache` (the self-attention keys and
 values of every decoder layer, written in place at `cache['index']`) and
 `cross_keys_values` (the encoder output's cross-attention keys and values,
 computed once per source). `generate` runs beam search (or greedy decoding,
-beam size 1) with them on the device; see tuning/beam_search.py.
+beam size 1) with them on the device; see tuning/decoding/beam_search.py.
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tuning import beam_search as beam_search_lib
+from tuning.decoding import beam_search as beam_search_lib
 from tuning.models import activations
-from tuning.models import bf16_matmul
+from tuning.platform import bf16_matmul
 from tuning.models import family as family_lib
 from tuning.models import hf_config as hf_config_lib
 from tuning.models.dropout import Dropout

@@ -1,5 +1,5 @@
 """Reading a Hugging Face `config.json` (shared by the families and by
-tuning/hf_convert.py)."""
+tuning/formats/huggingface.py)."""
 
 import json
 import os

@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tuning import console
-from tuning import translation
+from tuning.terminal import console
+from tuning.decoding import translation
 from tuning.data import parallel
 from tuning.models import encoder_decoder
 from tuning.tasks import base

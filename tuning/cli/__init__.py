@@ -1,0 +1,1 @@
+"""The commands: generate, translate, convert, to_records, sweep."""

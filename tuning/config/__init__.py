@@ -1,0 +1,1 @@
+"""Experiment configs: the defaults, loading with overrides, checks, durations."""

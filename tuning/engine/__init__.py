@@ -1,0 +1,1 @@
+"""One run: its parts, the train step, layouts, checkpoints, run files, multi-host."""

@@ -1,0 +1,1 @@
+"""Checkpoint formats from elsewhere: Hugging Face safetensors, GGUF, their tokenizers."""

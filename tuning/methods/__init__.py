@@ -1,0 +1,1 @@
+"""Fine-tuning methods: optimizers, LoRA, EMA, early stopping, parameter naming rules."""

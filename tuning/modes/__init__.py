@@ -1,0 +1,1 @@
+"""What main.py runs: the train and eval modes, and experiments of stages."""

@@ -1,0 +1,1 @@
+"""Finished runs and what combines them: ensembles, soups, distillation teachers."""

@@ -1,0 +1,1 @@
+"""Process and backend settings: glibc malloc tunables, XLA:CPU dot kernels, CPU-only kernels."""

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: the search space, the trial runner, the report."""

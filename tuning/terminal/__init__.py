@@ -1,0 +1,1 @@
+"""What the user sees on the terminal: one line a message, one line an error."""
