@@ -97,7 +97,7 @@ def gguf_path() -> str:
 def converted_folder() -> str:
   """The GGUF converted once into a model folder (config.json, params/,
   tokenizer.json), cached across runs."""
-  from tuning import gguf_checkpoint  # pylint: disable=g-import-not-at-top
+  from tuning.formats import gguf as gguf_checkpoint  # pylint: disable=g-import-not-at-top
 
   cache = os.environ.get('TUNING_CACHE') or os.path.join(
       os.path.expanduser('~'), '.cache', 'tuning'

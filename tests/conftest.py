@@ -267,7 +267,7 @@ def preempted_then_resumed(config, workdir, monkeypatch, step=20):
   results of the rerun (which resumes)."""
   import signal  # pylint: disable=g-import-not-at-top
 
-  from tuning import experiment  # pylint: disable=g-import-not-at-top
+  from tuning.modes import experiment  # pylint: disable=g-import-not-at-top
   from tuning.engine.checkpoints import RunCheckpoints  # pylint: disable=g-import-not-at-top
 
   save = RunCheckpoints.save

@@ -179,7 +179,7 @@ def load(
   if is_run_workdir(checkpoint):
     return _load_run(checkpoint, step, dtype)
   if checkpoint.endswith('.gguf'):
-    from tuning import gguf_checkpoint  # pylint: disable=g-import-not-at-top
+    from tuning.formats import gguf as gguf_checkpoint  # pylint: disable=g-import-not-at-top
 
     read = gguf_checkpoint.read(checkpoint)
     params, _ = decoder_lib.convert_hf(read.tensors, read.hf_config)

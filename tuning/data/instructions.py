@@ -168,7 +168,7 @@ class InstructionEncoder:
   """Renders, tokenizes and masks instruction rows (see the module doc)."""
 
   def __init__(self, data_config):
-    from tuning import tokenization  # pylint: disable=g-import-not-at-top
+    from tuning.data import tokenization  # pylint: disable=g-import-not-at-top
 
     self.path = data_config.tokenizer
     self.max_length = int(data_config.max_length)

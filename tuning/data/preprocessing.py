@@ -243,7 +243,7 @@ class PretrainedTokenizer:
   append_eos: bool = False
 
   def __post_init__(self):
-    from tuning import tokenization  # pylint: disable=g-import-not-at-top
+    from tuning.data import tokenization  # pylint: disable=g-import-not-at-top
 
     self._tokenization = tokenization
     self._tokenizer = tokenization.load_tokenizer(self.path)

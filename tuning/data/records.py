@@ -247,7 +247,7 @@ def convert(
       )
     if not columns.text:
       raise DataError('--tokenizer needs text: set --text_column')
-    from tuning import tokenization  # pylint: disable=g-import-not-at-top
+    from tuning.data import tokenization  # pylint: disable=g-import-not-at-top
 
     tok = tokenization.load_tokenizer(tokenizer_file(tokenizer))
     tok_info = {
@@ -304,7 +304,7 @@ def convert(
   def flush():
     nonlocal max_id
     if tok is not None and pending:
-      from tuning import tokenization  # pylint: disable=g-import-not-at-top
+      from tuning.data import tokenization  # pylint: disable=g-import-not-at-top
 
       enc = tokenization.encode_texts(
           tok,
@@ -589,7 +589,7 @@ class RecordSplit:
           else tokenizer.encode(text)
       )
     elif 'input_ids' in table:
-      from tuning import tokenization  # pylint: disable=g-import-not-at-top
+      from tuning.data import tokenization  # pylint: disable=g-import-not-at-top
 
       info = self.metadata['tokenizer']
       ids = table.pop('input_ids')

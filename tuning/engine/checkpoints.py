@@ -336,12 +336,12 @@ def resolve_init_source(path: str, cache_dir: str) -> str:
   """Converts a Hugging Face source or a .gguf file once (cached in
   `cache_dir`); other paths are returned as they are."""
   if str(path).lower().endswith('.gguf'):
-    from tuning import gguf_checkpoint  # pylint: disable=g-import-not-at-top
+    from tuning.formats import gguf as gguf_checkpoint  # pylint: disable=g-import-not-at-top
 
     return gguf_checkpoint.ensure_converted(path, cache_dir)
   if not is_hugging_face_source(path):
     return path
-  from tuning import hf_convert  # pylint: disable=g-import-not-at-top
+  from tuning.formats import huggingface as hf_convert  # pylint: disable=g-import-not-at-top
 
   return hf_convert.ensure_converted(path, cache_dir)
 

@@ -108,8 +108,8 @@ class CausalLM(base.Task):
     rows (also kept for results.json): of their prompts (the tokens before
     the first response token) for instruction data, else of the first
     halves of their (first) documents."""
-    from tuning import generation  # pylint: disable=g-import-not-at-top
-    from tuning import tokenization  # pylint: disable=g-import-not-at-top
+    from tuning.decoding import sampling as generation  # pylint: disable=g-import-not-at-top
+    from tuning.data import tokenization  # pylint: disable=g-import-not-at-top
 
     count = int(self.config.training.get('samples', 0) or 0)
     table = self.data.split('validation')

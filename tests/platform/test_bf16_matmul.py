@@ -90,7 +90,7 @@ def _dot_operand_types(function: str, w_shape=(64, 96)) -> list:
   shapes, in a fresh process with YNNPACK's dots (what main.py picks for
   bfloat16 runs)."""
   code = (
-      'from tuning import xla_cpu; xla_cpu.choose("ynnpack"); '
+      'from tuning.platform import xla_cpu; xla_cpu.choose("ynnpack"); '
       'import jax, jax.numpy as jnp; '
       'from tuning.models import bf16_matmul; '
       'x = jnp.ones((4, 32, 64), jnp.bfloat16); '

@@ -313,9 +313,9 @@ def test_eval_at_start_is_the_initial_parameters_validation(lora_run, tmp_path):
 def test_generate_from_a_run_workdir_uses_its_merged_final_params(
     files, lora_run, tmp_path
 ):
-  from tuning import generate  # pylint: disable=g-import-not-at-top
-  from tuning import generation  # pylint: disable=g-import-not-at-top
-  from tuning import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from tuning.cli import generate  # pylint: disable=g-import-not-at-top
+  from tuning.decoding import sampling as generation  # pylint: disable=g-import-not-at-top
+  from tuning.methods import lora as lora_lib  # pylint: disable=g-import-not-at-top
   from tuning.models import decoder as decoder_lib  # pylint: disable=g-import-not-at-top
 
   folder, _ = files
@@ -349,7 +349,7 @@ def test_generate_from_a_run_workdir_uses_its_merged_final_params(
 
 
 def test_generate_from_a_workdir_one_line_errors(files, lora_run, tmp_path):
-  from tuning import generate  # pylint: disable=g-import-not-at-top
+  from tuning.cli import generate  # pylint: disable=g-import-not-at-top
 
   _, workdir, _ = lora_run
   empty = tmp_path / 'not_trained'

@@ -21,7 +21,9 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 slow_tokenizers = pytest.importorskip('transformers.convert_slow_tokenizer')
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 HEADS, KV_HEADS = 4, 2
 TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -220,8 +222,8 @@ def test_convert_folder_and_generate_command(tiny, tmp_path):
 
 def test_convert_command_and_init_checkpoint_take_a_gguf_file(tiny, tmp_path):
   _, _, path = tiny
-  from tuning import checkpoints  # pylint: disable=g-import-not-at-top
-  from tuning import convert  # pylint: disable=g-import-not-at-top
+  from tuning.engine import checkpoints  # pylint: disable=g-import-not-at-top
+  from tuning.cli import convert  # pylint: disable=g-import-not-at-top
 
   assert convert.main([f'--source={path}', f'--out={tmp_path / "out"}']) == 0
   converted = checkpoints.resolve_init_source(str(path), str(tmp_path / 'c'))

@@ -10,7 +10,9 @@ import pytest
 
 from tuning.platform import host_malloc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 GLIBC = sys.platform.startswith('linux') and platform.libc_ver()[0] == 'glibc'
 
 

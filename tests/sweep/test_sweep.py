@@ -17,7 +17,9 @@ import pytest
 from tuning.sweep import runner as sweep
 from tuning.sweep import space as sweep_space
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 CONFIG = os.path.join(ROOT, 'experiments', 'digits_mlp.py')
 SHORT = '--config.training.total_steps=20'
 

@@ -31,7 +31,9 @@ pytestmark = pytest.mark.skipif(
 
 MULTI30K = os.path.join(
     os.path.dirname(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        os.path.dirname(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        )
     ),
     'shared',
     'data',

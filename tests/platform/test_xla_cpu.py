@@ -47,7 +47,7 @@ def _dot_kernel(choice: str) -> str:
   """The compiled kernel of a float32 dot in a fresh process after
   `xla_cpu.choose(choice)`."""
   code = (
-      'from tuning import xla_cpu; import sys; '
+      'from tuning.platform import xla_cpu; import sys; '
       'xla_cpu.choose(sys.argv[1]); import jax, jax.numpy as jnp; '
       'x = jnp.ones((64, 64)); '
       'print(jax.jit(lambda a: a @ a).lower(x).compile().as_text())'
