@@ -4,17 +4,33 @@
       [--config.a.b=value ...]
 
 With no flags it runs the quickstart experiment in ./workdirs/quickstart.
+Process settings are flags, read before the program and JAX start
+(tuning/platform/process_flags.py): --malloc=tuned|default (glibc's malloc
+tunables; tuned unless given) and --xla_cpu_dots=auto|eigen|ynnpack
+(XLA:CPU's dot kernels; auto follows config.dtype).
 """
 
 import os
 import sys
 
-from tuning.platform import host_malloc
+from tuning.platform import process_flags
+from tuning.platform import xla_cpu
+
+process_flags.define()  # --malloc, --xla_cpu_dots
 
 if __name__ == '__main__':
-  # glibc reads its malloc settings when a program starts: this restarts
-  # main.py with them (tuning/platform/host_malloc.py), once.
-  host_malloc.restart_with_tunables(host_malloc.choice_from_argv(sys.argv))
+  # Process settings, read before the program and JAX start
+  # (tuning/platform/process_flags.py): glibc reads its malloc settings
+  # when a program starts, so this restarts main.py with them, once; XLA
+  # reads its dot kernels when JAX starts, and loading a config may start
+  # it (the dtype: --config.dtype's, until the config is loaded).
+  try:
+    PROCESS = process_flags.apply_from_argv(
+        sys.argv, dtype=xla_cpu.dtype_in_argv(sys.argv)
+    )
+  except process_flags.FlagError as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -27,15 +43,12 @@ from tuning.terminal import console
 from tuning.terminal import errors
 from tuning.modes import experiment
 from tuning.engine import multihost
-from tuning.platform import xla_cpu
 
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), 'experiments', 'quickstart.py'
 )
 
 if __name__ == '__main__':
-  # XLA reads its flags when JAX starts, and loading a config may start it.
-  FIRST_DOTS = xla_cpu.choose_from_argv(sys.argv)
   # Before the config flag is defined (it applies overrides right away):
   # a missing config file or an unknown key is one line, not a traceback.
   try:
@@ -66,7 +79,9 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it writes
   errors.quiet_library_tracebacks()
-  note = xla_cpu.choose_for_config(_CONFIG.value, FIRST_DOTS)
+  note = xla_cpu.choose_for_dtype(
+      PROCESS.xla_cpu_dots, _CONFIG.value.dtype, PROCESS.dots
+  )
   if note:
     console.info(note)
   try:

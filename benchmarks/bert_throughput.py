@@ -68,10 +68,11 @@ import optax
 
 from experiments import minilm_sst2
 from tuning.methods import optimizers
-from tuning.models import bert
+from tuning.models import bert_hf
 from tuning.models.hf_config import read_hf_config
 from tuning.engine.layouts import PmapLayout
-from tuning.engine.train_step import TrainState, psum_over_devices, train_step_fn
+from tuning.config.defaults import base_config
+from tuning.engine.train_step import TrainState, train_step_fn
 
 from benchmarks import torch_reference
 
@@ -128,7 +129,7 @@ def jax_model(model_dir: str, dtype='float32', attention_dropout=True):
   hf_config = read_hf_config(model_dir)
   if not attention_dropout:
     hf_config = dict(hf_config, attention_probs_dropout_prob=0.0)
-  return bert.BertClassifier.from_hf_config(
+  return bert_hf.from_hf_config(
       hf_config, 2, dropout=0.1, dtype=jnp.dtype(dtype)
   )
 
@@ -148,17 +149,11 @@ def pmapped_step(
   state = PmapLayout().place_state(
       TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   )
+  config = base_config()
+  config.training.prng_impl = prng_impl
+  config.training.dropout_keys = dropout_keys
   step = jax.pmap(
-      train_step_fn(
-          model,
-          tx,
-          lambda s: 1e-4,
-          0,
-          prng_impl=prng_impl,
-          dropout_keys=dropout_keys,
-          sum_over_devices=psum_over_devices,
-          update_on_device_axis=True,
-      ),
+      train_step_fn(model, tx, lambda s: 1e-4, config, layout=PmapLayout()),
       axis_name='batch',
       donate_argnums=(0,) if donate else (),
   )

@@ -125,8 +125,9 @@ from benchmarks.timing import torch_timed
 from tuning.decoding import sampling as generation
 from tuning.formats import gguf as gguf_checkpoint
 from tuning.methods import optimizers
-from tuning.models import decoder as decoder_lib
+from tuning.models import decoder_hf
 from tuning.tasks.causal_lm import CausalLM
+from tuning.config.defaults import base_config
 from tuning.engine.train_step import TrainState, make_train_step
 
 GGUF_NAME = 'SmolLM2-135M-Instruct.Q4_1.gguf'
@@ -166,15 +167,7 @@ def jax_train(model, params, batch: int, length: int, ids: np.ndarray):
   state = jax_utils.replicate(
       TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   )
-  step = make_train_step(
-      model,
-      tx,
-      lambda s: LR,
-      seed=0,
-      loss_fn=CausalLM.loss,
-      loss_weight=CausalLM.loss_weight,
-      inputs_of=CausalLM.inputs,
-  )
+  step = make_train_step(model, tx, lambda s: LR, base_config(), task=CausalLM)
   data = {
       'input_ids': ids[None],
       'attention_mask': np.ones_like(ids)[None],
@@ -237,9 +230,9 @@ def main():
   host_malloc.add_benchmark_flag(parser)
   args = parser.parse_args()
   read = gguf_checkpoint.read(gguf_file())
-  params, _ = decoder_lib.convert_hf(read.tensors, read.hf_config)
+  params, _ = decoder_hf.convert_hf(read.tensors, read.hf_config)
   n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-  model = decoder_lib.from_hf_config(read.hf_config)
+  model = decoder_hf.from_hf_config(read.hf_config)
   cfg = model.config
   b, n = args.train_batch, args.train_length
   gb, p, new = args.gen_batch, args.prompt, args.new_tokens
@@ -274,7 +267,7 @@ def main():
   assert ours_tokens.shape == (gb, new), ours_tokens.shape
   bf16 = bf16_gen = None
   if args.bf16:
-    bf16_model = decoder_lib.from_hf_config(read.hf_config, 'bfloat16')
+    bf16_model = decoder_hf.from_hf_config(read.hf_config, 'bfloat16')
     bf16 = timed(jax_train(bf16_model, params, b, n, train_ids), args.steps)
     bf16_gen = timed(
         lambda: generation.generate(

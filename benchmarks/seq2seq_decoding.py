@@ -24,6 +24,7 @@ sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from tuning.config.defaults import merged_onto_defaults
 from tuning.engine.run import Run
+from tuning.multirun import finished_run
 from tuning.tasks import seq2seq
 
 
@@ -39,7 +40,12 @@ def main():
     config = merged_onto_defaults(json.load(f))
   run = Run(config, args.workdir)
   try:
-    params, step = run.restore_params(args.checkpoint)
+    params, step = finished_run.restore_run(
+        run,
+        int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint,
+        setting='--checkpoint',
+        where='--workdir',
+    )
   finally:
     run.checkpoints.close()
   data, decode = run.data, config.decode

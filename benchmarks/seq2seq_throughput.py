@@ -6,7 +6,7 @@ tuning (JAX) against transformers' MarianMTModel (PyTorch), same weights.
 
 One random MarianMTModel (3+3 layers, d_model 256, 4 heads, FFN 1024, 8k
 vocabulary, dropout 0.1, float32) is built in PyTorch and its weights are
-converted with tuning's converter (`encoder_decoder.convert_hf`), so both
+converted with tuning's converter (`encoder_decoder_hf.convert_hf`), so both
 sides compute with the same parameters and shapes. Measured in one run:
 
   * the machine's float32 matmul peak (XLA), the denominator of MFU;
@@ -60,7 +60,10 @@ from benchmarks import torch_reference
 from benchmarks.timing import peak_matmul_flops, timed, torch_peak_matmul_flops
 from benchmarks.timing import torch_timed
 from benchmarks.timing import xla_flops
+from tuning.decoding import encoder_decoder as ed_decoding
 from tuning.models import encoder_decoder as ed
+from tuning.models import encoder_decoder_hf as ed_hf
+from tuning.config.defaults import base_config
 from tuning.engine.train_step import initial_state, train_step_fn
 
 VOCAB, WIDTH, LAYERS, HEADS, FFN = 8000, 256, 3, 4, 1024
@@ -118,20 +121,24 @@ def token_loss(logits, batch):
   return (nll * mask).sum(), {'tokens': mask.sum()}
 
 
+class TokenTask:
+  """The train step's task: `token_loss` over the target tokens."""
+
+  loss = staticmethod(token_loss)
+
+  @staticmethod
+  def loss_weight(batch):
+    return batch['decoder_attention_mask'].sum().astype(jnp.float32)
+
+  @staticmethod
+  def inputs(batch):
+    return {k: batch[k] for k in _INPUTS}
+
+
 def jax_train(model, params, batch):
   """tuning's train step on `batch`: (one step, its FLOPs)."""
   tx = optax.adamw(1e-4, weight_decay=0.01)
-  step = train_step_fn(
-      model,
-      tx,
-      lambda s: 1e-4,
-      seed=0,
-      loss_fn=token_loss,
-      loss_weight=lambda b: b['decoder_attention_mask']
-      .sum()
-      .astype(jnp.float32),
-      inputs_of=lambda b: {k: b[k] for k in _INPUTS},
-  )
+  step = train_step_fn(model, tx, lambda s: 1e-4, base_config(), task=TokenTask)
   flops = xla_flops(step, initial_state(params, tx), batch)
   compiled = jax.jit(step, donate_argnums=(0,))
   holder = {'state': jax.device_put(initial_state(params, tx))}
@@ -161,7 +168,7 @@ def decode_flops(model, params, batch: int, beams: int, length: int, new: int):
       lambda e: jax.tree.map(lambda x: jnp.repeat(x, beams, axis=0), cross(e)),
       encoded,
   )
-  cache = ed.init_cache(model, rows, new)
+  cache = ed_decoding.init_cache(model, rows, new)
 
   def step(tokens, kv, cache):
     return model.apply(
@@ -190,7 +197,7 @@ def jax_decode(model, params, src, beams: int, new: int):
   ids, mask = jax.device_put(src), jax.device_put(np.ones_like(src))
 
   def once():
-    return ed.generate(
+    return ed_decoding.generate(
         never_ends,
         params,
         ids,
@@ -304,8 +311,8 @@ def main():
   torch.manual_seed(0)
   hf = transformers.MarianMTModel(transformers.MarianConfig(**HF_CONFIG))
   tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-  params, _ = ed.convert_hf(tensors, hf.config.to_dict())
-  model = ed.EncoderDecoder(ed.config_from_hf(hf.config.to_dict()))
+  params, _ = ed_hf.convert_hf(tensors, hf.config.to_dict())
+  model = ed.EncoderDecoder(ed_hf.config_from_hf(hf.config.to_dict()))
   rng = np.random.default_rng(0)
   batch = batch_of(rng, b, n)
   src = batch_of(rng, db, n)['input_ids']

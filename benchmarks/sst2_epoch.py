@@ -55,7 +55,7 @@ from benchmarks.bert_throughput import jax_model, pmapped_step
 from experiments import minilm_sst2
 from tuning.data.datasets import build_datasets
 from tuning.data.pipeline import TrainStream
-from tuning.models import bert
+from tuning.models import bert_hf
 from tuning.models.hf_config import read_hf_config
 
 
@@ -64,7 +64,7 @@ def tuning_step(model_dir: str, dtype: str = 'float32'):
   `dtype`, from the pretrained MiniLM weights (a fresh classifier head)."""
   model = jax_model(model_dir, dtype)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
-  converted, _ = bert.convert_hf(
+  converted, _ = bert_hf.convert_hf(
       load_file(os.path.join(model_dir, 'model.safetensors')),
       read_hf_config(model_dir),
   )

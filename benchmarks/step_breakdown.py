@@ -42,10 +42,12 @@ import jax.numpy as jnp
 import optax
 
 from experiments import minilm_sst2
+from tuning.config.defaults import base_config
 from tuning.methods import optimizers
 from tuning.engine import prng
 from tuning.engine import train_step as ts
-from tuning.models import bert
+from tuning.models import bert_hf
+from tuning.models import hf_config as hf_config_lib
 from tuning.tasks.classification import cross_entropy
 
 
@@ -63,9 +65,9 @@ def cpu_times(fns: dict, reps: int) -> dict:
 
 
 def variants(batch: int, length: int):
-  hf_config = bert.read_hf_config(minilm_sst2.minilm_source())
-  model = bert.BertClassifier.from_hf_config(hf_config, 2, dropout=0.1)
-  relu = bert.BertClassifier.from_hf_config(
+  hf_config = hf_config_lib.read_hf_config(minilm_sst2.minilm_source())
+  model = bert_hf.from_hf_config(hf_config, 2, dropout=0.1)
+  relu = bert_hf.from_hf_config(
       dict(hf_config, hidden_act='relu'), 2, dropout=0.1
   )
   rng = np.random.default_rng(0)
@@ -96,8 +98,10 @@ def variants(batch: int, length: int):
     return lambda: f(params)
 
   def full(impl):
+    config = base_config()
+    config.training.prng_impl = impl
     step = jax.jit(
-        ts.train_step_fn(model, tx, lambda s: 1e-4, 0, prng_impl=impl),
+        ts.train_step_fn(model, tx, lambda s: 1e-4, config),
         donate_argnums=0,
     )
     holder = {

@@ -10,6 +10,11 @@ the classifier head, at a higher learning rate:
 
 At the end the adapters are merged into the base weights and written as a
 plain checkpoint to WORKDIR/merged (loads with lora.rank=0).
+
+Measured (`:quick`, 2-core CPU, 2026-11-28): 332,546 trainable parameters
+(1.4%) reached 0.896 dev accuracy against 0.904 for full fine-tuning
+(`minilm_sst2.py:quick`), both on the same 8,000 sentences, 250 steps,
+1,000 dev sentences.
 """
 
 import importlib.util

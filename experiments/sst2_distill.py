@@ -24,6 +24,24 @@ logits):
     scratch         0.9406    0.9396   0.2447      1212   0.9329   2,823,682     2012.2
     distilled       0.9447    0.9438   0.1521      1212   0.9360   2,823,682     2372.1
     teacher         0.9455    0.9447   0.1472      1212   0.9394  22,713,986       63.6
+
+(2026-11-29, float32, threefry2x32 dropout bits, the default then; each
+stage 6,000 steps of 64; BiLSTM: whitespace vocabulary of 20,000 words,
+128-d embeddings, 128 units each way, max-pooled; eval examples/s from the
+test pass, batch 256, teacher batch 128.) The distilled BiLSTM beats the
+same BiLSTM trained without the teacher by 0.3 points on dev and 0.4 on
+test, with a much lower loss (it does not overfit: scratch's dev loss rose
+from 0.219 at step 2,000 to 0.262, the distilled one's fell to 0.172), and
+it evaluates 37x faster than the teacher with 8x fewer parameters. One
+seed; the margin is small because this teacher is only 0.65 points better
+than the student on dev: dev.tsv here is a split of GLUE's *training*
+phrases, which overlap with train.tsv, so a BiLSTM that memorises phrases
+is strong (Tang et al.'s 86.7 -> 90.7 is on GLUE's full-sentence dev set).
+What did not beat scratch (0.9283 dev at 3,000 steps), at 3,000 steps:
+logit MSE with alpha = 0 (0.9222; the teacher is right on only 96.0% of
+the training rows), KL with alpha = 0.5 (0.9275) and MSE with alpha = 0.5
+(0.9243). The teacher's logits of the 118,804 rows took 680 s once
+(cached; shortest sentences batched first).
 """
 
 import os

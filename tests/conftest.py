@@ -27,6 +27,80 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'tests', 'tiny_config.py')
 
 
+# Markers (registered in pytest.ini): `cpu_kernels` for tests/platform/,
+# `e2e` for these files (path) and tests (path::name: every parametrised
+# case), `unit` for every other test. An entry that names no file or no
+# collected test is an error, so that a rename cannot drop it silently.
+CPU_KERNELS = 'tests/platform/'
+E2E = (
+    'tests/test_quickstart.py',
+    'tests/test_bad_inputs.py',
+    'tests/modes/test_main.py',
+    'tests/modes/test_finetuning_runs.py',
+    'tests/modes/test_lora_ema_runs.py',
+    'tests/engine/test_mesh.py',
+    'tests/engine/test_multihost.py',
+    'tests/engine/test_faults.py',
+    'tests/engine/test_preemption.py',
+    'tests/multirun/test_ensembles.py',
+    'tests/multirun/test_distillation.py',
+    'tests/multirun/test_checkpoint_averaging.py',
+    'tests/sweep/test_sweep.py',
+    'tests/tasks/test_causal_lm.py::test_training_lowers_validation_perplexity',
+    'tests/tasks/test_causal_lm.py::test_causal_lm_resumes_exactly',
+    'tests/tasks/test_causal_lm.py::'
+    'test_lora_on_the_decoder_trains_adapters_and_head_only',
+    'tests/tasks/test_causal_lm.py::test_causal_lm_under_the_mesh_equals_pmap',
+    'tests/tasks/test_causal_lm.py::'
+    'test_eval_at_start_is_the_initial_parameters_validation',
+    'tests/tasks/test_causal_lm.py::'
+    'test_generate_from_a_run_workdir_uses_its_merged_final_params',
+    'tests/tasks/test_causal_lm.py::'
+    'test_freezing_layer_decay_ema_accumulation_and_bf16_together',
+    'tests/tasks/test_seq2seq.py::test_tiny_transformer_learns_to_copy',
+    'tests/tasks/test_seq2seq.py::test_seq2seq_resumes_exactly',
+    'tests/tasks/test_tasks.py::test_regression_learns_and_reports_its_own_metrics',
+    'tests/tasks/test_tasks.py::test_regression_resumes_exactly',
+    'tests/tasks/test_tasks.py::test_regression_under_the_mesh_equals_pmap',
+    'tests/data/test_instruction_data.py::'
+    'test_training_on_packed_conversations_learns_the_replies',
+    'tests/data/test_records.py::'
+    'test_main_trains_from_records_like_from_the_files',
+    'tests/models/test_models_and_sources.py::test_cnn_on_digit_images',
+    'tests/models/test_models_and_sources.py::'
+    'test_recurrent_text_classifier_on_sst2',
+    'tests/cli/test_translate.py::test_cli_matches_transformers_in_input_order',
+    'tests/formats/test_gguf_checkpoint.py::'
+    'test_convert_folder_and_generate_command',
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Marks each test cpu_kernels, e2e or unit (see E2E above)."""
+  del config
+  matched, collected_files = set(), set()
+  for item in items:
+    path = os.path.relpath(str(item.path), ROOT).replace(os.sep, '/')
+    name = getattr(item, 'originalname', item.name)
+    collected_files.add(path)
+    entries = {path, f'{path}::{name}'} & set(E2E)
+    matched |= entries
+    if path.startswith(CPU_KERNELS):
+      item.add_marker(pytest.mark.cpu_kernels)
+    elif entries:
+      item.add_marker(pytest.mark.e2e)
+    else:
+      item.add_marker(pytest.mark.unit)
+  for entry in E2E:
+    path = entry.split('::')[0]
+    if not os.path.exists(os.path.join(ROOT, path)):
+      raise pytest.UsageError(f'tests/conftest.py E2E: no file {path}')
+    if path in collected_files and entry not in matched:
+      raise pytest.UsageError(
+          f'tests/conftest.py E2E: no test {entry} (renamed? update E2E)'
+      )
+
+
 def main_command(*args):
   return [sys.executable, os.path.join(ROOT, 'main.py'), *args]
 
@@ -60,6 +134,51 @@ def run_main(*args, devices=1, check=True, timeout=300, cwd=ROOT):
     raise AssertionError(
         f'main.py failed ({result.returncode}):\n'
         f'{result.stdout[-3000:]}\n{result.stderr[-3000:]}'
+    )
+  return result
+
+
+def run_main_in_process(*args, check=True, cwd=ROOT):
+  """main.py's run (`main.cli`, what main.py runs after parsing its
+  flags) with `args` in this process; returns a CompletedProcess as
+  `run_main` does (returncode, stdout, stderr), without a fresh process's
+  ~10 s of importing JAX and compiling.
+
+  For float32 runs on one device only: this process has one CPU device and
+  chose Eigen's dots when it started. Tests whose point is the process
+  (devices, kills, the dot-kernel choice, malloc, absl flags) use
+  `run_main`."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  import main  # pylint: disable=g-import-not-at-top
+
+  for arg in args:
+    if arg.startswith(('--config.dtype=bfloat16', '--config.xla_cpu_dots=')):
+      raise ValueError(
+          f'run_main_in_process({arg!r}): this process runs float32 dots '
+          'only; use run_main for bfloat16 or a dot-kernel choice'
+      )
+  enable_compilation_cache()
+  out, err = io.StringIO(), io.StringIO()
+  verbosity, here = logging.get_verbosity(), os.getcwd()
+  logging.set_verbosity(logging.ERROR)  # as main.py: orbax logs every file
+  try:
+    os.chdir(cwd)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      code = main.cli(['main.py', *args])
+  finally:
+    os.chdir(here)
+    logging.set_verbosity(verbosity)
+  result = subprocess.CompletedProcess(
+      ['main.py', *args], code, out.getvalue(), err.getvalue()
+  )
+  if check and code != 0:
+    raise AssertionError(
+        f'main.cli failed ({code}):\n{result.stdout[-3000:]}\n'
+        f'{result.stderr[-3000:]}'
     )
   return result
 
@@ -251,6 +370,14 @@ def opt_config(**overrides):
   c = base_config().optimizer
   c.weight_decay = 0.01
   c.update(overrides)
+  return c
+
+
+def step_config(**training):
+  """A run config for train_step_fn / make_train_step: base_config() with
+  these config.training fields set (e.g. on_nonfinite='skip')."""
+  c = base_config()
+  c.training.update(training)
   return c
 
 

@@ -1,8 +1,8 @@
 """`python -m tuning.generate`: the command lives in tuning/cli/generate.py."""
 
-from absl import app
+import sys
 
 from tuning.cli import generate
 
 if __name__ == '__main__':
-  app.run(generate.main)
+  sys.exit(generate.main())

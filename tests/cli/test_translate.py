@@ -261,14 +261,16 @@ def test_run_workdir_from_pretrained_marian(marian, tmp_path):
 def test_run_workdir_from_fields(tmp_path):
   """A from-scratch workdir: the model from config.model fields and the
   vocabulary size of WORKDIR/tokenizer.json."""
-  from tuning.models import encoder_decoder as ed  # pylint: disable=g-import-not-at-top
+  from tuning.models import encoder_decoder_hf  # pylint: disable=g-import-not-at-top
 
   tok = _tokenizer()
   fields = dict(
       name='encoder_decoder', layers=1, width=16, heads=2, ffn_width=32,
       pad_id=PAD, eos_id=EOS, dropout=0.0,
   )  # fmt: skip
-  model = ed.build(config_dict.ConfigDict(fields), np.float32, vocab_size=16)
+  model = encoder_decoder_hf.build(
+      config_dict.ConfigDict(fields), np.float32, vocab_size=16
+  )
   ids = np.ones((1, 3), np.int32)
   params = jax.jit(model.init)(jax.random.key(1), ids, ids, ids)['params']
   params = jax.tree.map(np.asarray, params)

@@ -19,6 +19,7 @@ from tuning.data.datasets import build_datasets
 from tuning.data.preprocessing import pack
 from tuning.data.tables import DataError
 from tuning.models import decoder
+from tuning.models import decoder_hf
 from tuning.engine.run import Run
 from tuning.tasks import causal_lm
 from conftest import TINY_LLAMA, final_params
@@ -241,7 +242,7 @@ def _as_table(documents, width):
 @pytest.mark.parametrize('hf', [LLAMA, GPT2], ids=['llama', 'gpt2'])
 def test_packed_rows_equal_their_documents_alone(hf):
   rng = np.random.default_rng(1)
-  model = decoder.from_hf_config(hf)
+  model = decoder_hf.from_hf_config(hf)
   apply = jax.jit(model.apply)
   documents = _documents(rng, [5, 3, 7, 2, 6, 4, 8])
   # Each document alone, right-padded (causal: padding after it changes

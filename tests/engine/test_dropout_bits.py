@@ -18,7 +18,7 @@ from tuning.models.mlp import MLP
 from tuning.methods.optimizers import build_optimizer
 from tuning.engine.train_step import initial_state, make_train_step
 
-from conftest import flat, opt_config
+from conftest import flat, opt_config, step_config
 
 
 def _key(seed=0):
@@ -109,7 +109,10 @@ def _mlp_steps(accumulation, **options):
       'index': np.arange(32, dtype=np.int32)[None],
   }
   step = make_train_step(
-      model, tx, schedule, 0, accumulation_steps=accumulation, **options
+      model,
+      tx,
+      schedule,
+      step_config(accumulation_steps=accumulation, **options),
   )
   state = jax_utils.replicate(initial_state(params, tx))
   for _ in range(2):

@@ -36,13 +36,16 @@ def test_checkpoints_move_between_device_counts(tmp_path):
   assert 'on 2 device(s)' in out
   results = read_json(os.path.join(workdir, 'results.json'))
   assert results['steps'] == 60
+  # mode=eval writes results.json afresh: compare what it wrote, not what
+  # training left there.
+  os.remove(os.path.join(workdir, 'results.json'))
   out = run_main(
       f'--config={TINY}',
       f'--workdir={workdir}',
       '--config.mode=eval',
       devices=1,
   ).stdout
-  assert (
-      read_json(os.path.join(workdir, 'results.json'))['test']
-      == results['test']
-  )
+  evaluated = read_json(os.path.join(workdir, 'results.json'))
+  assert 'steps' not in evaluated  # written by mode=eval, not by training
+  assert evaluated['evaluated_step'] == results['evaluated_step']
+  assert evaluated['test'] == results['test']

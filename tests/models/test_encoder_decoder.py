@@ -10,8 +10,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from tuning.decoding import encoder_decoder as ed_decoding
 from tuning.methods import lora
 from tuning.models import encoder_decoder as ed
+from tuning.models import encoder_decoder_hf as ed_hf
 
 SOURCE = np.array(
     [[5, 9, 3, 7, 8, 2, 1, 0, 0, 0], [4, 7, 4, 9, 3, 6, 2, 11, 6, 1]], np.int32
@@ -63,7 +65,7 @@ def _model(shape):
             tie_embeddings=False, positions='learned', max_positions=16
         )
     )
-    model = ed.build(fields, 'float32', vocab_size=20)
+    model = ed_hf.build(fields, 'float32', vocab_size=20)
     _MODELS[shape] = (model,) + _init(model)
   return _MODELS[shape]
 
@@ -96,7 +98,7 @@ def test_from_fields_names_and_family_regexes(shape):
     assert 'final_logits_bias' in paths
     assert 'decoder/layer_0/cross_attention_norm/bias' in paths
     assert 'decoder/position_embedding/embedding' in paths
-  family = ed.FAMILY
+  family = ed_hf.FAMILY
   dense = lora.dense_modules(params)
   targets = {
       m for m in dense if any(re.fullmatch(t, m) for t in family.lora_targets)
@@ -137,11 +139,11 @@ def test_dtypes_dropout_and_bad_fields():
   assert low.dtype == jnp.float32
   np.testing.assert_allclose(low, logits, atol=0.1)
   with pytest.raises(ValueError, match='shape'):
-    ed.build(_fields(shape='bart'), 'float32', vocab_size=20)
+    ed_hf.build(_fields(shape='bart'), 'float32', vocab_size=20)
   with pytest.raises(ValueError, match='divisible'):
-    ed.build(_fields(heads=5), 'float32', vocab_size=20)
+    ed_hf.build(_fields(heads=5), 'float32', vocab_size=20)
   with pytest.raises(ValueError, match='vocab_size'):
-    ed.build(_fields(), 'float32')
+    ed_hf.build(_fields(), 'float32')
 
 
 def test_learned_positions_cache_and_length_limits():
@@ -159,11 +161,11 @@ def test_learned_positions_cache_and_length_limits():
           method=ed.EncoderDecoder.decode,
       )
   )
-  first, cache = decode(TARGET[:, :3], ed.init_cache(model, 2, 8))
+  first, cache = decode(TARGET[:, :3], ed_decoding.init_cache(model, 2, 8))
   rest, cache = decode(TARGET[:, 3:], cache)
   np.testing.assert_allclose(np.concatenate([first, rest], 1), full, atol=2e-5)
   # Each source gets floor(1 + 0.5 * its length) tokens: 4 and 6.
-  beams = ed.generate(
+  beams = ed_decoding.generate(
       model,
       params,
       SOURCE,
@@ -175,7 +177,7 @@ def test_learned_positions_cache_and_length_limits():
   assert beams.tokens.shape == (2, 2, 6)
   np.testing.assert_array_equal(beams.tokens[0, :, 4:], 0)
   with pytest.raises(ValueError, match='positions'):
-    ed.init_cache(model, 2, 17)
+    ed_decoding.init_cache(model, 2, 17)
 
 
 def test_conversion_errors():
@@ -191,8 +193,8 @@ def test_conversion_errors():
       decoder_ffn_dim=48,
   )
   with pytest.raises(ValueError, match='missing tensors: .*fc1'):
-    ed.convert_hf({'model.shared.weight': np.zeros((20, 32))}, hf_config)
+    ed_hf.convert_hf({'model.shared.weight': np.zeros((20, 32))}, hf_config)
   with pytest.raises(ValueError, match="model_type='bert'"):
-    ed.convert_hf({}, dict(hf_config, model_type='bert'))
+    ed_hf.convert_hf({}, dict(hf_config, model_type='bert'))
   with pytest.raises(ValueError, match='unexpected tensors: extra'):
-    ed.convert_hf({'extra': np.zeros(2)}, hf_config)
+    ed_hf.convert_hf({'extra': np.zeros(2)}, hf_config)

@@ -12,7 +12,9 @@ import pytest
 import safetensors.numpy
 
 from conftest import TINY_MARIAN
+from tuning.decoding import encoder_decoder as ed_decoding
 from tuning.models import encoder_decoder as ed
+from tuning.models import encoder_decoder_hf as ed_hf
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -144,8 +146,10 @@ def _convert(folder, dtype=jnp.float32):
   tensors = safetensors.numpy.load_file(
       os.path.join(folder, 'model.safetensors')
   )
-  params, report = ed.convert_hf(tensors, hf_config)
-  model = ed.build(ml_collections.ConfigDict({'hf_config': str(folder)}), dtype)
+  params, report = ed_hf.convert_hf(tensors, hf_config)
+  model = ed_hf.build(
+      ml_collections.ConfigDict({'hf_config': str(folder)}), dtype
+  )
   return model, params, report
 
 
@@ -215,7 +219,7 @@ def test_cached_decoding_matches_full_sequence(name, tmp_path_factory):
           method=ed.EncoderDecoder.cross_keys_values,
       )
   )()
-  cache = ed.init_cache(model, SOURCE.shape[0], 12)
+  cache = ed_decoding.init_cache(model, SOURCE.shape[0], 12)
   step = jax.jit(
       lambda tokens, cache: model.apply(
           variables,
@@ -297,7 +301,7 @@ def test_generate_matches_transformers(
   expected, expected_scores = _hf_generate(
       hf, beams, length_penalty, max_new_tokens, early_stopping
   )
-  result = ed.generate(
+  result = ed_decoding.generate(
       model,
       params,
       SOURCE,

@@ -17,8 +17,8 @@ from safetensors.numpy import save_file
 from tuning.formats import huggingface as hf_convert
 from tuning.methods import lora
 from tuning.config.defaults import base_config
-from tuning.models import bert
-from tuning.models import encoder_decoder
+from tuning.models import bert_hf
+from tuning.models import encoder_decoder_hf
 from tuning.models import registry
 from tuning.models.family import Family
 from tuning.methods.naming import naming_rules
@@ -181,12 +181,14 @@ def test_unknown_names_are_one_line_errors_listing_the_choices():
   message = str(error.value)
   assert '\n' not in message
   assert "model_type='mamba'" in message and "'bert'" in message
-  assert registry.family_for_hf_model_type('bert') is bert.FAMILY
+  assert registry.family_for_hf_model_type('bert') is bert_hf.FAMILY
 
 
 def test_bert_name_map_is_the_one_before_the_move():
-  config = bert.bert_config_from_hf(BERT_CONFIG)
-  got = {k: ('/'.join(p), t) for k, (p, t) in bert.hf_name_map(config).items()}
+  config = bert_hf.bert_config_from_hf(BERT_CONFIG)
+  got = {
+      k: ('/'.join(p), t) for k, (p, t) in bert_hf.hf_name_map(config).items()
+  }
   layer = 'encoder.layer.0'
   fx = 'bert/encoder/layer_0'
   expected = {
@@ -227,11 +229,11 @@ def test_bert_name_map_is_the_one_before_the_move():
 
 
 def test_bert_conversion_through_the_registry_round_trips():
-  model = bert.BertClassifier.from_hf_config(BERT_CONFIG, 3)
+  model = bert_hf.from_hf_config(BERT_CONFIG, 3)
   params = flat(model.init(jax.random.key(0), IDS)['params'])
-  config = bert.bert_config_from_hf(BERT_CONFIG)
+  config = bert_hf.bert_config_from_hf(BERT_CONFIG)
   tensors = {}
-  for hf, (path, transpose) in bert.hf_name_map(config).items():
+  for hf, (path, transpose) in bert_hf.hf_name_map(config).items():
     value = np.asarray(params['/'.join(path)])
     tensors['bert.' + hf] = value.T if transpose else value
   tensors['classifier.weight'] = np.asarray(params['classifier/kernel']).T
@@ -305,7 +307,7 @@ def test_each_family_gives_todays_default_regexes(name, tmp_path):
     return
   if name in ENCODER_DECODERS:
     assert rules.head == ENCODER_DECODER_HEAD
-    assert rules.lora_targets == encoder_decoder.FAMILY.lora_targets
+    assert rules.lora_targets == encoder_decoder_hf.FAMILY.lora_targets
     assert re.fullmatch(rules.layer_regex, 'decoder/layer_3/mlp/wo/kernel')
     return
   assert rules.head == HEAD

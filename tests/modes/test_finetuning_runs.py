@@ -1,4 +1,4 @@
-"""Fine-tuning methods end to end (main.py subprocesses, digits MLP):
+"""Fine-tuning methods end to end (main.py's run in this process, digits MLP):
 gradient accumulation and the non-finite guard (LoRA, EMA and early
 stopping: test_lora_ema_runs.py)."""
 
@@ -11,7 +11,7 @@ from conftest import (
     final_params,
     flat,
     read_json,
-    run_main,
+    run_main_in_process,
     train_losses,
 )
 
@@ -24,8 +24,8 @@ def test_batch_32_as_4_x_8_accumulation_matches_batch_32(tmp_path):
       '--config.training.eval_every_steps=12',
   ]
   direct, accumulated = str(tmp_path / 'direct'), str(tmp_path / 'accum')
-  run_main(*args, f'--workdir={direct}')
-  out = run_main(
+  run_main_in_process(*args, f'--workdir={direct}')
+  out = run_main_in_process(
       *args,
       f'--workdir={accumulated}',
       '--config.training.accumulation_steps=4',
@@ -39,7 +39,7 @@ def test_batch_32_as_4_x_8_accumulation_matches_batch_32(tmp_path):
   pd, pa = flat(final_params(direct)[1]), flat(final_params(accumulated)[1])
   for k in pd:
     np.testing.assert_allclose(pa[k], pd[k], rtol=1e-4, atol=1e-6)
-  bad = run_main(
+  bad = run_main_in_process(
       *args,
       f'--workdir={tmp_path / "bad"}',
       '--config.training.accumulation_steps=5',
@@ -64,7 +64,7 @@ def test_nonfinite_loss_stops_keeping_the_last_good_checkpoint_or_skips(
     tmp_path,
 ):
   stopped = str(tmp_path / 'stop')
-  result = run_main(
+  result = run_main_in_process(
       f'--config={TINY}', f'--workdir={stopped}', *EXPLODE, check=False
   )
   assert result.returncode == 1
@@ -76,7 +76,7 @@ def test_nonfinite_loss_stops_keeping_the_last_good_checkpoint_or_skips(
   assert all(np.isfinite(v).all() for v in flat(params).values())
 
   skipped = str(tmp_path / 'skip')
-  out = run_main(
+  out = run_main_in_process(
       f'--config={TINY}',
       f'--workdir={skipped}',
       *EXPLODE,

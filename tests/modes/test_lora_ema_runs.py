@@ -1,24 +1,35 @@
-"""LoRA export and EMA + early stopping end to end (main.py subprocesses,
-digits MLP)."""
+"""LoRA export, EMA evaluation and early stopping end to end (main.py's
+run in this process, `main.cli`, digits MLP)."""
 
 import os
 
 import numpy as np
+import orbax.checkpoint as ocp
 
-from conftest import TINY, final_params, flat, read_json, run_main
+from conftest import TINY, final_params, flat, read_json
+from conftest import run_main_in_process
+import tiny_config
+from tuning.engine.run import Run
+
+
+def run_main_here(*args, check=True):
+  """main.py's run in this process: (exit code, stdout, the last line of
+  stderr)."""
+  result = run_main_in_process(f'--config={TINY}', *args, check=check)
+  err = result.stderr.strip().splitlines() or ['']
+  return result.returncode, result.stdout, err[-1]
 
 
 def test_lora_run_exports_a_plain_checkpoint_with_the_same_predictions(
     tmp_path,
 ):
   adapted = str(tmp_path / 'lora')
-  out = run_main(
-      f'--config={TINY}',
+  _, out, _ = run_main_here(
       f'--workdir={adapted}',
       '--config.lora.rank=4',
       "--config.lora.targets=('dense_.*',)",
       '--config.optimizer.learning_rate=1e-2',
-  ).stdout
+  )
   assert (
       'lora: rank 4, alpha 16.0 (scale 4), dropout 0.0, 2 adapted Dense '
       'layers, 640 adapter parameters' in out
@@ -34,14 +45,13 @@ def test_lora_run_exports_a_plain_checkpoint_with_the_same_predictions(
   # The plain model loads the merged checkpoint; with a zero learning rate
   # it predicts exactly as the LoRA model did.
   plain = str(tmp_path / 'plain')
-  out = run_main(
-      f'--config={TINY}',
+  _, out, _ = run_main_here(
       f'--workdir={plain}',
       f'--config.init.checkpoint={merged}',
       '--config.optimizer.learning_rate=0',
       '--config.optimizer.warmup_steps=0',
       '--config.training.total_steps=1',
-  ).stdout
+  )
   assert 'init: loaded 6 parameters' in out
   plain_test = read_json(os.path.join(plain, 'results.json'))['test']
   assert plain_test['confusion_matrix'] == results['test']['confusion_matrix']
@@ -50,18 +60,56 @@ def test_lora_run_exports_a_plain_checkpoint_with_the_same_predictions(
   )
 
 
+def _saved_params(workdir, step):
+  """(raw, EMA) parameters of a run's checkpoint at `step`, read with
+  orbax directly (not through the code under test)."""
+  state = ocp.PyTreeCheckpointer().restore(
+      os.path.join(workdir, 'checkpoints', str(step), 'state')
+  )
+  return state['params'], state['ema_params']
+
+
+def test_evaluate_ema_scores_the_ema_parameters(tmp_path):
+  # A learning rate above 0: the EMA parameters differ from the raw ones.
+  workdir = str(tmp_path / 'run')
+  _, out, _ = run_main_here(
+      f'--workdir={workdir}',
+      '--config.training.ema_decay=0.9',
+      '--config.training.evaluate_ema=True',
+  )
+  assert 'EMA decay 0.9 (evaluated: EMA params)' in out
+  results = read_json(os.path.join(workdir, 'results.json'))
+  config = tiny_config.get_config()
+  config.training.ema_decay = 0.9
+  scoring = Run(config, str(tmp_path / 'scoring'))
+
+  def scores(params, split):
+    return scoring.evaluate(params, split)['loss']
+
+  # Validation during training (the last one: step 40).
+  raw, ema = _saved_params(workdir, 40)
+  assert results['validation_history'][-1]['step'] == 40
+  logged = results['validation_history'][-1]['loss']
+  np.testing.assert_allclose(logged, scores(ema, 'validation'), rtol=1e-6)
+  assert abs(scores(raw, 'validation') - logged) > 1e-3  # the control
+  # The final test evaluation (of the best checkpoint).
+  raw, ema = _saved_params(workdir, results['evaluated_step'])
+  tested = results['test']['loss']
+  np.testing.assert_allclose(tested, scores(ema, 'test'), rtol=1e-6)
+  assert abs(scores(raw, 'test') - tested) > 1e-3  # the control
+
+
 def test_ema_evaluation_and_early_stopping(tmp_path):
   workdir = str(tmp_path / 'run')
   # LR 0: the metric never improves after the first evaluation.
-  out = run_main(
-      f'--config={TINY}',
+  _, out, _ = run_main_here(
       f'--workdir={workdir}',
       '--config.optimizer.learning_rate=0',
       '--config.training.eval_every_steps=5',
       '--config.training.early_stopping_patience=2',
       '--config.training.ema_decay=0.9',
       '--config.training.evaluate_ema=True',
-  ).stdout
+  )
   assert 'EMA decay 0.9 (evaluated: EMA params)' in out
   assert (
       'early stopping at step 15: validation accuracy has not improved '
@@ -77,10 +125,9 @@ def test_ema_evaluation_and_early_stopping(tmp_path):
   assert [h['step'] for h in results['validation_history']] == [5, 10, 15]
   step, _ = final_params(workdir)
   assert step == 15
-  bad = run_main(
-      f'--config={TINY}',
+  code, _, error = run_main_here(
       f'--workdir={tmp_path / "bad"}',
       '--config.training.evaluate_ema=True',
       check=False,
   )
-  assert bad.returncode == 1 and 'ema_decay' in bad.stderr.splitlines()[-1]
+  assert code == 1 and 'ema_decay' in error

@@ -1,6 +1,9 @@
-"""End-to-end runs of main.py as a subprocess, on tiny configs."""
+"""End-to-end runs of main.py on tiny configs: in this process (`main.cli`,
+what main.py runs) where the process is not the point, as a subprocess for
+eight devices, a kill, a fresh process's bits and main.py's flag errors."""
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -17,14 +20,23 @@ from conftest import (
     main_command,
     read_json,
     run_main,
+    run_main_in_process,
     subprocess_env,
     train_losses,
 )
 
 
-def test_run_writes_everything_a_workdir_holds(tmp_path):
-  workdir = str(tmp_path / 'run')
-  out = run_main(f'--config={TINY}', f'--workdir={workdir}').stdout
+@pytest.fixture(scope='module')
+def default_run(tmp_path_factory):
+  """(work directory, stdout) of one run of the tiny config; tests that
+  change the directory copy it."""
+  workdir = str(tmp_path_factory.mktemp('default') / 'run')
+  out = run_main_in_process(f'--config={TINY}', f'--workdir={workdir}').stdout
+  return workdir, out
+
+
+def test_run_writes_everything_a_workdir_holds(default_run):
+  workdir, out = default_run
   assert 'steps/s' in out and 'examples/s' in out and 'ETA' in out
   assert 'validation at step 20' in out
   assert 'confusion matrix' in out
@@ -50,11 +62,10 @@ def test_run_writes_everything_a_workdir_holds(tmp_path):
   assert 1 <= len(kept) <= 2 and '40' in kept
 
 
-def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
+def test_tensorboard_events_hold_the_logged_scalars(default_run):
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
 
-  workdir = str(tmp_path / 'run')
-  run_main(f'--config={TINY}', f'--workdir={workdir}')
+  workdir, _ = default_run
   tb = os.path.join(workdir, 'tensorboard')
   data = open(os.path.join(tb, os.listdir(tb)[0]), 'rb').read()
   tags, pos = set(), 0
@@ -66,36 +77,37 @@ def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
   assert {'train/loss', 'train/learning_rate', 'validation/accuracy'} <= tags
 
 
-def test_same_seed_same_numbers_bitwise(tmp_path):
-  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
-  run_main(f'--config={TINY}', f'--workdir={a}')
+def test_same_seed_same_numbers_bitwise(default_run, tmp_path):
+  # The same numbers in a fresh process as in this one.
+  a, b = default_run[0], str(tmp_path / 'b')
   run_main(f'--config={TINY}', f'--workdir={b}')
   assert train_losses(a) == train_losses(b)
   pa, pb = flat(final_params(a)[1]), flat(final_params(b)[1])
   for k in pa:
     np.testing.assert_array_equal(pa[k], pb[k])
   c = str(tmp_path / 'c')
-  run_main(f'--config={TINY}', f'--workdir={c}', '--config.seed=1')
+  run_main_in_process(f'--config={TINY}', f'--workdir={c}', '--config.seed=1')
   assert train_losses(a) != train_losses(c)
 
 
-def test_eight_devices_match_one_device(tmp_path):
-  one, eight = str(tmp_path / 'one'), str(tmp_path / 'eight')
-  run_main(f'--config={TINY}', f'--workdir={one}', devices=1)
+def test_eight_devices_match_one_device(default_run, tmp_path):
+  one, eight = default_run[0], str(tmp_path / 'eight')
   out = run_main(f'--config={TINY}', f'--workdir={eight}', devices=8).stdout
   assert 'on 8 device(s) x 1 process(es)' in out
   assert_same_training(eight, one)
 
 
 def test_resume_after_kill_ends_with_the_same_parameters(tmp_path):
+  # Killed after the checkpoint of step 300, well before the end.
+  total = 1000
   args = [
       f'--config={TINY}',
-      '--config.training.total_steps=3000',
+      f'--config.training.total_steps={total}',
       '--config.training.checkpoint_every_steps=100',
       '--config.training.eval_every_steps=1000',
   ]
   full = str(tmp_path / 'full')
-  run_main(*args, f'--workdir={full}')
+  run_main_in_process(*args, f'--workdir={full}')
 
   killed = str(tmp_path / 'killed')
   env = subprocess_env()
@@ -120,13 +132,13 @@ def test_resume_after_kill_ends_with_the_same_parameters(tmp_path):
   proc.send_signal(signal.SIGKILL)
   assert proc.wait() == -signal.SIGKILL, 'the run ended before the kill'
   step_at_kill, _ = final_params(killed)
-  assert 300 <= step_at_kill < 3000
+  assert 300 <= step_at_kill < total
 
-  out = run_main(*args, f'--workdir={killed}').stdout
+  out = run_main_in_process(*args, f'--workdir={killed}').stdout
   assert f'resumed from' in out
   full_step, full_params = final_params(full)
   resumed_step, resumed_params = final_params(killed)
-  assert full_step == resumed_step == 3000
+  assert full_step == resumed_step == total
   pf, pr = flat(full_params), flat(resumed_params)
   for k in pf:
     np.testing.assert_array_equal(pr[k], pf[k])
@@ -138,13 +150,13 @@ def test_resume_after_kill_ends_with_the_same_parameters(tmp_path):
 
 def test_finetune_from_pretrained_reinitialises_the_head(tmp_path):
   source = str(tmp_path / 'source')
-  run_main(
+  run_main_in_process(
       f'--config={TINY}',
       f'--workdir={source}',
       '--config.data.classes=(0,1,2,3,4)',
   )
   target = str(tmp_path / 'target')
-  out = run_main(
+  out = run_main_in_process(
       f'--config={TINY}',
       f'--workdir={target}',
       '--config.data.classes=(5,6,7,8,9,0,1)',
@@ -168,13 +180,13 @@ def test_finetune_from_pretrained_reinitialises_the_head(tmp_path):
 
 def test_changed_head_without_reinit_is_an_error_naming_both_shapes(tmp_path):
   source = str(tmp_path / 'source')
-  run_main(
+  run_main_in_process(
       f'--config={TINY}',
       f'--workdir={source}',
       '--config.training.total_steps=5',
       '--config.data.classes=(0,1,2,3,4)',
   )
-  result = run_main(
+  result = run_main_in_process(
       f'--config={TINY}',
       f'--workdir={tmp_path / "t"}',
       f'--config.init.checkpoint={source}',
@@ -185,7 +197,7 @@ def test_changed_head_without_reinit_is_an_error_naming_both_shapes(tmp_path):
   assert 'head/kernel: checkpoint has (32, 5), model wants (32, 10)' in err
   assert 'head/bias: checkpoint has (5,), model wants (10,)' in err
   assert 'config.init.reinit' in err
-  missing = run_main(
+  missing = run_main_in_process(
       f'--config={TINY}',
       f'--workdir={tmp_path / "m"}',
       f'--config.init.checkpoint={tmp_path / "nowhere"}',
@@ -214,17 +226,17 @@ def test_bad_config_flags_are_one_line_errors(flag, expected):
   assert len(lines) == 1 and expected in lines[0], result.stderr
 
 
-def test_eval_mode_on_an_existing_checkpoint(tmp_path):
+def test_eval_mode_on_an_existing_checkpoint(default_run, tmp_path):
   workdir = str(tmp_path / 'run')
-  run_main(f'--config={TINY}', f'--workdir={workdir}')
+  shutil.copytree(default_run[0], workdir)
   trained = read_json(os.path.join(workdir, 'results.json'))['test']
   os.remove(os.path.join(workdir, 'results.json'))
-  out = run_main(
+  out = run_main_in_process(
       f'--config={TINY}', f'--workdir={workdir}', '--config.mode=eval'
   ).stdout
   assert 'confusion matrix' in out
   assert read_json(os.path.join(workdir, 'results.json'))['test'] == trained
-  empty = run_main(
+  empty = run_main_in_process(
       f'--config={TINY}',
       f'--workdir={tmp_path / "none"}',
       '--config.mode=eval',
@@ -243,7 +255,7 @@ def test_own_csv_file_end_to_end(tmp_path):
     for x, y in zip(digits.data[:600], digits.target[:600]):
       f.write(','.join(str(int(v)) for v in x) + f',{y}\n')
     f.write(','.join(['1'] * 63) + ',,3\n')  # a missing value: cleaned
-  out = run_main(
+  out = run_main_in_process(
       f'--config={TINY}',
       f'--workdir={tmp_path / "run"}',
       '--config.data.source=csv',

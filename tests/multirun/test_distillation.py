@@ -10,7 +10,7 @@ import pytest
 from ml_collections import config_dict
 from sklearn.datasets import load_digits
 
-from conftest import TINY, read_json, run_main
+from conftest import TINY, read_json, run_main, step_config
 from tuning.multirun import distillation
 from tuning.config.defaults import base_config
 from tuning.models.mlp import MLP
@@ -88,7 +88,7 @@ def test_alpha_one_step_equals_plain_training():
   distill = base_config().distill
   distill.alpha = 1.0
   plain, plain_losses = _two_steps(
-      make_train_step(model, tx, schedule, seed=0),
+      make_train_step(model, tx, schedule, step_config()),
       replicate(initial_state(params, tx)),
       batch,
   )
@@ -97,7 +97,7 @@ def test_alpha_one_step_equals_plain_training():
           model,
           tx,
           schedule,
-          seed=0,
+          step_config(),
           loss_fn=distillation.make_loss_fn(distill),
       ),
       replicate(initial_state(params, tx)),
@@ -113,7 +113,7 @@ def test_alpha_one_step_equals_plain_training():
           model,
           tx,
           schedule,
-          seed=0,
+          step_config(),
           loss_fn=distillation.make_loss_fn(distill),
       ),
       replicate(initial_state(params, tx)),

@@ -1,6 +1,8 @@
-"""tuning/platform/bf16_matmul.py: the bfloat16 Dense layer gives the values
-and gradients of a plain bfloat16 Dense, and XLA runs every one of its
-dots, forward and backward, on bfloat16 operands."""
+"""tuning/platform/bf16_matmul.py: a bfloat16 `nn.Dense` with its
+`dense_options` (as the models build on CPU) gives the values and gradients
+of a plain bfloat16 Dense, and XLA runs every one of its dots, forward and
+backward, on bfloat16 operands (as the tied output layer's); without the
+options, the backward dots run in float32."""
 
 import re
 
@@ -59,17 +61,25 @@ def test_materialised_transpose_is_the_transpose():
     )
 
 
-def test_dense_module_has_nn_dense_parameters_and_float32_gradients():
+def test_nn_dense_with_the_options_runs_dense_with_float32_gradients():
   x = jnp.ones((2, 3, 4))
-  mine = bf16_matmul.Dense(5, dtype=jnp.bfloat16)
+  options = bf16_matmul.dense_options(jnp.bfloat16)
+  assert set(options) == {'promote_dtype', 'dot_general'}  # on CPU
+  mine = nn.Dense(5, dtype=jnp.bfloat16, **options)
   plain = nn.Dense(5, dtype=jnp.bfloat16)
   params = plain.init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, mine.init(jax.random.key(0), x)) == (
       jax.tree.map(jnp.shape, params)
   )
-  assert isinstance(mine, nn.Dense)
   y = mine.apply(params, x)
   assert y.dtype == jnp.bfloat16
+  # Exactly `dense` (its bias added before the one rounding).
+  np.testing.assert_array_equal(
+      y.astype(jnp.float32),
+      bf16_matmul.dense(
+          x, params['params']['kernel'], params['params']['bias']
+      ).astype(jnp.float32),
+  )
   np.testing.assert_allclose(
       y.astype(jnp.float32),
       plain.apply(params, x).astype(jnp.float32),
@@ -77,11 +87,17 @@ def test_dense_module_has_nn_dense_parameters_and_float32_gradients():
   )
   grads = jax.grad(lambda p: mine.apply(p, x).astype(jnp.float32).sum())(params)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
-  # float32 compute is plain nn.Dense.
-  f32 = bf16_matmul.Dense(5)
+  # Without a bias, and float32 compute: no options, flax's own Dense.
+  no_bias = nn.Dense(5, use_bias=False, dtype=jnp.bfloat16, **options)
+  kernel = {'params': {'kernel': params['params']['kernel']}}
   np.testing.assert_array_equal(
-      f32.apply(params, x), nn.Dense(5).apply(params, x)
+      no_bias.apply(kernel, x).astype(jnp.float32),
+      bf16_matmul.dense(x, kernel['params']['kernel'], jnp.zeros(5)).astype(
+          jnp.float32
+      ),
   )
+  assert bf16_matmul.dense_options(jnp.float32) == {}
+  assert bf16_matmul.dense_options(None) == {}
 
 
 def _dot_operand_types(function: str, w_shape=(64, 96)) -> list:
@@ -92,7 +108,8 @@ def _dot_operand_types(function: str, w_shape=(64, 96)) -> list:
   code = (
       'from tuning.platform import xla_cpu; xla_cpu.choose("ynnpack"); '
       'import jax, jax.numpy as jnp; '
-      'from tuning.models import bf16_matmul; '
+      'import flax.linen as nn; '
+      'from tuning.platform import bf16_matmul; '
       'x = jnp.ones((4, 32, 64), jnp.bfloat16); '
       f'w = jnp.ones({w_shape}); b = jnp.ones((96,)); '
       f'f = {function}; '
@@ -112,7 +129,13 @@ def _dot_operand_types(function: str, w_shape=(64, 96)) -> list:
 
 
 def test_xla_runs_forward_and_backward_dots_on_bfloat16_operands():
-  mine = _dot_operand_types('bf16_matmul.dense')
+  # A model's Dense layer: flax's, with the options (what a bfloat16
+  # model builds on CPU).
+  mine = _dot_operand_types(
+      'lambda x, w, b: nn.Dense(96, dtype=jnp.bfloat16, '
+      '**bf16_matmul.dense_options(jnp.bfloat16)).apply('
+      '{"params": {"kernel": w, "bias": b}}, x)'
+  )
   assert mine == [('bf16', 'bf16')] * 3, mine  # forward, dx, dW
   # Without it: a bfloat16 dot accumulating in float32 runs on bfloat16
   # kernels forward, but the two dots autodiff builds for its backward

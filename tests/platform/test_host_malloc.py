@@ -1,5 +1,6 @@
-"""glibc malloc settings (tuning/platform/host_malloc.py): when main.py restarts
-with them, and that they stop XLA's per-step page faults."""
+"""glibc malloc settings (tuning/platform/host_malloc.py): when a program
+restarts with them (main.py's --malloc flag, tuning/platform/process_flags.py),
+and that they stop XLA's per-step page faults."""
 
 import os
 import platform
@@ -20,10 +21,11 @@ def test_only_tuned_and_only_where_glibc_tunables_are_unset():
   assert host_malloc.applies('tuned', {}) == GLIBC
   assert not host_malloc.applies('default', {})
   assert not host_malloc.applies('tuned', {'GLIBC_TUNABLES': 'glibc.x=1'})
-  argv = ['main.py', '--config.host_malloc=default']
-  assert host_malloc.choice_from_argv(argv) == 'default'
-  assert host_malloc.choice_from_argv(['main.py']) == 'tuned'
-  assert host_malloc.choice_from_argv(['b.py', '--malloc=x'], '--malloc') == 'x'
+  # The benchmarks' --malloc (main.py's: test_process_flags.py).
+  assert host_malloc.choice_from_argv(['b.py', '--malloc=default']) == (
+      'default'
+  )
+  assert host_malloc.choice_from_argv(['b.py']) == 'tuned'
 
 
 # Each call of `step` needs a fresh 256 MiB temporary (XLA:CPU allocates an

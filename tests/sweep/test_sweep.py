@@ -14,8 +14,9 @@ import time
 import optuna
 import pytest
 
-from tuning.sweep import runner as sweep
 from tuning.sweep import space as sweep_space
+from tuning.sweep import study as sweep_study
+from tuning.sweep import trials as sweep_trials
 
 ROOT = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +47,7 @@ with open(os.path.join(workdir, 'results.json'), 'w') as f:
 def run_sweep(*args, check=True, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   result = subprocess.run(
-      [sys.executable, '-m', 'tuning.sweep.runner', *args],
+      [sys.executable, '-m', 'tuning.sweep', *args],
       cwd=ROOT,
       env=env,
       capture_output=True,
@@ -67,7 +68,7 @@ def report_rows(workdir):
 
 
 def study_trials(workdir):
-  return sweep.load_study(workdir).get_trials()
+  return sweep_study.load_study(workdir).get_trials()
 
 
 @pytest.fixture
@@ -143,7 +144,7 @@ def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tmp_path):
       '--config.training.total_steps=600',
   ]
   proc = subprocess.Popen(
-      [sys.executable, '-m', 'tuning.sweep.runner', *args],
+      [sys.executable, '-m', 'tuning.sweep', *args],
       cwd=ROOT,
       stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL,
@@ -270,8 +271,8 @@ def test_random_sampler_runs_its_trial_budget(tmp_path, fake_main):
       'sampler': 'random',
       'pruner': None,
   }
-  s = sweep.prepare(CONFIG, workdir, spec, main=fake_main)
-  sweep.run(s, parallel=2, devices='none', out=lambda _: None)
+  s = sweep_study.prepare(CONFIG, workdir, spec, main=fake_main)
+  sweep_trials.run(s, parallel=2, devices='none', out=lambda _: None)
   rows = report_rows(workdir)
   assert sorted(r['trial'] for r in rows) == [
       'trial_000',
@@ -292,8 +293,8 @@ def test_median_pruning_stops_a_trial_that_trails(tmp_path, fake_main):
       'pruner_args': {'n_startup_trials': 1},
       'seed': 1,
   }
-  s = sweep.prepare(CONFIG, workdir, spec, main=fake_main)
-  study = sweep.run(s, parallel=1, devices='none', out=lambda _: None)
+  s = sweep_study.prepare(CONFIG, workdir, spec, main=fake_main)
+  study = sweep_trials.run(s, parallel=1, devices='none', out=lambda _: None)
   assert study.trials[0].params == {'optimizer.learning_rate': 0.9}
   states = {t.user_attrs['trial_dir']: t.state for t in study.trials}
   assert states == {
@@ -314,7 +315,7 @@ def test_a_stopped_sweep_resumes_each_trial_in_its_directory(
 ):
   workdir = str(tmp_path / 'sweep')
   spec = {'grid': {'optimizer.learning_rate': (0.2, 0.4)}}
-  s = sweep.prepare(CONFIG, workdir, spec, main=fake_main)
+  s = sweep_study.prepare(CONFIG, workdir, spec, main=fake_main)
   lines = []
 
   def out(line):  # Ctrl-C half a second after both trials have started
@@ -322,11 +323,11 @@ def test_a_stopped_sweep_resumes_each_trial_in_its_directory(
     if sum(': started' in l for l in lines) == 2 and ': started' in line:
       threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
 
-  with pytest.raises(sweep.Interrupted):  # Ctrl-C: runs stopped, re-queued
-    sweep.run(s, parallel=2, devices='none', out=out)
+  with pytest.raises(sweep_trials.Interrupted):  # Ctrl-C: runs stopped, re-queued
+    sweep_trials.run(s, parallel=2, devices='none', out=out)
   assert sum('stopped; rerun' in line for line in lines) == 2
   lines.clear()
-  study = sweep.run(s, parallel=2, devices='none', out=lines.append)
+  study = sweep_trials.run(s, parallel=2, devices='none', out=lines.append)
   assert sum('(resuming trial' in line for line in lines) == 2
   assert {r['trial']: r['state'] for r in report_rows(workdir)} == {
       'learning_rate=0.4': 'complete',

@@ -316,7 +316,7 @@ def test_generate_from_a_run_workdir_uses_its_merged_final_params(
   from tuning.cli import generate  # pylint: disable=g-import-not-at-top
   from tuning.decoding import sampling as generation  # pylint: disable=g-import-not-at-top
   from tuning.methods import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  from tuning.models import decoder as decoder_lib  # pylint: disable=g-import-not-at-top
+  from tuning.models import decoder_hf  # pylint: disable=g-import-not-at-top
 
   folder, _ = files
   config, workdir, _ = lora_run
@@ -337,7 +337,7 @@ def test_generate_from_a_run_workdir_uses_its_merged_final_params(
   for row, tokens in enumerate(encoded):
     ids[row, 16 - len(tokens) :] = tokens
     mask[row, 16 - len(tokens) :] = 1
-  model = decoder_lib.from_hf_config(folder)
+  model = decoder_hf.from_hf_config(folder)
   out = generation.generate(
       model, merged, ids, mask, max_new_tokens=6, stop_tokens=(2,), pad_id=2
   )

@@ -25,41 +25,56 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
+from tuning.cli import flags as cli_flags
 from tuning.data import chat_template
 from tuning.terminal import console
 from tuning.decoding import sampling as generation
-from tuning.platform import xla_cpu
+from tuning.multirun import finished_run
 
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Converted model folder or .gguf file.'
-)
-_PROMPT = flags.DEFINE_string('prompt', None, 'One prompt.')
-_PROMPTS = flags.DEFINE_string('prompts', None, 'File with one prompt a line.')
-_OUTPUT = flags.DEFINE_string('output', None, 'JSONL output file.')
-_MAX_NEW_TOKENS = flags.DEFINE_integer(
-    'max_new_tokens', 64, 'Most new tokens per prompt.'
-)
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0: greedy.')
-_TOP_K = flags.DEFINE_integer(
-    'top_k', 0, 'Sample from the k most likely ' 'tokens (0: all).'
-)
-_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1: all).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Prompts per batch.')
-_CHAT = flags.DEFINE_bool(
-    'chat', True, 'Apply the chat template if the ' 'model has one.'
-)
-_STEP = flags.DEFINE_string(
-    'step', 'best', 'Run work directories: best | latest | a step number.'
-)
-_DTYPE = flags.DEFINE_enum(
-    'dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.'
-)
+PROG = 'python -m tuning.generate'
+
+
+def define_flags(fv: flags.FlagValues):
+  cli_flags.define_checkpoint_flags(
+      fv, 'A converted model folder (python -m tuning.convert), a .gguf file'
+  )
+  flags.DEFINE_string('prompt', None, 'One prompt.', flag_values=fv)
+  flags.DEFINE_string(
+      'prompts', None, 'File with one prompt a line.', flag_values=fv
+  )
+  flags.DEFINE_string('output', None, 'JSONL output file.', flag_values=fv)
+  flags.DEFINE_integer(
+      'max_new_tokens', 64, 'Most new tokens per prompt.', flag_values=fv
+  )
+  flags.DEFINE_float('temperature', 0.0, '0: greedy.', flag_values=fv)
+  flags.DEFINE_integer(
+      'top_k',
+      0,
+      'Sample from the k most likely tokens (0: all).',
+      flag_values=fv,
+  )
+  flags.DEFINE_float(
+      'top_p', 1.0, 'Nucleus sampling mass (1: all).', flag_values=fv
+  )
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.', flag_values=fv)
+  flags.DEFINE_integer('batch_size', 8, 'Prompts per batch.', flag_values=fv)
+  flags.DEFINE_bool(
+      'chat',
+      True,
+      'Apply the chat template if the model has one.',
+      flag_values=fv,
+  )
+  flags.DEFINE_enum(
+      'dtype',
+      'float32',
+      ['float32', 'bfloat16'],
+      'Compute dtype.',
+      flag_values=fv,
+  )
+
 
 # Prompt lengths are padded to a multiple of this: fewer compilations.
 _LENGTH_BUCKET = 16
@@ -92,46 +107,34 @@ class LoadedModel:
     return 0
 
 
-def is_run_workdir(path: str) -> bool:
-  """A run's work directory: a checkpoints/ folder, or a config.json that
-  is a run's (with `task`/`model`/`training`), not a Hugging Face one."""
-  if not os.path.isdir(path) or os.path.isdir(os.path.join(path, 'params')):
-    return False
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    return True
-  config_file = os.path.join(path, 'config.json')
-  if not os.path.isfile(config_file):
-    return False
-  try:
-    with open(config_file, encoding='utf-8') as f:
-      values = json.load(f)
-  except (OSError, ValueError):
-    return False
-  return isinstance(values, dict) and {'model', 'training'} <= set(values)
-
-
 def _load_run(workdir: str, step: str, dtype: str) -> LoadedModel:
   """A causal_lm run's checkpoint, tokenizer and model config."""
   # pylint: disable=g-import-not-at-top
-  from tuning.engine import checkpoints
-  from tuning.multirun import finished_run
   from tuning.data import tokenization
   from tuning.models import hf_config as hf_config_lib
+  from tuning.models import registry
+  from tuning.tasks.registry import task_class
   # pylint: enable=g-import-not-at-top
-  which = int(step) if str(step).isdigit() else step
-  if which not in ('best', 'latest') and not isinstance(which, int):
-    raise ValueError(f'--step={step!r}: use best, latest or a step number')
-  directory = checkpoints.run_checkpoint_dir(workdir)
-  if isinstance(which, int) and directory:
-    steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
-    if which not in steps:
-      raise ValueError(
-          f'no checkpoint step {which} in {directory} (steps there: '
-          f'{", ".join(map(str, steps))}): set --step to one of them, '
-          'best or latest'
-      )
-  model, params, config, chosen = finished_run.restore_decoder(
-      workdir, which, dtype
+  which = cli_flags.parse_step(step)
+  config = finished_run.run_config(workdir)
+  if config.task != 'causal_lm':
+    raise finished_run.FinishedRunError(
+        f'{workdir} is a {config.task} run: generation needs a '
+        'causal_lm run (config.task=causal_lm with a decoder)'
+    )
+  task = task_class(config.task)(config, None)
+  example = np.zeros((1, 8), np.int32)
+  model, params, chosen = finished_run.load_model(
+      workdir,
+      config,
+      registry.build_model(config.model, dtype, **task.model_dims()),
+      lambda model, key: model.init(
+          {'params': key},
+          input_ids=example,
+          attention_mask=np.ones_like(example),
+          train=False,
+      ),
+      which,
   )
   folder = config.data.tokenizer
   if not folder or folder == 'whitespace':
@@ -153,7 +156,7 @@ def _load_run(workdir: str, step: str, dtype: str) -> LoadedModel:
       tokenizer_config = json.load(f)
   print(  # stderr: stdout holds only the completions
       f'{workdir}: checkpoint step {chosen}'
-      + (' (LoRA adapters merged)' if config.lora.get('rank') else ''),
+      + (' (LoRA adapters merged)' if config.lora.rank else ''),
       file=sys.stderr,
   )
   return LoadedModel(
@@ -173,17 +176,17 @@ def load(
   # pylint: disable=g-import-not-at-top
   from tokenizers import Tokenizer
 
-  from tuning.models import decoder as decoder_lib
+  from tuning.models import decoder_hf
   # pylint: enable=g-import-not-at-top
   checkpoint = os.fspath(checkpoint)
-  if is_run_workdir(checkpoint):
+  if finished_run.is_run_workdir(checkpoint):
     return _load_run(checkpoint, step, dtype)
   if checkpoint.endswith('.gguf'):
     from tuning.formats import gguf as gguf_checkpoint  # pylint: disable=g-import-not-at-top
 
     read = gguf_checkpoint.read(checkpoint)
-    params, _ = decoder_lib.convert_hf(read.tensors, read.hf_config)
-    model = decoder_lib.from_hf_config(read.hf_config, dtype)
+    params, _ = decoder_hf.convert_hf(read.tensors, read.hf_config)
+    model = decoder_hf.from_hf_config(read.hf_config, dtype)
     return LoadedModel(
         model, params, read.tokenizer, read.tokenizer_config, read.hf_config
     )
@@ -196,8 +199,8 @@ def load(
           'converted model folder (python -m tuning.convert), '
           "a .gguf file or a causal_lm run's work directory"
       )
-  hf_config = decoder_lib.read_hf_config(checkpoint)
-  model = decoder_lib.from_hf_config(hf_config, dtype)
+  hf_config = decoder_hf.read_hf_config(checkpoint)
+  model = decoder_hf.from_hf_config(hf_config, dtype)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   params = ocp.PyTreeCheckpointer().restore(os.path.abspath(params_dir))
@@ -327,39 +330,35 @@ def run(
   return results
 
 
-def main(argv):
-  xla_cpu.choose('auto', _DTYPE.value)  # before JAX starts
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.ERROR)
-  try:
-    if not _CHECKPOINT.value:
-      raise ValueError(
-          '--checkpoint is required: a converted model folder, '
-          "a .gguf file or a causal_lm run's work directory"
-      )
-    run(
-        _CHECKPOINT.value,
-        _PROMPT.value,
-        _PROMPTS.value,
-        _OUTPUT.value,
-        max_new_tokens=_MAX_NEW_TOKENS.value,
-        temperature=_TEMPERATURE.value,
-        top_k=_TOP_K.value,
-        top_p=_TOP_P.value,
-        seed=_SEED.value,
-        batch_size=_BATCH_SIZE.value,
-        chat=_CHAT.value,
-        dtype=_DTYPE.value,
-        step=_STEP.value,
+def generate(fv: flags.FlagValues, positional: list[str]):
+  """The command, its flags parsed."""
+  cli_flags.no_positional(positional)
+  if not fv.checkpoint:
+    raise ValueError(
+        '--checkpoint is required: a converted model folder, '
+        "a .gguf file or a causal_lm run's work directory"
     )
-  except ValueError as e:
-    if os.environ.get('TUNING_TRACEBACK'):
-      raise
-    console.error(f'{type(e).__name__}: {e}')
-    sys.exit(1)
+  run(
+      fv.checkpoint,
+      fv.prompt,
+      fv.prompts,
+      fv.output,
+      max_new_tokens=fv.max_new_tokens,
+      temperature=fv.temperature,
+      top_k=fv.top_k,
+      top_p=fv.top_p,
+      seed=fv.seed,
+      batch_size=fv.batch_size,
+      chat=fv.chat,
+      dtype=fv.dtype,
+      step=fv.step,
+  )
+
+
+def main(argv=None) -> int:
+  """The command; `argv`: its arguments (None: sys.argv[1:])."""
+  return cli_flags.run(PROG, __doc__, define_flags, generate, argv)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main())

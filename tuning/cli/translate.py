@@ -19,21 +19,21 @@ stderr.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
 from typing import Any, Optional
 
-from absl import logging
+from absl import flags
 import jax
 import numpy as np
 
-from tuning.terminal import errors
+from tuning.cli import flags as cli_flags
+from tuning.methods import lora as lora_lib
 from tuning.multirun import finished_run
 from tuning.decoding import translation
-from tuning.platform import xla_cpu
 from tuning.models import encoder_decoder as ed
+from tuning.models import encoder_decoder_hf
 from tuning.models import hf_config as hf_config_lib
 from tuning.models import registry
 
@@ -66,12 +66,6 @@ def _tokenizer(path: str):
     ) from None
 
 
-def _is_run_workdir(folder: str) -> bool:
-  return os.path.isfile(os.path.join(folder, 'config.json')) and (
-      os.path.isdir(os.path.join(folder, 'checkpoints'))
-  )
-
-
 def _restore(path: str):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
@@ -82,7 +76,7 @@ def load_converted(folder: str, dtype: str = 'float32') -> Translator:
   """A converted Hugging Face Marian/T5 folder."""
   hf_config = hf_config_lib.read_hf_config(folder)
   model_type = hf_config.get('model_type')
-  if model_type not in ed.FAMILY.hf_model_types:
+  if model_type not in encoder_decoder_hf.FAMILY.hf_model_types:
     raise ValueError(
         f'{folder} holds a converted {model_type!r} model: translation needs '
         "an encoder-decoder ('marian' or 't5')"
@@ -96,7 +90,7 @@ def load_converted(folder: str, dtype: str = 'float32') -> Translator:
     )
   import ml_collections  # pylint: disable=g-import-not-at-top
 
-  model = ed.build(
+  model = encoder_decoder_hf.build(
       ml_collections.ConfigDict({'hf_config': folder}), jax.numpy.dtype(dtype)
   )
   params = _restore(os.path.join(folder, 'params'))
@@ -110,7 +104,7 @@ def run_tokenizer_path(config, workdir: str) -> str:
   a folder holding one; relative paths from the current directory, else
   from the work directory), else WORKDIR/tokenizer.json."""
   candidates = []
-  named = config.data.get('tokenizer', None)
+  named = config.data.tokenizer
   if named and named != 'whitespace':
     for base in ('', workdir):
       path = os.path.join(base, named)
@@ -129,62 +123,33 @@ def run_tokenizer_path(config, workdir: str) -> str:
 
 
 def load_run(workdir: str, step='best', dtype: str = 'float32') -> Translator:
-  """The chosen checkpoint of a seq2seq run (or soup) work directory."""
-  # pylint: disable=g-import-not-at-top
-  from tuning.engine import checkpoints as checkpoints_lib
-  from tuning.methods import ema as ema_lib
-  from tuning.methods import lora as lora_lib
-  # pylint: enable=g-import-not-at-top
-
+  """The chosen checkpoint of a seq2seq run (or soup) work directory: the
+  one loader of finished runs (EMA parameters where the run evaluated with
+  them, LoRA adapters merged)."""
+  which = cli_flags.parse_step(step)
   config = finished_run.run_config(workdir)
-  if registry.family(config.model.name) is not ed.FAMILY:
+  if registry.family(config.model.name) is not encoder_decoder_hf.FAMILY:
     raise ValueError(
         f'the run {workdir} trained config.model.name='
         f'{config.model.name!r}: translation needs an encoder-decoder '
-        f'({", ".join(ed.FAMILY.names)})'
+        f'({", ".join(encoder_decoder_hf.FAMILY.names)})'
     )
-  tokenizer_file = run_tokenizer_path(config, workdir)
-  tokenizer = _tokenizer(tokenizer_file)
-  model = registry.build_model(
-      config.model, dtype, vocab_size=tokenizer.get_vocab_size()
-  )
+  tokenizer = _tokenizer(run_tokenizer_path(config, workdir))
   ids = np.zeros((1, 2), np.int32)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), ids, ids, ids)['params']
+  model, params, chosen = finished_run.load_model(
+      workdir,
+      config,
+      registry.build_model(
+          config.model, dtype, vocab_size=tokenizer.get_vocab_size()
+      ),
+      lambda model, key: model.init(key, ids, ids, ids),
+      which,
   )
-  # Restore targets: np.empty does not touch memory until written.
-  target = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), shapes)
-  if step not in ('best', 'latest'):
-    try:
-      step = int(step)
-    except ValueError:
-      raise ValueError(
-          f"--step={step!r}: use 'best', 'latest' or a step number"
-      ) from None
-  checkpoint_dir = os.path.join(workdir, 'checkpoints')
-  if checkpoints_lib.run_checkpoint_dir(workdir) is None:
-    raise ValueError(
-        f'no checkpoint in {checkpoint_dir}: train the run first (or point '
-        '--checkpoint at a finished run)'
-    )
-  if lora_lib.enabled(config.get('lora')):
-    merged = os.path.join(workdir, 'merged')
-    if not os.path.isdir(os.path.join(merged, 'params')):
-      raise ValueError(
-          f'{workdir} trained LoRA adapters and has no merged parameters '
-          f'({merged}/params, written at the end with '
-          'config.lora.export_merged): finish the run first'
-      )
-    params, report = checkpoints_lib.load_pretrained_params(merged, target)
-    what = f'{merged} (LoRA merged)'
-  else:
-    params, report = checkpoints_lib.load_pretrained_params(
-        checkpoint_dir, target, step=step
-    )
-    what = f'{checkpoint_dir} step {report["step"]}'
-    if config.training.get('evaluate_ema', False):
-      params = ema_lib.load_ema_params(checkpoint_dir, report['step'], params)
-      what += ' (EMA)'
+  what = f'{os.path.join(workdir, "checkpoints")} step {chosen}'
+  if config.training.evaluate_ema:
+    what += ' (EMA)'
+  if lora_lib.enabled(config.lora):
+    what += ' (LoRA merged)'
   return Translator(model, params, tokenizer, what)
 
 
@@ -197,7 +162,7 @@ def load(checkpoint: str, step=None, dtype: str = 'float32') -> Translator:
         'Marian/T5 folder or a seq2seq run work directory'
     )
   if os.path.isdir(os.path.join(checkpoint, 'params')) and not (
-      _is_run_workdir(checkpoint)
+      finished_run.is_run_workdir(checkpoint)
   ):
     if step not in (None, 'best'):
       raise ValueError(
@@ -205,7 +170,7 @@ def load(checkpoint: str, step=None, dtype: str = 'float32') -> Translator:
           'one set of parameters'
       )
     return load_converted(checkpoint, dtype)
-  if _is_run_workdir(checkpoint):
+  if finished_run.is_run_workdir(checkpoint):
     return load_run(checkpoint, step or 'best', dtype)
   raise ValueError(
       f'{checkpoint} is neither a converted model folder (params/, '
@@ -268,88 +233,101 @@ def run(
   return result
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog='python -m tuning.translate',
-      description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter,
+PROG = 'python -m tuning.translate'
+
+
+def define_flags(fv: flags.FlagValues):
+  cli_flags.define_checkpoint_flags(
+      fv, 'A converted Marian/T5 folder (python -m tuning.convert)'
   )
-  add = parser.add_argument
-  add('--checkpoint', help='Converted Marian/T5 folder or seq2seq workdir.')
-  add('--input', help='Source file, one sentence a line (default: stdin).')
-  add('--output', help='Output file (default: stdout).')
-  add('--step', default='best', help='Run workdirs: best, latest or a step.')
-  add('--beam_size', type=int, default=4, help='Beams (1: greedy).')
-  add(
-      '--length_penalty',
-      type=float,
-      default=1.0,
-      help='Exponent of the length normalizer.',
+  flags.DEFINE_string(
+      'input',
+      None,
+      'Source file, one sentence a line (default: stdin).',
+      flag_values=fv,
   )
-  add(
-      '--penalty_rule',
-      default='transformers',
-      choices=('transformers', 'gnmt'),
-      help='length ** p (transformers) or ((5 + length) / 6) ** p (GNMT).',
+  flags.DEFINE_string(
+      'output', None, 'Output file (default: stdout).', flag_values=fv
   )
-  add(
-      '--early_stopping',
-      default='false',
-      choices=('false', 'true', 'never'),
-      help="Beam stopping rule, as transformers' early_stopping.",
+  flags.DEFINE_integer('beam_size', 4, 'Beams (1: greedy).', flag_values=fv)
+  flags.DEFINE_float(
+      'length_penalty',
+      1.0,
+      'Exponent of the length normalizer.',
+      flag_values=fv,
   )
-  add(
-      '--max_length_ratio',
-      type=float,
-      default=1.5,
-      help='a in: new tokens <= a * source tokens + b.',
+  flags.DEFINE_enum(
+      'penalty_rule',
+      'transformers',
+      ['transformers', 'gnmt'],
+      'length ** p (transformers) or ((5 + length) / 6) ** p (GNMT).',
+      flag_values=fv,
   )
-  add(
-      '--max_length_offset',
-      type=int,
-      default=10,
-      help='b in: new tokens <= a * source tokens + b.',
+  flags.DEFINE_enum(
+      'early_stopping',
+      'false',
+      ['false', 'true', 'never'],
+      "Beam stopping rule, as transformers' early_stopping.",
+      flag_values=fv,
   )
-  add('--batch_size', type=int, default=32, help='Sentences per batch.')
-  add('--dtype', default='float32', choices=('float32', 'bfloat16'))
-  add('--noprogress', action='store_true', help='No progress bar.')
-  return parser
+  flags.DEFINE_float(
+      'max_length_ratio',
+      1.5,
+      'a in: new tokens <= a * source tokens + b.',
+      flag_values=fv,
+  )
+  flags.DEFINE_integer(
+      'max_length_offset',
+      10,
+      'b in: new tokens <= a * source tokens + b.',
+      flag_values=fv,
+  )
+  flags.DEFINE_integer('batch_size', 32, 'Sentences per batch.', flag_values=fv)
+  flags.DEFINE_enum(
+      'dtype',
+      'float32',
+      ['float32', 'bfloat16'],
+      'Compute dtype.',
+      flag_values=fv,
+  )
+  flags.DEFINE_bool(
+      'progress',
+      True,
+      'Show a progress bar (--noprogress: none).',
+      flag_values=fv,
+  )
+
+
+def translate(fv: flags.FlagValues, positional: list[str]):
+  """The command, its flags parsed."""
+  cli_flags.no_positional(positional)
+  if not fv.checkpoint:
+    raise ValueError(
+        '--checkpoint is required: a converted Marian/T5 folder or a '
+        'seq2seq run work directory'
+    )
+  run(
+      fv.checkpoint,
+      fv.input,
+      fv.output,
+      step=fv.step,
+      dtype=fv.dtype,
+      progress=fv.progress,
+      beam_size=fv.beam_size,
+      length_penalty=fv.length_penalty,
+      penalty_rule=fv.penalty_rule,
+      early_stopping={'false': False, 'true': True}.get(
+          fv.early_stopping, fv.early_stopping
+      ),
+      max_length_ratio=fv.max_length_ratio,
+      max_length_offset=fv.max_length_offset,
+      batch_size=fv.batch_size,
+  )
 
 
 def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
-  xla_cpu.choose('auto', args.dtype)  # before JAX starts
-  logging.set_verbosity(logging.ERROR)  # orbax's warnings
-  try:
-    if not args.checkpoint:
-      raise ValueError(
-          '--checkpoint is required: a converted Marian/T5 folder or a '
-          'seq2seq run work directory'
-      )
-    early = {'false': False, 'true': True}.get(
-        args.early_stopping, args.early_stopping
-    )
-    run(
-        args.checkpoint,
-        args.input,
-        args.output,
-        step=args.step,
-        dtype=args.dtype,
-        progress=not args.noprogress,
-        beam_size=args.beam_size,
-        length_penalty=args.length_penalty,
-        penalty_rule=args.penalty_rule,
-        early_stopping=early,
-        max_length_ratio=args.max_length_ratio,
-        max_length_offset=args.max_length_offset,
-        batch_size=args.batch_size,
-    )
-  except errors.USER_ERRORS as e:
-    if os.environ.get('TUNING_TRACEBACK'):
-      raise
-    print(f'error: {errors.describe(e)}', file=sys.stderr, flush=True)
-    return 1
-  return 0
+  """The command; `argv`: its arguments (None: sys.argv[1:])."""
+  return cli_flags.run(PROG, __doc__, define_flags, translate, argv)
 
 
 if __name__ == '__main__':

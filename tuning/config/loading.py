@@ -15,6 +15,8 @@ import re
 
 from ml_collections import config_dict
 
+from tuning.platform import process_flags
+
 
 class ConfigError(ValueError):
   """A bad config file, argument or override, worded for the user."""
@@ -52,11 +54,18 @@ def load_config_file(spec: str) -> config_dict.ConfigDict:
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'{path} has no get_config(arg=None) function')
   try:
-    return module.get_config(arg) if arg else module.get_config()
+    config = module.get_config(arg) if arg else module.get_config()
   except Exception as e:  # get_config rejecting its argument
     raise ConfigError(
         f'{path}: get_config({arg!r}) failed: ' f'{type(e).__name__}: {e}'
     ) from None
+  for field in process_flags.MOVED_CONFIG_FIELDS:
+    if field in config:
+      raise ConfigError(
+          f'{path}: {process_flags.moved_config_field_error(field)}; '
+          'remove it from the config and give the flag'
+      )
+  return config
 
 
 def all_paths(config, prefix: str = '') -> list[str]:
@@ -73,6 +82,9 @@ def all_paths(config, prefix: str = '') -> list[str]:
 
 def check_override(config, dotted: str):
   """Raises ConfigError naming the closest valid key for an unknown path."""
+  moved = process_flags.moved_config_field_error(dotted)
+  if moved:
+    raise ConfigError(f'--{moved}')
   node = config
   parts = dotted.split('.')
   for i, part in enumerate(parts):

@@ -43,10 +43,7 @@ def check(data, config):
         'a text model (--config.model.name=lstm, gru or bert) or unset '
         'config.data.text_column'
     )
-  if (
-      config.get('task', 'classification') == 'classification'
-      and data.num_classes < 2
-  ):
+  if config.task == 'classification' and data.num_classes < 2:
     names = ', '.join(str(c) for c in data.class_names)
     raise DataCheckError(
         f'{_where(data_config, "train")}: the training data has one class '

@@ -242,7 +242,7 @@ def _encode_labels(
 
 
 def _check_labels(data_config, labels):
-  if data_config.get('pack', False) and labels is not None:
+  if data_config.pack and labels is not None:
     raise DataError(
         'config.data.pack packs unlabelled text for language modelling: use '
         'it with config.task=causal_lm, or unset it'
@@ -516,7 +516,7 @@ class _MemorySource:
               f'the {name} split has no row with a response token within '
               f'config.data.max_length={data_config.max_length}: raise it'
           )
-    if data_config.get('pack', False):
+    if data_config.pack:
       _pack_splits(tables, data_config, labels, log)
     for name in SPLITS:
       _finish_labels(tables[name], labels)
@@ -594,7 +594,7 @@ class _RecordsSource:
 
   def finish(self, train, tables, encoder, labels, data_config) -> Datasets:
     """Sets how the training split encodes what it reads; encodes dev."""
-    if data_config.get('pack', False):
+    if data_config.pack:
       raise DataError(
           'config.data.pack needs the documents in memory: use a csv/jsonl '
           'source, not array_record, or unset it'
@@ -602,7 +602,7 @@ class _RecordsSource:
     log, metadata = self.log, self.metadata
     train.label_index = encoder and encoder.index
     train.labels = labels
-    train.read_threads = int(data_config.get('read_threads') or 1)
+    train.read_threads = data_config.read_threads
     vocab = None
     if 'text' in metadata['fields']:
       train.tokenizer = _fit_tokenizer(

@@ -188,7 +188,7 @@ class InstructionEncoder:
     }
     self.columns = columns_set(data_config)
     self.chat = 'messages' in self.columns or bool(
-        data_config.get('use_chat_template', True) and self.template
+        data_config.use_chat_template and self.template
     )
     if self.chat and not self.template:
       raise DataError(

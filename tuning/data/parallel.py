@@ -98,13 +98,12 @@ def read_line_pair(
 
 def read_columns(path: str, data_config) -> tuple[list[str], list[str]]:
   """Source and target columns of a TSV or JSON Lines file."""
-  src_col = data_config.get('source_column') or 'source'
-  tgt_col = data_config.get('target_column') or 'target'
+  src_col, tgt_col = data_config.source_column, data_config.target_column
   jsonl = data_config.source == 'jsonl' or path.endswith(
       ('.jsonl', '.jsonl.gz')
   )
   sources, targets = [], []
-  with open_text(path, data_config.get('encoding') or 'utf-8') as f:
+  with open_text(path, data_config.encoding) as f:
     if jsonl:
       for number, line in enumerate(f, 1):
         if not line.strip():
@@ -186,7 +185,7 @@ def read_pairs(data_config) -> dict[str, tuple[list[str], list[str]]]:
       found[split] = read_line_pair(
           path.format(lang=langs[0]),
           path.format(lang=langs[1]),
-          data_config.get('encoding') or 'utf-8',
+          data_config.encoding,
       )
     else:
       found[split] = read_columns(path, data_config)
@@ -200,8 +199,7 @@ def read_record_pairs(
   columns (see the module docstring)."""
   directory = data_config.get('records_dir')
   metadata = records.read_metadata(directory)
-  src_col = data_config.get('source_column') or 'source'
-  tgt_col = data_config.get('target_column') or 'target'
+  src_col, tgt_col = data_config.source_column, data_config.target_column
   fix = (
       'convert the TSV/JSONL files with python -m tuning.data.to_records '
       f'--text_column={src_col} --text_pair_column={tgt_col} --labels=none '
@@ -353,7 +351,7 @@ def load_or_train_tokenizer(
         f'tokenizer: {what} {path} ({tokenizer.get_vocab_size()} tokens)'
     )
     return tokenizer, path
-  kind = data_config.get('subword') or 'bpe'
+  kind = data_config.subword
   tokenizer = train_tokenizer(texts_fn(), data_config.vocab_size, kind)
   path = os.path.join(workdir, 'tokenizer.json')
   os.makedirs(workdir, exist_ok=True)

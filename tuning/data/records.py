@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
@@ -203,7 +204,101 @@ def convert(
   or None (no label column). `encoding` decodes the files; `column_names`
   names the columns of headerless CSV/TSV files (the first line is data).
   Returns the split's metadata entry (also written to metadata.json).
+
+  The steps: check the arguments, load the pretrained tokenizer (if any),
+  check that the directory's other splits were converted alike, stream the
+  rows into shards (`_write_examples`), then write metadata.json.
   """
+  _check_arguments(fmt, split, labels, shard_size, group_size, drop_duplicates)
+  options = rows.ReadOptions(  # checks the encoding and on_bad_rows
+      encoding,
+      tuple(column_names) if column_names else None,
+      on_bad_rows,
+      flags=True,
+  )
+  _check_inputs(inputs)
+  columns = columns or Columns()
+  if fmt == 'text':
+    columns = Columns('label', 'text', None, None)
+  pretrained = None
+  if tokenizer:
+    pretrained = _PretrainedTokenizer.load(tokenizer, max_length, columns)
+  os.makedirs(out_dir, exist_ok=True)
+  metadata = read_metadata(out_dir, must_exist=False)
+  fields = _record_fields(labels, columns, pretrained)
+  common = {
+      'version': VERSION,
+      'label_column': columns.label,
+      'text_column': columns.text,
+      'text_pair_column': columns.text_pair,
+      'tokenizer': pretrained.info if pretrained else None,
+      'labels': labels,
+  }
+  _check_converted_alike(out_dir, metadata, common)
+
+  parser = rows.RowParser(columns, labels, options)
+  if metadata.get('features') and not columns.features:
+    parser.features = tuple(metadata['features'])  # as the other splits
+  writer = _ShardWriter(out_dir, split, shard_size, group_size)
+  bar = _Progress(inputs, progress)
+  try:
+    written = _write_examples(
+        inputs,
+        fmt,
+        split,
+        parser,
+        pretrained,
+        writer,
+        bar,
+        labels=labels,
+        drop_duplicates=drop_duplicates,
+    )
+  except BaseException:
+    writer.abort()
+    bar.close()
+    raise
+  bar.close()
+  if not writer.count:
+    writer.abort()
+    raise DataError(
+        f'{", ".join(inputs)}: no usable rows (dropped: '
+        f'{written.report.dropped or "none"})'
+    )
+  features = parser.features
+  if features:
+    fields['x'] = f'float64[{len(features)}]'
+  shards = writer.finish()
+  entry = {
+      'num_examples': writer.count,
+      'shards': shards,
+      'inputs': [os.path.abspath(p) for p in inputs],
+      'format': fmt,
+      'dropped': written.report.dropped,
+      'label_counts': dict(written.label_counts),
+      'drop_duplicates': bool(drop_duplicates),
+      'group_size': int(group_size),
+  }
+  if pretrained is not None:
+    entry['max_input_id'] = written.max_input_id
+  metadata = metadata or dict(common, splits={})
+  metadata['labels'] = labels
+  if features:
+    metadata['features'] = list(features)
+  metadata['fields'] = fields
+  metadata['splits'][split] = entry
+  _write_metadata(out_dir, metadata)
+  return entry
+
+
+def _check_arguments(
+    fmt: str,
+    split: str,
+    labels: str | None,
+    shard_size: int,
+    group_size: int,
+    drop_duplicates: bool,
+):
+  """Raises a one-line DataError naming the flag of a bad argument."""
   if fmt not in rows.FORMATS:
     raise DataError(
         f'unsupported format {fmt!r}: use one of '
@@ -223,23 +318,30 @@ def convert(
         f'--drop_duplicates cleans the train split only; '
         f'{split} rows are kept as given (drop the flag)'
     )
-  options = rows.ReadOptions(
-      encoding,
-      tuple(column_names) if column_names else None,
-      on_bad_rows,
-      flags=True,
-  )
+
+
+def _check_inputs(inputs: Sequence[str]):
   if not inputs:
     raise DataError('no input files (--input=FILE[,FILE])')
   for path in inputs:
     if not os.path.exists(path):
       raise DataError(f'input file not found: {path} (--input)')
-  columns = columns or Columns()
-  if fmt == 'text':
-    columns = Columns('label', 'text', None, None)
-  tok_info, tok = None, None
-  if tokenizer:
-    if tokenizer == 'whitespace':
+
+
+@dataclasses.dataclass(frozen=True)
+class _PretrainedTokenizer:
+  """The tokenizer of `--tokenizer`: text is stored as its token ids."""
+
+  tokenizer: Any  # tokenizers.Tokenizer
+  info: dict  # metadata.json's `tokenizer`
+  max_length: int
+  pairs: bool  # a text pair column: token_type_ids too
+
+  @classmethod
+  def load(
+      cls, path: str, max_length: int, columns: Columns
+  ) -> _PretrainedTokenizer:
+    if path == 'whitespace':
       raise DataError(
           '--tokenizer=whitespace: the whitespace vocabulary is '
           'fitted on the training split when training; convert '
@@ -249,21 +351,47 @@ def convert(
       raise DataError('--tokenizer needs text: set --text_column')
     from tuning.data import tokenization  # pylint: disable=g-import-not-at-top
 
-    tok = tokenization.load_tokenizer(tokenizer_file(tokenizer))
-    tok_info = {
-        'path': os.path.abspath(tokenizer),
-        'fingerprint': tokenizer_fingerprint(tokenizer),
+    tok = tokenization.load_tokenizer(tokenizer_file(path))
+    info = {
+        'path': os.path.abspath(path),
+        'fingerprint': tokenizer_fingerprint(path),
         'max_length': int(max_length),
         'pad_id': int(tokenization.pad_token_id(tok)),
         'vocab_size': int(tok.get_vocab_size()),
     }
-  os.makedirs(out_dir, exist_ok=True)
-  metadata = read_metadata(out_dir, must_exist=False)
+    return cls(tok, info, max_length, bool(columns.text_pair))
+
+  def encode(self, records: list[dict[str, Any]], max_id: int) -> int:
+    """Replaces each record's text (and pair) by its token ids (and token
+    types), little-endian int32 bytes; returns the largest id so far."""
+    from tuning.data import tokenization  # pylint: disable=g-import-not-at-top
+
+    enc = tokenization.encode_texts(
+        self.tokenizer,
+        [r.pop('text') for r in records],
+        [r.pop('text_pair') for r in records] if self.pairs else None,
+        max_length=self.max_length,
+    )
+    for r, ids, types in zip(records, enc['input_ids'], enc['token_type_ids']):
+      r['input_ids'] = ids.astype('<i4').tobytes()
+      if self.pairs:
+        r['token_type_ids'] = types.astype('<i4').tobytes()
+      max_id = max(max_id, int(ids.max(initial=-1)))
+    return max_id
+
+
+def _record_fields(
+    labels: str | None,
+    columns: Columns,
+    pretrained: _PretrainedTokenizer | None,
+) -> dict[str, str]:
+  """metadata.json's `fields`: each record field and its type (features,
+  known only after reading, are added by `convert`)."""
   fields = {}
   if labels is not None:
     fields['label'] = 'raw' if labels == 'classes' else 'float64'
   if columns.text:
-    if tok is None:
+    if pretrained is None:
       fields['text'] = 'str'
       if columns.text_pair:
         fields['text_pair'] = 'str'
@@ -271,121 +399,93 @@ def convert(
       fields['input_ids'] = 'int32[]'
       if columns.text_pair:
         fields['token_type_ids'] = 'int32[]'
-  common = {
-      'version': VERSION,
-      'label_column': columns.label,
-      'text_column': columns.text,
-      'text_pair_column': columns.text_pair,
-      'tokenizer': tok_info,
-      'labels': labels,
-  }
-  if metadata:
-    for key, value in common.items():
-      old = metadata.get(key, 'classes' if key == 'labels' else None)
-      if old != value:
-        raise DataError(
-            f'{out_dir}: already holds splits converted with '
-            f'{key}={old!r}, not {value!r}; convert every split '
-            'alike, or use a new --out directory'
-        )
+  return fields
 
-  parser = rows.RowParser(columns, labels, options)
-  if metadata.get('features') and not columns.features:
-    parser.features = tuple(metadata['features'])  # as the other splits
-  report = SourceReport()
-  writer = _ShardWriter(out_dir, split, shard_size, group_size)
-  bar = _Progress(inputs, progress)
-  label_counts: dict[str, int] = collections.Counter()
-  max_id = -1
+
+def _check_converted_alike(out_dir: str, metadata: dict, common: dict):
+  """Every split of a directory shares the columns, tokenizer and labels."""
+  if not metadata:
+    return  # the first split
+  for key, value in common.items():
+    old = metadata.get(key, 'classes' if key == 'labels' else None)
+    if old != value:
+      raise DataError(
+          f'{out_dir}: already holds splits converted with '
+          f'{key}={old!r}, not {value!r}; convert every split '
+          'alike, or use a new --out directory'
+      )
+
+
+@dataclasses.dataclass
+class _Written:
+  """What `_write_examples` counted."""
+
+  report: SourceReport  # dropped rows and why
+  label_counts: collections.Counter
+  max_input_id: int = -1  # with a pretrained tokenizer
+
+
+def _write_examples(
+    inputs: Sequence[str],
+    fmt: str,
+    split: str,
+    parser: rows.RowParser,
+    pretrained: _PretrainedTokenizer | None,
+    writer: _ShardWriter,
+    bar: _Progress,
+    *,
+    labels: str | None,
+    drop_duplicates: bool,
+) -> _Written:
+  """Streams the rows of `inputs` into `writer`: training rows missing a
+  value are dropped (and exact duplicates with `drop_duplicates`), text is
+  tokenized 1,024 records at a time, each record packed with msgpack."""
+  written = _Written(SourceReport(), collections.Counter())
+  report = written.report
   seen = set() if drop_duplicates else None
   pending: list[dict[str, Any]] = []
   pack = msgpack.Packer(use_bin_type=True).pack
 
   def flush():
-    nonlocal max_id
-    if tok is not None and pending:
-      from tuning.data import tokenization  # pylint: disable=g-import-not-at-top
-
-      enc = tokenization.encode_texts(
-          tok,
-          [r.pop('text') for r in pending],
-          [r.pop('text_pair') for r in pending] if columns.text_pair else None,
-          max_length=max_length,
-      )
-      for r, ids, types in zip(
-          pending, enc['input_ids'], enc['token_type_ids']
-      ):
-        r['input_ids'] = ids.astype('<i4').tobytes()
-        if columns.text_pair:
-          r['token_type_ids'] = types.astype('<i4').tobytes()
-        max_id = max(max_id, int(ids.max(initial=-1)))
+    if pretrained is not None and pending:
+      written.max_input_id = pretrained.encode(pending, written.max_input_id)
     for r in pending:
       writer.write(pack(r))
     pending.clear()
 
-  try:
-    for path in inputs:
-      for _, record in rows.read_examples(
-          path, fmt, parser, report, split, bar.update
-      ):
-        if split == 'train':
-          reason = parser.incomplete(record)
-          if reason:
-            report.drop(reason)
-            continue
-        if 'x' in record:
-          record['x'] = np.asarray(record['x'], np.float64).tobytes()
-        if seen is not None:
-          key = hashlib.blake2b(pack(record), digest_size=16).digest()
-          if key in seen:
-            report.drop('exact duplicate')
-            continue
-          seen.add(key)
-        if labels == 'classes':
-          label_counts[preprocessing.label_key(record['label'])] += 1
-        pending.append(record)
-        if len(pending) >= 1024:
-          flush()
-          bar.set_postfix(examples=writer.count)
-      flush()
-  except BaseException:
-    writer.abort()
-    bar.close()
-    raise
-  bar.close()
-  if not writer.count:
-    writer.abort()
-    raise DataError(
-        f'{", ".join(inputs)}: no usable rows (dropped: '
-        f'{report.dropped or "none"})'
-    )
-  features = parser.features
-  if features:
-    fields['x'] = f'float64[{len(features)}]'
-  shards = writer.finish()
-  entry = {
-      'num_examples': writer.count,
-      'shards': shards,
-      'inputs': [os.path.abspath(p) for p in inputs],
-      'format': fmt,
-      'dropped': report.dropped,
-      'label_counts': dict(label_counts),
-      'drop_duplicates': bool(drop_duplicates),
-      'group_size': int(group_size),
-  }
-  if tok is not None:
-    entry['max_input_id'] = max_id
-  metadata = metadata or dict(common, splits={})
-  metadata['labels'] = labels
-  if features:
-    metadata['features'] = list(features)
-  metadata['fields'] = fields
-  metadata['splits'][split] = entry
+  for path in inputs:
+    for _, record in rows.read_examples(
+        path, fmt, parser, report, split, bar.update
+    ):
+      if split == 'train':
+        reason = parser.incomplete(record)
+        if reason:
+          report.drop(reason)
+          continue
+      if 'x' in record:
+        record['x'] = np.asarray(record['x'], np.float64).tobytes()
+      if seen is not None:
+        key = hashlib.blake2b(pack(record), digest_size=16).digest()
+        if key in seen:
+          report.drop('exact duplicate')
+          continue
+        seen.add(key)
+      if labels == 'classes':
+        written.label_counts[preprocessing.label_key(record['label'])] += 1
+      pending.append(record)
+      if len(pending) >= 1024:
+        flush()
+        bar.set_postfix(examples=writer.count)
+    flush()
+  return written
+
+
+def _write_metadata(out_dir: str, metadata: dict):
+  """Writes metadata.json whole or not at all (through a renamed file)."""
   tmp = os.path.join(out_dir, METADATA + '.tmp')
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(metadata, f, indent=1, sort_keys=True)
   os.replace(tmp, os.path.join(out_dir, METADATA))
-  return entry
 
 
 # ----------------------------------------------------------------- reading

@@ -77,7 +77,7 @@ def read_options(data_config, flags: bool = False) -> rows.ReadOptions:
   """How `config.data` says files are read (encoding, header, bad rows)."""
   names = data_config.get('column_names')
   return rows.ReadOptions(
-      encoding=data_config.get('encoding') or 'utf-8',
+      encoding=data_config.encoding,
       column_names=tuple(names) if names else None,
       on_bad_rows=data_config.on_bad_rows,
       flags=flags,

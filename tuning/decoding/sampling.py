@@ -59,6 +59,16 @@ def choose(logits, key, greedy: bool, temperature, top_k, top_p):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def init_cache(model: decoder_lib.DecoderLM, batch_size: int, max_length: int):
+  """An empty key/value cache (the `cache` collection of `DecoderLM` with
+  `decode=True`) for `batch_size` sequences of `max_length`."""
+  ids = jnp.zeros((batch_size, max_length), jnp.int32)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), ids, decode=True)
+  )['cache']
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled(
     model,
@@ -72,7 +82,7 @@ def _compiled(
 
   def run(params, input_ids, attention_mask, key, temperature, top_k, top_p):
     batch, prompt_len = input_ids.shape
-    cache = decoder_lib.init_cache(model, batch, prompt_len + max_new_tokens)
+    cache = init_cache(model, batch, prompt_len + max_new_tokens)
     mask = jnp.concatenate(
         [
             attention_mask.astype(jnp.int32),

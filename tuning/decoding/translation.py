@@ -10,8 +10,9 @@ tokenizer does not), sorts them by length, cuts them into batches of a fixed
 size (the last one filled with one-token dummies) whose source length is
 padded to a multiple of `length_multiple` (so that the device program is
 compiled once per length bucket, not per batch), decodes each batch on the
-device with `encoder_decoder.generate` (beam search; greedy at beam size 1)
-and detokenizes the best hypothesis, up to its EOS, in the original order.
+device with tuning/decoding/encoder_decoder.py's `generate` (beam search;
+greedy at beam size 1) and detokenizes the best hypothesis, up to its EOS,
+in the original order.
 `translate_ids` does the same from token ids to token ids (for callers that
 hold tokenized sources, e.g. a validation split).
 
@@ -32,6 +33,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
+from tuning.decoding import encoder_decoder as ed_decoding
 from tuning.models import encoder_decoder as ed
 
 
@@ -172,7 +174,7 @@ def translate_ids(
         mask[r, : len(source_ids[i])] = 1
       shapes.add(length)
       began = time.perf_counter()
-      beams = ed.generate(
+      beams = ed_decoding.generate(
           model,
           params,
           ids,

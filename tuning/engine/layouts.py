@@ -7,7 +7,9 @@ results and save checkpoints:
 - `PmapLayout` (`config.parallelism='pmap'`, the default): the train state
   is replicated on every local device, a batch is reshaped to
   `[local_devices, B / local_devices, ...]`, the step is `jax.pmap`-ped and
-  averages gradients with `pmean`.
+  averages gradients with `pmean`. On the CPU backend only, its optimizer
+  update runs on `[1, ...]` views of the state (an XLA:CPU workaround,
+  chosen by tuning/platform/backend.py; train_step.with_device_axis).
 - `MeshLayout` (`'mesh'`): a `jax.sharding.Mesh` with axes `('data',
   'fsdp')` over all devices (`config.mesh`, -1 = the rest of the devices).
   Every array of the train state (parameters, optimizer state, EMA) whose
@@ -37,6 +39,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from tuning.engine.train_step import AXIS, psum_over_devices
+from tuning.platform import backend
 
 PARALLELISMS = ('pmap', 'mesh')
 MESH_AXES = ('data', 'fsdp')
@@ -72,7 +75,13 @@ class PmapLayout:
 
   name = 'pmap'
   batch_shards = 1  # each device's step sees only its own rows
-  update_on_device_axis = True  # (train_step.with_device_axis)
+
+  @property
+  def update_on_device_axis(self) -> bool:
+    """Whether the step updates the state on its `[1, ...]` shards
+    (train_step.with_device_axis): an XLA:CPU workaround, so on the CPU
+    backend only (tuning/platform/backend.py)."""
+    return backend.cpu_workarounds()
 
   def __init__(self):
     self.devices = jax.local_device_count()
@@ -298,11 +307,11 @@ class MeshLayout:
 
 def make_layout(config):
   """The layout `config.parallelism` names."""
-  parallelism = config.get('parallelism', 'pmap')
+  parallelism = config.parallelism
   if parallelism == 'pmap':
     return PmapLayout()
   if parallelism == 'mesh':
-    return MeshLayout(config.get('mesh') or {})
+    return MeshLayout(config.mesh)
   raise ValueError(
       f'config.parallelism={parallelism!r}: use one of '
       f'{", ".join(PARALLELISMS)}'

@@ -30,8 +30,11 @@ import jax.extend.random as jax_random
 import jax.numpy as jnp
 import numpy as np
 
+from tuning.config.defaults import FIELD
+
 HASH = 'hash'
-NAMES = ('threefry2x32', 'rbg', 'unsafe_rbg', HASH)
+# config.training.prng_impl's names, declared in tuning/config/defaults.py.
+NAMES = FIELD['training.prng_impl'].allowed.choices
 
 _THREEFRY = 'threefry2x32'
 

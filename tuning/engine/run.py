@@ -18,11 +18,10 @@ import numpy as np
 
 from tuning.terminal import console
 from tuning.data import checks as data_checks
-from tuning.methods import ema as ema_lib
 from tuning.methods import lora as lora_lib
 from tuning.tasks.base import Task
 from tuning.tasks.registry import task_class
-from tuning.engine.checkpoints import RunCheckpoints, load_pretrained_params
+from tuning.engine.checkpoints import RunCheckpoints
 from tuning.data.datasets import Datasets, build_datasets
 from tuning.data.pipeline import eval_batches
 from tuning.models.registry import build_model
@@ -38,7 +37,7 @@ class Run:
     """`data`: already built datasets for `config.data` (else built here)."""
     self.config = config
     self.workdir = workdir
-    task_kind = task_class(config.get('task', 'classification'))
+    task_kind = task_class(config.task)
     # How arrays are laid out over devices (pmap replicas or a mesh).
     self.layout = make_layout(config)
     self.devices = self.layout.devices
@@ -64,21 +63,17 @@ class Run:
     )
     # Head, LoRA-target and layer-index regexes: the user's or the family's.
     self.naming = naming_rules(config)
-    self.lora = (
-        config.get('lora') if lora_lib.enabled(config.get('lora')) else None
-    )
+    self.lora = config.lora if lora_lib.enabled(config.lora) else None
     if self.lora:
       self.model = lora_lib.LoraModel(self.model, self.lora, naming=self.naming)
     self.buckets = tuple(config.data.length_buckets)
-    self.best_metric = (
-        config.checkpoint.get('best_metric') or self.task.best_metric
-    )
-    self.best_mode = config.checkpoint.get('best_mode') or self.task.best_mode
+    self.best_metric = config.checkpoint.best_metric or self.task.best_metric
+    self.best_mode = config.checkpoint.best_mode or self.task.best_mode
     self.checkpoints = RunCheckpoints(
         os.path.join(workdir, 'checkpoints'),
         self.best_metric,
         self.best_mode,
-        keep=config.checkpoint.get('keep', 1),
+        keep=config.checkpoint.keep,
     )
     self.eval_totals = self.layout.compile_eval_totals(
         eval_totals_fn(
@@ -180,24 +175,6 @@ class Run:
     if jax.process_count() > 1:  # every process gets every example
       outputs, labels = _all_examples(outputs, labels)
     return outputs, labels
-
-  def restore_params(self, which: str):
-    """Parameters of the run's best or latest checkpoint, and its step."""
-    if self.checkpoints.latest_step() is None:
-      raise FileNotFoundError(
-          f'no checkpoint in {self.checkpoints.directory}: train first, or '
-          'point --workdir at a finished run'
-      )
-    params, report = load_pretrained_params(
-        self.checkpoints.directory,
-        self.init_params(),
-        step=self.checkpoints.verified_step(which),
-    )
-    if self.config.training.get('evaluate_ema', False):
-      params = ema_lib.load_ema_params(
-          self.checkpoints.directory, report['step'], params
-      )
-    return params, report['step']
 
   def plain_model_params(self, params):
     """(the model without adapters, its host parameters) from the loop's

@@ -32,7 +32,8 @@ One step of `make_train_step`:
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import flax
 import jax
@@ -40,14 +41,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tuning.config.checks import check_field
 from tuning.engine import prng
 from tuning.models import dropout
+from tuning.platform import backend
 from tuning.tasks import classification
 
 AXIS = 'batch'
 NON_FEATURES = ('label', 'weight', 'index', 'labelled', 'teacher_logits')
 TEACHER_PREFIX = 'teacher/'  # a distillation teacher's own input columns
-NONFINITE_MODES = ('stop', 'skip')
 
 
 @flax.struct.dataclass
@@ -81,7 +83,9 @@ def with_device_axis(tree):
   EPYC (issue #14): AdamW over SmolLM2's 135M parameters took 443 ms with
   816 copies, and 242 ms with none on `[1, ...]` views, the time of the
   same update under `jit` with no device axis. The values agree to
-  rounding (the fusions differ: a float32 ulp at most in tests).
+  rounding (the fusions differ: a float32 ulp at most in tests). An
+  XLA:CPU workaround: the pmapped step takes it on the CPU backend only
+  (tuning/platform/backend.py; `PmapLayout.update_on_device_axis`).
   """
   return jax.tree.map(lambda x: x[None], tree)
 
@@ -152,73 +156,83 @@ def ema_decay_at(decay: float, step):
   return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
 
 
+@dataclasses.dataclass(frozen=True)
+class StepLayout:
+  """What the train step needs of a layout: `sum_over_devices` adds the
+  gradients, sums and weights of all devices (`psum` under pmap; the
+  identity under jit, where the step sees the global batch, its rows split
+  over `batch_shards` devices), and `update_on_device_axis` (the pmapped
+  step's on XLA:CPU, `backend.cpu_workarounds()`): the optimizer update,
+  the EMA and the skip run on `[1, ...]` views of the state
+  (`with_device_axis`). tuning/engine/layouts.py's layouts have the same
+  three attributes. The default: a step jitted on one device."""
+
+  sum_over_devices: Callable[[Any], Any] = lambda x: x
+  batch_shards: int = 1
+  update_on_device_axis: bool = False
+
+
 def train_step_fn(
     model,
     tx,
     schedule,
-    seed: int,
+    config,
     *,
+    task=classification.Classification,
+    layout=StepLayout(),
     trainable=None,
-    accumulation_steps: int = 1,
-    on_nonfinite: str = 'stop',
-    ema_decay: float | None = None,
-    prng_impl: str = 'hash',
-    dropout_keys: str = 'per_example',
-    loss_fn=classification.loss,
-    loss_weight=classification.rows_weight,
-    inputs_of=None,
-    sum_over_devices=lambda x: x,
-    batch_shards: int = 1,
+    loss_fn=None,
     teacher_model=None,
-    update_on_device_axis: bool = False,
 ):
   """Returns the uncompiled `(state, batch) -> (state, metrics)`, or with
   a `teacher_model`, `(state, batch, teacher_params) -> ...`: the teacher's
   logits of the batch's `teacher/*` columns become its `teacher_logits`
   column (for a distillation `loss_fn`).
 
-  `prng_impl` names the dropout bits (tuning/engine/prng.py): the default 'hash'
-  and 'threefry2x32' draw each example's bits from its own key alone, so
-  that results do not depend on the device count; hash costs about a tenth
-  of threefry's time (1% of a MiniLM step against 11%). 'rbg' is not
-  elementwise in the key (its bits then change with the device count)
-  and was slower than threefry on MiniLM. `dropout_keys='per_shard'`
-  draws a device's (micro-)batch's masks from one key
-  (`per_shard_logits`) instead of one key per example: not independent of
-  how the batch is split, and no faster since the model stopped running
-  example by example.
+  `config` is the run's: the step reads `config.seed` and
+  `config.training`'s accumulation_steps, on_nonfinite, ema_decay,
+  prng_impl and dropout_keys (tuning/config/defaults.py).
+  `training.prng_impl` names the dropout bits (tuning/engine/prng.py): the
+  default 'hash' and 'threefry2x32' draw each example's bits from its own
+  key alone, so that results do not depend on the device count; hash costs
+  about a tenth of threefry's time (1% of a MiniLM step against 11%).
+  'rbg' is not elementwise in the key (its bits then change with the
+  device count) and was slower than threefry on MiniLM.
+  `training.dropout_keys='per_shard'` draws a device's (micro-)batch's
+  masks from one key (`per_shard_logits`) instead of one key per example:
+  not independent of how the batch is split, and no faster since the model
+  stopped running example by example.
 
-  `loss_fn(outputs, batch)` gives the task's (loss sum, {metric: sum})
-  over a batch's rows and `loss_weight(batch)` what those sums are divided
-  by (default: classification, a mean over examples); see
-  tuning/tasks/base.py. The weight of the whole global batch is known before
-  the model runs, so each micro-batch's gradient is that of its loss sum
-  over it, and token-level losses weigh every token alike across
-  micro-batches and devices. `sum_over_devices` adds the gradients, sums
-  and weights of all devices (`psum` under pmap; the identity under jit,
-  where `batch` is the global batch, its rows split over `batch_shards`
-  devices). `inputs_of(batch)` picks the model's inputs (default: every
-  column but labels, weights and indices). `trainable` is a tree of bools
-  like the params (None: all train). `update_on_device_axis` (the pmapped
-  step's): the optimizer update, the EMA and the skip run on `[1, ...]`
-  views of the state (`with_device_axis`).
+  `task.loss(outputs, batch)` gives the task's (loss sum, {metric: sum})
+  over a batch's rows and `task.loss_weight(batch)` what those sums are
+  divided by (default: classification, a mean over examples); see
+  tuning/tasks/base.py. `loss_fn` replaces `task.loss` (a distillation
+  loss). The weight of the whole global batch is known before the model
+  runs, so each micro-batch's gradient is that of its loss sum over it,
+  and token-level losses weigh every token alike across micro-batches and
+  devices. `task.inputs(batch)` picks the model's inputs (None: every
+  column but labels, weights and indices). `layout`: a `StepLayout` or the
+  run's layout. `trainable` is a tree of bools like the params (None: all
+  train).
   """
-  if on_nonfinite not in NONFINITE_MODES:
-    raise ValueError(
-        f'config.training.on_nonfinite={on_nonfinite!r}: use '
-        "'stop' or 'skip'"
-    )
-  if dropout_keys not in DROPOUT_KEYS:
-    raise ValueError(
-        f'config.training.dropout_keys={dropout_keys!r}: use '
-        f"{' or '.join(map(repr, DROPOUT_KEYS))}"
-    )
-  logits_of = DROPOUT_KEYS[dropout_keys]
-  accumulation_steps = int(accumulation_steps)
+  training = config.training
+  for name in ('on_nonfinite', 'dropout_keys', 'accumulation_steps'):
+    check_field(f'training.{name}', training[name])
+  seed = config.seed
+  accumulation_steps = training.accumulation_steps
+  on_nonfinite = training.on_nonfinite
+  ema_decay = training.ema_decay
+  prng_impl = training.prng_impl
+  logits_of = DROPOUT_KEYS[training.dropout_keys]
+  loss_fn = loss_fn or task.loss
+  loss_weight = task.loss_weight
+  inputs_of = task.inputs or features_of
+  sum_over_devices = layout.sum_over_devices
+  batch_shards = layout.batch_shards
+  update_on_device_axis = layout.update_on_device_axis
   flat_trainable = (
       None if trainable is None else flax.traverse_util.flatten_dict(trainable)
   )
-  inputs_of = inputs_of or features_of
 
   def step(state: TrainState, batch, teacher_params=None):
     if teacher_model is not None:
@@ -327,19 +341,14 @@ def train_step_fn(
   return step
 
 
-def make_train_step(model, tx, schedule, seed: int, **options):
+def make_train_step(model, tx, schedule, config, **options):
   """The pmapped train step: `batch` arrays have a leading device axis;
-  gradients are summed over devices with `psum`. `options`: those of
-  `train_step_fn`."""
-  step = train_step_fn(
-      model,
-      tx,
-      schedule,
-      seed,
-      sum_over_devices=psum_over_devices,
-      update_on_device_axis=True,
-      **options,
+  gradients are summed over devices with `psum`. `config` and `options`:
+  those of `train_step_fn` (but `layout`)."""
+  layout = StepLayout(
+      psum_over_devices, update_on_device_axis=backend.cpu_workarounds()
   )
+  step = train_step_fn(model, tx, schedule, config, layout=layout, **options)
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from tuning.formats import gguf_tokenizer
 from tuning.formats import huggingface as hf_convert
-from tuning.models import decoder as decoder_lib
+from tuning.models import decoder_hf
 
 _GLOBAL_NAMES = {
     'token_embd': 'model.embed_tokens',
@@ -201,7 +201,7 @@ def read(path: str) -> GGUFCheckpoint:
 def convert(path: str, out_dir: str, verbose: bool = True) -> dict[str, Any]:
   """Converts a GGUF file into a converted folder `out_dir`; the summary."""
   checkpoint = read(path)
-  params, report = decoder_lib.convert_hf(
+  params, report = decoder_hf.convert_hf(
       checkpoint.tensors, checkpoint.hf_config
   )
   summary = dict(

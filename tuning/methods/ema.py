@@ -17,13 +17,13 @@ import orbax.checkpoint as ocp
 
 def check_config(training_config):
   """Raises a one-line error for an unusable EMA setting."""
-  decay = training_config.get('ema_decay', None)
+  decay = training_config.ema_decay
   if decay is not None and not 0.0 < decay < 1.0:
     raise ValueError(
         f'config.training.ema_decay={decay}: use a value in '
         '(0, 1), e.g. 0.999, or leave it unset'
     )
-  if training_config.get('evaluate_ema', False) and decay is None:
+  if training_config.evaluate_ema and decay is None:
     raise ValueError(
         'config.training.evaluate_ema=True needs '
         'config.training.ema_decay (e.g. 0.999)'

@@ -41,11 +41,11 @@ _DROPOUT_SALT = 0x10A
 
 
 def enabled(lora_config) -> bool:
-  return bool(lora_config is not None and lora_config.get('rank'))
+  return bool(lora_config is not None and lora_config.rank)
 
 
 def scale(lora_config) -> float:
-  alpha = lora_config.get('alpha', None)
+  alpha = lora_config.alpha
   rank = int(lora_config.rank)
   return float(alpha if alpha is not None else rank) / rank
 
@@ -177,7 +177,7 @@ class LoraModel:
     self.config = lora_config
     self.naming = naming
     self.scale = scale(lora_config)
-    self.dropout = float(lora_config.get('dropout', 0.0) or 0.0)
+    self.dropout = float(lora_config.dropout)
 
   def __getattr__(self, name):
     return getattr(self.model, name)
@@ -235,8 +235,8 @@ def describe(params, lora_config) -> str:
   count = sum(int(np.size(a)) + int(np.size(b)) for a, b in adapters.values())
   return (
       f'lora: rank {int(lora_config.rank)}, alpha '
-      f'{lora_config.get("alpha", None) or lora_config.rank} (scale '
-      f'{scale(lora_config):g}), dropout {lora_config.get("dropout", 0.0)}'
+      f'{lora_config.alpha or lora_config.rank} (scale '
+      f'{scale(lora_config):g}), dropout {lora_config.dropout}'
       f', {len(adapters)} adapted Dense layers, {count:,} adapter '
       'parameters'
   )

@@ -32,15 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tuning.config.defaults import FIELD
 from tuning.methods import naming as naming_lib
 
-# By default weight decay skips biases, norm scales and embeddings.
-DEFAULT_NO_DECAY = (
-    r'.*bias$',
-    r'.*(LayerNorm|layer_norm|norm).*',
-    r'.*(embed|embeddings).*',
-)
-DEFAULT_EMBEDDING_REGEX = r'.*(embed|embeddings).*'
 ADAPTER_REGEX = r'.*/lora_[ab]'
 
 
@@ -70,14 +64,16 @@ class ParameterSetting:
   decays: bool  # weight decay applies (and the optimizer has one)
 
 
-def _regexes(opt_config, name, default):
-  value = opt_config.get(name, default)
-  return tuple(default if value is None else value)
+def _regexes(opt_config, name):
+  """`opt_config.<name>`'s regexes (None: the field's default, e.g.
+  no_decay's biases, norm scales and embeddings)."""
+  value = opt_config[name]
+  return tuple(FIELD[f'optimizer.{name}'].default if value is None else value)
 
 
 def _lr_mult_rules(opt_config):
   rules = []
-  for item in tuple(opt_config.get('lr_mults', ()) or ()):
+  for item in tuple(opt_config.lr_mults or ()):
     if (
         not isinstance(item, (tuple, list))
         or len(item) != 2
@@ -93,7 +89,7 @@ def _lr_mult_rules(opt_config):
 
 
 def layer_depths(
-    paths, layer_index_regex: str, embedding_regex=DEFAULT_EMBEDDING_REGEX
+    paths, layer_index_regex: str, embedding_regex: str
 ) -> dict[str, int]:
   """Depth from the top of a layered encoder, for every path.
 
@@ -153,14 +149,12 @@ def parameter_settings(
   """
   naming = _naming(naming, opt_config, lora_config)
   paths = list(parameter_paths(params))
-  frozen = [re.compile(r) for r in _regexes(opt_config, 'frozen', ())]
-  no_decay = [
-      re.compile(r) for r in _regexes(opt_config, 'no_decay', DEFAULT_NO_DECAY)
-  ]
+  frozen = [re.compile(r) for r in _regexes(opt_config, 'frozen')]
+  no_decay = [re.compile(r) for r in _regexes(opt_config, 'no_decay')]
   head = [re.compile(r) for r in naming.head]
   adapter = re.compile(ADAPTER_REGEX)
-  lora_on = bool(lora_config is not None and lora_config.get('rank'))
-  linear_probing = bool(opt_config.get('linear_probing', False))
+  lora_on = bool(lora_config is not None and lora_config.rank)
+  linear_probing = bool(opt_config.linear_probing)
   if linear_probing and lora_on:
     raise ValueError(
         'config.optimizer.linear_probing and config.lora.rank '
@@ -168,19 +162,19 @@ def parameter_settings(
         'config.lora.train_head=True)'
     )
   is_head = {p: any(r.fullmatch(p) for r in head) for p in paths}
-  if (
-      linear_probing or (lora_on and lora_config.get('train_head', True))
-  ) and not any(is_head.values()):
+  if (linear_probing or (lora_on and lora_config.train_head)) and not any(
+      is_head.values()
+  ):
     raise ValueError(
         f'config.optimizer.head={tuple(r.pattern for r in head)}'
         ' matches no parameter: give the regexes of the head'
     )
-  decay = opt_config.get('layer_decay', None)
+  decay = opt_config.layer_decay
   depths = (
       layer_depths(
           paths,
           naming.layer_regex,
-          opt_config.get('embedding_regex', DEFAULT_EMBEDDING_REGEX),
+          opt_config.embedding_regex,
       )
       if decay is not None
       else {}
@@ -193,7 +187,7 @@ def parameter_settings(
   for p in paths:
     if lora_on:
       trains = bool(adapter.fullmatch(p)) or (
-          lora_config.get('train_head', True) and is_head[p]
+          lora_config.train_head and is_head[p]
       )
     elif linear_probing:
       trains = is_head[p]
@@ -336,7 +330,7 @@ def build_optimizer(
   settings = parameter_settings(params, opt_config, lora_config, naming)
   decay_mask = jax.tree.map(
       lambda no: not no,
-      path_mask(params, _regexes(opt_config, 'no_decay', DEFAULT_NO_DECAY)),
+      path_mask(params, _regexes(opt_config, 'no_decay')),
   )
   name = opt_config.name
   if name == 'adamw':

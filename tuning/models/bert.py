@@ -2,9 +2,10 @@
 
 The computation reproduces `transformers.BertModel` (absolute position
 embeddings, post-LayerNorm blocks, exact erf GELU, additive attention mask,
-tanh pooler) so that weights converted by `tuning.hf_convert` give the same
-hidden states as PyTorch to float32 rounding. `convert_hf` (this family's
-`FAMILY.convert_hf`) maps Hugging Face tensor names onto the tree below.
+tanh pooler) so that converted weights give the same hidden states as
+PyTorch to float32 rounding. The Hugging Face side (config.json, the tensor
+names mapped onto the tree below) and the family's `FAMILY` declaration are
+tuning/models/bert_hf.py.
 
 Parameter tree of `BertClassifier` (all float32):
 
@@ -26,22 +27,16 @@ LayerNorm, the attention softmax and the returned logits stay in float32.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tuning.models import activations
 from tuning.platform import bf16_matmul
 from tuning.models.dropout import Dropout
-from tuning.models.family import Family
-from tuning.models.hf_config import read_hf_config
 
-# Hugging Face `model_type` values this module can load.
-SUPPORTED_MODEL_TYPES = ('bert',)
 POOLING_MODES = ('pooler', 'cls', 'mean')
 
 _ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
@@ -71,46 +66,22 @@ class BertConfig:
   initializer_range: float = 0.02
   pad_token_id: int = 0
 
-
-def check_supported(hf_config: dict) -> None:
-  """Raises a one-line ValueError unless `hf_config` describes a BERT model."""
-  model_type = hf_config.get('model_type')
-  architectures = hf_config.get('architectures') or []
-  bert_arch = all(str(a).startswith('Bert') for a in architectures)
-  if model_type not in SUPPORTED_MODEL_TYPES or not bert_arch:
-    raise ValueError(
-        f'Unsupported model: model_type={model_type!r}, architectures={architectures!r}; '
-        f"only BERT checkpoints (model_type 'bert', Bert* architectures) are supported."
-    )
-  pos_type = hf_config.get('position_embedding_type', 'absolute')
-  if pos_type != 'absolute':
-    raise ValueError(
-        f"Unsupported position_embedding_type={pos_type!r}; only 'absolute' is supported."
-    )
-  act = hf_config.get('hidden_act', 'gelu')
-  if act not in _ACTIVATIONS:
-    raise ValueError(
-        f'Unsupported hidden_act={act!r}; supported: {sorted(_ACTIVATIONS)}.'
-    )
-
-
-def bert_config_from_hf(hf_config: dict) -> BertConfig:
-  """Builds a `BertConfig` from a Hugging Face `config.json` dict (unknown keys ignored)."""
-  check_supported(hf_config)
-  names = {f.name for f in dataclasses.fields(BertConfig)}
-  kwargs = {k: v for k, v in hf_config.items() if k in names}
-  if kwargs.get('pad_token_id') is None:
-    kwargs.pop('pad_token_id', None)
-  return BertConfig(**kwargs)
+  def __post_init__(self):
+    if self.hidden_act not in _ACTIVATIONS:
+      raise ValueError(
+          f'Unsupported hidden_act={self.hidden_act!r}; supported: '
+          f'{sorted(_ACTIVATIONS)}.'
+      )
 
 
 def _dense(features: int, name: str, config: BertConfig, dtype) -> nn.Dense:
-  return bf16_matmul.Dense(
+  return nn.Dense(
       features,
       dtype=dtype,
       param_dtype=jnp.float32,
       kernel_init=nn.initializers.normal(config.initializer_range),
       name=name,
+      **bf16_matmul.dense_options(dtype),
   )
 
 
@@ -373,225 +344,3 @@ class BertClassifier(nn.Module):
         features.astype(self.dtype)
     )
     return logits.astype(jnp.float32)
-
-  @classmethod
-  def from_hf_config(
-      cls,
-      hf_config: dict,
-      num_outputs: int,
-      pooling: str = 'pooler',
-      dtype=jnp.float32,
-      dropout: Optional[float] = None,
-  ) -> 'BertClassifier':
-    """Builds the classifier from a HF config dict; `dropout` overrides the hidden
-    and classifier dropout rates when not None (attention dropout is kept)."""
-    config = bert_config_from_hf(hf_config)
-    if dropout is not None:
-      config = dataclasses.replace(
-          config,
-          hidden_dropout_prob=float(dropout),
-          classifier_dropout=float(dropout),
-      )
-    if pooling not in POOLING_MODES:
-      raise ValueError(
-          f'Unknown pooling {pooling!r}; expected one of {POOLING_MODES}.'
-      )
-    return cls(
-        config=config, num_outputs=num_outputs, pooling=pooling, dtype=dtype
-    )
-
-
-def build_bert(
-    model_config,
-    dtype,
-    *,
-    num_outputs: int | None,
-    vocab_size: int | None = None,
-) -> nn.Module:
-  """The registry's builder: a `BertClassifier` from an ml_collections model config.
-
-  Fields: `hf_config` (a config.json, a HF model folder or a converted checkpoint
-  folder), `pooling` (default 'pooler'), `dropout` (optional override, may be None).
-  The vocabulary is the checkpoint's (`vocab_size` is not used).
-  """
-  del vocab_size
-  hf_path = model_config.get('hf_config')
-  if not hf_path:
-    raise ValueError(
-        'model.hf_config is not set: give the path to a Hugging Face config.json '
-        'or a folder holding one.'
-    )
-  return BertClassifier.from_hf_config(
-      read_hf_config(hf_path),
-      num_outputs,
-      pooling=model_config.get('pooling', 'pooler') or 'pooler',
-      dtype=dtype,
-      dropout=model_config.get('dropout', None),
-  )
-
-
-# ---------------------------------------------------------------- Hugging Face conversion
-
-# Source tensors that are expected but not part of the encoder/classifier tree.
-_IGNORED = (
-    (re.compile(r'^embeddings\.position_ids$'), 'position id buffer'),
-    (re.compile(r'^cls\.'), 'pretraining head'),
-)
-_HEAD = {
-    'classifier.weight': (('classifier', 'kernel'), True),
-    'classifier.bias': (('classifier', 'bias'), False),
-}
-
-
-def hf_name_map(config: BertConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
-  """HF tensor name (without `bert.` prefix) -> (Flax param path, transpose?)."""
-  m: dict[str, tuple[tuple[str, ...], bool]] = {}
-
-  def linear(hf: str, path: tuple[str, ...]):
-    m[f'{hf}.weight'] = (path + ('kernel',), True)
-    m[f'{hf}.bias'] = (path + ('bias',), False)
-
-  def norm(hf: str, path: tuple[str, ...]):
-    m[f'{hf}.weight'] = (path + ('scale',), False)
-    m[f'{hf}.bias'] = (path + ('bias',), False)
-
-  emb = ('bert', 'embeddings')
-  for name in (
-      'word_embeddings',
-      'position_embeddings',
-      'token_type_embeddings',
-  ):
-    m[f'embeddings.{name}.weight'] = (emb + (name, 'embedding'), False)
-  norm('embeddings.LayerNorm', emb + ('LayerNorm',))
-  for i in range(config.num_hidden_layers):
-    hf, fx = f'encoder.layer.{i}', ('bert', 'encoder', f'layer_{i}')
-    for qkv in ('query', 'key', 'value'):
-      linear(f'{hf}.attention.self.{qkv}', fx + ('attention', qkv))
-    linear(f'{hf}.attention.output.dense', fx + ('attention_output', 'dense'))
-    norm(
-        f'{hf}.attention.output.LayerNorm',
-        fx + ('attention_output', 'LayerNorm'),
-    )
-    linear(f'{hf}.intermediate.dense', fx + ('intermediate', 'dense'))
-    linear(f'{hf}.output.dense', fx + ('output', 'dense'))
-    norm(f'{hf}.output.LayerNorm', fx + ('output', 'LayerNorm'))
-  linear('pooler.dense', ('bert', 'pooler', 'dense'))
-  return m
-
-
-def _canonical_name(name: str) -> str:
-  """Strips the `bert.` prefix and renames legacy LayerNorm gamma/beta."""
-  if name.startswith('bert.'):
-    name = name[len('bert.') :]
-  return re.sub(
-      r'LayerNorm\.gamma$',
-      'LayerNorm.weight',
-      re.sub(r'LayerNorm\.beta$', 'LayerNorm.bias', name),
-  )
-
-
-def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
-def convert_hf(
-    tensors: dict[str, np.ndarray], hf_config: dict
-) -> tuple[dict, dict[str, Any]]:
-  """Maps HF tensors onto the `BertClassifier` params tree (`FAMILY.convert_hf`).
-
-  Returns `(params, summary)`; summary has `converted` (count), `left_out`
-  ({name: reason}), `has_classifier`, `pooler_missing` and `notes` (lines
-  for the printed summary). Raises a ValueError naming an unsupported
-  config, any missing or unexpected tensors, or any shape mismatch.
-  """
-  config = bert_config_from_hf(hf_config)
-  name_map = hf_name_map(config)
-  params: dict = {}
-  used, left_out, unexpected, problems = set(), {}, [], []
-  for raw_name, value in tensors.items():
-    name = raw_name if raw_name in _HEAD else _canonical_name(raw_name)
-    target = name_map.get(name) or _HEAD.get(name)
-    if target is None:
-      reason = next((r for pat, r in _IGNORED if pat.search(name)), None)
-      if reason:
-        left_out[raw_name] = reason
-      else:
-        unexpected.append(raw_name)
-      continue
-    path, transpose = target
-    value = value.T if transpose else value
-    used.add(name)
-    _set(params, path, np.ascontiguousarray(value, dtype=np.float32))
-
-  missing = [n for n in name_map if n not in used]
-  # Checkpoints saved without a pooler (e.g. from BertForMaskedLM) are accepted: the
-  # pooler then keeps its fresh initialisation in the model.
-  pooler_missing = {'pooler.dense.weight', 'pooler.dense.bias'} <= set(missing)
-  if pooler_missing:
-    missing = [n for n in missing if not n.startswith('pooler.')]
-  has_head = set(_HEAD) & used
-  if len(has_head) == 1:
-    missing += sorted(set(_HEAD) - used)
-  if missing:
-    prefix = 'bert.' if any(k.startswith('bert.') for k in tensors) else ''
-    named = [n if n.startswith('classifier.') else prefix + n for n in missing]
-    problems.append(f"missing tensors: {', '.join(named)}")
-  if unexpected:
-    problems.append(f"unexpected tensors: {', '.join(sorted(unexpected))}")
-  if problems:
-    raise ValueError('Cannot convert checkpoint; ' + '; '.join(problems))
-
-  _check_shapes(params, config)
-  notes = [f"Classification head: {'yes' if has_head else 'no'}."]
-  if pooler_missing:
-    notes.append(
-        'No pooler in the checkpoint: bert/pooler stays freshly initialised.'
-    )
-  summary = {
-      'converted': len(used),
-      'left_out': left_out,
-      'has_classifier': bool(has_head),
-      'pooler_missing': pooler_missing,
-      'notes': notes,
-  }
-  return params, summary
-
-
-def _check_shapes(params: dict, config: BertConfig) -> None:
-  """Compares converted shapes with those of a freshly built model."""
-  num_outputs = (
-      params['classifier']['bias'].shape[0] if 'classifier' in params else 2
-  )
-  model = BertClassifier(config=config, num_outputs=num_outputs)
-  ids = jnp.zeros((1, 4), jnp.int32)
-  expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))[
-      'params'
-  ]
-  flat_expected = {
-      '/'.join(k.key for k in p): v.shape
-      for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]
-  }
-  bad = []
-  for p, v in jax.tree_util.tree_flatten_with_path(params)[0]:
-    name = '/'.join(k.key for k in p)
-    if flat_expected.get(name) != v.shape:
-      bad.append(
-          f'{name}: checkpoint {v.shape} vs model {flat_expected.get(name)}'
-      )
-  if bad:
-    raise ValueError(
-        'Shape mismatch between checkpoint and config: ' + '; '.join(bad)
-    )
-
-
-FAMILY = Family(
-    names=('bert',),
-    build=build_bert,
-    hf_model_types=SUPPORTED_MODEL_TYPES,
-    convert_hf=convert_hf,
-    head_regex=(r'(head|classifier)/.*',),
-    lora_targets=(r'.*attention/(query|value)',),
-    layer_regex=r'.*layer_(\d+)/.*',
-)

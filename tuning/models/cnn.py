@@ -35,9 +35,12 @@ class CNN(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     x = Dropout(self.dropout, deterministic=not train)(x)
-    logits = bf16_matmul.Dense(self.num_outputs, dtype=self.dtype, name='head')(
-        x
-    )
+    logits = nn.Dense(
+        self.num_outputs,
+        dtype=self.dtype,
+        name='head',
+        **bf16_matmul.dense_options(self.dtype),
+    )(x)
     return logits.astype(jnp.float32)
 
 

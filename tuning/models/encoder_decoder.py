@@ -34,11 +34,13 @@ Parameter tree (float32; `/`-joined paths):
 (t5 has no `bias` leaves.) `dtype` is the compute dtype: matmuls run in it;
 norms, softmax and the returned logits are float32.
 
-Decoding one token at a time uses `init_cache` (the self-attention keys and
-values of every decoder layer, written in place at `cache['index']`) and
-`cross_keys_values` (the encoder output's cross-attention keys and values,
-computed once per source). `generate` runs beam search (or greedy decoding,
-beam size 1) with them on the device; see tuning/decoding/beam_search.py.
+Decoding one token at a time passes `decode` a self-attention cache (the
+keys and values of every decoder layer, written in place at
+`cache['index']`) and `cross_keys_values` (the encoder output's
+cross-attention keys and values, computed once per source):
+tuning/decoding/encoder_decoder.py makes the cache and runs beam search with
+them. The Hugging Face side (config.json, tensor names) and the family's
+`FAMILY` declaration are tuning/models/encoder_decoder_hf.py.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -54,11 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tuning.decoding import beam_search as beam_search_lib
 from tuning.models import activations
 from tuning.platform import bf16_matmul
-from tuning.models import family as family_lib
-from tuning.models import hf_config as hf_config_lib
 from tuning.models.dropout import Dropout
 
 SHAPES = ('marian', 't5')
@@ -76,7 +74,8 @@ _NEG = float(np.finfo(np.float32).min)
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """The architecture; `config_from_hf` and `config_from_fields` fill it."""
+  """The architecture; `config_from_fields` (training from scratch) and
+  `encoder_decoder_hf.config_from_hf` (a config.json) fill it."""
 
   vocab_size: int
   shape: str = 'marian'
@@ -159,139 +158,6 @@ class Config:
   @property
   def use_bias(self) -> bool:
     return self.shape == 'marian'
-
-
-# ------------------------------------------------------------ configuration
-
-
-def config_from_hf(hf_config: dict, dropout: Optional[float] = None) -> Config:
-  """A `Config` from a Hugging Face config.json dict (marian or t5).
-
-  `dropout`, when not None, replaces the dropout rates of the file.
-  """
-  model_type = hf_config.get('model_type')
-  if model_type == 'marian':
-    config = _marian_config(hf_config)
-  elif model_type == 't5':
-    config = _t5_config(hf_config)
-  else:
-    raise ValueError(
-        f'model_type={model_type!r} is not an encoder-decoder '
-        "this module reads: use a 'marian' or 't5' config.json"
-    )
-  if dropout is not None:
-    config = dataclasses.replace(
-        config,
-        dropout=float(dropout),
-        attention_dropout=float(dropout),
-        activation_dropout=float(dropout),
-    )
-  return config
-
-
-def _marian_config(c: dict) -> Config:
-  if c.get('encoder_attention_heads', 16) != c.get(
-      'decoder_attention_heads', 16
-  ):
-    raise ValueError(
-        'encoder_attention_heads != decoder_attention_heads is '
-        'not supported: use a config with equal head counts'
-    )
-  if c.get('encoder_ffn_dim', 4096) != c.get('decoder_ffn_dim', 4096):
-    raise ValueError(
-        'encoder_ffn_dim != decoder_ffn_dim is not supported: '
-        'use a config with equal feed-forward widths'
-    )
-  vocab = c.get('vocab_size', 58101)
-  tie = c.get('tie_word_embeddings', True)
-  shared_vocab = c.get('share_encoder_decoder_embeddings', True)
-  target_vocab = (
-      vocab if shared_vocab else (c.get('decoder_vocab_size') or vocab)
-  )
-  # transformers 5 ties the encoder, decoder and output embeddings only
-  # when tie_word_embeddings is true (the output layer to the decoder's
-  # embedding when share_encoder_decoder_embeddings is false).
-  share = shared_vocab and tie
-  pad = c.get('pad_token_id', 58100)
-  eos = c.get('eos_token_id', 0)
-  eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-  start = c.get('decoder_start_token_id', 58100)
-  return Config(
-      vocab_size=vocab,
-      shape='marian',
-      d_model=c.get('d_model', 1024),
-      encoder_layers=c.get('encoder_layers', 12),
-      decoder_layers=c.get('decoder_layers', 12),
-      heads=c.get('encoder_attention_heads', 16),
-      ffn_dim=c.get('encoder_ffn_dim', 4096),
-      activation=c.get('activation_function', 'gelu'),
-      positions='sinusoidal',
-      max_positions=c.get('max_position_embeddings', 1024),
-      dropout=c.get('dropout', 0.1),
-      attention_dropout=c.get('attention_dropout', 0.0),
-      activation_dropout=c.get('activation_dropout', 0.0),
-      norm_eps=1e-5,
-      share_embeddings=share,
-      target_vocab_size=None if share else target_vocab,
-      tie_output=tie,
-      scale_embedding=c.get('scale_embedding', False),
-      scale_output=False,
-      final_logits_bias=True,
-      init_std=c.get('init_std', 0.02),
-      pad_id=pad,
-      eos_id=eos,
-      decoder_start_id=start,
-  )
-
-
-def _t5_config(c: dict) -> Config:
-  projection = c.get('feed_forward_proj', 'relu')
-  parts = projection.split('-')
-  gated = parts[0] == 'gated'
-  if len(parts) > 2 or (len(parts) == 2 and not gated):
-    raise ValueError(
-        f'feed_forward_proj={projection!r}: use ACT or '
-        'gated-ACT, e.g. relu or gated-gelu'
-    )
-  activation = 'gelu_new' if projection == 'gated-gelu' else parts[-1]
-  tie = c.get('tie_word_embeddings', True)
-  # transformers 5 always ties the output layer and saves
-  # `scale_decoder_outputs` instead; older files untie it (t5 v1.1) with
-  # tie_word_embeddings=false and then do not rescale.
-  scale = c.get('scale_decoder_outputs', tie)
-  layers = c.get('num_layers', 6)
-  eos = c.get('eos_token_id', 1)
-  eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-  pad = c.get('pad_token_id', 0)
-  start = c.get('decoder_start_token_id')
-  return Config(
-      vocab_size=c.get('vocab_size', 32128),
-      shape='t5',
-      d_model=c.get('d_model', 512),
-      encoder_layers=layers,
-      decoder_layers=c.get('num_decoder_layers') or layers,
-      heads=c.get('num_heads', 8),
-      head_dim=c.get('d_kv', 64),
-      ffn_dim=c.get('d_ff', 2048),
-      activation=activation,
-      gated=gated,
-      positions='relative',
-      relative_buckets=c.get('relative_attention_num_buckets', 32),
-      relative_max_distance=c.get('relative_attention_max_distance', 128),
-      dropout=c.get('dropout_rate', 0.1),
-      attention_dropout=c.get('dropout_rate', 0.1),
-      activation_dropout=c.get('dropout_rate', 0.1),
-      norm_eps=c.get('layer_norm_epsilon', 1e-6),
-      share_embeddings=True,
-      tie_output=tie,
-      scale_embedding=False,
-      scale_output=bool(scale),
-      final_logits_bias=False,
-      init_std=c.get('initializer_factor', 1.0),
-      pad_id=pad,
-      eos_id=eos,
-      decoder_start_id=pad if start is None else start,
-  )
 
 
 def config_from_fields(model_config, vocab_size: int) -> Config:
@@ -399,12 +265,13 @@ def _kernel_init(config: Config, fan_in: int, query: bool = False):
 def _dense(
     config: Config, features: int, fan_in: int, dtype, query: bool = False
 ) -> nn.Dense:
-  return bf16_matmul.Dense(
+  return nn.Dense(
       features,
       use_bias=config.use_bias,
       dtype=dtype,
       param_dtype=jnp.float32,
       kernel_init=_kernel_init(config, fan_in, query),
+      **bf16_matmul.dense_options(dtype),
   )
 
 
@@ -764,12 +631,13 @@ class EncoderDecoder(nn.Module):
     self.encoder = Encoder(c, self.dtype)
     self.decoder = Decoder(c, self.dtype)
     if not c.tie_output:
-      self.lm_head = bf16_matmul.Dense(
+      self.lm_head = nn.Dense(
           c.target_vocab,
           use_bias=False,
           dtype=self.dtype,
           param_dtype=jnp.float32,
           kernel_init=_kernel_init(c, c.d_model),
+          **bf16_matmul.dense_options(self.dtype),
       )
     if c.final_logits_bias:
       self.final_logits_bias = self.param(
@@ -833,9 +701,10 @@ class EncoderDecoder(nn.Module):
     `cross_keys_values` (computed once per source when decoding step by
     step). `attention_mask`: the source mask [B, S]. Without `cache` the
     T tokens are a whole (teacher-forced) target; with `cache` (from
-    `init_cache`) they sit at positions cache['index'].. and the return
-    value is (logits, updated cache); `decoder_attention_mask` (target
-    padding) applies to whole targets only.
+    tuning/decoding/encoder_decoder.py's `init_cache`) they sit at
+    positions cache['index'].. and the return value is (logits, updated
+    cache); `decoder_attention_mask` (target padding) applies to whole
+    targets only.
     """
     if not isinstance(encoded, (tuple, list)):
       encoded = self.cross_keys_values(encoded)
@@ -869,403 +738,3 @@ class EncoderDecoder(nn.Module):
         decoder_attention_mask,
         train=train,
     )
-
-
-def init_cache(model: EncoderDecoder, batch_size: int, max_length: int):
-  """An empty self-attention cache for `max_length` target positions."""
-  c = model.config
-  if c.positions != 'relative' and max_length > c.max_positions:
-    raise ValueError(
-        f"max_length={max_length} exceeds the model's "
-        f'{c.max_positions} positions: decode fewer tokens'
-    )
-  shape = (batch_size, max_length, c.heads, c.dim_per_head)
-  cache = {'index': jnp.zeros((), jnp.int32)}
-  for i in range(c.decoder_layers):
-    cache[f'layer_{i}'] = {
-        'key': jnp.zeros(shape, model.dtype),
-        'value': jnp.zeros(shape, model.dtype),
-    }
-  return cache
-
-
-# ------------------------------------------------------------ decoding
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=('model', 'beam_size', 'max_length', 'penalty_rule'),
-)
-def _generate(
-    model,
-    params,
-    input_ids,
-    attention_mask,
-    *,
-    beam_size,
-    max_length,
-    length_penalty,
-    penalty_rule,
-    early_stopping,
-    length_ratio,
-    length_offset,
-):
-  c = model.config
-  batch = input_ids.shape[0]
-  variables = {'params': params}
-  encoded = model.apply(
-      variables, input_ids, attention_mask, method=EncoderDecoder.encode
-  )
-  cross = model.apply(
-      variables, encoded, method=EncoderDecoder.cross_keys_values
-  )
-  tile = lambda x: jnp.repeat(x, beam_size, axis=0)  # noqa: E731
-  cross = jax.tree_util.tree_map(tile, cross)
-  source_mask = tile(attention_mask)
-  source_lengths = jnp.sum(attention_mask > 0, axis=1)
-  limits = jnp.floor(length_offset + length_ratio * source_lengths)
-  limits = jnp.clip(limits.astype(jnp.int32), 1, max_length)
-
-  def step(tokens, cache, index):
-    del index  # the cache holds it
-    logits, cache = model.apply(
-        variables,
-        tokens[:, None],
-        cross,
-        source_mask,
-        cache=cache,
-        method=EncoderDecoder.decode,
-    )
-    return logits[:, 0], cache
-
-  return beam_search_lib.beam_search(
-      step,
-      init_cache(model, batch * beam_size, max_length),
-      batch_size=batch,
-      beam_size=beam_size,
-      max_length=max_length,
-      start_id=c.decoder_start_id,
-      eos_id=c.eos_id,
-      pad_id=c.pad_id,
-      length_penalty=length_penalty,
-      penalty_rule=penalty_rule,
-      early_stopping=early_stopping,
-      limits=limits,
-  )
-
-
-def generate(
-    model: EncoderDecoder,
-    params,
-    input_ids,
-    attention_mask=None,
-    *,
-    beam_size: int = 4,
-    max_new_tokens: int = 64,
-    length_ratio: float = 0.0,
-    length_penalty: float = 1.0,
-    penalty_rule: str = 'transformers',
-    early_stopping=False,
-):
-  """Translates a batch on the device: beam search, greedy for beam_size=1.
-
-  Each source may produce up to floor(max_new_tokens + length_ratio *
-  source_length) tokens (source_length counts its unpadded tokens), at
-  most `max_new_tokens + length_ratio * padded length` and, with absolute
-  positions, the model's position table. Compiles once per input shape
-  and beam size (batch sources by length). Returns a
-  `beam_search.Beams`: tokens [batch, beam, max_length] (without the start
-  token, `pad_id` after EOS) and their scores, best first.
-  """
-  if attention_mask is None:
-    attention_mask = jnp.ones_like(input_ids)
-  max_length = int(
-      math.floor(max_new_tokens + length_ratio * input_ids.shape[1])
-  )
-  if model.config.positions != 'relative':
-    max_length = min(max_length, model.config.max_positions)
-  if max_length < 1:
-    raise ValueError(
-        f'max_new_tokens={max_new_tokens} and length_ratio='
-        f'{length_ratio} allow no token: raise them'
-    )
-  return _generate(
-      model,
-      params,
-      jnp.asarray(input_ids),
-      jnp.asarray(attention_mask),
-      beam_size=beam_size,
-      max_length=max_length,
-      length_penalty=float(length_penalty),
-      penalty_rule=penalty_rule,
-      early_stopping=jnp.int32(
-          beam_search_lib.early_stopping_code(early_stopping)
-      ),
-      length_ratio=float(length_ratio),
-      length_offset=float(max_new_tokens),
-  )
-
-
-# ------------------------------------------------------------ HF conversion
-
-
-def _marian_names(config: Config) -> dict[str, tuple[str, bool]]:
-  """HF tensor name -> (Flax path, transpose?) for MarianMTModel."""
-  names: dict[str, tuple[str, bool]] = {}
-  attention = {
-      'q_proj': 'query',
-      'k_proj': 'key',
-      'v_proj': 'value',
-      'out_proj': 'out',
-  }
-
-  def linear(hf, path):
-    names[f'{hf}.weight'] = (f'{path}/kernel', True)
-    names[f'{hf}.bias'] = (f'{path}/bias', False)
-
-  def norm(hf, path):
-    names[f'{hf}.weight'] = (f'{path}/scale', False)
-    names[f'{hf}.bias'] = (f'{path}/bias', False)
-
-  if config.share_embeddings:
-    names['model.shared.weight'] = ('shared/embedding', False)
-  else:
-    names['model.encoder.embed_tokens.weight'] = (
-        'source_embedding/embedding',
-        False,
-    )
-    names['model.decoder.embed_tokens.weight'] = (
-        'target_embedding/embedding',
-        False,
-    )
-  for stack, count in (
-      ('encoder', config.encoder_layers),
-      ('decoder', config.decoder_layers),
-  ):
-    for i in range(count):
-      hf, fx = f'model.{stack}.layers.{i}', f'{stack}/layer_{i}'
-      blocks = (
-          (('self_attn', 'attention'),)
-          if stack == 'encoder'
-          else (
-              ('self_attn', 'self_attention'),
-              ('encoder_attn', 'cross_attention'),
-          )
-      )
-      for hf_block, fx_block in blocks:
-        for hf_proj, fx_proj in attention.items():
-          linear(f'{hf}.{hf_block}.{hf_proj}', f'{fx}/{fx_block}/{fx_proj}')
-        norm(f'{hf}.{hf_block}_layer_norm', f'{fx}/{fx_block}_norm')
-      linear(f'{hf}.fc1', f'{fx}/mlp/wi')
-      linear(f'{hf}.fc2', f'{fx}/mlp/wo')
-      norm(f'{hf}.final_layer_norm', f'{fx}/mlp_norm')
-  names['final_logits_bias'] = ('final_logits_bias', False)
-  if not config.tie_output:
-    names['lm_head.weight'] = ('lm_head/kernel', True)
-  return names
-
-
-def _t5_names(config: Config) -> dict[str, tuple[str, bool]]:
-  """HF tensor name -> (Flax path, transpose?) for T5 (conditional LM)."""
-  names: dict[str, tuple[str, bool]] = {
-      'shared.weight': ('shared/embedding', False)
-  }
-  attention = {'q': 'query', 'k': 'key', 'v': 'value', 'o': 'out'}
-  mlp = ('wi_0', 'wi_1', 'wo') if config.gated else ('wi', 'wo')
-  for stack, count in (
-      ('encoder', config.encoder_layers),
-      ('decoder', config.decoder_layers),
-  ):
-    blocks = (
-        (('SelfAttention', 'attention'),)
-        if stack == 'encoder'
-        else (
-            ('SelfAttention', 'self_attention'),
-            ('EncDecAttention', 'cross_attention'),
-        )
-    )
-    for i in range(count):
-      hf, fx = f'{stack}.block.{i}.layer', f'{stack}/layer_{i}'
-      for j, (hf_block, fx_block) in enumerate(blocks):
-        for hf_proj, fx_proj in attention.items():
-          names[f'{hf}.{j}.{hf_block}.{hf_proj}.weight'] = (
-              f'{fx}/{fx_block}/{fx_proj}/kernel',
-              True,
-          )
-        names[f'{hf}.{j}.layer_norm.weight'] = (
-            f'{fx}/{fx_block}_norm/scale',
-            False,
-        )
-      j = len(blocks)
-      for proj in mlp:
-        names[f'{hf}.{j}.DenseReluDense.{proj}.weight'] = (
-            f'{fx}/mlp/{proj}/kernel',
-            True,
-        )
-      names[f'{hf}.{j}.layer_norm.weight'] = (f'{fx}/mlp_norm/scale', False)
-    names[
-        f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.'
-        'weight'
-    ] = (f'{stack}/relative_attention_bias/embedding', False)
-    names[f'{stack}.final_layer_norm.weight'] = (
-        f'{stack}/final_norm/scale',
-        False,
-    )
-  if not config.tie_output:
-    names['lm_head.weight'] = ('lm_head/kernel', True)
-  return names
-
-
-# Tensors a checkpoint may hold that the Flax tree does not need.
-_LEFT_OUT = (
-    (
-        r'model\.(en|de)coder\.embed_positions\.weight',
-        'sinusoidal positions, computed',
-    ),
-    (
-        r'(model\.)?(en|de)coder\.embed_tokens\.weight',
-        'copy of the shared embedding',
-    ),
-    (r'lm_head\.weight', 'tied to the target embedding'),
-    (r'model\.shared\.weight', 'unused when tie_word_embeddings is false'),
-    (
-        r'decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias'
-        r'\.weight',
-        'unused by transformers too',
-    ),
-)
-
-
-def convert_hf(
-    tensors: dict[str, np.ndarray], hf_config: dict
-) -> tuple[dict, dict]:
-  """Maps Hugging Face safetensors (by name) onto the `EncoderDecoder` tree.
-
-  Returns (params, report); report has `converted` (a count) and
-  `left_out` ({name: reason}). Raises a ValueError naming any missing or
-  unexpected tensor and any shape that does not fit the config.
-  """
-  config = config_from_hf(hf_config)
-  names = (_marian_names if config.shape == 'marian' else _t5_names)(config)
-  tensors = dict(tensors)
-  if config.shape == 'marian' and not config.share_embeddings:
-    # Files that transformers 4 saved keep only the shared table.
-    for stack in ('encoder', 'decoder'):
-      name = f'model.{stack}.embed_tokens.weight'
-      if name not in tensors and 'model.shared.weight' in tensors:
-        tensors[name] = tensors['model.shared.weight']
-  flat, left_out, unexpected = {}, {}, []
-  for name, value in tensors.items():
-    if name in names:
-      path, transpose = names[name]
-      value = np.asarray(value, np.float32)
-      if name == 'final_logits_bias':
-        value = value.reshape(-1)
-      flat[path] = np.ascontiguousarray(value.T if transpose else value)
-      continue
-    reason = next(
-        (r for pattern, r in _LEFT_OUT if re.fullmatch(pattern, name)), None
-    )
-    if reason is None:
-      unexpected.append(name)
-    else:
-      left_out[name] = reason
-  missing = sorted(n for n, (path, _) in names.items() if path not in flat)
-  if missing == ['final_logits_bias']:  # optional in transformers: zeros
-    flat['final_logits_bias'] = np.zeros((config.target_vocab,), np.float32)
-    missing = []
-  problems = []
-  if missing:
-    problems.append(f'missing tensors: {", ".join(missing)}')
-  if unexpected:
-    problems.append(f'unexpected tensors: {", ".join(sorted(unexpected))}')
-  if problems:
-    raise ValueError(
-        'cannot convert the checkpoint ('
-        + '; '.join(problems)
-        + '): check that config.json belongs to these weights'
-    )
-  _check_shapes(flat, config)
-  params = {}
-  for path, value in flat.items():
-    node = params
-    *parents, leaf = path.split('/')
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return params, {'converted': len(flat), 'left_out': left_out}
-
-
-def _check_shapes(flat: dict, config: Config) -> None:
-  model = EncoderDecoder(config)
-  ids = jnp.zeros((1, 2), jnp.int32)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), ids, ids, ids)
-  )['params']
-  expected = {
-      '/'.join(k.key for k in path): leaf.shape
-      for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]
-  }
-  bad = [
-      f'{p}: checkpoint {v.shape} vs config {expected.get(p)}'
-      for p, v in sorted(flat.items())
-      if expected.get(p) != v.shape
-  ]
-  missing = sorted(set(expected) - set(flat))
-  if bad or missing:
-    raise ValueError(
-        'the checkpoint does not fit its config.json ('
-        + '; '.join(bad + [f'{p}: missing' for p in missing])
-        + '): convert it with its own config.json'
-    )
-
-
-# ------------------------------------------------------------ the family
-
-
-def build(
-    model_config, dtype, *, num_outputs=None, vocab_size=None
-) -> EncoderDecoder:
-  """An `EncoderDecoder` from `model_config.hf_config` (a config.json path,
-  a folder holding one, or a dict) or, without it, from config fields for
-  training from scratch (see `config_from_fields`; `vocab_size` is the
-  tokenizer's). `model_config.dropout` (if set) overrides the file's."""
-  hf_config = model_config.get('hf_config', None)
-  if hf_config:
-    if not isinstance(hf_config, dict):
-      hf_config = hf_config_lib.read_hf_config(hf_config)
-    config = config_from_hf(dict(hf_config), model_config.get('dropout', None))
-    if vocab_size is not None and vocab_size > config.vocab_size:
-      raise ValueError(
-          f'the tokenizer has {vocab_size} tokens but the model '
-          f'embeds {config.vocab_size}: use its own tokenizer'
-      )
-  else:
-    if not vocab_size:
-      raise ValueError(
-          'an encoder-decoder from scratch needs the '
-          "tokenizer's vocab_size: set config.data tokenizer "
-          'fields or model.hf_config'
-      )
-    config = config_from_fields(model_config, vocab_size)
-  if num_outputs is not None and num_outputs != config.target_vocab:
-    raise ValueError(
-        f'num_outputs={num_outputs} differs from the target '
-        f'vocabulary ({config.target_vocab}): leave it None'
-    )
-  return EncoderDecoder(config, jnp.dtype(dtype))
-
-
-FAMILY = family_lib.Family(
-    names=('encoder_decoder', 'marian', 't5'),
-    build=build,
-    hf_model_types=('marian', 't5'),
-    convert_hf=convert_hf,
-    head_regex=(r'lm_head/.*', r'final_logits_bias'),
-    lora_targets=(
-        r'.*(attention|self_attention|cross_attention)/'
-        r'(query|key|value|out)',
-        r'.*mlp/(wi|wi_0|wi_1|wo)',
-    ),
-    layer_regex=r'(?:encoder|decoder)/layer_(\d+)/.*',
-)

@@ -1,10 +1,14 @@
 """What a model family declares: its builder, its Hugging Face conversion and
 its naming rules.
 
-Each family module (`mlp`, `cnn`, `recurrent`, `bert`, and the decoders and
-encoder-decoders) defines one module-level `FAMILY = Family(...)`; the
+A family without pretrained checkpoints (`mlp`, `cnn`, `recurrent`) is one
+module: its model and its `FAMILY = Family(...)`. A family that reads Hugging
+Face checkpoints is two: the model (`bert`, `decoder`, `encoder_decoder`:
+config, modules, parameter tree) and its Hugging Face side (`bert_hf`,
+`decoder_hf`, `encoder_decoder_hf`: config.json mapping, tensor-name map,
+builder and `FAMILY`), which imports the model and never the reverse. The
 registry (tuning/models/registry.py) lists the families, so adding one
-touches its own module and one registry line.
+touches its own modules and one registry line.
 """
 
 from __future__ import annotations

@@ -22,12 +22,20 @@ class MLP(nn.Module):
   def __call__(self, x, *, train: bool = False):
     x = x.reshape((x.shape[0], -1)).astype(self.dtype)
     for i, width in enumerate(self.hidden):
-      x = bf16_matmul.Dense(width, dtype=self.dtype, name=f'dense_{i}')(x)
+      x = nn.Dense(
+          width,
+          dtype=self.dtype,
+          name=f'dense_{i}',
+          **bf16_matmul.dense_options(self.dtype),
+      )(x)
       x = nn.relu(x)
       x = Dropout(self.dropout, deterministic=not train)(x)
-    logits = bf16_matmul.Dense(self.num_outputs, dtype=self.dtype, name='head')(
-        x
-    )
+    logits = nn.Dense(
+        self.num_outputs,
+        dtype=self.dtype,
+        name='head',
+        **bf16_matmul.dense_options(self.dtype),
+    )(x)
     return logits.astype(jnp.float32)
 
 

@@ -53,9 +53,12 @@ class RecurrentClassifier(nn.Module):
     mask = attention_mask[..., None] > 0
     pooled = jnp.where(mask, h, jnp.finfo(h.dtype).min).max(axis=1)
     pooled = Dropout(self.dropout, deterministic=not train)(pooled)
-    logits = bf16_matmul.Dense(self.num_outputs, dtype=self.dtype, name='head')(
-        pooled
-    )
+    logits = nn.Dense(
+        self.num_outputs,
+        dtype=self.dtype,
+        name='head',
+        **bf16_matmul.dense_options(self.dtype),
+    )(pooled)
     return logits.astype(jnp.float32)
 
 

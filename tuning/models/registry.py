@@ -1,17 +1,18 @@
 """The model families: `config.model.name` selects one, and a Hugging Face
 `config.json`'s `model_type` selects the one that converts it.
 
-Adding a family: a module exporting `FAMILY = Family(...)`
-(tuning/models/family.py) and one line in `FAMILIES`.
+Adding a family: a module exporting `FAMILY = Family(...)` (for a family
+with Hugging Face checkpoints, its `_hf` module; see tuning/models/family.py)
+and one line in `FAMILIES`.
 """
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tuning.models import bert
+from tuning.models import bert_hf
 from tuning.models import cnn
-from tuning.models import decoder
-from tuning.models import encoder_decoder
+from tuning.models import decoder_hf
+from tuning.models import encoder_decoder_hf
 from tuning.models import mlp
 from tuning.models import recurrent
 from tuning.models.family import Family
@@ -20,9 +21,9 @@ FAMILIES: tuple[Family, ...] = (
     mlp.FAMILY,
     cnn.FAMILY,
     recurrent.FAMILY,
-    bert.FAMILY,
-    decoder.FAMILY,
-    encoder_decoder.FAMILY,
+    bert_hf.FAMILY,
+    decoder_hf.FAMILY,
+    encoder_decoder_hf.FAMILY,
 )
 
 

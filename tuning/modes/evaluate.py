@@ -1,6 +1,7 @@
 """The final evaluation of a run, and `mode=eval`.
 
-The chosen checkpoint (`config.checkpoint.evaluate`: best or latest) is
+The chosen checkpoint (`config.checkpoint.evaluate`: best or latest, read
+by the one loader of finished runs, tuning/multirun/finished_run.py) is
 evaluated on the validation and test splits; the task prints its test
 report, and the figures go to `results.json` with what the run is
 (parameters, evaluation speed, the task's own entries).
@@ -15,12 +16,18 @@ from tuning.terminal import console
 from tuning.methods import lora as lora_lib
 from tuning.engine.run import Run
 from tuning.engine.run_files import write_results
+from tuning.multirun import finished_run
 
 
 def final_evaluation(run: Run) -> dict:
   """Validation and test metrics of the run's chosen checkpoint."""
   config = run.config
-  params, step = run.restore_params(config.checkpoint.evaluate)
+  params, step = finished_run.restore_run(
+      run,
+      config.checkpoint.evaluate,
+      setting='config.checkpoint.evaluate',
+      where='--workdir',
+  )
   params_placed = run.layout.place_params(params)
   validation = run.evaluate(params_placed, 'validation', step=step)
   start = time.time()  # the validation pass compiled every shape
@@ -32,7 +39,7 @@ def final_evaluation(run: Run) -> dict:
       )
   )
   extra = {}
-  if run.lora and run.lora.get('export_merged', True):
+  if run.lora and run.lora.export_merged:
     merged = lora_lib.export_merged(
         params, run.lora, os.path.join(run.workdir, 'merged')
     )

@@ -21,14 +21,14 @@ from tuning.config import checks as config_checks
 from tuning.terminal import console
 from tuning.engine import workdir_lock
 from tuning.tasks.registry import task_class
-from tuning.config.defaults import merge_into
+from tuning.config.defaults import FIELD, merge_into
 from tuning.multirun.ensemble import evaluate_ensemble
 from tuning.modes.evaluate import evaluate_checkpoint
 from tuning.engine.run_files import write_config
 from tuning.multirun.soup import make_soup
 from tuning.modes.train import train_and_evaluate
 
-MODES = ('train', 'eval', 'ensemble', 'soup')
+MODES = FIELD['mode'].allowed.choices  # tuning/config/defaults.py
 
 
 def stage_config(config, stage: str, workdir: str):

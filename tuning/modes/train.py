@@ -129,7 +129,7 @@ def _setup(run: Run) -> _Training:
         f'config.training.batch_size={batch_size} must be '
         f'divisible by {where}'
     )
-  accumulation = int(config.training.get('accumulation_steps', 1) or 1)
+  accumulation = config.training.accumulation_steps
   if accumulation < 1 or batch_size % (jax.device_count() * accumulation):
     raise ValueError(
         f'config.training.batch_size={batch_size} must be '
@@ -138,7 +138,7 @@ def _setup(run: Run) -> _Training:
     )
   ema_lib.check_config(config.training)
   teacher, train_table = None, run.data.train
-  if distillation.enabled(config.get('distill')):
+  if distillation.enabled(config.distill):
     distillation.check_student_task(run.task)
     teacher = distillation.Teacher(config.distill)
     train_table, log = distillation.student_training_table(
@@ -154,7 +154,7 @@ def _setup(run: Run) -> _Training:
       run.buckets,
       jax.process_index(),
       jax.process_count(),
-      group_by_length=int(config.data.get('group_by_length', 0) or 0),
+      group_by_length=config.data.group_by_length,
   )
   total, eval_every, checkpoint_every, warmup = _resolve_schedule(
       config, stream.steps_per_epoch
@@ -176,8 +176,8 @@ def _setup(run: Run) -> _Training:
   new_state = lambda p: initial_state(  # pylint: disable=unnecessary-lambda-assignment
       p,
       tx,
-      ema=config.training.get('ema_decay') is not None,
-      count_skipped=config.training.get('on_nonfinite') == 'skip',
+      ema=config.training.ema_decay is not None,
+      count_skipped=config.training.on_nonfinite == 'skip',
   )
   latest = run.checkpoints.latest_step()
   if latest is not None:
@@ -239,25 +239,15 @@ def _compile_step(run: Run, training: _Training):
           run.model,
           training.tx,
           training.schedule,
-          config.seed,
+          config,
+          task=run.task,
+          layout=run.layout,
           trainable=trainable_mask(
               training.params, config.optimizer, run.lora, naming=run.naming
           ),
-          accumulation_steps=training.accumulation,
-          on_nonfinite=config.training.get('on_nonfinite', 'stop'),
-          ema_decay=config.training.get('ema_decay'),
-          prng_impl=config.training.get('prng_impl', 'hash'),
-          dropout_keys=config.training.get('dropout_keys', 'per_example'),
-          sum_over_devices=run.layout.sum_over_devices,
-          batch_shards=run.layout.batch_shards,
-          update_on_device_axis=run.layout.update_on_device_axis,
-          loss_fn=(
-              distillation.make_loss_fn(config.distill)
-              if teacher
-              else run.task.loss
-          ),
-          loss_weight=run.task.loss_weight,
-          inputs_of=run.task.inputs,
+          loss_fn=distillation.make_loss_fn(config.distill)
+          if teacher
+          else None,
           teacher_model=teacher.members.runs[0].model
           if in_step_teacher
           else None,
@@ -283,7 +273,7 @@ def _loop(
 ) -> dict:
   """Trains to `training.total` steps (or early stopping, or SIGTERM)."""
   config, stream, total = run.config, training.stream, training.total
-  patience = config.training.get('early_stopping_patience')
+  patience = config.training.early_stopping_patience
   stopper = (
       EarlyStopping(patience, run.best_metric, run.best_mode)
       if patience
@@ -303,7 +293,7 @@ def _loop(
   history, stopped_at = [], None
   if stopper and first_step:
     stopper.replay(run.workdir, first_step)
-  if first_step == 0 and config.training.get('eval_at_start'):
+  if first_step == 0 and config.training.eval_at_start:
     history.append(_evaluate_at_start(run, state, writer, start_time))
   try:
     for step in range(first_step, total):
@@ -330,9 +320,7 @@ def _loop(
       evaluate_now = done % training.eval_every == 0 or done == total
       if evaluate_now:
         val = run.evaluate(
-            state.ema_params
-            if config.training.get('evaluate_ema')
-            else state.params,
+            state.ema_params if config.training.evaluate_ema else state.params,
             'validation',
             step=done,
         )
@@ -380,7 +368,7 @@ def _evaluate_at_start(run: Run, state, writer, start_time: float) -> dict:
   logged as step 0; not a checkpoint, and early stopping ignores it."""
   config = run.config
   val = run.evaluate(
-      state.ema_params if config.training.get('evaluate_ema') else state.params,
+      state.ema_params if config.training.evaluate_ema else state.params,
       'validation',
   )
   scalars = run.task.scalars(val)
@@ -464,13 +452,13 @@ def _methods_line(
         f'gradient accumulation {accumulation} x '
         f'{batch_size // accumulation} examples per optimizer step'
     )
-  parts.append(f'non-finite loss/gradients: {training.get("on_nonfinite")}')
-  if training.get('ema_decay') is not None:
+  parts.append(f'non-finite loss/gradients: {training.on_nonfinite}')
+  if training.ema_decay is not None:
     parts.append(
         f'EMA decay {training.ema_decay} (evaluated: '
-        f'{"EMA" if training.get("evaluate_ema") else "raw"} params)'
+        f'{"EMA" if training.evaluate_ema else "raw"} params)'
     )
-  if training.get('early_stopping_patience'):
+  if training.early_stopping_patience:
     parts.append(
         f'early stopping after {training.early_stopping_patience} '
         f'evaluations without a better {best_metric}'
@@ -486,7 +474,7 @@ def _hms(seconds: float) -> str:
 def _log_samples(run, params, step: int):
   """The task's samples at an evaluation: printed and appended to
   WORKDIR/samples.jsonl (only where the task makes any)."""
-  if not run.config.training.get('samples', 0):
+  if not run.config.training.samples:
     return
   plain = run.plain_model_params(params)
   samples = plain and run.task.samples(*plain)

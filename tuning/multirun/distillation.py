@@ -47,7 +47,7 @@ TEACHER_PREFIX = 'teacher/'
 
 
 def enabled(distill_config) -> bool:
-  return bool(distill_config is not None and distill_config.get('teacher'))
+  return bool(distill_config is not None and distill_config.teacher)
 
 
 def check_config(distill_config):
@@ -221,7 +221,12 @@ class Teacher:
   def __init__(self, distill_config):
     check_config(distill_config)
     self.config = distill_config
-    self.members = Members(tuple(distill_config.teacher), 'best')
+    self.members = Members(
+        tuple(distill_config.teacher),
+        'best',
+        named_by='config.distill.teacher',
+        chosen_by='the best checkpoint of each teacher',
+    )
     self.num_parameters = sum(
         int(np.size(x)) for p in self.members.params for x in jax.tree.leaves(p)
     )

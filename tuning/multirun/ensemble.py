@@ -72,7 +72,12 @@ def combination_metrics(
 def evaluate_ensemble(config, workdir: str) -> dict:
   """`mode='ensemble'`: members and their combinations on validation/test."""
   start = time.time()
-  members = Members(tuple(config.ensemble.members), config.ensemble.checkpoint)
+  members = Members(
+      tuple(config.ensemble.members),
+      config.ensemble.checkpoint,
+      named_by='config.ensemble.members',
+      chosen_by='config.ensemble.checkpoint',
+  )
   if members.task.name != 'classification':
     raise EnsembleError(
         f'ensembles combine class probabilities; the members'

@@ -1,9 +1,19 @@
-"""Loading finished runs: their config, data, model and chosen parameters.
+"""Finished runs read back: the one loader of a trained run.
 
-Used wherever a trained run is read back: ensembles and soups (members),
-distillation (teachers), generation from a causal_lm run (`restore_decoder`,
-which reads no data). A run's `config.json` is merged onto today's
-`base_config()`, so runs written before a field existed get its default.
+Every reader of a run's work directory goes through here: `mode=eval`
+(tuning/modes/evaluate.py), ensembles and soups (their members),
+distillation (its teachers), `python -m tuning.generate` and
+`python -m tuning.translate`. Reading a run is four steps:
+  - its `config.json` merged onto today's `base_config()` (`run_config`),
+    so that a run written before a field existed gets its default;
+  - a checkpoint chosen: best, latest or a step number (`choose_step`; a
+    best/latest checkpoint whose files fail their checksums is moved aside
+    and the newest one that reads is taken, as when training resumes);
+  - its parameters restored against an explicit target (`restore`), the
+    EMA parameters where the run evaluated with them
+    (`training.evaluate_ema`);
+  - LoRA adapters merged into the kernels where the run trained them
+    (`load_model`, for the commands that read a run without its data).
 """
 
 from __future__ import annotations
@@ -17,17 +27,39 @@ from ml_collections import config_dict
 
 from tuning.methods import ema as ema_lib
 from tuning.methods import lora as lora_lib
-from tuning.engine.checkpoints import load_pretrained_params, run_checkpoint_dir
+from tuning.engine.checkpoints import RunCheckpoints, load_pretrained_params
 from tuning.data.datasets import build_datasets
 from tuning.config.defaults import merged_onto_defaults
-from tuning.models.registry import build_model
 from tuning.methods.naming import naming_rules
 from tuning.engine.run import Run
 from tuning.tasks.registry import task_class
 
+# What chooses a run's checkpoint besides a step number.
+WHICH = ('best', 'latest')
+
 
 class FinishedRunError(ValueError):
   """Runs that cannot be loaded or combined, worded for the user."""
+
+
+def is_run_workdir(path: str) -> bool:
+  """A run's work directory: a folder with a checkpoints/ folder or a
+  config.json that a run wrote (with `model` and `training` sections), and
+  no params/ folder (a converted model's, whose config.json is Hugging
+  Face's)."""
+  if not os.path.isdir(path) or os.path.isdir(os.path.join(path, 'params')):
+    return False
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return True
+  config_file = os.path.join(path, 'config.json')
+  if not os.path.isfile(config_file):
+    return False
+  try:
+    with open(config_file, encoding='utf-8') as f:
+      values = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(values, dict) and {'model', 'training'} <= set(values)
 
 
 def run_config(workdir: str) -> config_dict.ConfigDict:
@@ -43,17 +75,142 @@ def run_config(workdir: str) -> config_dict.ConfigDict:
       values = json.load(f)
     except json.JSONDecodeError as e:
       raise FinishedRunError(
-          f'{path} is not valid JSON ({e}): give the work '
+          f'{path} is not valid JSON ({e}): give the '
           'work directory of a trained run'
       ) from None
   config = merged_onto_defaults(values)
-  if config.get('stages'):
+  if config.stages:
     raise FinishedRunError(
         f'{workdir} is a multi-stage experiment: name one of its stages '
         f'({", ".join(config.stages)}), e.g. '
         f'{os.path.join(workdir, config.stages[0])}'
     )
   return config
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+  """The steps of the checkpoints in a run's checkpoints/ folder."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _no_checkpoint(directory: str, where: str) -> FinishedRunError:
+  again = 'train first' if where == '--workdir' else 'train it first'
+  return FinishedRunError(
+      f'no checkpoint in {directory}: {again}, or point {where} at a '
+      'finished run'
+  )
+
+
+def choose_step(
+    checkpoints: RunCheckpoints,
+    which,
+    setting: str = '--step',
+    where: str = '--checkpoint',
+) -> int:
+  """The step of a run's `which` checkpoint: 'best', 'latest' or a step
+  number. `setting` names what chose it and `where` what named the run, for
+  the error that says how to fix either."""
+  steps = checkpoint_steps(checkpoints.directory)
+  if not steps:
+    raise _no_checkpoint(checkpoints.directory, where)
+  if isinstance(which, str) and which in WHICH:
+    return checkpoints.verified_step(which)
+  if not isinstance(which, int) or isinstance(which, bool):
+    raise FinishedRunError(
+        f'{setting}={which!r}: use best, latest or a step number'
+    )
+  if which not in steps:
+    raise FinishedRunError(
+        f'no checkpoint step {which} in {checkpoints.directory} (steps '
+        f'there: {", ".join(map(str, steps))}): set {setting} to one of '
+        'them, best or latest'
+    )
+  return which
+
+
+def restore(
+    workdir: str,
+    config,
+    target,
+    which='best',
+    *,
+    checkpoints: RunCheckpoints | None = None,
+    setting: str = '--step',
+    where: str = '--checkpoint',
+):
+  """(params, step): the run's `which` checkpoint restored against `target`
+  (host arrays of the run's model; a missing or reshaped parameter is an
+  error), the EMA parameters where the run evaluated with them. LoRA
+  adapters stay as trained (see `load_model`). `checkpoints`: the run's
+  own manager (a Run's), else one is opened read-only here."""
+  own = checkpoints is None
+  if own:
+    directory = os.path.join(workdir, 'checkpoints')
+    if not checkpoint_steps(directory):
+      raise _no_checkpoint(directory, where)
+    checkpoints = RunCheckpoints(
+        directory,
+        config.checkpoint.best_metric or None,
+        config.checkpoint.best_mode or None,
+        read_only=True,
+    )
+  try:
+    step = choose_step(checkpoints, which, setting, where)
+    params, _ = load_pretrained_params(checkpoints.directory, target, step=step)
+  finally:
+    if own:
+      checkpoints.close()
+  if config.training.evaluate_ema:
+    params = ema_lib.load_ema_params(checkpoints.directory, step, params)
+  return params, step
+
+
+def restore_run(
+    run: Run,
+    which='best',
+    *,
+    setting: str = '--step',
+    where: str = '--checkpoint',
+):
+  """(params, step) of a Run's `which` checkpoint, against its model's
+  parameters (`restore`)."""
+  return restore(
+      run.workdir,
+      run.config,
+      run.init_params(),
+      which,
+      checkpoints=run.checkpoints,
+      setting=setting,
+      where=where,
+  )
+
+
+def load_model(
+    workdir: str,
+    config,
+    model,
+    init,
+    which='best',
+    *,
+    setting: str = '--step',
+):
+  """(plain model, host params, step) of a finished run read without its
+  data. `model`: the run's model built from `config` (its `run_config`);
+  `init(model, key)`: the model's init call on a small example, which
+  gives the restore target's shapes. LoRA adapters (where the run trained
+  them) are merged into the kernels and the plain model returned."""
+  lora = config.lora if lora_lib.enabled(config.lora) else None
+  if lora:
+    model = lora_lib.LoraModel(model, lora, naming=naming_rules(config))
+  shapes = jax.eval_shape(lambda: init(model, jax.random.key(0)))['params']
+  # np.empty does not touch memory until the restore writes it.
+  target = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), shapes)
+  params, step = restore(workdir, config, target, which, setting=setting)
+  if lora:
+    return model.model, lora_lib.merge(params, lora), step
+  return model, params, step
 
 
 def _short_names(workdirs: list[str]) -> list[str]:
@@ -69,7 +226,16 @@ class Members:
   """Finished runs with their restored parameters; data built once per
   distinct data config."""
 
-  def __init__(self, workdirs, checkpoint: str = 'best'):
+  def __init__(
+      self,
+      workdirs,
+      checkpoint: str = 'best',
+      named_by: str = 'config.ensemble.members',
+      chosen_by: str = 'config.ensemble.checkpoint',
+  ):
+    """`checkpoint`: best or latest, in every member; `named_by` and
+    `chosen_by`: the config fields that named the runs and chose their
+    checkpoint (for errors)."""
     if len(workdirs) < 1:
       raise FinishedRunError(
           'no members: set config.ensemble.members (or '
@@ -90,7 +256,9 @@ class Members:
         )
       run = Run(config, workdir, data=data_cache[key])
       try:
-        params, step = run.restore_params(checkpoint)
+        params, step = restore_run(
+            run, checkpoint, setting=chosen_by, where=named_by
+        )
       finally:
         run.checkpoints.close()
       self.runs.append(run)
@@ -143,45 +311,3 @@ class Members:
         )
       outputs.append(member_outputs)
     return outputs, labels
-
-
-def restore_decoder(workdir: str, which='best', dtype: str | None = None):
-  """(plain decoder, host params, run config, step) of a finished causal_lm
-  run, read without its data: the `which` checkpoint ('best', 'latest' or a
-  step), EMA parameters where the run evaluated with them, LoRA adapters
-  merged into the kernels. `dtype`: the compute dtype (None: the run's)."""
-  config = run_config(workdir)
-  if config.get('task') != 'causal_lm':
-    raise FinishedRunError(
-        f'{workdir} is a {config.get("task")} run: generation needs a '
-        'causal_lm run (config.task=causal_lm with a decoder)'
-    )
-  if run_checkpoint_dir(workdir) is None:
-    raise FinishedRunError(
-        f'no checkpoint in {os.path.join(workdir, "checkpoints")}: the run '
-        'has not saved one yet (train it first, or give another work '
-        'directory)'
-    )
-  task = task_class(config.task)(config, None)
-  model = build_model(config.model, dtype or config.dtype, **task.model_dims())
-  lora = config.lora if lora_lib.enabled(config.get('lora')) else None
-  if lora:
-    model = lora_lib.LoraModel(model, lora, naming=naming_rules(config))
-  example = np.zeros((1, 8), np.int32)
-  shapes = jax.eval_shape(
-      lambda: model.init(
-          {'params': jax.random.key(0)},
-          input_ids=example,
-          attention_mask=np.ones_like(example),
-          train=False,
-      )
-  )['params']
-  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  params, report = load_pretrained_params(workdir, target, step=which)
-  if config.training.get('evaluate_ema', False):
-    params = ema_lib.load_ema_params(
-        run_checkpoint_dir(workdir), report['step'], params
-    )
-  if lora:
-    return model.model, lora_lib.merge(params, lora), config, report['step']
-  return model, params, config, report['step']

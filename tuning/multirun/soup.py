@@ -34,11 +34,16 @@ import jax
 import numpy as np
 
 from tuning.terminal import console
-from tuning.engine.checkpoints import RunCheckpoints, load_pretrained_params
+from tuning.engine.checkpoints import RunCheckpoints
 from tuning.data.pipeline import TrainStream
-from tuning.methods.ema import load_ema_params
 from tuning.multirun.ensemble import EnsembleError, metrics_table
-from tuning.multirun.finished_run import FinishedRunError, Members, run_config
+from tuning.multirun.finished_run import (
+    FinishedRunError,
+    Members,
+    checkpoint_steps,
+    restore,
+    run_config,
+)
 from tuning.methods.optimizers import build_optimizer, parameter_paths
 from tuning.engine.run import Run
 from tuning.engine.run_files import write_config, write_results
@@ -80,7 +85,7 @@ def greedy_order(accuracies: list[float]) -> list[int]:
 def make_soup(config, workdir: str) -> dict:
   """`mode='soup'`: averages the members (or the last checkpoints of
   `soup.run`) and writes the chosen soup."""
-  if config.soup.get('run'):
+  if config.soup.run:
     return average_last_checkpoints(config, workdir)
   start = time.time()
   if config.soup.method not in METHODS:
@@ -94,7 +99,12 @@ def make_soup(config, workdir: str) -> dict:
         f'the soup work directory {workdir} is one of its '
         'members: give the soup a directory of its own'
     )
-  members = Members(tuple(config.soup.members), config.soup.checkpoint)
+  members = Members(
+      tuple(config.soup.members),
+      config.soup.checkpoint,
+      named_by='config.soup.members',
+      chosen_by='config.soup.checkpoint',
+  )
   check_same_architecture(members.names, members.params)
   for name, run in zip(members.names, members.runs):
     if run.lora:
@@ -195,8 +205,8 @@ def write_checkpoint(run, params, workdir: str, validation: dict):
   state = initial_state(
       params,
       tx,
-      ema=config.training.get('ema_decay') is not None,
-      count_skipped=config.training.get('on_nonfinite') == 'skip',
+      ema=config.training.ema_decay is not None,
+      count_skipped=config.training.on_nonfinite == 'skip',
   )
   stream = TrainStream(
       run.data.train,
@@ -218,13 +228,7 @@ def write_checkpoint(run, params, workdir: str, validation: dict):
 def last_steps(checkpoint_dir: str, count: int, keep: int) -> list[int]:
   """The `count` latest checkpoint steps in a run's checkpoints folder;
   FinishedRunError unless the run kept that many (`keep` latest)."""
-  steps = sorted(
-      int(name)
-      for name in (
-          os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else ()
-      )
-      if name.isdigit()
-  )
+  steps = checkpoint_steps(checkpoint_dir)
   if count > keep:
     raise FinishedRunError(
         f'config.soup.last_checkpoints={count} but the run kept only its '
@@ -246,7 +250,7 @@ def average_last_checkpoints(config, workdir: str) -> dict:
   """`mode='soup'` with `soup.run`: the mean of its last N checkpoints."""
   start = time.time()
   source = os.path.abspath(config.soup.run)
-  count = config.soup.get('last_checkpoints')
+  count = config.soup.last_checkpoints
   if not isinstance(count, int) or count < 1:
     raise ValueError(
         f'config.soup.last_checkpoints={count!r}: set how many of the '
@@ -259,7 +263,7 @@ def average_last_checkpoints(config, workdir: str) -> dict:
         'the soup a directory of its own'
     )
   member_config = run_config(source)
-  if member_config.get('lora') and member_config.lora.get('rank', 0):
+  if member_config.lora.rank:
     raise EnsembleError(
         f'{source} trained LoRA adapters: averaging A and B factors is not '
         'averaging the weights; average runs without LoRA'
@@ -267,19 +271,23 @@ def average_last_checkpoints(config, workdir: str) -> dict:
   steps = last_steps(
       os.path.join(source, 'checkpoints'),
       count,
-      member_config.checkpoint.get('keep', 1),
+      member_config.checkpoint.keep,
   )
   run = Run(member_config, source)
   try:
     target = run.init_params()
-    trees = []
-    for step in steps:
-      params, _ = load_pretrained_params(
-          run.checkpoints.directory, target, step=step
-      )
-      if member_config.training.get('evaluate_ema', False):
-        params = load_ema_params(run.checkpoints.directory, step, params)
-      trees.append(params)
+    trees = [
+        restore(
+            source,
+            member_config,
+            target,
+            step,
+            checkpoints=run.checkpoints,
+            setting='config.soup.last_checkpoints',
+            where='config.soup.run',
+        )[0]
+        for step in steps
+    ]
   finally:
     run.checkpoints.close()
   averaged = average(trees)

@@ -23,17 +23,23 @@ one rounding to bfloat16, and its gradient is summed in float32 (under
 autodiff of a bfloat16 add, XLA sums it in bfloat16 through a slow
 reduce-window). The weight and bias gradients come back in float32.
 
-`Dense` is `flax.linen.Dense` (same parameters, same names; LoRA's
-interceptor sees an `nn.Dense`) that uses `dense` when its dtype is
-bfloat16.
+The models use plain `flax.linen.Dense`; `dense_options(dtype)` gives the
+keyword arguments that route one through `dense` (its `promote_dtype` and
+`dot_general`), only where tuning/platform/backend.py says the XLA:CPU
+workarounds apply (the CPU backend) and the dtype is bfloat16; elsewhere
+it gives none, so GPU and TPU run flax's own Dense, and float32 runs too.
+`tied_logits` chooses the same way.
 """
 
 from __future__ import annotations
 
-import flax.linen as nn
+from typing import NamedTuple
+
 import jax
 from jax import lax
 import jax.numpy as jnp
+
+from tuning.platform import backend
 
 _F32 = jnp.float32
 _BF16 = jnp.bfloat16
@@ -130,10 +136,19 @@ _tied_logits.defvjp(_tied_forward, _tied_backward)
 def tied_logits(x, embedding, dtype):
   """x [..., D] @ embedding.T ([V, D], an input embedding table used as the
   output layer), computed in `dtype`, returned in float32. For bfloat16 the
-  dots run on the bfloat16 kernels forward and backward (as `dense`), and
-  the logits keep their float32 accumulation instead of being rounded."""
+  logits keep their float32 accumulation instead of being rounded, and on
+  XLA:CPU (`backend.cpu_workarounds()`) the dots run on the bfloat16
+  kernels forward and backward (as `dense`); elsewhere they are one plain
+  dot and its autodiff."""
   if jnp.dtype(dtype) == _BF16:
-    return _tied_logits(x, embedding)
+    if backend.cpu_workarounds():
+      return _tied_logits(x, embedding)
+    return lax.dot_general(
+        x.astype(_BF16),
+        embedding.astype(_BF16),
+        (((x.ndim - 1,), (1,)), ((), ())),
+        preferred_element_type=_F32,
+    )
   return lax.dot_general(
       x.astype(dtype),
       embedding.astype(dtype),
@@ -141,39 +156,50 @@ def tied_logits(x, embedding, dtype):
   ).astype(_F32)
 
 
-class Dense(nn.Dense):
-  """`nn.Dense`; with `dtype=bfloat16`, its matmul and bias run through
-  `dense` (bfloat16 kernels forward and backward, float32 gradients).
+class KernelAndBias(NamedTuple):
+  """A Dense layer's float32 kernel and bias, handed to its `dot_general`
+  together (`dense_options`)."""
 
-  (It does not call `nn.Dense.__call__`: a method interceptor, as LoRA's,
-  would then see two calls.)"""
+  kernel: jax.Array
+  bias: jax.Array
 
-  @nn.compact
-  def __call__(self, inputs):
-    kernel = self.param(
-        'kernel',
-        self.kernel_init,
-        (jnp.shape(inputs)[-1], self.features),
-        self.param_dtype,
+
+def _promote_for_dense(inputs, kernel, bias, *, dtype=None):
+  """`flax.linen.Dense`'s `promote_dtype` for `dense`: nothing is cast here
+  (`dense` casts to bfloat16 inside its custom VJP, so the kernel and bias
+  gradients come back in float32), and the bias goes to the dot with the
+  kernel, to be added to the float32 accumulator before the one rounding
+  (flax would add it after, in bfloat16). Flax then adds no bias of its
+  own (it gets None)."""
+  del dtype
+  if bias is None:
+    bias = jnp.zeros((kernel.shape[-1],), _F32)
+  return inputs, KernelAndBias(kernel, bias), None
+
+
+def _dense_dot_general(inputs, kernel_and_bias, dimension_numbers, **unused):
+  """`flax.linen.Dense`'s `dot_general` for `dense` (after
+  `_promote_for_dense`): Dense's contraction of the inputs' last axis
+  with the kernel's first."""
+  del unused  # precision: `dense` fixes its own
+  if dimension_numbers != (((inputs.ndim - 1,), (0,)), ((), ())):
+    raise ValueError(
+        f"bf16_matmul: a Dense dot_general with {dimension_numbers}; "
+        "expected the last input axis against the kernel's first"
     )
-    bias = (
-        self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-        if self.use_bias
-        else None
-    )
-    if self.dtype is not None and jnp.dtype(self.dtype) == _BF16:
-      if bias is None:
-        bias = jnp.zeros((self.features,), _F32)
-      return dense(inputs, kernel, bias)
-    inputs, kernel, bias = self.promote_dtype(
-        inputs, kernel, bias, dtype=self.dtype
-    )
-    y = lax.dot_general(
-        inputs,
-        kernel,
-        (((inputs.ndim - 1,), (0,)), ((), ())),
-        precision=self.precision,
-    )
-    if bias is not None:
-      y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return y
+  return dense(inputs, *kernel_and_bias)
+
+
+def dense_options(dtype) -> dict:
+  """Keyword arguments for `flax.linen.Dense(..., dtype=dtype,
+  **dense_options(dtype))`: for bfloat16 compute where the XLA:CPU
+  workarounds apply (`backend.cpu_workarounds()`), the `promote_dtype` and
+  `dot_general` that run the layer through `dense`; else none (flax's own
+  Dense). Call it where the layer is built (at trace time)."""
+  if (
+      dtype is None
+      or jnp.dtype(dtype) != _BF16
+      or not backend.cpu_workarounds()
+  ):
+    return {}
+  return dict(promote_dtype=_promote_for_dense, dot_general=_dense_dot_general)

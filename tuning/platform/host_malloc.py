@@ -26,17 +26,19 @@ until it exits, so the resident size stays at its peak, and that peak
 varies from run to run: 10 float32 MiniLM steps (32 x 128) peaked at
 2,394 or 3,580 MiB over six runs (2,511-2,517 with glibc's settings), 10
 bfloat16 ones at 2,456-4,920 (2,527-2,572), where PyTorch's stayed at
-2,124-2,197 (benchmarks/peak_memory.py). `host_malloc='default'` is the
+2,124-2,197 (benchmarks/peak_memory.py). `--malloc=default` is the
 choice where memory is tight;
 and compiling under one arena is slower: the quickstart, a 30 s run that
 is mostly compilation, took 31-35 s against 29-30 s (four runs).
 
 glibc reads GLIBC_TUNABLES once, when a program starts, so main.py calls
-`restart_with_tunables` first thing: it starts the same command again in
-the same process (`os.execv`, same pid) with the variable set. Nothing
-happens where GLIBC_TUNABLES is already set (by the user, or by that
-restart), off Linux/glibc, or with `--config.host_malloc=default` on the
-command line.
+`restart_with_tunables` first thing (through
+tuning/platform/process_flags.py, from its `--malloc` flag; 'tuned' unless
+given): it starts the same command again in the same process (`os.execv`,
+same pid) with the variable set. Nothing happens where GLIBC_TUNABLES is
+already set (by the user, or by that restart), off Linux/glibc, or with
+`--malloc=default`. The benchmarks take the same `--malloc` flag
+(`add_benchmark_flag`, `choice_from_argv`).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ TUNABLES = ':'.join(
 _VARIABLE = 'GLIBC_TUNABLES'
 
 
-def choice_from_argv(argv, flag: str = '--config.host_malloc') -> str:
+def choice_from_argv(argv, flag: str = '--malloc') -> str:
   """The value of `flag` in argv ('tuned' when absent)."""
   for arg in argv:
     if arg.startswith(f'{flag}='):

@@ -18,15 +18,16 @@ measured as fast as Eigen's or faster (MiniLM training at length 16: 135
 vs 109 ex/s; at 128: 17.9 vs 16.7; one process each): Eigen stays the
 float32 default for its rounding; `ynnpack` takes the speed.
 
-So `config.xla_cpu_dots='auto'` (the default) turns YNNPACK's fusions off
+So `--xla_cpu_dots=auto` (the default; a flag of main.py and the
+commands, tuning/platform/process_flags.py) turns YNNPACK's fusions off
 for float32 runs and leaves them on for bfloat16; 'eigen' and 'ynnpack'
 force either. XLA reads its flags once, when JAX's backend starts, so
 `choose` must run before anything touches a device: main.py calls it from
-its command line before loading the config and again with the config's
-values (a config whose loading started JAX keeps the first choice, with a
-note), the generate and translate commands and the tests call it first. A
-choice already made in XLA_FLAGS by the user is left alone. Other
-platforms ignore the flag.
+its command line before loading the config (with `--config.dtype` if
+given) and again with the loaded config's dtype (`choose_for_dtype`; a
+config whose loading started JAX keeps the first choice, with a note),
+the other commands and the tests call it first. A choice already made in
+XLA_FLAGS by the user is left alone. Other platforms ignore the flag.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def wanted(dots: str = 'auto', dtype: str = 'float32') -> str:
   """'eigen' or 'ynnpack' for a run computing in `dtype`."""
   if dots not in CHOICES:
     raise ValueError(
-        f'unknown xla_cpu_dots={dots!r}: use one of {", ".join(CHOICES)}'
+        f'unknown --xla_cpu_dots={dots!r}: use one of {", ".join(CHOICES)}'
     )
   if dots == 'auto':
     return 'ynnpack' if dtype == 'bfloat16' else 'eigen'
@@ -71,19 +72,14 @@ def choose(dots: str = 'auto', dtype: str = 'float32') -> str:
   return choice
 
 
-def choose_from_argv(argv) -> str:
-  """`choose` from `--config.xla_cpu_dots=` and `--config.dtype=` in argv
-  (before the config file is loaded: loading one may start JAX, e.g. to
-  convert a checkpoint)."""
-  values = {'dots': 'auto', 'dtype': 'float32'}
+def dtype_in_argv(argv, default: str = 'float32') -> str:
+  """The value of `--config.dtype=` in argv (main.py's dtype before its
+  config file is loaded: loading one may start JAX, e.g. to convert a
+  checkpoint)."""
   for arg in argv:
-    for key, field in (('dots', 'xla_cpu_dots'), ('dtype', 'dtype')):
-      if arg.startswith(f'--config.{field}='):
-        values[key] = arg.split('=', 1)[1]
-  try:
-    return choose(values['dots'], values['dtype'])
-  except ValueError:
-    return 'auto'  # the config check names the bad value
+    if arg.startswith('--config.dtype='):
+      return arg.split('=', 1)[1]
+  return default
 
 
 def backend_started() -> bool:
@@ -96,20 +92,20 @@ def backend_started() -> bool:
     return False
 
 
-def choose_for_config(config, first: str) -> str | None:
-  """`choose` for a loaded config's `xla_cpu_dots` and `dtype`, where JAX
-  has not started yet; else, where `first` (the choice made from the
-  command line) differs from the config's, the note to print."""
+def choose_for_dtype(dots: str, dtype: str, first: str) -> str | None:
+  """`choose(dots, dtype)` for a loaded config's dtype, where JAX has not
+  started yet; else, where `first` (the choice made from the command line)
+  differs from that one, the note to print."""
   try:
-    dots = wanted(config.get('xla_cpu_dots', 'auto'), config.dtype)
+    wanted_now = wanted(dots, dtype)
   except ValueError:
-    return None  # the config check names the bad value
+    return None  # the config check names the bad dtype
   if not backend_started():
-    choose(dots)
-  elif first not in (dots, 'XLA_FLAGS'):
+    choose(wanted_now)
+  elif first not in (wanted_now, 'XLA_FLAGS'):
     return (
         f'note: JAX started while the config loaded, so XLA:CPU dots use '
-        f'{first} this run, not {dots} (give --config.xla_cpu_dots=... on '
-        'the command line to choose)'
+        f'{first} this run, not {wanted_now} (give --config.dtype=... or '
+        f'--xla_cpu_dots={wanted_now} on the command line to choose)'
     )
   return None

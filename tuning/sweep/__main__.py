@@ -1,8 +1,8 @@
-"""`python -m tuning.sweep`: the command lives in tuning/sweep/runner.py."""
+"""`python -m tuning.sweep`: the command lives in tuning/cli/sweep.py."""
 
 import sys
 
-from tuning.sweep import runner
+from tuning.cli import sweep
 
 if __name__ == '__main__':
-  sys.exit(runner.main(sys.argv[1:]))
+  sys.exit(sweep.main())

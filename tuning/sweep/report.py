@@ -9,12 +9,14 @@ report.md and report.png (the metric against each swept hyperparameter).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 
 import optuna
 
 from tuning.sweep import space as sweep_space
+from tuning.sweep import study as sweep_study
 
 STATES = {
     optuna.trial.TrialState.COMPLETE: 'complete',
@@ -240,3 +242,25 @@ def plot(rows: list[dict], spec: dict, path: str):
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def summary(study, workdir: str) -> str:
+  """Writes DIR/report.{md,csv,png}; returns the text to print."""
+  spec = json.loads(study.user_attrs['sweep']['spec'])
+  text = write(study, spec, workdir)
+  rows = trial_rows(study, spec)
+  counts = {}
+  for row in rows:
+    counts[row['state']] = counts.get(row['state'], 0) + 1
+  lines = [
+      f'{spec["direction"]} best validation {spec["metric"]}; trials: '
+      + ', '.join(f'{n} {state}' for state, n in counts.items()),
+      text,
+  ]
+  if rows and rows[0]['best_validation'] is not None:
+    best = sweep_study.frozen_trial(study, rows[0]['trial'])
+    lines.append(f'best: {rows[0]["name"]}: {best.user_attrs.get("command")}')
+  lines.append(
+      f'wrote {os.path.join(workdir, "report.md")}, report.csv, ' 'report.png'
+  )
+  return '\n'.join(lines)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from tuning.models import decoder
+from tuning.models import decoder_hf
 from tuning.tasks import base
 
 # The columns a decoder takes (others, e.g. token_type_ids, are dropped);
@@ -73,10 +73,10 @@ class CausalLM(base.Task):
 
   def model_dims(self):
     name = self.config.model.name
-    if name not in decoder.FAMILY.names:
+    if name not in decoder_hf.FAMILY.names:
       raise ValueError(
           f'config.task=causal_lm needs a decoder, not config.model.name='
-          f'{name!r}: use one of {", ".join(decoder.FAMILY.names)}'
+          f'{name!r}: use one of {", ".join(decoder_hf.FAMILY.names)}'
       )
     return {'num_outputs': None, 'vocab_size': None}
 
@@ -111,7 +111,7 @@ class CausalLM(base.Task):
     from tuning.decoding import sampling as generation  # pylint: disable=g-import-not-at-top
     from tuning.data import tokenization  # pylint: disable=g-import-not-at-top
 
-    count = int(self.config.training.get('samples', 0) or 0)
+    count = self.config.training.samples
     table = self.data.split('validation')
     prompts = []
     for row in range(min(count, len(table['input_ids']))):
@@ -138,7 +138,7 @@ class CausalLM(base.Task):
         params,
         ids,
         mask,
-        max_new_tokens=int(self.config.training.get('sample_tokens', 16)),
+        max_new_tokens=self.config.training.sample_tokens,
         stop_tokens=tuple(eos),
     )
     tokenizer = tokenization.load_tokenizer(self.config.data.tokenizer)

@@ -47,7 +47,7 @@ import numpy as np
 from tuning.terminal import console
 from tuning.decoding import translation
 from tuning.data import parallel
-from tuning.models import encoder_decoder
+from tuning.models import encoder_decoder_hf
 from tuning.tasks import base
 
 _INPUTS = ('input_ids', 'attention_mask', 'decoder_input_ids')
@@ -120,9 +120,7 @@ class Seq2Seq(base.Task):
     super().__init__(config, data)
     self._signature_shown = False
     self.signatures = {}
-    self.label_smoothing = float(
-        config.training.get('label_smoothing', 0.0) or 0.0
-    )
+    self.label_smoothing = float(config.training.label_smoothing)
     if jax.process_count() > 1:
       raise ValueError(
           'config.task=seq2seq translates the validation split on one host '
@@ -141,14 +139,16 @@ class Seq2Seq(base.Task):
 
   def model_dims(self):
     model = self.config.model
-    if model.name not in encoder_decoder.FAMILY.names:
+    if model.name not in encoder_decoder_hf.FAMILY.names:
       raise ValueError(
           f'config.task=seq2seq needs an encoder-decoder, not '
           f'config.model.name={model.name!r}: use one of '
-          f'{", ".join(encoder_decoder.FAMILY.names)}'
+          f'{", ".join(encoder_decoder_hf.FAMILY.names)}'
       )
     specials = self.data.specials
-    if not model.get('hf_config', None):
+    if not model.hf_config:
+      # pad_id, eos_id, decoder_start_id: not base_config() fields, but an
+      # experiment's own model fields (absent: these defaults).
       wanted = {
           'pad_id': specials.pad,
           'eos_id': specials.eos,
