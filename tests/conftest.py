@@ -59,7 +59,8 @@ E2E = (
     'test_freezing_layer_decay_ema_accumulation_and_bf16_together',
     'tests/tasks/test_seq2seq.py::test_tiny_transformer_learns_to_copy',
     'tests/tasks/test_seq2seq.py::test_seq2seq_resumes_exactly',
-    'tests/tasks/test_tasks.py::test_regression_learns_and_reports_its_own_metrics',
+    'tests/tasks/test_tasks.py::'
+    'test_regression_learns_and_reports_its_own_metrics',
     'tests/tasks/test_tasks.py::test_regression_resumes_exactly',
     'tests/tasks/test_tasks.py::test_regression_under_the_mesh_equals_pmap',
     'tests/data/test_instruction_data.py::'
@@ -78,13 +79,12 @@ E2E = (
 def pytest_collection_modifyitems(config, items):
   """Marks each test cpu_kernels, e2e or unit (see E2E above)."""
   del config
-  matched, collected_files = set(), set()
+  modules = {}
   for item in items:
     path = os.path.relpath(str(item.path), ROOT).replace(os.sep, '/')
     name = getattr(item, 'originalname', item.name)
-    collected_files.add(path)
+    modules[path] = getattr(item, 'module', None)
     entries = {path, f'{path}::{name}'} & set(E2E)
-    matched |= entries
     if path.startswith(CPU_KERNELS):
       item.add_marker(pytest.mark.cpu_kernels)
     elif entries:
@@ -92,10 +92,10 @@ def pytest_collection_modifyitems(config, items):
     else:
       item.add_marker(pytest.mark.unit)
   for entry in E2E:
-    path = entry.split('::')[0]
+    path, _, name = entry.partition('::')
     if not os.path.exists(os.path.join(ROOT, path)):
       raise pytest.UsageError(f'tests/conftest.py E2E: no file {path}')
-    if path in collected_files and entry not in matched:
+    if name and modules.get(path) and not hasattr(modules[path], name):
       raise pytest.UsageError(
           f'tests/conftest.py E2E: no test {entry} (renamed? update E2E)'
       )
@@ -156,7 +156,7 @@ def run_main_in_process(*args, check=True, cwd=ROOT):
   import main  # pylint: disable=g-import-not-at-top
 
   for arg in args:
-    if arg.startswith(('--config.dtype=bfloat16', '--config.xla_cpu_dots=')):
+    if arg.startswith(('--config.dtype=bfloat16', '--xla_cpu_dots=')):
       raise ValueError(
           f'run_main_in_process({arg!r}): this process runs float32 dots '
           'only; use run_main for bfloat16 or a dot-kernel choice'

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, read_json, run_main
+from conftest import ROOT, read_json, run_main_in_process
 from experiments.minilm_sst2 import minilm_source
 from tuning.data import records
 from tuning.data.datasets import build_datasets
@@ -379,14 +379,14 @@ def test_main_trains_from_records_like_from_the_files(tmp_path):
       '--config.training.eval_every_steps=6',
       '--config.training.checkpoint_every_steps=6',
   ]
-  out = run_main(
+  out = run_main_in_process(
       *common,
       f'--workdir={tmp_path / "streamed"}',
       '--config.data.source=array_record',
       f'--config.data.records_dir={rec}',
   ).stdout
   assert 'records: ' in out and 'tokenized on the fly' in out
-  run_main(
+  run_main_in_process(
       *common,
       f'--workdir={tmp_path / "memory"}',
       '--config.data.source=tsv',
@@ -399,7 +399,7 @@ def test_main_trains_from_records_like_from_the_files(tmp_path):
   assert streamed['examples'] == 20
   assert streamed == memory
 
-  missing = run_main(
+  missing = run_main_in_process(
       *common,
       f'--workdir={tmp_path / "missing"}',
       '--config.data.source=array_record',

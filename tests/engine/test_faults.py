@@ -24,6 +24,7 @@ from conftest import (
     error_lines,
     read_json,
     run_main,
+    run_main_in_process,
     subprocess_env,
 )
 from tuning.engine import workdir_lock
@@ -81,7 +82,7 @@ def compilation_cache():
 def reference(tmp_path_factory):
   """The uninterrupted run."""
   workdir = str(tmp_path_factory.mktemp('reference') / 'run')
-  run_main(*ARGS, f'--workdir={workdir}')
+  run_main_in_process(*ARGS, f'--workdir={workdir}')
   history = read_json(os.path.join(workdir, 'results.json'))[
       'validation_history'
   ]
@@ -119,7 +120,7 @@ def test_sigkill_inside_checkpoint_writes_then_the_rerun_matches(
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, f'ended before the kill ({seed})'
     kills.append(round(delay, 3))
-  out = run_main(*ARGS, f'--workdir={workdir}').stdout
+  out = run_main_in_process(*ARGS, f'--workdir={workdir}').stdout
   assert 'resumed from' in out, (seed, kills)
   assert 'Traceback' not in out
   _same_results(workdir, reference)
@@ -167,7 +168,7 @@ def test_full_disk_then_read_only_then_the_rerun_matches(reference, tmp_path):
         ).returncode
         == 0
     )
-    out = run_main(*ARGS, f'--workdir={workdir}').stdout
+    out = run_main_in_process(*ARGS, f'--workdir={workdir}').stdout
     assert 'resumed from' in out
     _same_results(workdir, reference)
   finally:
@@ -216,7 +217,7 @@ def _simulated_full_disk(reference, tmp_path):
       check=False,
   )
   _assert_one_line(full, 'the disk is full', 'rerun the same command')
-  out = run_main(*ARGS, f'--workdir={workdir}').stdout
+  out = run_main_in_process(*ARGS, f'--workdir={workdir}').stdout
   assert 'resumed from' in out
   _same_results(workdir, reference)
 

@@ -16,6 +16,7 @@ from conftest import (
     flat,
     read_json,
     run_main,
+    run_main_in_process,
     run_main_processes,
     train_losses,
 )
@@ -128,8 +129,8 @@ def test_mesh_checkpoints_move_between_device_counts(tmp_path):
   constant = '--config.optimizer.schedule=constant'
   steps = '--config.training.total_steps=60'
   reference = str(tmp_path / 'reference')
-  run_main(
-      f'--config={TINY}', f'--workdir={reference}', constant, steps, devices=1
+  run_main_in_process(
+      f'--config={TINY}', f'--workdir={reference}', constant, steps
   )
   workdir = str(tmp_path / 'run')
   run_main(
@@ -160,13 +161,12 @@ def test_mesh_checkpoints_move_between_device_counts(tmp_path):
       expected['accuracy'], abs=1.5 / 359
   )
   assert results['test']['loss'] == pytest.approx(expected['loss'], rel=1e-4)
-  run_main(
+  run_main_in_process(
       f'--config={TINY}',
       f'--workdir={workdir}',
       constant,
       steps,
       '--config.mode=eval',
-      devices=1,
   )
   assert (
       read_json(os.path.join(workdir, 'results.json'))['test']

@@ -6,7 +6,8 @@ import signal
 import subprocess
 import time
 
-from conftest import ROOT, TINY, main_command, subprocess_env, run_main
+from conftest import ROOT, TINY, main_command, subprocess_env
+from conftest import run_main_in_process
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tmp_path):
@@ -47,7 +48,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tmp_path):
       os.path.join(ckpts, str(step)),
       os.path.join(ckpts, f'{step + 50}.orbax-checkpoint-tmp'),
   )
-  out = run_main(*args).stdout
+  out = run_main_in_process(*args).stdout
   assert f'at step {step}' in out  # resumed from the complete one
   assert os.path.exists(os.path.join(workdir, 'results.json'))
   assert not any('tmp' in s for s in os.listdir(ckpts))

@@ -4,13 +4,13 @@ import os
 
 import pytest
 
-from conftest import ROOT, TINY, read_json, run_main
+from conftest import ROOT, TINY, read_json, run_main_in_process
 
 SST2 = os.path.join(ROOT, '..', 'shared', 'data', 'sst2')
 
 
 def test_cnn_on_digit_images(tmp_path):
-  run_main(
+  run_main_in_process(
       f'--config={TINY}',
       f'--workdir={tmp_path}',
       '--config.model.name=cnn',
@@ -26,7 +26,7 @@ def test_cnn_on_digit_images(tmp_path):
 def test_recurrent_text_classifier_on_sst2(tmp_path, cell):
   if not os.path.isdir(SST2):
     pytest.skip('../shared/data/sst2 is absent')
-  out = run_main(
+  out = run_main_in_process(
       f'--config={TINY}',
       f'--workdir={tmp_path}',
       f'--config.model.name={cell}',

@@ -10,7 +10,8 @@ import pytest
 from ml_collections import config_dict
 from sklearn.datasets import load_digits
 
-from conftest import TINY, read_json, run_main, step_config
+from conftest import TINY, read_json, run_main, run_main_in_process
+from conftest import step_config
 from tuning.multirun import distillation
 from tuning.config.defaults import base_config
 from tuning.models.mlp import MLP
@@ -183,7 +184,7 @@ def test_augmentation_is_deterministic_and_tang_style():
 @pytest.fixture(scope='module')
 def teacher_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('teacher') / 'run')
-  run_main(
+  run_main_in_process(
       f'--config={TINY}',
       '--config.model.hidden=(64,64)',
       '--config.training.total_steps=60',
@@ -213,7 +214,7 @@ def test_distilled_student_through_main(teacher_dir, tmp_path):
       ),
   ):
     workdir = str(tmp_path / name)
-    out = run_main(
+    args = (
         f'--config={TINY}',
         '--config.model.hidden=(16,)',
         f'--config.distill.teacher=({teacher_dir!r},)',
@@ -222,8 +223,11 @@ def test_distilled_student_through_main(teacher_dir, tmp_path):
         f'--config.distill.transfer_path={transfer}',
         f'--workdir={workdir}',
         *flags,
-        devices=devices,
     )
+    if devices == 1:  # in this process
+      out = run_main_in_process(*args)
+    else:
+      out = run_main(*args, devices=devices)
     assert '+ 100 teacher-labelled (transfer file)' in out.stdout
     assert 'distillation: validation accuracy, and examples/s' in out.stdout
     results = read_json(os.path.join(workdir, 'results.json'))
@@ -257,7 +261,7 @@ def test_ensemble_teacher_of_one_run_twice_teaches_as_the_run(
       ('two', (teacher_dir, teacher_dir)),
   ):
     workdir = str(tmp_path / name)
-    run_main(
+    run_main_in_process(
         f'--config={TINY}',
         '--config.model.hidden=(16,)',
         f'--config.distill.teacher={teachers!r}',
@@ -272,7 +276,7 @@ def test_ensemble_teacher_of_one_run_twice_teaches_as_the_run(
 
 
 def test_distillation_config_errors(teacher_dir, tmp_path):
-  bad = run_main(
+  bad = run_main_in_process(
       f'--config={TINY}',
       f'--config.distill.teacher=({teacher_dir!r},{teacher_dir!r})',
       '--config.distill.teacher_logits=step',
@@ -284,7 +288,7 @@ def test_distillation_config_errors(teacher_dir, tmp_path):
       'teacher_logits=step runs one teacher in the train step, not 2'
       in bad.stderr.strip().splitlines()[-1]
   )
-  bad = run_main(
+  bad = run_main_in_process(
       f'--config={TINY}',
       f'--config.distill.teacher=({teacher_dir!r},)',
       '--config.distill.alpha=1.5',

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import TINY, read_json, run_main
+from conftest import TINY, read_json, run_main_in_process
 from tuning.multirun import ensemble
 from tuning.multirun import soup
 
@@ -59,14 +59,14 @@ def members(tmp_path_factory):
       ('wide', ('--config.model.hidden=(48,48)',)),
   ):
     dirs[name] = str(root / name)
-    run_main(f'--config={TINY}', f'--workdir={dirs[name]}', *flags)
+    run_main_in_process(f'--config={TINY}', f'--workdir={dirs[name]}', *flags)
   return root, dirs
 
 
 def test_ensemble_of_identical_members_equals_the_member(members):
   root, dirs = members
   workdir = str(root / 'same')
-  result = run_main(
+  result = run_main_in_process(
       f'--config={TINY}',
       '--config.mode=ensemble',
       f'--config.ensemble.members=({dirs["seed0"]!r},' f'{dirs["seed0"]!r})',
@@ -85,7 +85,7 @@ def test_ensemble_of_identical_members_equals_the_member(members):
 def test_ensemble_of_seeds_lists_members_beside_it(members):
   root, dirs = members
   workdir = str(root / 'seeds')
-  result = run_main(
+  result = run_main_in_process(
       f'--config={TINY}',
       '--config.mode=ensemble',
       f'--config.ensemble.members=({dirs["seed0"]!r},'
@@ -105,7 +105,7 @@ def test_ensemble_of_seeds_lists_members_beside_it(members):
 def test_soup_of_one_is_the_member_and_a_normal_checkpoint(members):
   root, dirs = members
   workdir = str(root / 'soup1')
-  run_main(
+  run_main_in_process(
       f'--config={TINY}',
       '--config.mode=soup',
       f'--config.soup.members=({dirs["seed0"]!r},)',
@@ -119,13 +119,15 @@ def test_soup_of_one_is_the_member_and_a_normal_checkpoint(members):
         == single['confusion_matrix']
     )
   # main.py evaluates the written soup like any run ...
-  run_main(f'--config={TINY}', '--config.mode=eval', f'--workdir={workdir}')
+  run_main_in_process(
+      f'--config={TINY}', '--config.mode=eval', f'--workdir={workdir}'
+  )
   evaluated = read_json(os.path.join(workdir, 'results.json'))['test']
   assert evaluated['confusion_matrix'] == single['confusion_matrix']
   np.testing.assert_allclose(evaluated['loss'], single['loss'], rtol=1e-6)
   # ... and fine-tunes from it.
   tuned = str(root / 'from_soup')
-  out = run_main(
+  out = run_main_in_process(
       f'--config={TINY}',
       f'--config.init.checkpoint={workdir}',
       '--config.training.total_steps=10',
@@ -137,7 +139,7 @@ def test_soup_of_one_is_the_member_and_a_normal_checkpoint(members):
 def test_soup_of_two_seeds_and_architecture_error(members):
   root, dirs = members
   workdir = str(root / 'soup2')
-  out = run_main(
+  out = run_main_in_process(
       f'--config={TINY}',
       '--config.mode=soup',
       '--config.soup.method=uniform',
@@ -148,14 +150,16 @@ def test_soup_of_two_seeds_and_architecture_error(members):
   results = read_json(os.path.join(workdir, 'results.json'))
   assert results['method'] == 'uniform'
   assert 1 <= len(results['greedy_members']) <= 2
-  run_main(f'--config={TINY}', '--config.mode=eval', f'--workdir={workdir}')
+  run_main_in_process(
+      f'--config={TINY}', '--config.mode=eval', f'--workdir={workdir}'
+  )
   evaluated = read_json(os.path.join(workdir, 'results.json'))['test']
   assert (
       evaluated['confusion_matrix']
       == results['soups']['uniform']['test']['confusion_matrix']
   )
 
-  bad = run_main(
+  bad = run_main_in_process(
       f'--config={TINY}',
       '--config.mode=soup',
       f'--config.soup.members=({dirs["seed0"]!r},' f'{dirs["wide"]!r})',
@@ -172,7 +176,7 @@ def test_soup_of_two_seeds_and_architecture_error(members):
 
 
 def test_member_that_is_not_a_run(tmp_path):
-  bad = run_main(
+  bad = run_main_in_process(
       f'--config={TINY}',
       '--config.mode=ensemble',
       f'--config.ensemble.members=({str(tmp_path)!r},)',

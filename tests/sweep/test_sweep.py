@@ -323,7 +323,9 @@ def test_a_stopped_sweep_resumes_each_trial_in_its_directory(
     if sum(': started' in l for l in lines) == 2 and ': started' in line:
       threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
 
-  with pytest.raises(sweep_trials.Interrupted):  # Ctrl-C: runs stopped, re-queued
+  with pytest.raises(
+      sweep_trials.Interrupted
+  ):  # Ctrl-C: runs stopped, re-queued
     sweep_trials.run(s, parallel=2, devices='none', out=out)
   assert sum('stopped; rerun' in line for line in lines) == 2
   lines.clear()
@@ -337,3 +339,20 @@ def test_a_stopped_sweep_resumes_each_trial_in_its_directory(
   for name in ('learning_rate=0.2', 'learning_rate=0.4'):
     with open(os.path.join(workdir, name, 'log.txt')) as f:
       assert f.read().count('=== trial') == 2
+
+
+def test_process_flags_are_passed_on_to_every_trial(tmp_path, capsys):
+  from tuning.cli import sweep as sweep_cli  # pylint: disable=g-import-not-at-top
+
+  workdir = str(tmp_path / 'sweep')
+  args = [f'--config={CONFIG}', f'--workdir={workdir}', '--dry_run', SHORT]
+  assert sweep_cli.main(args + ['--malloc=default']) == 0
+  commands = [
+      line
+      for line in capsys.readouterr().out.splitlines()
+      if not line.startswith('#')
+  ]
+  assert len(commands) == 4
+  assert all(f'{SHORT} --malloc=default --config.' in c for c in commands)
+  assert sweep_cli.main(args) == 0  # not given: main.py's own defaults
+  assert '--malloc' not in capsys.readouterr().out

@@ -15,8 +15,9 @@ malloc settings, and still do unless `--malloc=tuned` is given.
 
 One error path (`run`): a bad flag is one line `error: ...` on stderr and
 exit code 2; an error the command raises is one line `error: ...` and exit
-code 1 (2 for the classes a command names as command-line mistakes), with
-`TUNING_TRACEBACK=1` showing the traceback instead. The line is
+code 1 (2 for a `UsageError`, such as an argument that is not a flag or a
+bad --step, and for the classes a command names as command-line mistakes),
+with `TUNING_TRACEBACK=1` showing the traceback instead. The line is
 tuning/terminal/errors.py's `describe`, less the class name for this
 project's own error classes, whose messages are written for the user.
 """
@@ -72,7 +73,7 @@ def parse_step(text) -> str | int:
     return text
   if text.isdigit():
     return int(text)
-  raise ValueError(f'--step={text!r}: use best, latest or a step number')
+  raise UsageError(f'--step={text!r}: use best, latest or a step number')
 
 
 def error_line(e: BaseException) -> str:

@@ -12,8 +12,8 @@ def resolve_steps(
 
   Exactly one may be set; epochs are rounded up to whole steps.
   """
-  steps = section.get(f'{name}_steps')
-  epochs = section.get(f'{name}_epochs')
+  steps = section[f'{name}_steps']
+  epochs = section[f'{name}_epochs']
   if steps is not None and epochs is not None:
     raise ValueError(
         f'set only one of {name}_steps and {name}_epochs '

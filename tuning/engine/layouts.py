@@ -149,6 +149,8 @@ def mesh_shape(mesh_config, device_count: int) -> dict[str, int]:
   """{'data': d, 'fsdp': f} from the config (-1 = the rest), checked."""
   sizes = {}
   for axis in MESH_AXES:
+    # .get: callers may give only the axes they set (a run's config.mesh
+    # holds both, with defaults.py's defaults).
     size = mesh_config.get(axis, 1)
     if not isinstance(size, int) or (size < 1 and size != -1):
       raise ValueError(

@@ -260,6 +260,8 @@ def build_bert(
   The vocabulary is the checkpoint's (`vocab_size` is not used).
   """
   del vocab_size
+  # .get: a model config may hold only hf_config (conversions, tests), and
+  # a model family does not import tuning/config's defaults.
   hf_path = model_config.get('hf_config')
   if not hf_path:
     raise ValueError(

@@ -1,5 +1,5 @@
-"""A Dense layer for bfloat16 compute that XLA's CPU backend runs on its
-bfloat16 matmul kernels, forward and backward.
+"""Dense and tied output layers' bfloat16 dots that XLA's CPU backend runs
+on its bfloat16 matmul kernels, forward and backward (on CPU only).
 
 XLA on CPU runs a dot on its bfloat16 kernels (YNNPACK's; about twice as
 fast as float32 on CPUs with AVX-512 BF16) only where the dot takes
