@@ -290,7 +290,9 @@ def test_pmapped_update_on_the_device_axis_copies_no_kernel_or_moment(
       states[form] = jax_utils.unreplicate(current)
   assert len(copied['old']) >= 6, copied['old']  # kernels, mu, nu
   assert not copied['new'], copied['new']
-  for a, b in zip(jax.tree.leaves(states['old']), jax.tree.leaves(states['new'])):
+  for a, b in zip(
+      jax.tree.leaves(states['old']), jax.tree.leaves(states['new'])
+  ):
     np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9)
 
 
