@@ -76,6 +76,13 @@ E2E = (
 )
 
 
+def pytest_configure(config):
+  """Every in-process compilation uses the subprocesses' compilation cache:
+  tests that train the same tiny model compile it once."""
+  del config
+  enable_compilation_cache()
+
+
 def pytest_collection_modifyitems(config, items):
   """Marks each test cpu_kernels, e2e or unit (see E2E above)."""
   del config

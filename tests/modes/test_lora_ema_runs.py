@@ -82,21 +82,24 @@ def test_evaluate_ema_scores_the_ema_parameters(tmp_path):
   config = tiny_config.get_config()
   config.training.ema_decay = 0.9
   scoring = Run(config, str(tmp_path / 'scoring'))
-
-  def scores(params, split):
-    return scoring.evaluate(params, split)['loss']
-
-  # Validation during training (the last one: step 40).
-  raw, ema = _saved_params(workdir, 40)
+  # Validation during training (the last one: step 40), and the final test
+  # evaluation (of the best checkpoint): (raw, EMA) losses.
+  last = [
+      scoring.evaluate(p, 'validation')['loss']
+      for p in _saved_params(workdir, 40)
+  ]
+  best = [
+      scoring.evaluate(p, 'test')['loss']
+      for p in _saved_params(workdir, results['evaluated_step'])
+  ]
+  scoring.checkpoints.close()
   assert results['validation_history'][-1]['step'] == 40
   logged = results['validation_history'][-1]['loss']
-  np.testing.assert_allclose(logged, scores(ema, 'validation'), rtol=1e-6)
-  assert abs(scores(raw, 'validation') - logged) > 1e-3  # the control
-  # The final test evaluation (of the best checkpoint).
-  raw, ema = _saved_params(workdir, results['evaluated_step'])
+  np.testing.assert_allclose(logged, last[1], rtol=1e-6)
+  assert abs(last[0] - logged) > 1e-3  # the control: raw params differ
   tested = results['test']['loss']
-  np.testing.assert_allclose(tested, scores(ema, 'test'), rtol=1e-6)
-  assert abs(scores(raw, 'test') - tested) > 1e-3  # the control
+  np.testing.assert_allclose(tested, best[1], rtol=1e-6)
+  assert abs(best[0] - tested) > 1e-3  # the control
 
 
 def test_ema_evaluation_and_early_stopping(tmp_path):
