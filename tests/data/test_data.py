@@ -426,3 +426,16 @@ def test_unusable_rows_of_npz_test_split_are_an_error_or_counted(tmp_path):
   assert 'test: dropped 2 rows (missing/NaN feature)' in data.log
   assert len(data.test['label']) == 10  # duplicates kept
   assert '10 of 10 test rows also occur in train' in data.log
+
+
+def test_digits_are_read_as_scikit_learn_loads_them():
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
+  from tuning.data import sources  # pylint: disable=g-import-not-at-top
+
+  digits = datasets.load_digits()
+  table = sources._read_digits()  # pylint: disable=protected-access
+  np.testing.assert_array_equal(table['x'], digits.data)
+  np.testing.assert_array_equal(table['label'], digits.target)
+  assert table['x'].dtype == np.float64 and table['x'].shape == (1797, 64)
+  assert table['label'].dtype == digits.target.dtype

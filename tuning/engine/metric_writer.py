@@ -1,4 +1,5 @@
-"""Metrics to `metrics.jsonl` and TensorBoard event files (no TensorFlow).
+"""Metrics to `metrics.jsonl` and TensorBoard event files (no TensorFlow;
+tuning/engine/event_file.py writes them).
 
 Only process 0 writes; other processes get a writer that does nothing.
 """
@@ -9,6 +10,8 @@ import json
 import os
 
 import numpy as np
+
+from tuning.engine import event_file
 
 
 class MetricWriter:
@@ -24,9 +27,9 @@ class MetricWriter:
       self._jsonl = open(path, 'a', encoding='utf-8')
       if self._jsonl.tell() and not _ends_with_newline(path):
         self._jsonl.write('\n')  # a killed run's half-written last line
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
-      self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tensorboard = event_file.EventFileWriter(
+          os.path.join(workdir, 'tensorboard')
+      )
 
   def write(self, step: int, split: str, scalars: dict):
     if not self.enabled:
@@ -38,8 +41,9 @@ class MetricWriter:
         json.dumps({'step': int(step), 'split': split, **values}) + '\n'
     )
     self._jsonl.flush()
-    for k, v in values.items():
-      self._tensorboard.add_scalar(f'{split}/{k}', v, int(step))
+    self._tensorboard.add_scalars(
+        int(step), {f'{split}/{k}': v for k, v in values.items()}
+    )
     self._tensorboard.flush()
 
   def close(self):
