@@ -32,6 +32,7 @@ from absl import flags
 from absl import logging
 
 from tuning.platform import process_flags
+from tuning.terminal import console
 from tuning.terminal import errors
 
 
@@ -84,10 +85,6 @@ def error_line(e: BaseException) -> str:
   return text
 
 
-def _print_error(message: str):
-  print(f'error: {message}', file=sys.stderr, flush=True)
-
-
 def run(
     prog: str,
     doc: str,
@@ -120,7 +117,7 @@ def run(
   try:
     positional = flag_values([prog] + argv)[1:]
   except flags.Error as e:
-    _print_error(f'{" ".join(str(e).split())} ({prog} --help lists the flags)')
+    console.error(f'{" ".join(str(e).split())} ({prog} --help lists the flags)')
     return 2
   if not flags.FLAGS.is_parsed():
     # Libraries that read absl's global flags (grain's loaders) find them
@@ -142,5 +139,5 @@ def run(
   except Exception as e:  # pylint: disable=broad-except
     if os.environ.get('TUNING_TRACEBACK'):
       raise
-    _print_error(error_line(e))
+    console.error(error_line(e))
     return 2 if isinstance(e, (UsageError, *usage_errors)) else 1
