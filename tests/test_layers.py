@@ -118,3 +118,21 @@ def test_the_doc_names_every_folder(name):
       if os.path.isdir(os.path.join(root, n)) and n != '__pycache__'
   }
   assert set(folders) == on_disk
+
+
+def test_the_doc_names_every_module():
+  """Every module of tuning/ is named in docs/architecture.md (its layer's
+  section or the shims), and every module the doc names exists."""
+  with open(ARCHITECTURE, encoding='utf-8') as f:
+    named = {
+        n
+        for n in re.findall(r'`(tuning/[\w/]+\.py)`', f.read())
+        if not n.endswith('__init__.py')
+    }
+  on_disk = set()
+  for folder, _, files in os.walk(os.path.join(REPO, 'tuning')):
+    for name in files:
+      if name.endswith('.py') and name != '__init__.py':
+        on_disk.add(os.path.relpath(os.path.join(folder, name), REPO))
+  assert sorted(on_disk - named) == [], 'modules the doc does not name'
+  assert sorted(named - on_disk) == [], 'the doc names modules not on disk'

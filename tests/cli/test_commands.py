@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tuning.cli import convert
+from tuning.cli import export
 from tuning.cli import flags as cli_flags
 from tuning.cli import generate
 from tuning.cli import sweep
@@ -16,6 +17,10 @@ from tuning.cli import translate
 # Each command with the flags it needs to get past its required ones.
 COMMANDS = {
     'convert': (convert.main, ['--source=x', '--out=y']),
+    'export': (
+        export.main,
+        ['--checkpoint=x', '--format=hf', '--out=y'],
+    ),
     'generate': (generate.main, []),
     'sweep': (sweep.main, ['--workdir=x']),
     'to_records': (to_records.main, []),
@@ -56,12 +61,20 @@ def test_every_command_takes_the_process_flags(name, capfd):
 
 @pytest.mark.parametrize(
     'main, other',
-    [(generate.main, '--prompt=x'), (translate.main, '--input=src.txt')],
+    [
+        (generate.main, ['--prompt=x']),
+        (translate.main, ['--input=src.txt']),
+        (export.main, ['--format=hf', '--out=exported']),
+    ],
 )
 def test_the_run_readers_share_checkpoint_and_step(
     main, other, tmp_path, monkeypatch, capfd
 ):
-  for define in (generate.define_flags, translate.define_flags):
+  for define in (
+      generate.define_flags,
+      translate.define_flags,
+      export.define_flags,
+  ):
     fv = cli_flags.flags.FlagValues()
     define(fv)
     assert fv['step'].help == cli_flags.STEP_HELP
@@ -73,7 +86,7 @@ def test_the_run_readers_share_checkpoint_and_step(
   )
   (tmp_path / 'src.txt').write_text('ein Hund\n')
   monkeypatch.chdir(tmp_path)
-  assert main([f'--checkpoint={run}', '--step=last', other]) == 2
+  assert main([f'--checkpoint={run}', '--step=last', *other]) == 2
   assert one_error_line(capfd) == (
       "error: --step='last': use best, latest or a step number\n"
   )

@@ -5,6 +5,9 @@
 * `convert_hf`: safetensors tensors, by their Hugging Face names, as the
   `BertClassifier` parameter tree (the name map `hf_name_map`; the
   pretraining head and buffers are reported as left out).
+* `export_hf` (the reverse of `convert_hf`: a params tree as Hugging Face
+  tensors and config.json) and `hf_linear_names` (where LoRA adapters go in
+  PEFT's module names);
 * `from_hf_config`, `build_bert` and `FAMILY`: a `BertClassifier` from a
   config.json, and what tuning/models/registry.py lists.
 
@@ -218,6 +221,123 @@ def _check_shapes(params: dict, config: bert.BertConfig) -> None:
     )
 
 
+# ------------------------------------------------------------ export
+
+_POOLER = ('pooler.dense.weight', 'pooler.dense.bias')
+
+
+def _flat_params(params) -> dict[str, np.ndarray]:
+  return {
+      '/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(
+          v, np.float32
+      )
+      for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+
+
+def _labels(hf_config: dict, num_labels: int) -> dict[str, Any]:
+  """`id2label` / `label2id` for a head with `num_labels` outputs: the
+  config's own names where it has one per output, transformers' defaults
+  (LABEL_i) where it has none or only defaults."""
+  id2label = {
+      int(k): str(v) for k, v in (hf_config.get('id2label') or {}).items()
+  }
+  defaults = all(v == f'LABEL_{k}' for k, v in id2label.items())
+  if len(id2label) != num_labels or sorted(id2label) != list(range(num_labels)):
+    if not defaults:
+      raise ValueError(
+          f'config.json id2label names {len(id2label)} labels but the '
+          f'classification head has {num_labels} outputs: give id2label one '
+          'name per output (0..num_labels-1)'
+      )
+    id2label = {i: f'LABEL_{i}' for i in range(num_labels)}
+  return {
+      'id2label': {str(i): id2label[i] for i in range(num_labels)},
+      'label2id': {id2label[i]: i for i in range(num_labels)},
+  }
+
+
+def export_hf(params, hf_config: dict) -> tuple[dict[str, np.ndarray], dict]:
+  """A `BertClassifier` params tree as Hugging Face BERT tensors (float32
+  numpy, [out, in] Linear weights) and the config.json to write: the reverse
+  of `convert_hf`, from the same `hf_name_map`.
+
+  With a `classifier` head: `BertForSequenceClassification` (`bert.`-prefixed
+  encoder, `classifier.weight/bias`; `id2label`/`label2id` for the head's
+  outputs, kept from `hf_config` when it names them). That class classifies
+  the tanh pooler output, so the pooler must be there. Without a head: a
+  `BertModel` (no prefix); a tree without a pooler (converted from a
+  checkpoint that had none) is written without one, and transformers
+  initialises `BertModel`'s pooler randomly (its `last_hidden_state` is
+  unaffected). Raises a ValueError naming missing or unexpected parameters.
+  """
+  if not isinstance(hf_config, dict):
+    hf_config = hf_config_lib.read_hf_config(hf_config)
+  config = bert_config_from_hf(hf_config)
+  flat = _flat_params(params)
+  has_head = any(k.startswith('classifier/') for k in flat)
+  names = dict(hf_name_map(config))
+  pooler = {'/'.join(names[n][0]) for n in _POOLER}
+  if not has_head and not pooler & set(flat):
+    for name in _POOLER:
+      del names[name]
+  if has_head:
+    names.update(_HEAD)
+  wanted = {'/'.join(path): name for name, (path, _) in names.items()}
+  missing = sorted(set(wanted) - set(flat))
+  unexpected = sorted(set(flat) - set(wanted))
+  if missing or unexpected:
+    raise ValueError(
+        'cannot export these parameters as a BERT checkpoint: '
+        + '; '.join(
+            f'{what}: {", ".join(items)}'
+            for what, items in (
+                ('missing', missing),
+                ('unexpected', unexpected),
+            )
+            if items
+        )
+        + (
+            ' (BertForSequenceClassification classifies the pooler output)'
+            if has_head and pooler & set(missing)
+            else ''
+        )
+    )
+  prefix = 'bert.' if has_head else ''
+  tensors = {}
+  for name, (path, transpose) in names.items():
+    value = flat['/'.join(path)]
+    hf_name = name if name in _HEAD else prefix + name
+    tensors[hf_name] = np.ascontiguousarray(value.T if transpose else value)
+  out = dict(hf_config)
+  out.pop('num_labels', None)  # transformers writes id2label instead
+  if has_head:
+    out['architectures'] = ['BertForSequenceClassification']
+    out.update(_labels(hf_config, flat['classifier/bias'].shape[0]))
+  else:
+    out['architectures'] = ['BertModel']
+  return tensors, out
+
+
+def hf_linear_names(hf_config: dict) -> dict[str, str]:
+  """{Flax Dense module path: transformers nn.Linear module name} of a BERT
+  model, from `hf_name_map`: e.g. 'bert/encoder/layer_0/attention/query' ->
+  'bert.encoder.layer.0.attention.self.query', and 'classifier' ->
+  'classifier'. The names are those of `BertForSequenceClassification`
+  (every `Bert*For*` class nests the encoder under `bert.`; a bare
+  `BertModel` has the same names without that prefix)."""
+  if not isinstance(hf_config, dict):
+    hf_config = hf_config_lib.read_hf_config(hf_config)
+  config = bert_config_from_hf(hf_config)
+  modules = {}
+  for name, (path, transpose) in {**hf_name_map(config), **_HEAD}.items():
+    if path[-1] == 'kernel' and transpose and name.endswith('.weight'):
+      hf_module = name.removesuffix('.weight')
+      prefix = '' if name in _HEAD else 'bert.'
+      modules['/'.join(path[:-1])] = prefix + hf_module
+  return modules
+
+
 # ------------------------------------------------------------ the family
 
 
@@ -282,6 +402,8 @@ FAMILY = family_lib.Family(
     build=build_bert,
     hf_model_types=SUPPORTED_MODEL_TYPES,
     convert_hf=convert_hf,
+    export_hf=export_hf,
+    hf_linear_names=hf_linear_names,
     head_regex=(r'(head|classifier)/.*',),
     lora_targets=(r'.*attention/(query|value)',),
     layer_regex=r'.*layer_(\d+)/.*',

@@ -6,6 +6,9 @@
 * `convert_hf`: safetensors tensors, by their Hugging Face names, as the
   `DecoderLM` parameter tree (the name map `_hf_names`; buffers and tied
   copies are reported as left out).
+* `export_hf` (the reverse of `convert_hf`: a params tree as Hugging Face
+  tensors and config.json) and `hf_linear_names` (where LoRA adapters go in
+  PEFT's module names);
 * `from_hf_config`, `build` and `FAMILY`: a `DecoderLM` from a config.json,
   and what tuning/models/registry.py lists.
 
@@ -301,6 +304,122 @@ def _check_shapes(
     )
 
 
+# ------------------------------------------------------------ export
+
+_ARCHITECTURES = {'gpt2': 'GPT2LMHeadModel', 'llama': 'LlamaForCausalLM'}
+
+# The order of a layer's tensors in transformers' state_dict (and so in
+# the safetensors files and shards that save_pretrained writes).
+_LAYER_ORDER = {
+    'gpt2': (
+        'ln_1',
+        'attn.c_attn',
+        'attn.c_proj',
+        'ln_2',
+        'mlp.c_fc',
+        'mlp.c_proj',
+    ),
+    'llama': (
+        'self_attn.q_proj',
+        'self_attn.k_proj',
+        'self_attn.v_proj',
+        'self_attn.o_proj',
+        'mlp.gate_proj',
+        'mlp.up_proj',
+        'mlp.down_proj',
+        'input_layernorm',
+        'post_attention_layernorm',
+    ),
+}
+_LAYER_TENSOR = re.compile(
+    r'^(?:transformer\.h|model\.layers)\.(\d+)\.(.+)\.(weight|bias)$'
+)
+
+
+def _state_dict_order(kind: str, name: str) -> tuple:
+  """Sorts HF tensor names as transformers' state_dict lists them: the
+  embeddings, each layer's tensors (weight before bias), the final norm,
+  lm_head."""
+  match = _LAYER_TENSOR.match(name)
+  if match:
+    layer, module, leaf = match.groups()
+    order = _LAYER_ORDER[kind].index(module)
+    return (1, int(layer), order, leaf == 'bias')
+  if name == 'lm_head.weight':
+    return (3,)
+  if 'norm' in name or 'ln_f' in name:
+    return (2, name.endswith('.bias'))
+  return (0, 'wpe' in name)
+
+
+def _flat_params(params) -> dict[str, np.ndarray]:
+  return {
+      '/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
+      for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+
+
+def export_hf(params, hf_config: dict) -> tuple[dict[str, np.ndarray], dict]:
+  """A `DecoderLM` params tree as GPT-2 / Llama safetensors tensors (float32
+  numpy, transformers' names and layouts: GPT-2's fused `c_attn` and Conv1D
+  [in, out] weights under `transformer.`, Llama's [out, in] Linear weights)
+  and the config.json for `GPT2LMHeadModel` / `LlamaForCausalLM`.
+
+  The reverse of `convert_hf`: `same` and `transpose` are their own
+  inverses, and the three `#j` parts of a fused tensor are joined again."""
+  hf = read_hf_config(hf_config)
+  cfg = config_from_hf(hf)
+  flat = {k: np.asarray(v, np.float32) for k, v in _flat_params(params).items()}
+  names = _hf_names(cfg)
+  wanted = {path for path, _ in names.values()}
+  missing = sorted(wanted - set(flat))
+  unexpected = sorted(set(flat) - wanted)
+  if missing or unexpected:
+    raise ValueError(
+        f'cannot export these parameters as a {cfg.kind} checkpoint: '
+        + '; '.join(
+            f'{what}: {", ".join(items)}'
+            for what, items in (
+                ('missing', missing),
+                ('unexpected', unexpected),
+            )
+            if items
+        )
+    )
+  prefix = 'transformer.' if cfg.kind == 'gpt2' else ''
+  tensors: dict[str, np.ndarray] = {}
+  fused: dict[str, list] = {}
+  for name, (path, transform) in names.items():
+    hf_name = name if name == 'lm_head.weight' else prefix + name
+    if '#' in name:
+      fused.setdefault(hf_name.split('#')[0], []).append(flat[path])
+      tensors.setdefault(hf_name.split('#')[0], None)
+    else:
+      tensors[hf_name] = np.ascontiguousarray(transform(flat[path]))
+  for name, parts in fused.items():
+    tensors[name] = np.concatenate(parts, axis=-1)
+  order = {name: _state_dict_order(cfg.kind, name) for name in tensors}
+  tensors = {name: tensors[name] for name in sorted(tensors, key=order.get)}
+  out = dict(hf, architectures=[_ARCHITECTURES[cfg.kind]])
+  out['tie_word_embeddings'] = cfg.tie_embeddings
+  return tensors, out
+
+
+def hf_linear_names(hf_config: dict) -> dict[str, str]:
+  """{Flax Dense module: transformers nn.Linear module} of a Llama model
+  (GPT-2's attention and MLP are Conv1D layers, its Q/K/V one fused layer:
+  none of them is an nn.Linear, so a GPT-2 model has none)."""
+  cfg = config_from_hf(read_hf_config(hf_config))
+  if cfg.kind != 'llama':
+    return {}
+  modules = {}
+  for name, (path, _) in _hf_names(cfg).items():
+    module, _, leaf = path.rpartition('/')
+    if leaf == 'kernel' and name.endswith('.weight'):
+      modules[module] = name.removesuffix('.weight')
+  return modules
+
+
 # ------------------------------------------------------------ the family
 
 
@@ -344,6 +463,8 @@ FAMILY = family_lib.Family(
     build=build,
     hf_model_types=HF_MODEL_TYPES,
     convert_hf=convert_hf,
+    export_hf=export_hf,
+    hf_linear_names=hf_linear_names,
     # The untied output projection and the final norm (a tied model's
     # output projection is the token embedding).
     head_regex=(r'lm_head/.*', r'decoder/final_norm/.*'),

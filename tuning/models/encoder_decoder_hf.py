@@ -5,6 +5,9 @@
 * `convert_hf`: safetensors tensors, by their Hugging Face names, as the
   `EncoderDecoder` parameter tree (the name maps `_marian_names` and
   `_t5_names`; tensors the tree does not need are reported as left out).
+* `export_hf` (the reverse of `convert_hf`: a params tree as Hugging Face
+  tensors and config.json) and `hf_linear_names` (where LoRA adapters go in
+  PEFT's module names);
 * `build` and `FAMILY`: what tuning/models/registry.py lists, for a model
   from a config.json or, without one, from config fields.
 
@@ -376,6 +379,96 @@ def _check_shapes(flat: dict, config: ed.Config) -> None:
     )
 
 
+# ------------------------------------------------------------ export
+
+_ARCHITECTURES = {
+    'marian': 'MarianMTModel',
+    't5': 'T5ForConditionalGeneration',
+}
+
+
+def _names(config: ed.Config) -> dict[str, tuple[str, bool]]:
+  return (_marian_names if config.shape == 'marian' else _t5_names)(config)
+
+
+def _read(hf_config) -> dict:
+  if isinstance(hf_config, dict):
+    return dict(hf_config)
+  return hf_config_lib.read_hf_config(hf_config)
+
+
+def export_hf(params, hf_config) -> tuple[dict[str, np.ndarray], dict]:
+  """An `EncoderDecoder` params tree as `MarianMTModel` /
+  `T5ForConditionalGeneration` tensors (float32 numpy, [out, in] Linear
+  weights) and the config.json to write: the reverse of `convert_hf`, from
+  the same name maps.
+
+  Tied tables are written once, as transformers 5 saves them: Marian's
+  `model.shared.weight` (and, for a shared vocabulary with untied tables, a
+  copy of the source table there, which transformers keeps but does not
+  use), `final_logits_bias` as [1, vocab], `lm_head.weight` only when the
+  output layer is untied; T5's `shared.weight`, and `lm_head.weight` with
+  `tie_word_embeddings` false and `scale_decoder_outputs` false (t5 v1.1).
+  Raises a ValueError naming missing or unexpected parameters."""
+  hf = _read(hf_config)
+  config = config_from_hf(hf)
+  names = _names(config)
+  flat = {
+      '/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(
+          v, np.float32
+      )
+      for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+  wanted = {path for path, _ in names.values()}
+  missing = sorted(wanted - set(flat))
+  unexpected = sorted(set(flat) - wanted)
+  if missing or unexpected:
+    raise ValueError(
+        f'cannot export these parameters as a {config.shape} checkpoint: '
+        + '; '.join(
+            f'{what}: {", ".join(items)}'
+            for what, items in (
+                ('missing', missing),
+                ('unexpected', unexpected),
+            )
+            if items
+        )
+    )
+  tensors = {}
+  for name, (path, transpose) in names.items():
+    value = flat[path]
+    if name == 'final_logits_bias':
+      value = value.reshape(1, -1)
+    tensors[name] = np.ascontiguousarray(value.T if transpose else value)
+  out = dict(hf, architectures=[_ARCHITECTURES[config.shape]])
+  out['tie_word_embeddings'] = config.tie_output
+  if config.shape == 'marian':
+    if (
+        hf.get('share_encoder_decoder_embeddings', True)
+        and not config.share_embeddings
+    ):
+      tensors['model.shared.weight'] = tensors[
+          'model.encoder.embed_tokens.weight'
+      ].copy()
+  else:
+    out['scale_decoder_outputs'] = config.scale_output
+  return tensors, out
+
+
+def hf_linear_names(hf_config) -> dict[str, str]:
+  """{Flax Dense module path: transformers nn.Linear module name}, e.g.
+  'encoder/layer_0/attention/query' -> 'model.encoder.layers.0.self_attn.
+  q_proj' (Marian) or 'encoder.block.0.layer.0.SelfAttention.q' (T5), and
+  an untied 'lm_head'."""
+  config = config_from_hf(_read(hf_config))
+  modules = {}
+  for name, (path, transpose) in _names(config).items():
+    module, _, leaf = path.rpartition('/')
+    if leaf == 'kernel' and transpose and name.endswith('.weight'):
+      modules[module] = name.removesuffix('.weight')
+  return modules
+
+
 # ------------------------------------------------------------ the family
 
 
@@ -417,6 +510,8 @@ FAMILY = family_lib.Family(
     build=build,
     hf_model_types=('marian', 't5'),
     convert_hf=convert_hf,
+    export_hf=export_hf,
+    hf_linear_names=hf_linear_names,
     head_regex=(r'lm_head/.*', r'final_logits_bias'),
     lora_targets=(
         r'.*(attention|self_attention|cross_attention)/'

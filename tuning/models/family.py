@@ -27,6 +27,18 @@ Builder = Callable[..., Any]
 # convert_hf(tensors, hf_config) -> (params tree, report dict): the family's
 # Hugging Face safetensors name map (tensors by their HF names, float32).
 Converter = Callable[[dict[str, np.ndarray], dict], tuple[dict, dict]]
+# export_hf(params, hf_config) -> (tensors, hf_config): the reverse of
+# `convert_hf`: a params tree (numpy or jax arrays) as Hugging Face-named
+# float32 numpy arrays, in the order transformers writes them, and the
+# config.json to write beside them (`architectures` set to the transformers
+# class that reads them). Raises ValueError naming a missing or unexpected
+# parameter. `convert_hf(*export_hf(params, c))` gives `params` back bitwise.
+Exporter = Callable[[Any, dict], tuple[dict[str, np.ndarray], dict]]
+# hf_linear_names(hf_config) -> {Flax Dense module path: Hugging Face
+# nn.Linear module name}, e.g. 'decoder/layer_0/attention/query' ->
+# 'model.layers.0.self_attn.q_proj': where LoRA adapters go in PEFT's names.
+# Layers without a one-to-one nn.Linear (GPT-2's fused Conv1D) are absent.
+LinearNames = Callable[[dict], dict[str, str]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +50,8 @@ class Family:
   # Hugging Face `model_type` values (config.json) that `convert_hf` reads.
   hf_model_types: tuple[str, ...] = ()
   convert_hf: Optional[Converter] = None
+  export_hf: Optional[Exporter] = None
+  hf_linear_names: Optional[LinearNames] = None
   # Regexes over `/`-joined parameter paths.
   head_regex: tuple[str, ...] = (r'(head|classifier)/.*',)
   lora_targets: tuple[str, ...] = ()  # Dense module paths, e.g. attention
