@@ -132,6 +132,12 @@ def test_converting_the_export_back_gives_the_same_params(exported, tmp_path):
 
 def test_config_and_generation_config(exported):
   name, _, _, folder = exported
+  umask = os.umask(0)
+  os.umask(umask)
+  for file in os.listdir(folder):  # as any new file (safetensors: 0600)
+    assert os.stat(os.path.join(folder, file)).st_mode & 0o777 == (
+        0o666 & ~umask
+    ), file
   source = CONFIGS[name]
   with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
     config = json.load(f)

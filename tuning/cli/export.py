@@ -33,6 +33,7 @@ import time
 from typing import Any, Optional
 
 from absl import flags
+import numpy as np
 
 from tuning.cli import flags as cli_flags
 from tuning.formats import huggingface_export
@@ -149,16 +150,22 @@ def _from_run(workdir: str, step, fmt: Optional[str] = None) -> Exportable:
         'Face config (config.model.hf_config is unset): only models started '
         'from a Hugging Face or GGUF checkpoint export'
     )
-  run = Run(config, workdir)
-  try:
-    params, chosen = finished_run.restore_run(run, step)
-  finally:
-    run.checkpoints.close()
+  if config.task == 'causal_lm':
+    # A decoder's shapes come from its config.json: no data to build.
+    params, chosen = _restore_without_data(config, workdir, step)
+    num_classes = names = None
+  else:  # the head's width comes from the data (the classes)
+    run = Run(config, workdir)
+    try:
+      params, chosen = finished_run.restore_run(run, step)
+    finally:
+      run.checkpoints.close()
+    num_classes = getattr(run.task, 'num_classes', None)
+    names = run.data.class_names
   folder = config.data.get('tokenizer')
   if not folder or folder == 'whitespace':
     folder = config.init.checkpoint
   lora = config.lora if lora_lib.enabled(config.lora) else None
-  names = run.data.class_names if config.task == 'classification' else None
   return Exportable(
       family=family,
       params=params,
@@ -173,13 +180,41 @@ def _from_run(workdir: str, step, fmt: Optional[str] = None) -> Exportable:
           [str(n) for n in names]
           if names is not None
           else (
-              [str(i) for i in range(run.task.num_classes)]
+              [str(i) for i in range(num_classes)]
               if config.task == 'classification'
               else None
           )
       ),
       base_model=config.init.checkpoint or None,
   )
+
+
+def _restore_without_data(config, workdir: str, step):
+  """(params with LoRA adapters kept, step) of a causal_lm run."""
+  # pylint: disable=g-import-not-at-top
+  from tuning.models import registry
+  from tuning.multirun import finished_run
+  from tuning.tasks.registry import task_class
+  # pylint: enable=g-import-not-at-top
+  example = np.zeros((1, 8), np.int32)
+  _, params, chosen = finished_run.load_model(
+      workdir,
+      config,
+      registry.build_model(
+          config.model,
+          'float32',
+          **task_class(config.task)(config, None).model_dims(),
+      ),
+      lambda model, key: model.init(
+          {'params': key},
+          input_ids=example,
+          attention_mask=np.ones_like(example),
+          train=False,
+      ),
+      step,
+      merge_lora=False,
+  )
+  return params, chosen
 
 
 def _from_converted(folder: str) -> Exportable:

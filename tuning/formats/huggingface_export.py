@@ -65,6 +65,14 @@ def shard_size_bytes(value: str | int) -> int:
   return size
 
 
+def with_default_permissions(path: str) -> None:
+  """Gives a file the permissions of any new file (0666 less the umask):
+  safetensors writes its files readable by their owner alone."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
 def prepare_out(out_dir: str) -> str:
   """`out_dir` as an absolute path, created; an existing non-empty folder is
   an error (an export never mixes with or overwrites other files)."""
@@ -149,6 +157,7 @@ def write_weights(
         shard[name] = _cast(tensors[name], target)
         bar.update(1)
       save_file(shard, os.path.join(out_dir, file), metadata={'format': 'pt'})
+      with_default_permissions(os.path.join(out_dir, file))
   if split.is_sharded:
     # As transformers' save_pretrained writes it.
     index = {

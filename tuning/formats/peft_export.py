@@ -223,6 +223,9 @@ def write_adapter(
   save_file(
       tensors, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={'format': 'pt'}
   )
+  huggingface_export.with_default_permissions(
+      os.path.join(out_dir, ADAPTER_WEIGHTS)
+  )
   with open(os.path.join(out_dir, ADAPTER_CONFIG), 'w', encoding='utf-8') as f:
     json.dump(config, f, indent=2, sort_keys=True)
   return [ADAPTER_WEIGHTS, ADAPTER_CONFIG]

@@ -195,12 +195,14 @@ def load_model(
     which='best',
     *,
     setting: str = '--step',
+    merge_lora: bool = True,
 ):
   """(plain model, host params, step) of a finished run read without its
   data. `model`: the run's model built from `config` (its `run_config`);
   `init(model, key)`: the model's init call on a small example, which
   gives the restore target's shapes. LoRA adapters (where the run trained
-  them) are merged into the kernels and the plain model returned."""
+  them) are merged into the kernels and the plain model returned, unless
+  `merge_lora` is False (then the params keep `lora_a`/`lora_b`)."""
   lora = config.lora if lora_lib.enabled(config.lora) else None
   if lora:
     model = lora_lib.LoraModel(model, lora, naming=naming_rules(config))
@@ -209,7 +211,8 @@ def load_model(
   target = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), shapes)
   params, step = restore(workdir, config, target, which, setting=setting)
   if lora:
-    return model.model, lora_lib.merge(params, lora), step
+    merged = lora_lib.merge(params, lora) if merge_lora else params
+    return model.model, merged, step
   return model, params, step
 
 
