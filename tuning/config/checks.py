@@ -74,6 +74,13 @@ def check(config):
         'does not split into config.training.accumulation_steps='
         f'{accumulation} micro-batches: make the batch size a multiple of it'
     )
+  base_dtype = _value(config, 'lora.base_dtype')
+  if base_dtype not in (None, 'float32') and not _value(config, 'lora.rank'):
+    raise ConfigValueError(
+        f'config.lora.base_dtype={base_dtype!r} stores the frozen base of a '
+        'LoRA run: set config.lora.rank (e.g. 8), or leave base_dtype at '
+        "'float32'"
+    )
   mode = _value(config, 'mode')
   _one_duration(config, 'training', 'total', required=mode == 'train')
   _one_duration(config, 'training', 'eval_every')

@@ -178,6 +178,35 @@ FIELDS = (
     Field('model.channels', (32, 64), allowed=LAYER_SIZES),  # cnn
     Field('model.hf_config', unset=str),  # bert: HF config.json or folder
     Field('model.pooling', 'pooler'),  # bert: pooler | cls | mean
+    # Activation rematerialisation of the blocks (bert, decoder,
+    # encoder_decoder; tuning/models/remat.py): 'none' keeps every
+    # activation, 'full' recomputes each block in the backward pass, the
+    # others are jax.checkpoint_policies; remat_names (the names the blocks
+    # tag: query, key, value, attention_context, attention_out, mlp_hidden,
+    # mlp_out) for the two named policies.
+    Field(
+        'model.remat',
+        'none',
+        allowed=OneOf(
+            'none',
+            'full',
+            'dots_saveable',
+            'dots_with_no_batch_dims_saveable',
+            'nothing_saveable',
+            'everything_saveable',
+            'save_only_these_names',
+            'save_anything_except_these_names',
+        ),
+    ),
+    Field(
+        'model.remat_names',
+        (),
+        allowed=Satisfies(
+            lambda v: isinstance(v, (tuple, list))
+            and all(isinstance(name, str) for name in v),
+            "use a tuple of names, e.g. \"('attention_out', 'mlp_hidden')\"",
+        ),
+    ),
     # ---------------------------------------------------------------- optimizer
     Field('optimizer.name', 'adamw', allowed=OneOf('adam', 'adamw', 'sgd')),
     Field(
@@ -335,6 +364,13 @@ FIELDS = (
     # Regexes over Dense module paths (full match); None: the model family's.
     Field('lora.targets', unset=tuple),
     Field('lora.train_head', True),  # the optimizer.head parameters train too
+    # How the frozen kernels of the adapted layers are stored (QLoRA with
+    # 'nf4'; tuning/methods/quantization.py); the rest stays float32.
+    Field(
+        'lora.base_dtype',
+        'float32',
+        allowed=OneOf('float32', 'bfloat16', 'int8', 'nf4'),
+    ),
     # Write the merged plain parameters to WORKDIR/merged at the end.
     Field('lora.export_merged', True),
     # ---------------------------------------------------------- checkpoints

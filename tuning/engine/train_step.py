@@ -156,6 +156,27 @@ def ema_decay_at(decay: float, step):
   return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
 
 
+def _ema_update(d):
+  """One EMA update of a leaf, kept in its dtype; integer leaves (a frozen
+  base's codes, tuning/methods/quantization.py) are kept as they are."""
+
+  def update(e, p):
+    if not jnp.issubdtype(p.dtype, jnp.floating):
+      return p
+    new = d * e + (1.0 - d) * p
+    return new if new.dtype == p.dtype else new.astype(p.dtype)
+
+  return update
+
+
+def _floating(tree):
+  """The floating-point leaves of `tree` (a norm over integer codes would
+  overflow); all of them in a float32 tree."""
+  return [
+      x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)
+  ]
+
+
 @dataclasses.dataclass(frozen=True)
 class StepLayout:
   """What the train step needs of a layout: `sum_over_devices` adds the
@@ -318,16 +339,14 @@ def train_step_fn(
     if ema_decay is not None:
       d = ema_decay_at(ema_decay, state.step)
       ema_params = drop(
-          jax.tree.map(
-              lambda e, p: d * e + (1.0 - d) * p, lift(state.ema_params), params
-          )
+          jax.tree.map(_ema_update(d), lift(state.ema_params), params)
       )
     params, opt_state = drop(params), drop(opt_state)
     metrics = {
         'loss': loss,
         **sums,
         'grad_norm': grad_norm,
-        'param_norm': optax.tree.norm(params),
+        'param_norm': optax.tree.norm(_floating(params)),
         'learning_rate': schedule(state.step),
         'nonfinite': (~finite).astype(jnp.float32),
     }

@@ -18,6 +18,14 @@ decoder family's safetensors converter takes it from there:
 does for safetensors sources: `params` (orbax), `config.json`,
 `tokenizer.json`, `tokenizer_config.json` and `conversion.json` (last);
 `ensure_converted(path, cache_dir)` does it once per file.
+
+`read_lazily(path)` is `read` with `LazyTensor`s (tuning/formats/
+huggingface.py): a tensor's bytes are read (plain reads, not the reader's
+memory map), dequantised and un-permuted when the converter takes it, to
+the same float32 bits as `read`'s. `convert(..., streaming=True)`, the
+default, converts that way and spills each parameter (huggingface.py's
+`spill`), so host memory stays near the largest tensor; `streaming=False`
+is the whole-model path (`read`).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from typing import Any
 
 import numpy as np
@@ -176,6 +185,45 @@ def _dequantize(tensor) -> np.ndarray:
   return np.asarray(values, np.float32).reshape(shape)
 
 
+def _lazy_tensor(path: str, tensor, heads: int, kv_heads: int):
+  """A GGUF tensor as a `LazyTensor`: on use its bytes are read from the
+  file, dequantised as `_dequantize` does and un-permuted (Q and K)."""
+  raw_dtype, raw_shape = tensor.data.dtype, tensor.data.shape
+  count = int(tensor.n_bytes) // raw_dtype.itemsize
+
+  def load() -> np.ndarray:
+    data = np.fromfile(
+        path, dtype=raw_dtype, count=count, offset=int(tensor.data_offset)
+    ).reshape(raw_shape)
+    value = _dequantize(tensor._replace(data=data))
+    if '.attn_q.' in tensor.name:
+      value = unpermute(value, heads)
+    elif '.attn_k.' in tensor.name:
+      value = unpermute(value, kv_heads)
+    return value
+
+  shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+  return hf_convert.LazyTensor(_hf_name(tensor.name), shape, np.float32, load)
+
+
+def read_lazily(path: str) -> GGUFCheckpoint:
+  """`read` without reading the tensors: they are `LazyTensor`s (module
+  doc), the metadata, config and tokenizer as `read` gives them."""
+  path = os.fspath(path)
+  reader = _reader(path)
+  names = [t.name for t in reader.tensors]
+  hf_config = hf_config_from_metadata(reader, names)
+  heads = hf_config['num_attention_heads']
+  kv_heads = hf_config['num_key_value_heads']
+  tensors, types = {}, {}
+  for tensor in reader.tensors:
+    lazy = _lazy_tensor(path, tensor, heads, kv_heads)
+    types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+    tensors[lazy.name] = lazy
+  tokenizer, tokenizer_config = gguf_tokenizer.from_gguf(reader)
+  return GGUFCheckpoint(tensors, hf_config, tokenizer, tokenizer_config, types)
+
+
 def read(path: str) -> GGUFCheckpoint:
   """Reads, dequantises and renames a Llama GGUF file (see module doc)."""
   path = os.fspath(path)
@@ -198,12 +246,33 @@ def read(path: str) -> GGUFCheckpoint:
   return GGUFCheckpoint(tensors, hf_config, tokenizer, tokenizer_config, types)
 
 
-def convert(path: str, out_dir: str, verbose: bool = True) -> dict[str, Any]:
-  """Converts a GGUF file into a converted folder `out_dir`; the summary."""
-  checkpoint = read(path)
-  params, report = decoder_hf.convert_hf(
-      checkpoint.tensors, checkpoint.hf_config
-  )
+def convert(
+    path: str, out_dir: str, verbose: bool = True, streaming: bool = True
+) -> dict[str, Any]:
+  """Converts a GGUF file into a converted folder `out_dir`; the summary.
+
+  `streaming` (module doc): one tensor at a time; False: `read` whole."""
+  if not streaming:
+    checkpoint = read(path)
+    params, report = decoder_hf.convert_hf(
+        checkpoint.tensors, checkpoint.hf_config
+    )
+    return _write_converted(path, out_dir, checkpoint, params, report, verbose)
+  checkpoint = read_lazily(path)
+  scratch = hf_convert.scratch_folder(out_dir)
+  try:
+    params, report = decoder_hf.convert_hf(
+        checkpoint.tensors,
+        checkpoint.hf_config,
+        keep=hf_convert.spill(scratch),
+    )
+    return _write_converted(path, out_dir, checkpoint, params, report, verbose)
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_converted(path, out_dir, checkpoint, params, report, verbose):
+  """Writes the converted folder of a GGUF file; the summary."""
   summary = dict(
       report,
       source=os.path.abspath(path),

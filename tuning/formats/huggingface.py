@@ -16,17 +16,30 @@ module only reads and writes files. A converted folder holds:
 
 Only safetensors weights are read: pickled `pytorch_model.bin` files are
 refused.
+
+Streaming (`convert(..., streaming=True)`, the default): the tensors are
+opened lazily (`open_safetensors`: each file's header only; a tensor is read
+with plain file reads, not a memory map, when the family's `convert_hf`
+takes it), each converted parameter is handed to `keep` as it is made, which
+spills it to a scratch file beside `out_dir`, and orbax writes the spilled
+parameters one at a time (`SpilledArray`). Host memory then stays near the
+largest tensor (and its converted copy) instead of about three float32
+copies of the model (the read tensors, the converted tree, orbax's copy);
+the scratch folder needs the float32 size of the model on disk until the
+save ends. `streaming=False` is the whole-model path (`read_safetensors`,
+then one tree saved); both write the same parameters bitwise.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -108,6 +121,228 @@ def read_safetensors(folder: str) -> dict[str, np.ndarray]:
   return tensors
 
 
+# Safetensors dtype names (the header's) as numpy dtypes.
+def _safetensors_dtypes() -> dict[str, np.dtype]:
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+
+  return {
+      'F64': np.dtype(np.float64),
+      'F32': np.dtype(np.float32),
+      'F16': np.dtype(np.float16),
+      'BF16': np.dtype(ml_dtypes.bfloat16),
+      'F8_E4M3': np.dtype(ml_dtypes.float8_e4m3fn),
+      'F8_E5M2': np.dtype(ml_dtypes.float8_e5m2),
+      'I64': np.dtype(np.int64),
+      'I32': np.dtype(np.int32),
+      'I16': np.dtype(np.int16),
+      'I8': np.dtype(np.int8),
+      'U64': np.dtype(np.uint64),
+      'U32': np.dtype(np.uint32),
+      'U16': np.dtype(np.uint16),
+      'U8': np.dtype(np.uint8),
+      'BOOL': np.dtype(np.bool_),
+  }
+
+
+def _loaded_dtype(stored: np.dtype) -> np.dtype:
+  """The dtype `read_safetensors` gives a stored dtype: float32 for every
+  float (bfloat16 included), otherwise JAX's (int64 is int32 without x64)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if np.issubdtype(stored, np.floating) or stored.name == 'bfloat16':
+    return np.dtype(np.float32)
+  return np.dtype(jax.dtypes.canonicalize_dtype(stored))
+
+
+class LazyTensor:
+  """A tensor not read yet: `shape` and `dtype` (as it will be loaded) are
+  known, `np.asarray(t)` reads and returns it (each time: nothing is kept).
+
+  A family's `convert_hf` takes these as it takes arrays: through
+  `np.asarray` / `np.ascontiguousarray`, or `.T` (which reads too).
+  """
+
+  def __init__(self, name: str, shape, dtype, load: Callable[[], np.ndarray]):
+    self.name = name
+    self.shape = tuple(int(d) for d in shape)
+    self.dtype = np.dtype(dtype)
+    self._load = load
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def T(self) -> np.ndarray:  # pylint: disable=invalid-name
+    return np.asarray(self).T
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    del copy  # a fresh array every time
+    value = self._load()
+    if value.shape != self.shape or value.dtype != self.dtype:
+      raise ConversionError(
+          f'tensor {self.name} read as {value.dtype}{list(value.shape)}, '
+          f'its header says {self.dtype}{list(self.shape)}: the file is '
+          'corrupt; download it again'
+      )
+    return value if dtype is None else value.astype(dtype, copy=False)
+
+  def __repr__(self) -> str:
+    return f'LazyTensor({self.name!r}, {self.shape}, {self.dtype})'
+
+
+def _read_header(file: str) -> tuple[int, dict]:
+  """(offset of the data, header dict) of a safetensors file, checked
+  against the file's size."""
+  size = os.path.getsize(file)
+  with open(file, 'rb') as f:
+    length = int.from_bytes(f.read(8), 'little')
+    if size < 8 or length > size - 8:
+      raise ValueError(f'a header of {length} bytes in a {size}-byte file')
+    header = json.loads(f.read(length))
+  if not isinstance(header, dict):
+    raise ValueError('the header is not a JSON object')
+  header.pop('__metadata__', None)
+  dtypes = _safetensors_dtypes()
+  for name, entry in header.items():
+    begin, end = entry['data_offsets']
+    if entry['dtype'] not in dtypes:
+      raise ValueError(f'tensor {name} has an unknown dtype {entry["dtype"]}')
+    count = int(np.prod(entry['shape'], dtype=np.int64))
+    if end - begin != count * dtypes[entry['dtype']].itemsize:
+      raise ValueError(f'tensor {name} has {end - begin} bytes for its shape')
+    if 8 + length + end > size:
+      raise ValueError(f'tensor {name} ends past the end of the file')
+  return 8 + length, header
+
+
+def _file_tensor(
+    file: str, name: str, offset: int, stored: np.dtype, shape
+) -> LazyTensor:
+  count = int(np.prod(shape, dtype=np.int64))
+  loaded = _loaded_dtype(stored)
+
+  def load() -> np.ndarray:
+    value = np.fromfile(file, dtype=stored, count=count, offset=offset)
+    return value.reshape(shape).astype(loaded, copy=False)
+
+  return LazyTensor(name, shape, loaded, load)
+
+
+def open_safetensors(folder: str) -> dict[str, LazyTensor]:
+  """The tensors of a HF folder's safetensors file(s) as `LazyTensor`s,
+  in `read_safetensors`' order, reading only the files' headers now.
+
+  A tensor is read when it is used, with plain reads (no memory map, so the
+  file's pages are not counted in this process's memory), and loads as
+  `read_safetensors` gives it: floats as float32, bitwise the same.
+  """
+  tensors: dict[str, LazyTensor] = {}
+  dtypes = _safetensors_dtypes()
+  for file in _safetensors_files(folder):
+    try:
+      start, header = _read_header(file)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise ConversionError(
+          f'{file} is not a readable safetensors file '
+          f'({type(e).__name__}: {e}); download it '
+          'again'
+      ) from None
+    for name in sorted(header):
+      entry = header[name]
+      tensors[name] = _file_tensor(
+          file,
+          name,
+          start + entry['data_offsets'][0],
+          dtypes[entry['dtype']],
+          entry['shape'],
+      )
+  return tensors
+
+
+class SpilledArray:
+  """A converted parameter written to a scratch file (raw bytes, C order):
+  what `spill` keeps in the tree instead of the array. `write_folder` saves
+  a tree of these one leaf at a time, deleting each file once written."""
+
+  def __init__(self, path: str, shape, dtype):
+    self.path = path
+    self.shape = tuple(shape)
+    self.dtype = np.dtype(dtype)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def load(self) -> np.ndarray:
+    value = np.fromfile(self.path, dtype=self.dtype, count=self.size)
+    return value.reshape(self.shape)
+
+
+def spill(folder: str) -> Callable[[str, np.ndarray], SpilledArray]:
+  """A `keep(path, array)` for a family's `convert_hf`: writes each
+  converted parameter to `folder` and keeps only a `SpilledArray`."""
+  os.makedirs(folder, exist_ok=True)
+  numbers = itertools.count()
+
+  def keep(path: str, array: np.ndarray) -> SpilledArray:
+    del path  # files are numbered; the tree says where each belongs
+    array = np.ascontiguousarray(array)
+    file = os.path.join(folder, f'{next(numbers)}.bin')
+    array.tofile(file)
+    return SpilledArray(file, array.shape, array.dtype)
+
+  return keep
+
+
+def _spilled_array_handler():
+  """An orbax NumpyHandler for `SpilledArray` leaves: each is read, written
+  and its scratch file deleted before the next, so one parameter at a time
+  is in memory. Its `typestr` is the NumpyHandler's: the checkpoint reads
+  back exactly as one saved from numpy arrays."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  class SpilledArrayHandler(ocp.type_handlers.NumpyHandler):
+
+    async def _background_serialize(self, values, infos, args=None):
+      for value, info, arg in zip(values, infos, args):
+        array = value.load()
+        await super()._background_serialize([array], [info], [arg])
+        del array
+        os.remove(value.path)
+
+  return SpilledArrayHandler(deepcopy_host_arrays=False)
+
+
+def _save_params(path: str, params) -> None:
+  """Saves the params tree with orbax's `PyTreeCheckpointer`; its
+  `SpilledArray` leaves are saved one at a time."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  ocp.type_handlers.register_type_handler(
+      SpilledArray, _spilled_array_handler(), override=True
+  )
+  ocp.PyTreeCheckpointer().save(path, params)
+
+
+def streams(convert_hf) -> bool:
+  """Whether a family's `convert_hf` takes `keep` (and so lazy tensors)."""
+  import inspect  # pylint: disable=g-import-not-at-top
+
+  return 'keep' in inspect.signature(convert_hf).parameters
+
+
+def scratch_folder(out_dir: str) -> str:
+  """A new empty folder beside `out_dir` for `spill`'s files."""
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  return tempfile.mkdtemp(prefix='.spilled-params-', dir=parent)
+
+
 def _family(hf_config: dict) -> Family:
   """The family whose `convert_hf` reads checkpoints of this config's
   `model_type`."""
@@ -118,7 +353,7 @@ def _family(hf_config: dict) -> Family:
 
 
 def convert_tensors(
-    tensors: dict[str, np.ndarray], hf_config: dict
+    tensors: dict[str, np.ndarray], hf_config: dict, keep=None
 ) -> tuple[dict, dict[str, Any]]:
   """Maps HF-named tensors onto a params tree with the converter of the
   family that `hf_config['model_type']` names.
@@ -126,10 +361,13 @@ def convert_tensors(
   Returns `(params, summary)` as the family's `convert_hf` does (`converted`,
   `left_out`, optional `notes` lines and family-specific entries); raises
   ConversionError naming an unsupported model type or whatever the family's
-  converter rejects.
+  converter rejects. `keep` (a family that `streams` only) is handed each
+  converted parameter, and the tree holds what it returns (`spill`).
   """
   family = _family(hf_config)
   try:
+    if keep is not None:
+      return family.convert_hf(tensors, hf_config, keep=keep)
     return family.convert_hf(tensors, hf_config)
   except ValueError as e:
     raise ConversionError(str(e)) from e
@@ -167,19 +405,44 @@ def resolve_source(source: str) -> str:
     ) from e
 
 
-def convert(source: str, out_dir: str, verbose: bool = True) -> dict[str, Any]:
+def convert(
+    source: str, out_dir: str, verbose: bool = True, streaming: bool = True
+) -> dict[str, Any]:
   """Converts a HF folder or hub id into `out_dir` (must not exist yet).
 
-  Returns the summary.
+  Returns the summary. `streaming` (module doc): one tensor at a time
+  when the family's converter `streams`; False: the whole-model path.
   """
   folder = resolve_source(source)
   try:
     hf_config = read_hf_config(folder)
   except ValueError as e:
     raise ConversionError(str(e)) from e
-  _family(hf_config)  # an unsupported model type fails before reading weights
-  params, summary = convert_tensors(read_safetensors(folder), hf_config)
+  family = _family(hf_config)  # an unsupported type fails before the weights
+  scratch = None
+  if streaming and streams(family.convert_hf):
+    scratch = scratch_folder(out_dir)
+  try:
+    if scratch:
+      params, summary = convert_tensors(
+          open_safetensors(folder), hf_config, keep=spill(scratch)
+      )
+    else:
+      params, summary = convert_tensors(read_safetensors(folder), hf_config)
+    summary = _write_converted(
+        folder, source, out_dir, params, hf_config, summary
+    )
+  finally:
+    if scratch:
+      shutil.rmtree(scratch, ignore_errors=True)
+  if verbose:
+    print(format_summary(summary, out_dir))
+  return summary
 
+
+def _write_converted(folder, source, out_dir, params, hf_config, summary):
+  """Writes the converted folder (params, config, tokenizer files); the
+  summary with `source` and `tokenizer_files` added."""
   copied = [
       n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, n))
   ]
@@ -191,8 +454,6 @@ def convert(source: str, out_dir: str, verbose: bool = True) -> dict[str, Any]:
       summary,
       copies={n: os.path.join(folder, n) for n in copied},
   )
-  if verbose:
-    print(format_summary(summary, out_dir))
   return summary
 
 
@@ -206,16 +467,15 @@ def write_folder(
 ) -> None:
   """Writes a converted folder: params (orbax), config.json, `files`
   ({name: text}) and `copies` ({name: source path}), then the marker
-  `conversion.json` (`summary`), last, which marks it complete."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
+  `conversion.json` (`summary`), last, which marks it complete. `params`
+  may hold `SpilledArray` leaves (saved one at a time, files deleted)."""
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(os.path.join(out_dir, 'params')):
     raise ConversionError(
         f'{out_dir}/params already exists; choose a new --out folder.'
     )
   os.makedirs(out_dir, exist_ok=True)
-  ocp.PyTreeCheckpointer().save(os.path.join(out_dir, 'params'), params)
+  _save_params(os.path.join(out_dir, 'params'), params)
   with open(os.path.join(out_dir, 'config.json'), 'w', encoding='utf-8') as f:
     json.dump(hf_config, f, indent=2)
   for name, text in (files or {}).items():

@@ -19,6 +19,23 @@ know about LoRA.
 drops them: the result is a plain parameter tree; `export_merged` writes it
 as an orbax checkpoint that `config.init.checkpoint` loads into the plain
 model (lora.rank=0).
+
+The frozen base in less memory (QLoRA): with `config.lora.base_dtype`
+'bfloat16', 'int8' or 'nf4' (default 'float32': nothing changes), the
+kernels of the adapted Dense layers that do not train (all of them but a
+trained head) are stored in that format (tuning/methods/quantization.py:
+per-block absmax scales, blocks of 64, NF4's 16 values as QLoRA's) from
+`init` on: `<module>/kernel` holds the stored form, so the train state,
+its checkpoints (resume restores the same codes exactly) and the restore
+targets all carry it. `apply` runs such a layer as the same Dense with the
+kernel dequantized to float32 right before it, under `jax.checkpoint`, so
+the backward pass dequantizes it again instead of keeping a float32 copy.
+Embeddings, norms, biases, the layers that are not adapted and the
+adapters stay float32. `quantize_base` turns a float32 tree (e.g. one
+that pretrained weights were loaded into, `dequantized_base` giving their
+target) into that form; `merge` dequantizes first. With an int8 or NF4
+base the train step's `param_norm` counts the per-block scales, not the
+codes (tuning/engine/train_step.py).
 """
 
 from __future__ import annotations
@@ -33,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tuning.methods import naming as naming_lib
+from tuning.methods import quantization
 from tuning.models import dropout
 
 ADAPTER_NAMES = ('lora_a', 'lora_b')
@@ -137,11 +155,83 @@ def join(base, adapters):
   return _unflat(flat)
 
 
+def base_dtype(lora_config) -> str:
+  """The format of the frozen adapted kernels ('float32' where unset)."""
+  fmt = lora_config.get('base_dtype', None) or 'float32'
+  quantization.check_format(fmt)
+  return fmt
+
+
+def frozen_targets(
+    params, lora_config, naming: naming_lib.NamingRules | None = None
+) -> list[str]:
+  """The adapted modules whose kernel does not train (with
+  `train_head`, a head that is also a target trains)."""
+  naming = naming or naming_lib.resolve(None, lora_config=lora_config)
+  head = [re.compile(r) for r in naming.head]
+  return [
+      m
+      for m in target_modules(params, lora_config, naming)
+      if not (
+          lora_config.train_head
+          and any(r.fullmatch(f'{m}/kernel') for r in head)
+      )
+  ]
+
+
+def quantize_base(
+    params, lora_config, naming: naming_lib.NamingRules | None = None
+):
+  """`params` with each frozen adapted kernel stored in
+  `lora_config.base_dtype` (the same tree for 'float32' or no LoRA)."""
+  if not enabled(lora_config) or base_dtype(lora_config) == 'float32':
+    return params
+  fmt = base_dtype(lora_config)
+  flat = dict(_flat(params))
+  for module in frozen_targets(params, lora_config, naming):
+    kernel = flat.pop(f'{module}/kernel')
+    stored = quantization.quantize(kernel, fmt, module)
+    if isinstance(stored, dict):
+      for name, value in stored.items():
+        flat[f'{module}/kernel/{name}'] = value
+    else:
+      flat[f'{module}/kernel'] = stored
+  return _unflat(flat)
+
+
+def _stored_kernels(flat: dict) -> dict:
+  """{module: the stored kernel} of the kernels not in float32."""
+  stored = {}
+  for k, v in flat.items():
+    if k.endswith('/kernel') and quantization.is_stored(v):
+      stored[k[: -len('/kernel')]] = v
+    module, _, name = k.rpartition('/kernel/')
+    if module and name in ('int8', 'nf4'):
+      stored[module] = {name: v, 'scales': flat[f'{module}/kernel/scales']}
+  return stored
+
+
+def dequantized_base(params):
+  """`params` with every stored kernel back in float32 (the tree a
+  float32 checkpoint loads into; itself where none is stored)."""
+  flat = dict(_flat(params))
+  stored = _stored_kernels(flat)
+  if not stored:
+    return params
+  for module, value in stored.items():
+    for name in ('int8', 'nf4', 'scales'):
+      flat.pop(f'{module}/kernel/{name}', None)
+    flat[f'{module}/kernel'] = np.asarray(quantization.dequantize(value))
+  return _unflat(flat)
+
+
 def merge(params, lora_config):
   """Plain parameters: each adapted kernel becomes W + scale * A B."""
   base, adapters = split(params)
   flat = dict(_flat(base))
   s = scale(lora_config)
+  if _stored_kernels(flat):
+    flat = _flat(dequantized_base(base))
   for module, (a, b) in adapters.items():
     kernel = np.asarray(flat[f'{module}/kernel'], np.float32)
     flat[f'{module}/kernel'] = kernel + s * (
@@ -178,6 +268,7 @@ class LoraModel:
     self.naming = naming
     self.scale = scale(lora_config)
     self.dropout = float(lora_config.dropout)
+    self.base_dtype = base_dtype(lora_config)
 
   def __getattr__(self, name):
     return getattr(self.model, name)
@@ -185,10 +276,14 @@ class LoraModel:
   def init(self, rngs, *args, **kwargs):
     variables = dict(self.model.init(rngs, *args, **kwargs))
     key = rngs['params'] if isinstance(rngs, dict) else rngs
-    variables['params'] = add_adapters(
-        variables['params'],
+    variables['params'] = quantize_base(
+        add_adapters(
+            variables['params'],
+            self.config,
+            jax.random.fold_in(key, 0x10A),
+            self.naming,
+        ),
         self.config,
-        jax.random.fold_in(key, 0x10A),
         self.naming,
     )
     return variables
@@ -198,18 +293,28 @@ class LoraModel:
     order = {m: i for i, m in enumerate(sorted(adapters))}
     key = (rngs or {}).get('dropout') if train else None
     rate = self.dropout if key is not None else 0.0
+    stored = {}
+    if self.base_dtype != 'float32':
+      flat_base = _flat(base)
+      for m, kernel in _stored_kernels(flat_base).items():
+        stored[m] = {'kernel': kernel}
+        if f'{m}/bias' in flat_base:
+          stored[m]['bias'] = flat_base[f'{m}/bias']
 
     def interceptor(next_fun, call_args, call_kwargs, context):
-      out = next_fun(*call_args, **call_kwargs)
       if context.method_name != '__call__' or not isinstance(
           context.module, nn.Dense
       ):
-        return out
+        return next_fun(*call_args, **call_kwargs)
       module = '/'.join(context.module.path)
       if module not in adapters:
-        return out
-      a, b = adapters[module]
+        return next_fun(*call_args, **call_kwargs)
       x = call_args[0] if call_args else call_kwargs['inputs']
+      if module in stored:
+        out = _frozen_dense(context.module, stored[module], x)
+      else:
+        out = next_fun(*call_args, **call_kwargs)
+      a, b = adapters[module]
       if rate > 0:
         keep = dropout.keep_mask(
             jax.random.fold_in(
@@ -229,6 +334,22 @@ class LoraModel:
       )
 
 
+def _frozen_dense(dense: nn.Dense, stored: dict, x):
+  """`dense`(x) with its kernel `stored['kernel']` (a stored form) and its
+  bias: the same Dense (dtype, promotion, dot_general) applied to the
+  kernel dequantized to float32, under `jax.checkpoint` so that the
+  backward pass dequantizes it again rather than keeping it."""
+  layer = dense.clone(parent=None)
+
+  def run(x, stored):
+    params = {**stored, 'kernel': quantization.dequantize(stored['kernel'])}
+    return layer.apply({'params': params}, x)
+
+  return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(
+      x, stored
+  )
+
+
 def describe(params, lora_config) -> str:
   """One line: rank, alpha, adapted modules, adapter parameter count."""
   _, adapters = split(params)
@@ -239,4 +360,9 @@ def describe(params, lora_config) -> str:
       f'{scale(lora_config):g}), dropout {lora_config.dropout}'
       f', {len(adapters)} adapted Dense layers, {count:,} adapter '
       'parameters'
+      + (
+          f', frozen base of the adapted layers in {base_dtype(lora_config)}'
+          if base_dtype(lora_config) != 'float32'
+          else ''
+      )
   )

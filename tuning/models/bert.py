@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from tuning.models import activations
+from tuning.models import remat as remat_lib
 from tuning.platform import bf16_matmul
 from tuning.models.dropout import Dropout
 
@@ -65,8 +66,13 @@ class BertConfig:
   layer_norm_eps: float = 1e-12
   initializer_range: float = 0.02
   pad_token_id: int = 0
+  # Rematerialisation of the blocks (tuning/models/remat.py): 'none' keeps
+  # every activation for the backward pass.
+  remat: str = 'none'
+  remat_names: tuple[str, ...] = ()
 
   def __post_init__(self):
+    remat_lib.check(self.remat, self.remat_names)
     if self.hidden_act not in _ACTIVATIONS:
       raise ValueError(
           f'Unsupported hidden_act={self.hidden_act!r}; supported: '
@@ -153,6 +159,7 @@ class BertSelfAttention(nn.Module):
       y = _dense(cfg.hidden_size, name, cfg, self.dtype)(
           x.reshape(-1, x.shape[-1])
       )
+      y = remat_lib.tag(y, name)
       return y.reshape(x.shape[:-1] + (heads, head_dim))  # [B, L, H, D]
 
     q, k, v = project('query'), project('key'), project('value')
@@ -162,7 +169,8 @@ class BertSelfAttention(nn.Module):
       ctx = jax.nn.dot_product_attention(
           q, k, v, bias=mask_bias, implementation='xla'
       )
-      return ctx.reshape(ctx.shape[:2] + (cfg.hidden_size,))
+      ctx = ctx.reshape(ctx.shape[:2] + (cfg.hidden_size,))
+      return remat_lib.tag(ctx, 'attention_context')
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(head_dim)) + mask_bias
     probs = nn.softmax(scores, axis=-1)
@@ -170,19 +178,25 @@ class BertSelfAttention(nn.Module):
         probs
     )
     ctx = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(self.dtype), v)
-    return ctx.reshape(ctx.shape[:2] + (cfg.hidden_size,))
+    ctx = ctx.reshape(ctx.shape[:2] + (cfg.hidden_size,))
+    return remat_lib.tag(ctx, 'attention_context')
 
 
 class BertAddNorm(nn.Module):
-  """Dense projection, dropout, residual add and post-LayerNorm (HF `*Output` blocks)."""
+  """Dense projection, dropout, residual add and post-LayerNorm (HF `*Output` blocks).
+
+  `remat_name` tags the projection's output (tuning/models/remat.py).
+  """
 
   config: BertConfig
   dtype: Any = jnp.float32
+  remat_name: str = 'attention_out'
 
   @nn.compact
   def __call__(self, x, residual, *, train: bool):
     cfg = self.config
     x = _dense(cfg.hidden_size, 'dense', cfg, self.dtype)(x)
+    x = remat_lib.tag(x, self.remat_name)
     x = Dropout(cfg.hidden_dropout_prob, deterministic=not train)(x)
     return _layer_norm(cfg)(x + residual).astype(self.dtype)
 
@@ -196,19 +210,21 @@ class BertIntermediate(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    return _ACTIVATIONS[cfg.hidden_act](
+    h = _ACTIVATIONS[cfg.hidden_act](
         _dense(cfg.intermediate_size, 'dense', cfg, self.dtype)(x)
     )
+    return remat_lib.tag(h, 'mlp_hidden')
 
 
 class BertLayer(nn.Module):
-  """One post-LayerNorm transformer block."""
+  """One post-LayerNorm transformer block (`train` may be passed by
+  position: `remat_layer` makes it a static argument of `nn.remat`)."""
 
   config: BertConfig
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask_bias, *, train: bool):
+  def __call__(self, x, mask_bias, train: bool = False):
     cfg = self.config
     shape = x.shape  # [B, L, hidden]
     attn = BertSelfAttention(cfg, self.dtype, name='attention')(
@@ -223,8 +239,18 @@ class BertLayer(nn.Module):
         rows(attn), rows(x), train=train
     )
     h = BertIntermediate(cfg, self.dtype, name='intermediate')(x)
-    x = BertAddNorm(cfg, self.dtype, name='output')(h, x, train=train)
+    x = BertAddNorm(cfg, self.dtype, 'mlp_out', name='output')(
+        h, x, train=train
+    )
     return x.reshape(shape)
+
+
+def remat_layer(cfg: BertConfig):
+  """`BertLayer`, or `BertLayer` under `nn.remat` with `cfg.remat`'s
+  policy (`train`, argument 3, static)."""
+  return remat_lib.wrap(
+      BertLayer, cfg.remat, cfg.remat_names, static_argnums=(3,)
+  )
 
 
 class BertStack(nn.Module):
@@ -235,10 +261,10 @@ class BertStack(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask_bias, *, train: bool):
+    layer = remat_layer(self.config)
     for i in range(self.config.num_hidden_layers):
-      x = BertLayer(self.config, self.dtype, name=f'layer_{i}')(
-          x, mask_bias, train=train
-      )
+      # train by position: a static argument under remat (remat_layer)
+      x = layer(self.config, self.dtype, name=f'layer_{i}')(x, mask_bias, train)
     return x
 
 

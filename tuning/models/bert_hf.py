@@ -28,6 +28,7 @@ import numpy as np
 from tuning.models import bert
 from tuning.models import family as family_lib
 from tuning.models import hf_config as hf_config_lib
+from tuning.models import remat as remat_lib
 
 # Hugging Face `model_type` values this module can load.
 SUPPORTED_MODEL_TYPES = ('bert',)
@@ -132,7 +133,7 @@ def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
 
 
 def convert_hf(
-    tensors: dict[str, np.ndarray], hf_config: dict
+    tensors: dict[str, np.ndarray], hf_config: dict, keep=None
 ) -> tuple[dict, dict[str, Any]]:
   """Maps HF tensors onto the `BertClassifier` params tree (`FAMILY.convert_hf`).
 
@@ -140,7 +141,10 @@ def convert_hf(
   ({name: reason}), `has_classifier`, `pooler_missing` and `notes` (lines
   for the printed summary). Raises a ValueError naming an unsupported
   config, any missing or unexpected tensors, or any shape mismatch.
+  `keep(path, array)` (optional) is given each parameter as it is converted
+  and the tree holds what it returns (tuning/formats/huggingface.py `spill`).
   """
+  keep = keep or (lambda path, array: array)
   config = bert_config_from_hf(hf_config)
   name_map = hf_name_map(config)
   params: dict = {}
@@ -158,7 +162,8 @@ def convert_hf(
     path, transpose = target
     value = value.T if transpose else value
     used.add(name)
-    _set(params, path, np.ascontiguousarray(value, dtype=np.float32))
+    value = np.ascontiguousarray(value, dtype=np.float32)
+    _set(params, path, keep('/'.join(path), value))
 
   missing = [n for n in name_map if n not in used]
   # Checkpoints saved without a pooler (e.g. from BertForMaskedLM) are accepted: the
@@ -226,15 +231,6 @@ def _check_shapes(params: dict, config: bert.BertConfig) -> None:
 _POOLER = ('pooler.dense.weight', 'pooler.dense.bias')
 
 
-def _flat_params(params) -> dict[str, np.ndarray]:
-  return {
-      '/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(
-          v, np.float32
-      )
-      for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
-
-
 def _labels(hf_config: dict, num_labels: int) -> dict[str, Any]:
   """`id2label` / `label2id` for a head with `num_labels` outputs: the
   config's own names where it has one per output, transformers' defaults
@@ -274,7 +270,7 @@ def export_hf(params, hf_config: dict) -> tuple[dict[str, np.ndarray], dict]:
   if not isinstance(hf_config, dict):
     hf_config = hf_config_lib.read_hf_config(hf_config)
   config = bert_config_from_hf(hf_config)
-  flat = _flat_params(params)
+  flat = family_lib.flat_float32(params)
   has_head = any(k.startswith('classifier/') for k in flat)
   names = dict(hf_name_map(config))
   pooler = {'/'.join(names[n][0]) for n in _POOLER}
@@ -284,25 +280,14 @@ def export_hf(params, hf_config: dict) -> tuple[dict[str, np.ndarray], dict]:
   if has_head:
     names.update(_HEAD)
   wanted = {'/'.join(path): name for name, (path, _) in names.items()}
-  missing = sorted(set(wanted) - set(flat))
-  unexpected = sorted(set(flat) - set(wanted))
-  if missing or unexpected:
-    raise ValueError(
-        'cannot export these parameters as a BERT checkpoint: '
-        + '; '.join(
-            f'{what}: {", ".join(items)}'
-            for what, items in (
-                ('missing', missing),
-                ('unexpected', unexpected),
-            )
-            if items
-        )
-        + (
-            ' (BertForSequenceClassification classifies the pooler output)'
-            if has_head and pooler & set(missing)
-            else ''
-        )
-    )
+  family_lib.check_export_paths(
+      flat,
+      wanted,
+      'BERT',
+      ' (BertForSequenceClassification classifies the pooler output)'
+      if has_head and pooler - set(flat)
+      else '',
+  )
   prefix = 'bert.' if has_head else ''
   tensors = {}
   for name, (path, transpose) in names.items():
@@ -376,7 +361,8 @@ def build_bert(
   """The registry's builder: a `BertClassifier` from an ml_collections model config.
 
   Fields: `hf_config` (a config.json, a HF model folder or a converted checkpoint
-  folder), `pooling` (default 'pooler'), `dropout` (optional override, may be None).
+  folder), `pooling` (default 'pooler'), `dropout` (optional override, may be None),
+  `remat` and `remat_names` (optional; tuning/models/remat.py).
   The vocabulary is the checkpoint's (`vocab_size` is not used).
   """
   del vocab_size
@@ -388,12 +374,17 @@ def build_bert(
         'model.hf_config is not set: give the path to a Hugging Face config.json '
         'or a folder holding one.'
     )
-  return from_hf_config(
+  model = from_hf_config(
       hf_config_lib.read_hf_config(hf_path),
       num_outputs,
       pooling=model_config.get('pooling', 'pooler') or 'pooler',
       dtype=dtype,
       dropout=model_config.get('dropout', None),
+  )
+  return model.clone(
+      config=dataclasses.replace(
+          model.config, **remat_lib.from_model_config(model_config)
+      )
   )
 
 

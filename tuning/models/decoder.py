@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tuning.models import activations
+from tuning.models import remat as remat_lib
 from tuning.platform import bf16_matmul
 from tuning.models.dropout import Dropout
 
@@ -89,8 +90,13 @@ class DecoderConfig:
   bos_token_id: Optional[int] = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: Optional[int] = None
+  # Rematerialisation of the blocks (tuning/models/remat.py): 'none' keeps
+  # every activation for the backward pass.
+  remat: str = 'none'
+  remat_names: tuple[str, ...] = ()
 
   def __post_init__(self):
+    remat_lib.check(self.remat, self.remat_names)
     if self.activation not in _ACTIVATIONS:
       raise ValueError(
           f'unsupported activation {self.activation!r}: use '
@@ -184,15 +190,12 @@ class Attention(nn.Module):
     batch, length, _ = x.shape
     heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
     rows = x.reshape(batch * length, -1)  # matmuls on rows (see Block)
-    q = self._dense(heads * dim, 'query')(rows).reshape(
-        batch, length, heads, dim
-    )
-    k = self._dense(kv_heads * dim, 'key')(rows).reshape(
-        batch, length, kv_heads, dim
-    )
-    v = self._dense(kv_heads * dim, 'value')(rows).reshape(
-        batch, length, kv_heads, dim
-    )
+    project = lambda n, name: remat_lib.tag(  # pylint: disable=g-long-lambda
+        self._dense(n * dim, name)(rows), name
+    ).reshape(batch, length, n, dim)
+    q = project(heads, 'query')
+    k = project(kv_heads, 'key')
+    v = project(kv_heads, 'value')
     if self.rope_theta is not None:
       q = rotary(q, positions, self.rope_theta)
       k = rotary(k, positions, self.rope_theta)
@@ -244,8 +247,13 @@ class Attention(nn.Module):
     context = jnp.einsum(
         'bhgls,bshd->blhgd', probs.astype(self.dtype), v.astype(self.dtype)
     )
-    context = context.reshape(batch * length, heads * dim)
-    return self._dense(x.shape[-1], 'out')(context).reshape(x.shape)
+    context = remat_lib.tag(
+        context.reshape(batch * length, heads * dim), 'attention_context'
+    )
+    out = remat_lib.tag(
+        self._dense(x.shape[-1], 'out')(context), 'attention_out'
+    )
+    return out.reshape(x.shape)
 
 
 class MLP(nn.Module):
@@ -276,7 +284,8 @@ class MLP(nn.Module):
       )(x)
     else:
       h = act(dense(cfg.intermediate_size, 'up')(x))
-    return dense(cfg.hidden_size, 'down')(h)
+    h = remat_lib.tag(h, 'mlp_hidden')
+    return remat_lib.tag(dense(cfg.hidden_size, 'down')(h), 'mlp_out')
 
 
 def _norm(cfg: DecoderConfig, name: str) -> nn.Module:
@@ -296,7 +305,11 @@ def _norm(cfg: DecoderConfig, name: str) -> nn.Module:
 
 
 class Block(nn.Module):
-  """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)).
+
+  `decode` and `train` may be passed by position: `remat_block` makes them
+  static arguments of `nn.remat`.
+  """
 
   config: DecoderConfig
   layer: int = 0
@@ -304,7 +317,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x, attention_mask, positions, segment_ids, *, decode, train
+      self, x, attention_mask, positions, segment_ids, decode=False, train=False
   ):
     cfg = self.config
     drop = Dropout(cfg.dropout, deterministic=not train)
@@ -338,6 +351,14 @@ class Block(nn.Module):
     return (x + drop(MLP(cfg, self.dtype, name='mlp')(h))).reshape(shape)
 
 
+def remat_block(cfg: DecoderConfig):
+  """`Block`, or `Block` under `nn.remat` with `cfg.remat`'s policy
+  (`decode` and `train`, arguments 5 and 6, static)."""
+  return remat_lib.wrap(
+      Block, cfg.remat, cfg.remat_names, static_argnums=(5, 6)
+  )
+
+
 class Decoder(nn.Module):
   """Embeddings, the blocks and the final norm: hidden states [B, L, D]."""
 
@@ -362,8 +383,9 @@ class Decoder(nn.Module):
           param_dtype=jnp.float32,
           embedding_init=init,
       )
+    block = remat_block(cfg)
     self.layers = [
-        Block(cfg, i, self.dtype, name=f'layer_{i}')
+        block(cfg, i, self.dtype, name=f'layer_{i}')
         for i in range(cfg.num_layers)
     ]
     self.final_norm = _norm(cfg, 'final_norm')
@@ -380,10 +402,8 @@ class Decoder(nn.Module):
           self.dtype
       )
     x = self.embed_dropout(x, deterministic=not train)
-    for layer in self.layers:
-      x = layer(
-          x, attention_mask, positions, segment_ids, decode=decode, train=train
-      )
+    for layer in self.layers:  # decode, train by position (remat_block)
+      x = layer(x, attention_mask, positions, segment_ids, decode, train)
     return self.final_norm(x).astype(self.dtype)
 
   def attend(self, hidden):

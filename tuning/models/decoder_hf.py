@@ -29,6 +29,7 @@ import numpy as np
 from tuning.models import decoder as decoder_lib
 from tuning.models import family as family_lib
 from tuning.models import hf_config as hf_config_lib
+from tuning.models import remat as remat_lib
 
 HF_MODEL_TYPES = ('gpt2', 'llama')
 
@@ -219,14 +220,17 @@ def _canonical(name: str, kind: str) -> str:
 
 
 def convert_hf(
-    tensors: dict[str, np.ndarray], hf_config: dict
+    tensors: dict[str, np.ndarray], hf_config: dict, keep=None
 ) -> tuple[dict, dict[str, Any]]:
   """Maps HF GPT-2 / Llama safetensors onto the `DecoderLM` params tree.
 
   Returns `(params, report)`; the report has `converted` (tensor count),
   `left_out` ({name: reason}) and `tied_embeddings`. Raises a ValueError
-  naming missing or unexpected tensors and shape mismatches.
+  naming missing or unexpected tensors and shape mismatches. `keep(path,
+  array)` (optional) is given each parameter as it is converted and the
+  tree holds what it returns (tuning/formats/huggingface.py `spill`).
   """
+  keep = keep or (lambda path, array: array)
   cfg = config_from_hf(hf_config)
   names = _hf_names(cfg)
   params: dict[str, np.ndarray] = {}
@@ -246,8 +250,8 @@ def convert_hf(
       continue
     for target in targets:
       path, transform = names[target]
-      params[path] = np.ascontiguousarray(
-          transform(np.asarray(value, np.float32))
+      params[path] = keep(
+          path, np.ascontiguousarray(transform(np.asarray(value, np.float32)))
       )
       used.add(target)
   missing = [n.split('#')[0] for n in names if n not in used]
@@ -352,13 +356,6 @@ def _state_dict_order(kind: str, name: str) -> tuple:
   return (0, 'wpe' in name)
 
 
-def _flat_params(params) -> dict[str, np.ndarray]:
-  return {
-      '/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
-      for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
-
-
 def export_hf(params, hf_config: dict) -> tuple[dict[str, np.ndarray], dict]:
   """A `DecoderLM` params tree as GPT-2 / Llama safetensors tensors (float32
   numpy, transformers' names and layouts: GPT-2's fused `c_attn` and Conv1D
@@ -369,23 +366,11 @@ def export_hf(params, hf_config: dict) -> tuple[dict[str, np.ndarray], dict]:
   inverses, and the three `#j` parts of a fused tensor are joined again."""
   hf = read_hf_config(hf_config)
   cfg = config_from_hf(hf)
-  flat = {k: np.asarray(v, np.float32) for k, v in _flat_params(params).items()}
+  flat = family_lib.flat_float32(params)
   names = _hf_names(cfg)
-  wanted = {path for path, _ in names.values()}
-  missing = sorted(wanted - set(flat))
-  unexpected = sorted(set(flat) - wanted)
-  if missing or unexpected:
-    raise ValueError(
-        f'cannot export these parameters as a {cfg.kind} checkpoint: '
-        + '; '.join(
-            f'{what}: {", ".join(items)}'
-            for what, items in (
-                ('missing', missing),
-                ('unexpected', unexpected),
-            )
-            if items
-        )
-    )
+  family_lib.check_export_paths(
+      flat, {path for path, _ in names.values()}, cfg.kind
+  )
   prefix = 'transformer.' if cfg.kind == 'gpt2' else ''
   tensors: dict[str, np.ndarray] = {}
   fused: dict[str, list] = {}
@@ -438,8 +423,10 @@ def from_hf_config(
 def build(model_config, dtype, *, num_outputs=None, vocab_size=None):
   """Registry builder: `model_config.hf_config` names the config.json.
 
-  `model_config.dropout` (optional) overrides the dropout rates. The
-  vocabulary is the checkpoint's: `num_outputs` must be None or equal it.
+  `model_config.dropout` (optional) overrides the dropout rates;
+  `model_config.remat` and `remat_names` (optional) rematerialise the
+  blocks (tuning/models/remat.py). The vocabulary is the checkpoint's:
+  `num_outputs` must be None or equal it.
   """
   del vocab_size  # the model embeds its own pretrained vocabulary
   hf_path = model_config.get('hf_config')
@@ -449,6 +436,11 @@ def build(model_config, dtype, *, num_outputs=None, vocab_size=None):
         'config.json or a folder holding one'
     )
   model = from_hf_config(hf_path, dtype, model_config.get('dropout', None))
+  model = model.clone(
+      config=dataclasses.replace(
+          model.config, **remat_lib.from_model_config(model_config)
+      )
+  )
   if num_outputs not in (None, model.config.vocab_size):
     raise ValueError(
         f'a decoder predicts its vocabulary '

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tuning.models import activations
+from tuning.models import remat as remat_lib
 from tuning.platform import bf16_matmul
 from tuning.models.dropout import Dropout
 
@@ -105,8 +106,13 @@ class Config:
   pad_id: int = 0
   eos_id: int = 1
   decoder_start_id: int = 0
+  # Rematerialisation of the blocks (tuning/models/remat.py): 'none' keeps
+  # every activation for the backward pass.
+  remat: str = 'none'
+  remat_names: tuple[str, ...] = ()
 
   def __post_init__(self):
+    remat_lib.check(self.remat, self.remat_names)
     if self.shape not in SHAPES:
       raise ValueError(
           f'encoder-decoder shape={self.shape!r}: use one of ' f'{SHAPES}'
@@ -303,28 +309,32 @@ class Attention(nn.Module):
     self.out = _dense(c, c.d_model, inner, self.dtype)
     self.dropout = Dropout(c.attention_dropout)
 
-  def _split(self, dense, x):
-    """`dense` on the rows of x [B, L, features] -> [B, L, heads, dim]."""
-    y = dense(x.reshape(-1, x.shape[-1]))
+  def _split(self, dense, x, name):
+    """`dense` on the rows of x [B, L, features] -> [B, L, heads, dim],
+    tagged `name` (tuning/models/remat.py)."""
+    y = remat_lib.tag(dense(x.reshape(-1, x.shape[-1])), name)
     return y.reshape(
         x.shape[:-1] + (self.config.heads, self.config.dim_per_head)
     )
 
   def keys_values(self, x):
     """[B, L, heads, head_dim] keys and values of `x` [B, L, d_model]."""
-    return self._split(self.key, x), self._split(self.value, x)
+    return self._split(self.key, x, 'key'), self._split(self.value, x, 'value')
 
   def __call__(self, x, keys, values, bias, *, train: bool):
     """`bias`: additive float32, broadcastable to [B, heads, Q, K]."""
     c = self.config
-    q = self._split(self.query, x)
+    q = self._split(self.query, x, 'query')
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, keys).astype(jnp.float32)
     if c.shape == 'marian':
       scores = scores * (c.dim_per_head**-0.5)
     probs = jax.nn.softmax(scores + bias, axis=-1)
     probs = self.dropout(probs, deterministic=not train)
     ctx = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(self.dtype), values)
-    rows = self.out(ctx.reshape(ctx.shape[0] * ctx.shape[1], -1))
+    ctx = remat_lib.tag(
+        ctx.reshape(ctx.shape[0] * ctx.shape[1], -1), 'attention_context'
+    )
+    rows = remat_lib.tag(self.out(ctx), 'attention_out')
     return rows.reshape(ctx.shape[:2] + (-1,))
 
 
@@ -350,7 +360,10 @@ class Mlp(nn.Module):
       h = act(self.wi_0(x)) * self.wi_1(x)
     else:
       h = act(self.wi(x))
-    return self.wo(self.dropout(h, deterministic=not train))
+    h = remat_lib.tag(h, 'mlp_hidden')
+    return remat_lib.tag(
+        self.wo(self.dropout(h, deterministic=not train)), 'mlp_out'
+    )
 
 
 def _residual(config: Config, x, norm, fn, dropout, train):
@@ -363,7 +376,8 @@ def _residual(config: Config, x, norm, fn, dropout, train):
 
 
 class EncoderLayer(nn.Module):
-  """Self-attention and feed-forward sub-layers."""
+  """Self-attention and feed-forward sub-layers (`train` may be passed
+  by position: a static argument under `nn.remat`, see `_remat`)."""
 
   config: Config
   dtype: Any = jnp.float32
@@ -375,7 +389,7 @@ class EncoderLayer(nn.Module):
     self.mlp_norm = _norm(self.config)
     self.dropout = Dropout(self.config.dropout)
 
-  def __call__(self, x, bias, *, train: bool):
+  def __call__(self, x, bias, train: bool = False):
     shape = x.shape
 
     def attend(h):
@@ -399,7 +413,8 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Causal self-attention, cross-attention and feed-forward sub-layers."""
+  """Causal self-attention, cross-attention and feed-forward sub-layers
+  (`train` may be passed by position, as `EncoderLayer`'s)."""
 
   config: Config
   dtype: Any = jnp.float32
@@ -414,7 +429,7 @@ class DecoderLayer(nn.Module):
     self.dropout = Dropout(self.config.dropout)
 
   def __call__(
-      self, x, self_bias, cross_kv, cross_bias, cache, index, *, train: bool
+      self, x, self_bias, cross_kv, cross_bias, cache, index, train=False
   ):
     """`cache`: None, or this layer's {'key', 'value'} [B, L, heads, dim]
     written at `index`; returns (x, the updated cache or None)."""
@@ -464,6 +479,21 @@ class DecoderLayer(nn.Module):
     return x.reshape(shape), new_cache
 
 
+# Where `train` is among each layer's `__call__` arguments (self is 0).
+_TRAIN_ARGNUM = {EncoderLayer: 3, DecoderLayer: 7}
+
+
+def _remat(config: Config, layer_cls):
+  """`layer_cls`, or `layer_cls` under `nn.remat` with `config.remat`'s
+  policy (`train` static)."""
+  return remat_lib.wrap(
+      layer_cls,
+      config.remat,
+      config.remat_names,
+      static_argnums=(_TRAIN_ARGNUM[layer_cls],),
+  )
+
+
 class _Stack(nn.Module):
   """What the encoder and decoder stacks share: positions and final norm."""
 
@@ -475,8 +505,9 @@ class _Stack(nn.Module):
     self.num_layers = (
         c.encoder_layers if layer_cls is EncoderLayer else c.decoder_layers
     )
+    block = _remat(c, layer_cls)
     for i in range(self.num_layers):
-      setattr(self, f'layer_{i}', layer_cls(c, self.dtype))
+      setattr(self, f'layer_{i}', block(c, self.dtype))
     if c.positions == 'learned':
       self.position_embedding = nn.Embed(
           c.max_positions,
@@ -555,7 +586,7 @@ class Encoder(_Stack):
     x = self._embed(embedded, 0, train=train)
     bias = _padding_bias(mask) + self._relative_bias(0, length, length, True)
     for layer in self.layers():
-      x = layer(x, bias, train=train)
+      x = layer(x, bias, train)  # train by position (static under remat)
     return self._finish(x, train=train)
 
 
@@ -600,7 +631,7 @@ class Decoder(_Stack):
           cross_bias,
           None if cache is None else cache[f'layer_{i}'],
           index,
-          train=train,
+          train,  # by position (static under remat)
       )
       if cache is not None:
         new_cache[f'layer_{i}'] = layer_cache

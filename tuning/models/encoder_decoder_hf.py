@@ -29,6 +29,7 @@ import numpy as np
 from tuning.models import encoder_decoder as ed
 from tuning.models import family as family_lib
 from tuning.models import hf_config as hf_config_lib
+from tuning.models import remat as remat_lib
 
 # ------------------------------------------------------------ config.json
 
@@ -296,14 +297,17 @@ _LEFT_OUT = (
 
 
 def convert_hf(
-    tensors: dict[str, np.ndarray], hf_config: dict
+    tensors: dict[str, np.ndarray], hf_config: dict, keep=None
 ) -> tuple[dict, dict]:
   """Maps Hugging Face safetensors (by name) onto the `EncoderDecoder` tree.
 
   Returns (params, report); report has `converted` (a count) and
   `left_out` ({name: reason}). Raises a ValueError naming any missing or
   unexpected tensor and any shape that does not fit the config.
+  `keep(path, array)` (optional) is given each parameter as it is converted
+  and the tree holds what it returns (tuning/formats/huggingface.py `spill`).
   """
+  keep = keep or (lambda path, array: array)
   config = config_from_hf(hf_config)
   names = (_marian_names if config.shape == 'marian' else _t5_names)(config)
   tensors = dict(tensors)
@@ -320,7 +324,9 @@ def convert_hf(
       value = np.asarray(value, np.float32)
       if name == 'final_logits_bias':
         value = value.reshape(-1)
-      flat[path] = np.ascontiguousarray(value.T if transpose else value)
+      flat[path] = keep(
+          path, np.ascontiguousarray(value.T if transpose else value)
+      )
       continue
     reason = next(
         (r for pattern, r in _LEFT_OUT if re.fullmatch(pattern, name)), None
@@ -413,27 +419,10 @@ def export_hf(params, hf_config) -> tuple[dict[str, np.ndarray], dict]:
   hf = _read(hf_config)
   config = config_from_hf(hf)
   names = _names(config)
-  flat = {
-      '/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(
-          v, np.float32
-      )
-      for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
-  wanted = {path for path, _ in names.values()}
-  missing = sorted(wanted - set(flat))
-  unexpected = sorted(set(flat) - wanted)
-  if missing or unexpected:
-    raise ValueError(
-        f'cannot export these parameters as a {config.shape} checkpoint: '
-        + '; '.join(
-            f'{what}: {", ".join(items)}'
-            for what, items in (
-                ('missing', missing),
-                ('unexpected', unexpected),
-            )
-            if items
-        )
-    )
+  flat = family_lib.flat_float32(params)
+  family_lib.check_export_paths(
+      flat, {path for path, _ in names.values()}, config.shape
+  )
   tensors = {}
   for name, (path, transpose) in names.items():
     value = flat[path]
@@ -478,7 +467,9 @@ def build(
   """An `EncoderDecoder` from `model_config.hf_config` (a config.json path,
   a folder holding one, or a dict) or, without it, from config fields for
   training from scratch (see `encoder_decoder.config_from_fields`; `vocab_size` is the
-  tokenizer's). `model_config.dropout` (if set) overrides the file's."""
+  tokenizer's). `model_config.dropout` (if set) overrides the file's;
+  `model_config.remat` and `remat_names` (optional) rematerialise the
+  blocks (tuning/models/remat.py)."""
   hf_config = model_config.get('hf_config', None)
   if hf_config:
     if not isinstance(hf_config, dict):
@@ -502,6 +493,9 @@ def build(
         f'num_outputs={num_outputs} differs from the target '
         f'vocabulary ({config.target_vocab}): leave it None'
     )
+  config = dataclasses.replace(
+      config, **remat_lib.from_model_config(model_config)
+  )
   return ed.EncoderDecoder(config, jnp.dtype(dtype))
 
 

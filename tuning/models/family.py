@@ -24,8 +24,12 @@ import numpy as np
 # language model's vocabulary); `vocab_size`: the data's vocabulary size for
 # models that embed token ids they were not pretrained on (None otherwise).
 Builder = Callable[..., Any]
-# convert_hf(tensors, hf_config) -> (params tree, report dict): the family's
-# Hugging Face safetensors name map (tensors by their HF names, float32).
+# convert_hf(tensors, hf_config, keep=None) -> (params tree, report dict):
+# the family's Hugging Face safetensors name map (tensors by their HF names,
+# float32 arrays or tuning/formats/huggingface.py LazyTensors, read when
+# np.asarray takes them). `keep(path, array)` is given each converted
+# parameter as it is made and the tree holds what it returns (a converter
+# without `keep` is given the whole model as arrays).
 Converter = Callable[[dict[str, np.ndarray], dict], tuple[dict, dict]]
 # export_hf(params, hf_config) -> (tensors, hf_config): the reverse of
 # `convert_hf`: a params tree (numpy or jax arrays) as Hugging Face-named
@@ -56,3 +60,37 @@ class Family:
   head_regex: tuple[str, ...] = (r'(head|classifier)/.*',)
   lora_targets: tuple[str, ...] = ()  # Dense module paths, e.g. attention
   layer_regex: str = r'.*layer_(\d+)/.*'  # captures the layer index
+
+
+def flat_float32(params) -> dict[str, np.ndarray]:
+  """A params tree (numpy or jax arrays) as {`/`-joined path: float32 numpy
+  array}: what a family's `export_hf` reads."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return {
+      '/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(
+          v, np.float32
+      )
+      for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+
+
+def check_export_paths(have, wanted, kind: str, hint: str = '') -> None:
+  """ValueError naming the parameters `export_hf` misses or does not know
+  (`have`, `wanted`: collections of `/`-joined paths; `kind`: what the
+  checkpoint is, e.g. 'BERT'; `hint`: appended to the message)."""
+  missing = sorted(set(wanted) - set(have))
+  unexpected = sorted(set(have) - set(wanted))
+  if missing or unexpected:
+    raise ValueError(
+        f'cannot export these parameters as a {kind} checkpoint: '
+        + '; '.join(
+            f'{what}: {", ".join(items)}'
+            for what, items in (
+                ('missing', missing),
+                ('unexpected', unexpected),
+            )
+            if items
+        )
+        + hint
+    )

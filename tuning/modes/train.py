@@ -212,8 +212,10 @@ def _pretrained(run: Run, params):
       init.checkpoint, os.path.join(run.workdir, 'pretrained')
   )
   params, adapters = lora_lib.split(params)
+  # A frozen base stored smaller (lora.base_dtype) loads in float32 and is
+  # stored again below.
   params, report = load_pretrained_params(
-      source, params, tuple(init.reinit), init.step
+      source, lora_lib.dequantized_base(params), tuple(init.reinit), init.step
   )
   console.info(
       f'init: loaded {len(report["loaded"])} parameters from '
@@ -226,7 +228,9 @@ def _pretrained(run: Run, params):
       'init: left out (in the checkpoint, not in the model): '
       + (', '.join(report['left_out']) or 'none')
   )
-  return lora_lib.join(params, adapters)
+  return lora_lib.quantize_base(
+      lora_lib.join(params, adapters), run.lora, run.naming
+  )
 
 
 def _compile_step(run: Run, training: _Training):
@@ -447,6 +451,11 @@ def _methods_line(
   parts = [
       f'compute dtype {config.dtype} (params and optimizer state ' 'float32)'
   ]
+  if config.lora.rank and lora_lib.base_dtype(config.lora) != 'float32':
+    parts.append(
+        'frozen kernels of the adapted layers stored in '
+        f'{lora_lib.base_dtype(config.lora)}'
+    )
   if accumulation > 1:
     parts.append(
         f'gradient accumulation {accumulation} x '
