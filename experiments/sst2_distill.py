@@ -84,6 +84,8 @@ def get_config(arg=None):
       {
           'scratch': {},
           'distilled': dict(
+              # Tang et al.'s copies: words masked, an n-gram kept.
+              data=dict(augment='mask:0.1,ngram:0.25'),
               distill=dict(
                   teacher=(teacher,),
                   alpha=0.5,
@@ -91,7 +93,7 @@ def get_config(arg=None):
                   temperature=2.0,
                   augment_copies=1,
                   teacher_logits='cache',
-              )
+              ),
           ),
       }
   )

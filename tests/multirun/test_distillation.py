@@ -130,9 +130,7 @@ class _FakeTeacher:
 
   def __init__(self):
     self.calls = 0
-    self.config = config_dict.ConfigDict(
-        {'augment_copies': 0, 'mask_prob': 0.1, 'ngram_prob': 0.25}
-    )
+    self.config = config_dict.ConfigDict({'augment_copies': 0})
     self.members = config_dict.ConfigDict({'workdirs': ['/t'], 'steps': [7]})
 
   def logits(self, raw, progress=''):
@@ -161,24 +159,6 @@ def test_teacher_cache_round_trip(tmp_path):
       teacher, changed, str(tmp_path), 0, log
   )
   assert teacher.calls == 2 and third[2, 0] == 5
-
-
-def test_augmentation_is_deterministic_and_tang_style():
-  texts = ['a b c d e f g h', 'one two three']
-  out = distillation.augment_texts(texts, 3, 0.2, 0.5, seed=4)
-  assert out == distillation.augment_texts(texts, 3, 0.2, 0.5, seed=4)
-  assert len(out) == 6
-  for i, text in enumerate(out):
-    source = texts[i % 2].split()
-    words = text.split()
-    assert 1 <= len(words) <= len(source)
-    # Each output is a contiguous n-gram of the source, some words masked.
-    assert any(
-        all(w in ('[UNK]', source[j + k]) for k, w in enumerate(words))
-        for j in range(len(source) - len(words) + 1)
-    )
-  assert any('[UNK]' in t for t in out)
-  assert any(len(t.split()) < 8 for t in out[::2])
 
 
 @pytest.fixture(scope='module')
@@ -299,6 +279,24 @@ def test_distillation_config_errors(teacher_dir, tmp_path):
       'config.distill.alpha=1.5 must be in [0, 1]'
       in bad.stderr.strip().splitlines()[-1]
   )
+  for flags, words in (
+      (('--config.data.augment=mixup:0.2',), 'set augment_copies >= 1'),
+      (
+          (
+              '--config.data.augment=mask:0.1',
+              '--config.distill.augment_copies=2',
+          ),
+          'augments single sentences',
+      ),
+  ):
+    bad = run_main_in_process(
+        f'--config={TINY}',
+        f'--config.distill.teacher=({teacher_dir!r},)',
+        *flags,
+        f'--workdir={tmp_path / "bad3"}',
+        check=False,
+    )
+    assert words in bad.stderr.strip().splitlines()[-1]
 
 
 def test_defaults_have_distillation_off():

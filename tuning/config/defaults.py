@@ -126,6 +126,16 @@ FIELDS = (
     # epoch's shuffled examples are sorted by length in chunks of this many
     # batches, cut into batches, and the batches shuffled. 0: off.
     Field('data.group_by_length', 0, allowed=Whole(0)),
+    # Augmentation of training batches (never validation or test), on the
+    # fly from the seed and the batch number (exactly resumable): ops with a
+    # rate, applied in order, e.g. 'mask:0.1,ngram:0.25' or 'crop:1,mixup:0.2'.
+    # Text (classification/regression on raw text): mask, delete, swap,
+    # replace, ngram (probabilities); images (cnn): crop, flip, shift
+    # (probabilities), mixup, cutmix (Beta parameters; mixup also on flat
+    # features). '' = none. Ops and values: tuning/data/augmentation.py,
+    # which checks them. Under distillation they make the teacher-labelled
+    # copies of distill.augment_copies instead.
+    Field('data.augment', ''),
     # Language modelling (task=causal_lm): place each split's documents
     # (each ending with the end-of-text token), in order and whole, into rows
     # of max_length tokens; attention and positions stay within each document.
@@ -424,12 +434,11 @@ FIELDS = (
     # Extra student training text labelled only by the teacher: a file of the
     # same format as data.path (its label column may be empty) ...
     Field('distill.transfer_path', unset=str),
-    # ... and/or augmented copies of the training sentences (Tang et al.
-    # 2019: words masked with mask_prob, or an n-gram of 1-5 words kept with
-    # ngram_prob); the teacher labels them, CE is not applied to them.
-    Field('distill.augment_copies', 0),
-    Field('distill.mask_prob', 0.1),
-    Field('distill.ngram_prob', 0.25),
+    # ... and/or this many augmented copies of the training sentences, made
+    # by config.data.augment's text ops (Tang et al. 2019's x20 transfer set:
+    # 'mask:0.1,ngram:0.25'); the teacher labels them, CE is not applied to
+    # them.
+    Field('distill.augment_copies', 0, allowed=Whole(0)),
     # ---------------------------------------------------------------- stages
     # A multi-stage experiment (e.g. pretrain -> fine-tune -> scratch) lists
     # its stages; each stage is this config with `stage_overrides[name]`

@@ -25,6 +25,7 @@ from typing import Iterator
 import grain
 import numpy as np
 
+from tuning.data import augmentation
 from tuning.data.tables import DataError, Table, num_rows
 
 TOKEN_COLUMNS = (
@@ -80,6 +81,7 @@ class TrainStream:
       process_count: int = 1,
       read_threads: int | None = None,
       group_by_length: int = 0,
+      augment=None,
   ):
     """`table`: a Table, or anything with __len__ and take(indices).
 
@@ -89,6 +91,9 @@ class TrainStream:
     each epoch's shuffled examples are cut into chunks of k batches, each
     chunk sorted by length (source, then target) and cut into batches, and
     the epoch's batches shuffled: batches of similar lengths, less padding.
+    `augment(batch, indices, rng)` (tuning/data/augmentation.py) changes
+    each global batch, with random numbers from the seed and the batch's
+    number alone.
     """
     read_threads = read_threads or getattr(table, 'read_threads', 1)
     n = num_rows(table) if isinstance(table, dict) else len(table)
@@ -109,6 +114,8 @@ class TrainStream:
     lo = process_index * per_process
     self._rows = slice(lo, lo + per_process)
     self._buckets = buckets
+    self._seed = seed
+    self._augment = augment
     if group_by_length:
       self._grouped = _LengthGroups(
           table, batch_size, seed, int(group_by_length)
@@ -123,7 +130,7 @@ class TrainStream:
           .shuffle(seed=seed)
           .repeat(None)
           .batch(batch_size, drop_remainder=True)
-          .map(self._gather)
+          .map_with_index(self._numbered_batch)
       )
     self._dataset = dataset.to_iter_dataset(
         grain.ReadOptions(
@@ -132,18 +139,26 @@ class TrainStream:
     )
     self._iterator = iter(self._dataset)
 
-  def _gather(self, indices: np.ndarray) -> Table:
+  def _gather(self, indices: np.ndarray, number: int) -> Table:
+    """Global batch `number`: the rows `indices`, augmented where
+    set, cut to their bucket, this process's share."""
     if isinstance(self.table, dict):
       batch = {k: v[indices] for k, v in self.table.items()}
     else:
       batch = self.table.take(indices)
+    if self._augment is not None:
+      rng = augmentation.batch_rng(self._seed, number)
+      batch = self._augment(batch, indices, rng)
     batch['index'] = np.arange(len(indices), dtype=np.int32)
     # Bucket on the global batch, so that every process cuts alike.
     batch = trim_to_bucket(batch, self._buckets)
     return {k: v[self._rows] for k, v in batch.items()}
 
+  def _numbered_batch(self, k, indices) -> Table:
+    return self._gather(indices, int(k))
+
   def _grouped_batch(self, k) -> Table:
-    return self._gather(self._grouped.batch(int(k)))
+    return self._gather(self._grouped.batch(int(k)), int(k))
 
   def __iter__(self) -> Iterator[Table]:
     return self

@@ -198,7 +198,9 @@ class FeatureTransform:
     return flat.reshape(x.shape).astype(np.float32)
 
 
-_TOKEN = re.compile(r'\w+|[^\w\s]')
+# Words and punctuation marks of lower-cased text; `[unk]` (the mask word
+# of tuning/data/augmentation.py) is one token, the unknown word.
+_TOKEN = re.compile(r'\[unk\]|\w+|[^\w\s]')
 
 
 @dataclasses.dataclass

@@ -42,13 +42,21 @@ import numpy as np
 import optax
 
 from tuning.config.checks import check_field
+from tuning.data import augmentation
 from tuning.engine import prng
 from tuning.models import dropout
 from tuning.platform import backend
 from tuning.tasks import classification
 
 AXIS = 'batch'
-NON_FEATURES = ('label', 'weight', 'index', 'labelled', 'teacher_logits')
+NON_FEATURES = (
+    'label',
+    'weight',
+    'index',
+    'labelled',
+    'teacher_logits',
+    *augmentation.MIX_COLUMNS,  # mixup/cutmix: the other label, lam
+)
 TEACHER_PREFIX = 'teacher/'  # a distillation teacher's own input columns
 
 

@@ -31,6 +31,7 @@ from tuning.multirun import distillation
 from tuning.methods import ema as ema_lib
 from tuning.methods import lora as lora_lib
 from tuning.engine.checkpoints import load_pretrained_params, resolve_init_source
+from tuning.data import augmentation
 from tuning.data.pipeline import TrainStream
 from tuning.config.durations import resolve_steps
 from tuning.methods.early_stopping import EarlyStopping
@@ -137,7 +138,10 @@ def _setup(run: Run) -> _Training:
         f'config.training.accumulation_steps={accumulation}'
     )
   ema_lib.check_config(config.training)
-  teacher, train_table = None, run.data.train
+  teacher, train_table, augment = None, run.data.train, None
+  if config.data.augment and not distillation.enabled(config.distill):
+    augment = augmentation.for_training(config, run.task.name, run.data)
+    console.info(augmentation.describe(config.data.augment))
   if distillation.enabled(config.distill):
     distillation.check_student_task(run.task)
     teacher = distillation.Teacher(config.distill)
@@ -155,6 +159,7 @@ def _setup(run: Run) -> _Training:
       jax.process_index(),
       jax.process_count(),
       group_by_length=config.data.group_by_length,
+      augment=augment,
   )
   total, eval_every, checkpoint_every, warmup = _resolve_schedule(
       config, stream.steps_per_epoch

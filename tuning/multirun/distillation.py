@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from tuning.terminal import console
+from tuning.data import augmentation
 from tuning.multirun.ensemble import combine
 from tuning.multirun.finished_run import Members
 from tuning.tasks import classification
@@ -133,25 +134,6 @@ def make_loss_fn(distill_config):
     return losses.sum(), {'accuracy': correct.sum()}
 
   return loss_fn
-
-
-def augment_texts(
-    texts, copies: int, mask_prob: float, ngram_prob: float, seed: int
-) -> list[str]:
-  """Tang et al. (2019)'s augmentation: each word masked (as [UNK]) with
-  `mask_prob`, then, with `ngram_prob`, only a random 1-5-gram kept."""
-  rng = np.random.default_rng([seed, 0xA06])
-  out = []
-  for _ in range(copies):
-    for text in texts:
-      words = str(text).split()
-      words = [('[UNK]' if rng.random() < mask_prob else w) for w in words]
-      if len(words) > 1 and rng.random() < ngram_prob:
-        n = int(rng.integers(1, min(5, len(words)) + 1))
-        start = int(rng.integers(0, len(words) - n + 1))
-        words = words[start : start + n]
-      out.append(' '.join(words) or '[UNK]')
-  return out
 
 
 def read_transfer(path: str, raw_train: dict) -> dict:
@@ -324,6 +306,12 @@ def student_training_table(config, data, teacher: Teacher, workdir: str):
   n_labelled = len(data.train['label'])
   if c.transfer_path:
     raw_parts.append(read_transfer(c.transfer_path, data.raw['train']))
+  if config.data.augment and not c.augment_copies:
+    raise ValueError(
+        'under distillation config.data.augment makes the teacher-labelled '
+        'copies of config.distill.augment_copies: set augment_copies >= 1, '
+        'or data.augment=""'
+    )
   if c.augment_copies:
     if 'text' not in data.raw['train'] or 'text_pair' in data.raw['train']:
       raise ValueError(
@@ -334,11 +322,10 @@ def student_training_table(config, data, teacher: Teacher, workdir: str):
     raw_parts.append(
         {
             'text': np.array(
-                augment_texts(
+                augmentation.copies(
                     data.raw['train']['text'],
+                    augmentation.parse(config.data.augment),
                     int(c.augment_copies),
-                    c.mask_prob,
-                    c.ngram_prob,
                     config.seed,
                 ),
                 dtype=object,
@@ -400,8 +387,6 @@ def cached_teacher_logits(
       {
           'seed': seed,
           'augment': c.augment_copies,
-          'mask': c.mask_prob,
-          'ngram': c.ngram_prob,
       },
   )
   n = len(next(iter(raw.values())))

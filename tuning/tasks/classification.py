@@ -24,12 +24,20 @@ def cross_entropy(logits, labels):
 
 
 def loss(logits, batch):
-  """(sum of the cross-entropies, {'accuracy': correct}) over the rows."""
+  """(sum of the cross-entropies, {'accuracy': correct}) over the rows.
+
+  A batch mixed by mixup or cutmix (tuning/data/augmentation.py) carries
+  `label_mix` and `mix_weight` (lam): each row's loss is then
+  lam * CE(label) + (1 - lam) * CE(label_mix), and accuracy counts `label`.
+  """
   correct = (logits.argmax(-1) == batch['label']).astype(jnp.float32)
-  return (
-      cross_entropy(logits, batch['label']).sum(),
-      {'accuracy': correct.sum()},
-  )
+  losses = cross_entropy(logits, batch['label'])
+  if 'mix_weight' in batch:
+    lam = batch['mix_weight'].astype(jnp.float32)
+    losses = lam * losses + (1 - lam) * cross_entropy(
+        logits, batch['label_mix']
+    )
+  return losses.sum(), {'accuracy': correct.sum()}
 
 
 def rows_weight(batch):
