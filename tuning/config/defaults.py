@@ -439,6 +439,29 @@ FIELDS = (
     # 'mask:0.1,ngram:0.25'); the teacher labels them, CE is not applied to
     # them.
     Field('distill.augment_copies', 0, allowed=Whole(0)),
+    # ---------------------------------------------------------------- grpo
+    # Reinforcement learning with rewards (task=grpo, tuning/modes/grpo.py,
+    # docs/grpo.md): prompts from data.path's `prompt_column` (jsonl/tsv),
+    # `group_size` completions per prompt, group-normalised advantages.
+    # reward: gsm8k_exact | regex:<pattern> | classifier:<workdir>[:class]
+    # | module.path:function (tuning/multirun/rewards.py).
+    Field('grpo.reward', unset=str),
+    Field('grpo.prompt_column', 'prompt'),
+    Field('grpo.answer_column', 'answer'),  # gsm8k_exact's reference
+    Field('grpo.group_size', 4, allowed=Whole(2)),
+    Field('grpo.prompts_per_step', 4, allowed=Whole(1)),
+    Field('grpo.max_new_tokens', 16, allowed=Whole(1)),
+    Field('grpo.max_prompt_tokens', 64, allowed=Whole(1)),
+    Field('grpo.temperature', 1.0, allowed=Number(0, low_open=True)),
+    Field('grpo.top_p', 1.0, allowed=Number(0, 1, low_open=True)),
+    Field('grpo.beta', 0.04, allowed=Number(0)),  # KL (k3) to the reference
+    Field('grpo.clip_eps', 0.2, allowed=Number(0, low_open=True)),
+    Field('grpo.std_eps', 1e-4, allowed=Number(0, low_open=True)),
+    Field(
+        'grpo.loss_averaging', 'sequence', allowed=OneOf('sequence', 'token')
+    ),
+    Field('grpo.updates_per_batch', 1, allowed=Whole(1)),  # mu
+    Field('grpo.eval_prompts', 32, allowed=Whole(0)),  # held-out, greedy
     # ---------------------------------------------------------------- stages
     # A multi-stage experiment (e.g. pretrain -> fine-tune -> scratch) lists
     # its stages; each stage is this config with `stage_overrides[name]`

@@ -366,3 +366,16 @@ def describe(params, lora_config) -> str:
           else ''
       )
   )
+
+
+def without_adapters(params):
+  """The same tree with every `lora_b` zeroed, under stop_gradient: the
+  base model's outputs (the reference of GRPO and DPO) without a second
+  copy of the parameters in the caller's state."""
+  flat = dict(_flat(params))
+  for k, v in flat.items():
+    if k.rpartition('/')[2] == 'lora_b':
+      flat[k] = jnp.zeros_like(v)
+    else:
+      flat[k] = jax.lax.stop_gradient(v)
+  return _unflat(flat)

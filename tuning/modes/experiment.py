@@ -116,6 +116,10 @@ RUNNERS = {
 
 def _runner(config):
   """The function that runs a config's mode in a work directory."""
+  if config.task == 'grpo' and config.mode == 'train':
+    from tuning.modes import grpo  # pylint: disable=g-import-not-at-top
+
+    return grpo.train
   if config.mode not in RUNNERS:
     raise ValueError(
         f'unknown config.mode {config.mode!r}: use one of '
