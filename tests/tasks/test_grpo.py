@@ -216,3 +216,11 @@ def test_bad_reward_values(fn, message):
   with pytest.raises(ValueError, match=message) as e:
     reward(['a', 'b'], ['c', 'd'])
   assert '\n' not in str(e.value)
+
+
+def test_task_grpo_runs_the_grpo_loop():
+  from tuning.modes import experiment  # pylint: disable=g-import-not-at-top
+
+  c = base_config()
+  c.task = 'grpo'
+  assert experiment._runner(c) is grpo_mode.train  # pylint: disable=protected-access
