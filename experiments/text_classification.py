@@ -21,11 +21,24 @@ else the hub). The data fields are the usual ones (docs/data.md):
 The test table prints accuracy, macro-F1 and each class's precision,
 recall and F1 with the confusion matrix; results.json holds them.
 
-Measured (2-core AMD EPYC, AVX2, shared with other jobs, 2026-12-03), on
-a headerless four-class TSV of news-like sentences written by
-tests/cli/test_text_classification.py's generator (AG News-style
-`text<TAB>label`, 2,000 rows, 20% carved as test): see that test for the
-command; real AG News is not on this machine.
+Measured (2-core AMD EPYC, AVX2, shared with four other jobs, 2026-12-04)
+on a headerless four-class TSV of news-like sentences written by
+tests/cli/test_text_classification.py's `write_news` (AG News-style
+`text<TAB>label`, 2,000 training rows, 10% carved as validation, a
+400-row test file; real AG News is not on this machine):
+
+  python main.py --config=experiments/text_classification.py:lstm \
+    --workdir=/work/runs/news_lstm --config.data.path=news_train.tsv \
+    --config.data.test_path=news_test.tsv \
+    --config.data.column_names="('text', 'label')"
+
+ends, after 85 steps (3 epochs) in 125 s with the start-up, with
+  test (best checkpoint, step 85): loss 0.0005  accuracy 1.0000  macro-F1 1.0000  (400 examples)
+and the per-class table and confusion matrix. That set is separable by
+construction (three topic words per line): it shows the command, not the
+model. On real text, the same BiLSTM on 10,000 SST-2 sentences reaches
+0.790 on GLUE's dev set (experiments/sst2_augment.py, stage none). The
+`:minilm` preset was not run here.
 """
 
 from experiments import minilm_sst2
