@@ -124,7 +124,8 @@ def test_tasks_own_their_defaults():
   with pytest.raises(
       ValueError,
       match="unknown config.task 'ranking': "
-      'choose one of causal_lm, classification, regression, seq2seq',
+      'choose one of causal_lm, classification, grpo, preference, '
+      'regression, seq2seq',
   ):
     task_class('ranking')
 

@@ -107,8 +107,12 @@ class LoadedModel:
     return 0
 
 
+DECODER_TASKS = ('causal_lm', 'preference')  # runs whose model is a decoder
+
+
 def _load_run(workdir: str, step: str, dtype: str) -> LoadedModel:
-  """A causal_lm run's checkpoint, tokenizer and model config."""
+  """A causal_lm (or preference) run's checkpoint, tokenizer and model
+  config."""
   # pylint: disable=g-import-not-at-top
   from tuning.data import tokenization
   from tuning.models import hf_config as hf_config_lib
@@ -117,10 +121,10 @@ def _load_run(workdir: str, step: str, dtype: str) -> LoadedModel:
   # pylint: enable=g-import-not-at-top
   which = cli_flags.parse_step(step)
   config = finished_run.run_config(workdir)
-  if config.task != 'causal_lm':
+  if config.task not in DECODER_TASKS:
     raise finished_run.FinishedRunError(
         f'{workdir} is a {config.task} run: generation needs a '
-        'causal_lm run (config.task=causal_lm with a decoder)'
+        'decoder run (config.task=causal_lm or preference)'
     )
   task = task_class(config.task)(config, None)
   example = np.zeros((1, 8), np.int32)

@@ -45,7 +45,8 @@ INIT_STEP = Satisfies(
 FIELDS = (
     Field('mode', 'train', allowed=OneOf('train', 'eval', 'ensemble', 'soup')),
     # What is learnt (tuning/tasks/): its loss, metrics, evaluation and
-    # report. classification | regression | causal_lm | seq2seq
+    # report. classification | regression | causal_lm | seq2seq | grpo
+    # | preference
     Field('task', 'classification'),
     Field('seed', 0, allowed=Whole()),
     # Computation dtype: float32 or bfloat16 (params and optimizer state stay
@@ -462,6 +463,18 @@ FIELDS = (
     ),
     Field('grpo.updates_per_batch', 1, allowed=Whole(1)),  # mu
     Field('grpo.eval_prompts', 32, allowed=Whole(0)),  # held-out, greedy
+    # ---------------------------------------------------------- preference
+    # Preference pairs (task=preference, tuning/tasks/preference.py,
+    # docs/preference.md): data.path holds JSON Lines of chosen/rejected
+    # (HH-RLHF dialogues, or with a prompt column).
+    # loss: dpo (sigmoid) | ipo | simpo (reference-free, length-normalised)
+    # | orpo (reference-free, NLL + odds ratio).
+    Field(
+        'preference.loss', 'dpo', allowed=OneOf('dpo', 'ipo', 'simpo', 'orpo')
+    ),
+    Field('preference.beta', 0.1, allowed=Number(0, low_open=True)),
+    Field('preference.gamma', 0.5, allowed=Number(0)),  # simpo's margin
+    Field('preference.orpo_lambda', 0.1, allowed=Number(0)),
     # ---------------------------------------------------------------- stages
     # A multi-stage experiment (e.g. pretrain -> fine-tune -> scratch) lists
     # its stages; each stage is this config with `stage_overrides[name]`

@@ -48,9 +48,24 @@ def _bucket_length(mask: np.ndarray, buckets) -> int:
   return min(fits[0], width)
 
 
+PAIR_SIDES = ('chosen', 'rejected')  # preference pairs' column prefixes
+
+
+def _trim_pairs(batch: Table, buckets) -> Table:
+  """Preference pairs: both sides' token columns cut to one bucket (the
+  decoder runs on them stacked)."""
+  mask = np.concatenate([batch[f'{s}_attention_mask'] for s in PAIR_SIDES])
+  length = _bucket_length(mask, buckets)
+  names = {f'{s}_{c}' for s in PAIR_SIDES for c in TOKEN_COLUMNS}
+  return {k: (v[:, :length] if k in names else v) for k, v in batch.items()}
+
+
 def trim_to_bucket(batch: Table, buckets) -> Table:
   """Cuts token columns to the smallest bucket >= the longest example
-  (target columns, where present, by the longest target)."""
+  (target columns, where present, by the longest target; preference
+  pairs by their longer side)."""
+  if 'chosen_attention_mask' in batch and buckets:
+    return _trim_pairs(batch, buckets)
   if 'attention_mask' not in batch or not buckets:
     return batch
   length = _bucket_length(batch['attention_mask'], buckets)

@@ -17,6 +17,7 @@ from tuning.methods import lora as lora_lib
 from tuning.engine.run import Run
 from tuning.engine.run_files import write_results
 from tuning.multirun import finished_run
+from tuning.multirun import preference_reference
 
 
 def final_evaluation(run: Run) -> dict:
@@ -66,9 +67,26 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   start_time = time.time()
   run = Run(config, workdir)
   try:
+    if getattr(run.task, 'needs_reference', False):
+      log, _ = preference_reference.add_reference_logps(
+          run, _no_reference(workdir)
+      )
+      for line in log:
+        console.info(line)
     results = final_evaluation(run)
   finally:
     run.checkpoints.close()
   results['wall_time_s'] = time.time() - start_time
   write_results(workdir, results)
   return results
+
+
+def _no_reference(workdir: str):
+  def fail():
+    raise ValueError(
+        f'{workdir} holds no {preference_reference.FILE}: mode=eval of a '
+        'DPO/IPO run reads the reference log-probs its training cached; '
+        'evaluate the work directory that trained'
+    )
+
+  return fail

@@ -28,6 +28,7 @@ import numpy as np
 
 from tuning.terminal import console
 from tuning.multirun import distillation
+from tuning.multirun import preference_reference
 from tuning.methods import ema as ema_lib
 from tuning.methods import lora as lora_lib
 from tuning.engine.checkpoints import load_pretrained_params, resolve_init_source
@@ -138,6 +139,14 @@ def _setup(run: Run) -> _Training:
         f'config.training.accumulation_steps={accumulation}'
     )
   ema_lib.check_config(config.training)
+  params = run.init_params()
+  loaded = None  # the pretrained parameters, where already loaded
+  if getattr(run.task, 'needs_reference', False):
+    log, loaded = preference_reference.add_reference_logps(
+        run, lambda: _pretrained(run, params)
+    )
+    for line in log:
+      console.info(line)
   teacher, train_table, augment = None, run.data.train, None
   if config.data.augment and not distillation.enabled(config.distill):
     augment = augmentation.for_training(config, run.task.name, run.data)
@@ -164,7 +173,6 @@ def _setup(run: Run) -> _Training:
   total, eval_every, checkpoint_every, warmup = _resolve_schedule(
       config, stream.steps_per_epoch
   )
-  params = run.init_params()
   tx, schedule = build_optimizer(
       config.optimizer, params, total, warmup, run.lora, naming=run.naming
   )
@@ -192,7 +200,8 @@ def _setup(run: Run) -> _Training:
     stream.set_state(data_state)
     console.info(f'resumed from {run.checkpoints.directory} at step {latest}')
   else:
-    state = new_state(_pretrained(run, params))
+    state = new_state(_pretrained(run, params) if loaded is None else loaded)
+  del loaded
   return _Training(
       stream,
       total,

@@ -3,6 +3,7 @@
 from tuning.tasks import causal_lm
 from tuning.tasks import classification
 from tuning.tasks import grpo
+from tuning.tasks import preference
 from tuning.tasks import regression
 from tuning.tasks import seq2seq
 from tuning.tasks.base import Task
@@ -11,6 +12,7 @@ TASKS: dict[str, type[Task]] = {
     causal_lm.TASK.name: causal_lm.TASK,
     classification.TASK.name: classification.TASK,
     grpo.TASK.name: grpo.TASK,
+    preference.TASK.name: preference.TASK,
     regression.TASK.name: regression.TASK,
     seq2seq.TASK.name: seq2seq.TASK,
 }
