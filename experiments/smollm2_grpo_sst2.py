@@ -22,7 +22,11 @@ Then:
       --workdir=/work/runs/grpo_sst2 \\
       [--config.grpo.reward=classifier:/work/runs/grpo_minilm_rm:1]
 
-RESULTS: see docs/grpo.md (the figures measured on this machine).
+Measured on 2 CPU cores (AMD EPYC, AVX2), 40 steps: held-out greedy
+reward (32 dev prompts) 0.550 before -> 0.995 after; KL to the reference
+about 1.15 per token at step 40; 1,123 s wall. The completions collapse
+onto a few "inspiring/vibrant story" phrasings the classifier rates near
+1: reward hacking (docs/grpo.md).
 """
 
 import importlib.util
