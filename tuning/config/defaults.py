@@ -69,7 +69,8 @@ FIELDS = (
     # ---------------------------------------------------------------- data
     # digits (scikit-learn's 8x8 images) | csv | tsv | jsonl | npz | tfds |
     # array_record (a directory written by `python -m tuning.data.to_records`,
-    # streamed from disk; text tokenized at conversion or on the fly)
+    # streamed from disk; text tokenized at conversion or on the fly) |
+    # triples (knowledge-graph triples; the fields below)
     Field('data.source', 'digits'),
     Field('data.records_dir', unset=str),  # for source array_record
     # array_record: threads reading (and tokenizing) training batches ahead;
@@ -137,6 +138,18 @@ FIELDS = (
     # which checks them. Under distillation they make the teacher-labelled
     # copies of distill.augment_copies instead.
     Field('data.augment', ''),
+    # Knowledge-graph triples (source 'triples', tuning/data/triples.py):
+    # data.path holds head<TAB>relation<TAB>tail[<TAB>label] lines; the words
+    # of each id in id<TAB>words files; negatives: corruptions per true
+    # training triple, redrawn in every batch (0: the file has false ones);
+    # triple_input: what the model reads: ids (column `triples`: entity and
+    # relation ids), words (`triple_words`: each entity as the ids of its
+    # words, each relation as one id of its own) or text ("head words [SEP]
+    # relation words [SEP] tail words", tokenized: KG-BERT).
+    Field('data.entity_names', unset=str),
+    Field('data.relation_names', unset=str),
+    Field('data.negatives', 0, allowed=Whole(0)),
+    Field('data.triple_input', 'ids', allowed=OneOf('ids', 'words', 'text')),
     # Language modelling (task=causal_lm): place each split's documents
     # (each ending with the end-of-text token), in order and whole, into rows
     # of max_length tokens; attention and positions stay within each document.
@@ -170,7 +183,9 @@ FIELDS = (
     Field('data.max_length_ratio', unset=float),
     Field('data.subword', 'bpe'),
     # ---------------------------------------------------------------- model
-    Field('model.name', 'mlp'),  # mlp | cnn | lstm | gru | bert
+    # mlp | cnn | lstm | gru | bert | transe | distmult (triples) | the
+    # decoders and encoder-decoders (tuning/models/registry.py)
+    Field('model.name', 'mlp'),
     # None: from the data
     Field('model.num_classes', unset=int, allowed=CLASSES),
     Field('model.hidden', (128, 128), allowed=LAYER_SIZES),
@@ -184,7 +199,8 @@ FIELDS = (
             what='use a dropout rate in [0, 1) (0 turns dropout off)',
         ),
     ),
-    Field('model.embed_dim', 64),  # lstm/gru
+    Field('model.embed_dim', 64),  # lstm/gru; transe/distmult embeddings
+    Field('model.transe_norm', 1, allowed=OneOf(1, 2)),  # L1 or L2 distance
     Field('model.bidirectional', True),
     Field('model.channels', (32, 64), allowed=LAYER_SIZES),  # cnn
     Field('model.hf_config', unset=str),  # bert: HF config.json or folder

@@ -240,11 +240,15 @@ def for_training(
 ) -> Callable[[Table, np.ndarray, np.random.Generator], Table] | None:
   """The function the training stream applies to each global batch
   (`batch, row indices into the training table, rng -> batch`), or None
-  where `config.data.augment` is empty; a one-line error where its ops do
-  not fit the task or data."""
+  where `config.data.augment` is empty and the data makes no negatives
+  (source 'triples'; their slots are filled first); a one-line error where
+  its ops do not fit the task or data."""
   ops = parse(config.data.augment)
+  corrupt = getattr(data, 'corrupt', None)  # triples' negatives
   if not ops:
-    return None
+    if corrupt is None:
+      return None
+    return lambda batch, indices, rng: corrupt(batch, rng)
   names = ', '.join(op for op, _ in ops)
   if task_name not in ('classification', 'regression'):
     raise ValueError(
@@ -293,6 +297,8 @@ def for_training(
   )
 
   def augment(batch: Table, indices: np.ndarray, rng) -> Table:
+    if corrupt is not None:
+      batch = corrupt(batch, rng)
     if text_ops:
       texts = {
           k: augment_texts(raw[k][indices], text_ops, rng, vocabulary)

@@ -35,6 +35,7 @@ from tuning.data import preprocessing
 from tuning.data import records
 from tuning.data import rows
 from tuning.data import sources
+from tuning.data import triples as triples_lib
 from tuning.data.tables import DataError, Table, is_missing, num_rows
 
 SPLITS = ('train', 'validation', 'test')
@@ -68,6 +69,11 @@ class Datasets:
   raw: dict[str, Table] = dataclasses.field(default_factory=dict)
   encode: Any = None
   labels: str | None = 'classes'  # what 'label' holds (see build_datasets)
+  # Source 'triples': the vocab and known triples (tuning/data/triples.py),
+  # and the training stream's `(batch, rng) -> batch` that fills the
+  # corruption slots of each batch (None: no negatives).
+  triples: Any = None
+  corrupt: Any = None
 
   def split(self, name: str) -> Table:
     return getattr(self, name)
@@ -80,6 +86,10 @@ class Datasets:
 
   def vocab_size(self, data_config) -> int | None:
     """Token-id range the embedding must cover (None: not text)."""
+    if self.triples is not None and 'triples' in self.validation:
+      return self.triples.vocab.size  # entities, then relations
+    if self.triples is not None and 'triple_words' in self.validation:
+      return self.triples.vocab.num_words
     if 'input_ids' not in self.validation:
       return None
     if data_config.tokenizer == 'whitespace':
@@ -424,9 +434,17 @@ class _MemorySource:
 
   append_eos = False
 
+  triples = None
+
   def __init__(self, data_config, labels: str | None):
-    tables, reports = sources.read_split_files(data_config, labels)
     self.log = []
+    if data_config.source == 'triples':
+      self.triples = triples_lib.read_splits(data_config)
+      tables = dict(self.triples.tables)
+      reports = {name: sources.SourceReport() for name in SPLITS}
+      self.log.extend(self.triples.log)
+    else:
+      tables, reports = sources.read_split_files(data_config, labels)
     for name in SPLITS:
       prefix = '' if name == 'train' else f'{name}: '
       for reason, count in reports[name].dropped.items():
@@ -434,7 +452,9 @@ class _MemorySource:
             f'{prefix}dropped {count} rows while reading: ' f'{reason}'
         )
     train, counts = preprocessing.clean(
-        tables.pop('train'), drop_duplicates=data_config.drop_duplicates
+        tables.pop('train'),
+        # triples: true ones de-duplicated when read; slots refilled later
+        drop_duplicates=data_config.drop_duplicates and self.triples is None,
     )
     for reason, count in counts.items():
       self.log.append(f'train: dropped {count} rows ({reason})')
@@ -450,12 +470,22 @@ class _MemorySource:
     raw = {
         name: {
             k: tables[name][k]
-            for k in ('x', 'text', 'text_pair')
+            for k in ('x', 'text', 'text_pair', 'triples')
             if k in tables[name]
         }
         for name in SPLITS
     }
     encode = None
+    if self.triples is not None:
+      _check_triple_classes(encoder, data_config)
+      for name in SPLITS:
+        tables[name].update(
+            triples_lib.model_columns(
+                tables[name].pop('triples'),
+                self.triples.vocab,
+                data_config.triple_input,
+            )
+        )
     if 'x' in tables['train']:
       transform = preprocessing.FeatureTransform.fit(
           tables['train']['x'],
@@ -520,6 +550,13 @@ class _MemorySource:
       _pack_splits(tables, data_config, labels, log)
     for name in SPLITS:
       _finish_labels(tables[name], labels)
+    corrupt = None
+    if self.triples is not None and data_config.negatives:
+      corrupt = triples_lib.negatives_hook(
+          self.triples,
+          data_config.triple_input,
+          encode if data_config.triple_input == 'text' else None,
+      )
     return Datasets(
         tables['train'],
         tables['validation'],
@@ -529,6 +566,19 @@ class _MemorySource:
         log,
         raw=raw,
         encode=encode,
+        triples=self.triples,
+        corrupt=corrupt,
+    )
+
+
+def _check_triple_classes(encoder, data_config):
+  """Triples are classified false (label 0, class 0) or true (1, class 1)."""
+  index = dict(encoder.index) if encoder is not None else None
+  if index != {'0': 0, '1': 1}:
+    raise DataError(
+        "source 'triples' classifies triples as false (0) or true (1); "
+        'set config.task=classification and leave config.data.classes '
+        f'unset (it is {data_config.classes})'
     )
 
 

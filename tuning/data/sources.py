@@ -100,7 +100,8 @@ def read_split_files(
   if source not in ('digits', 'tfds', 'csv', 'tsv', 'jsonl', 'npz'):
     raise DataError(
         f'unknown data source {source!r}: use one of digits, '
-        'csv, tsv, jsonl, npz, tfds (config.data.source)'
+        'csv, tsv, jsonl, npz, tfds, array_record, triples '
+        '(config.data.source)'
     )
   if data_config.get('column_names') and source not in ('csv', 'tsv'):
     raise DataError(

@@ -43,6 +43,7 @@ import optax
 
 from tuning.config.checks import check_field
 from tuning.data import augmentation
+from tuning.data import triples
 from tuning.engine import prng
 from tuning.models import dropout
 from tuning.platform import backend
@@ -56,6 +57,7 @@ NON_FEATURES = (
     'labelled',
     'teacher_logits',
     *augmentation.MIX_COLUMNS,  # mixup/cutmix: the other label, lam
+    triples.SOURCE_COLUMN,  # a triple's corruption slot: its true triple
 )
 TEACHER_PREFIX = 'teacher/'  # a distillation teacher's own input columns
 

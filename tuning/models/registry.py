@@ -13,6 +13,7 @@ from tuning.models import bert_hf
 from tuning.models import cnn
 from tuning.models import decoder_hf
 from tuning.models import encoder_decoder_hf
+from tuning.models import kg_embedding
 from tuning.models import mlp
 from tuning.models import recurrent
 from tuning.models.family import Family
@@ -24,6 +25,7 @@ FAMILIES: tuple[Family, ...] = (
     bert_hf.FAMILY,
     decoder_hf.FAMILY,
     encoder_decoder_hf.FAMILY,
+    kg_embedding.FAMILY,
 )
 
 

@@ -18,6 +18,7 @@ from tuning.engine.run import Run
 from tuning.engine.run_files import write_results
 from tuning.multirun import finished_run
 from tuning.multirun import preference_reference
+from tuning.modes import triple_thresholds
 
 
 def final_evaluation(run: Run) -> dict:
@@ -40,6 +41,8 @@ def final_evaluation(run: Run) -> dict:
       )
   )
   extra = {}
+  if getattr(run.data, 'triples', None) is not None:
+    extra['triple_thresholds'] = triple_thresholds.evaluate(run, params_placed)
   if run.lora and run.lora.export_merged:
     merged = lora_lib.export_merged(
         params, run.lora, os.path.join(run.workdir, 'merged')

@@ -148,9 +148,13 @@ def _setup(run: Run) -> _Training:
     for line in log:
       console.info(line)
   teacher, train_table, augment = None, run.data.train, None
-  if config.data.augment and not distillation.enabled(config.distill):
+  corrupt = getattr(run.data, 'corrupt', None)  # triples' negatives
+  if (config.data.augment or corrupt) and not distillation.enabled(
+      config.distill
+  ):
     augment = augmentation.for_training(config, run.task.name, run.data)
-    console.info(augmentation.describe(config.data.augment))
+    if config.data.augment:
+      console.info(augmentation.describe(config.data.augment))
   if distillation.enabled(config.distill):
     distillation.check_student_task(run.task)
     teacher = distillation.Teacher(config.distill)
