@@ -84,7 +84,13 @@ INPUTS = {
         }
         for name in ENCODER_DECODERS
     },
+    # Knowledge-graph triples: (head, relation, tail) ids.
+    **{
+        name: {'triples': np.array([[0, 40, 1], [2, 41, 3]], np.int32)}
+        for name in ('transe', 'distmult')
+    },
 }
+TRIPLE_SCORERS = ('transe', 'distmult')
 # Today's defaults (before the families declared them).
 HEAD = (r'(head|classifier)/.*',)
 LAYER_REGEX = r'.*layer_(\d+)/.*'
@@ -125,7 +131,9 @@ def test_every_registered_model_name_has_example_inputs():
   assert set(INPUTS) == set(registry.model_names())
 
 
-@pytest.mark.parametrize('name', registry.model_names())
+@pytest.mark.parametrize(
+    'name', [n for n in registry.model_names() if n not in TRIPLE_SCORERS]
+)
 def test_every_family_builds_and_initialises(name, tmp_path):
   config = model_config(name, tmp_path)
   # Language models and translators: logits over their vocabulary.
@@ -155,6 +163,18 @@ def test_every_family_builds_and_initialises(name, tmp_path):
   assert head and all(p.startswith(roots) for p in head), head
 
 
+@pytest.mark.parametrize('name', TRIPLE_SCORERS)
+def test_triple_scorers_build_with_two_classes_and_no_head(name, tmp_path):
+  config = model_config(name, tmp_path)
+  model = registry.build_model(config.model, num_outputs=2, vocab_size=50)
+  variables = model.init(jax.random.key(0), **INPUTS[name])
+  logits = model.apply(variables, **INPUTS[name])
+  assert logits.shape == (2, 2) and logits.dtype == jnp.float32
+  assert sorted(flat(variables['params'])) == ['bias', 'embeddings']
+  with pytest.raises(ValueError, match='2 classes'):
+    registry.build_model(config.model, num_outputs=3, vocab_size=50)
+
+
 def test_builders_take_num_outputs_and_recurrent_needs_a_vocabulary(tmp_path):
   config = model_config('mlp', tmp_path)
   model = registry.build_model(config.model, num_outputs=1)
@@ -172,8 +192,8 @@ def test_unknown_names_are_one_line_errors_listing_the_choices():
   with pytest.raises(
       ValueError,
       match=r"unknown config.model.name 'vit': "
-      r'choose one of bert, cnn, decoder, encoder_decoder, '
-      r'gpt2, gru, llama, lstm, marian, mlp, t5$',
+      r'choose one of bert, cnn, decoder, distmult, encoder_decoder, '
+      r'gpt2, gru, llama, lstm, marian, mlp, t5, transe$',
   ):
     registry.family('vit')
   with pytest.raises(ValueError) as error:
